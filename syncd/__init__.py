@@ -1,0 +1,1 @@
+"""syncd: a real-time state sync server. Declare tables and reducers; clients subscribe to SQL."""

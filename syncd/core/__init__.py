@@ -1,0 +1,1 @@
+"""The pure core of syncd: no I/O, no clocks, no environment. Time and randomness are arguments."""

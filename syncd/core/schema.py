@@ -1,0 +1,534 @@
+"""What an application declares: tables and reducers, and the decorators that declare them.
+
+Decorators never raise: they record what they were given, and `load_schema` checks the whole
+module at once, so an author sees every problem in one run (`SchemaError.problems`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Literal, TypeVar
+
+from syncd.core.values import ColumnType, CrdtType, OptionalType, column_type_for
+from syncd.errors import SchemaError
+
+IndexKind = Literal["hash", "ordered"]
+Lifecycle = Literal["init", "client_connected", "client_disconnected"]
+LIFECYCLES: tuple[Lifecycle, ...] = ("init", "client_connected", "client_disconnected")
+
+_SPEC = "__syncd_table__"
+_REDUCER = "__syncd_reducer__"
+_META = "syncd"
+
+C = TypeVar("C", bound=type)
+F = TypeVar("F", bound=Callable[..., Any])
+
+_MISSING: Any = dataclasses.MISSING
+
+
+class _NoDefault:
+    """Sentinel for "this column has no default"."""
+
+    def __repr__(self) -> str:
+        return "NO_DEFAULT"
+
+
+NO_DEFAULT: Any = _NoDefault()
+
+
+@dataclass(frozen=True, slots=True)
+class _ColumnOptions:
+    primary_key: bool = False
+    auto_inc: bool = False
+    unique: bool = False
+    index: IndexKind | None = None
+
+
+def column(
+    *,
+    primary_key: bool = False,
+    auto_inc: bool = False,
+    unique: bool = False,
+    index: IndexKind | bool = False,
+    default: Any = _MISSING,
+    default_factory: Callable[[], Any] = _MISSING,
+) -> Any:
+    """Declare a column's options. Use as a class attribute's value in a `@table` class.
+
+    Args:
+        primary_key: this column is the primary key (exactly one per table).
+        auto_inc: an int primary key the store assigns when the row carries 0.
+        unique: no two rows share a value; `find` works on it.
+        index: True or "hash" for equality lookups, "ordered" for ranges too.
+        default: the value when the constructor omits it.
+        default_factory: called for each row when the constructor omits the value.
+    """
+    kind: IndexKind | None = None
+    if index is True or index == "hash":
+        kind = "hash"
+    elif index == "ordered":
+        kind = "ordered"
+    elif index is not False:
+        kind = index  # reported by load_schema
+    if auto_inc and default is _MISSING and default_factory is _MISSING:
+        default = 0
+    options = _ColumnOptions(primary_key, auto_inc, unique, kind)
+    return field(default=default, default_factory=default_factory, metadata={_META: options})
+
+
+def primary_key(*, auto_inc: bool = False, default: Any = _MISSING) -> Any:
+    """The table's primary key. With `auto_inc`, 0 (or omitting it) means "assign the next"."""
+    return column(primary_key=True, auto_inc=auto_inc, default=default)
+
+
+def unique(*, default: Any = _MISSING) -> Any:
+    """A column whose values are unique across the table; `find` accepts it."""
+    return column(unique=True, default=default)
+
+
+def index(kind: IndexKind = "hash", *, default: Any = _MISSING) -> Any:
+    """An indexed column: "hash" for equality, "ordered" for equality and ranges."""
+    return column(index=kind, default=default)
+
+
+@dataclass(frozen=True, slots=True)
+class Index:
+    """A (possibly multi-column) index declared on the table: `Index("a", "b", kind="ordered")`."""
+
+    columns: tuple[str, ...]
+    kind: IndexKind = "hash"
+    unique: bool = False
+    name: str | None = None
+
+    def __init__(
+        self, *columns: str, kind: IndexKind = "hash", unique: bool = False, name: str | None = None
+    ) -> None:
+        object.__setattr__(self, "columns", tuple(columns))
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "unique", unique)
+        object.__setattr__(self, "name", name)
+
+
+@dataclass(frozen=True, slots=True)
+class _TableSpec:
+    name: str | None
+    public: bool
+    indexes: tuple[Index, ...]
+    visible: str | None
+    problems: tuple[str, ...]
+
+
+def table(
+    cls: C | None = None,
+    *,
+    name: str | None = None,
+    public: bool = False,
+    indexes: Iterable[Index] = (),
+    visible: str | None = None,
+) -> Any:
+    """Declare a table. Use bare (`@table`) or with options (`@table(public=True)`).
+
+    Args:
+        name: the table's name in `ctx.db` and SQL; defaults to the class name in snake_case.
+        public: clients may subscribe to it. Tables are private by default.
+        indexes: extra (multi-column) indexes.
+        visible: a row-visibility rule, an SQL condition over the row (enforced by the server).
+
+    The class becomes a keyword-only dataclass, so rows are built as `Message(text="hi")`.
+    """
+
+    def wrap(klass: C) -> C:
+        problems: list[str] = []
+        try:
+            klass = dataclasses.dataclass(kw_only=True, eq=True)(klass)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"table {klass.__name__}: {exc}")
+        spec = _TableSpec(name, public, tuple(indexes), visible, tuple(problems))
+        setattr(klass, _SPEC, spec)
+        return klass
+
+    return wrap(cls) if cls is not None else wrap
+
+
+@dataclass(frozen=True, slots=True)
+class _ReducerSpec:
+    name: str | None
+    lifecycle: str | None
+    roles: frozenset[str] | None
+
+
+def reducer(
+    fn: F | None = None,
+    *,
+    name: str | None = None,
+    lifecycle: Lifecycle | None = None,
+    roles: Iterable[str] | None = None,
+) -> Any:
+    """Declare a reducer: `def name(ctx: ReducerContext, *args) -> None`.
+
+    Args:
+        name: the name clients call; defaults to the function's name.
+        lifecycle: "init" (once, when the database is created), "client_connected" (before a
+            client is welcomed; raising rejects it with the message), "client_disconnected".
+            Lifecycle reducers take only `ctx` and clients can't call them.
+        roles: if given, only callers holding one of these roles may call it.
+    """
+
+    def wrap(func: F) -> F:
+        spec = _ReducerSpec(name, lifecycle, frozenset(roles) if roles is not None else None)
+        setattr(func, _REDUCER, spec)
+        return func
+
+    return wrap(fn) if fn is not None else wrap
+
+
+# ---------------------------------------------------------------------------------------------
+# The checked schema
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnDef:
+    """One column: its name, position in the row tuple, type and default (python form)."""
+
+    name: str
+    position: int
+    type: ColumnType
+    default: Any = NO_DEFAULT  # NO_DEFAULT: the constructor requires it
+    default_factory: Callable[[], Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IndexDef:
+    """An index: "hash" (equality) or "ordered" (equality and ranges), over one or more columns."""
+
+    name: str
+    columns: tuple[str, ...]
+    positions: tuple[int, ...]
+    kind: IndexKind
+    unique: bool
+
+
+@dataclass(frozen=True, eq=False)
+class TableDef:
+    """A checked table. Rows are tuples of stored values in column order."""
+
+    name: str
+    cls: type
+    columns: tuple[ColumnDef, ...]
+    primary_key: int  # position of the primary key column
+    auto_inc: bool
+    indexes: tuple[IndexDef, ...]
+    public: bool
+    visible: str | None
+    positions: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.positions.update({c.name: c.position for c in self.columns})
+
+    @property
+    def pk_column(self) -> ColumnDef:
+        return self.columns[self.primary_key]
+
+    def column(self, name: str) -> ColumnDef | None:
+        pos = self.positions.get(name)
+        return None if pos is None else self.columns[pos]
+
+    def index_on(self, columns: tuple[str, ...]) -> IndexDef | None:
+        """The index whose columns are exactly `columns`, if any."""
+        for idx in self.indexes:
+            if idx.columns == columns:
+                return idx
+        return None
+
+    def index_starting_with(self, column: str) -> IndexDef | None:
+        """A single-column index on `column`, else any index whose first column it is."""
+        best: IndexDef | None = None
+        for idx in self.indexes:
+            if idx.columns[0] == column and (best is None or len(idx.columns) < len(best.columns)):
+                best = idx
+        return best
+
+    @property
+    def crdt_positions(self) -> tuple[int, ...]:
+        return tuple(c.position for c in self.columns if c.type.is_crdt)
+
+    def visible_row(self, row: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The row as queries and clients see it (CRDT cells reduced to their values)."""
+        if not self._has_crdt:
+            return row
+        return tuple(c.type.visible(v) for c, v in zip(self.columns, row, strict=True))
+
+    @property
+    def _has_crdt(self) -> bool:
+        return bool(self.crdt_positions)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "public": self.public,
+            "primary_key": self.pk_column.name,
+            "auto_inc": self.auto_inc,
+            "columns": [{"name": c.name, "type": c.type.describe()} for c in self.columns],
+            "indexes": [
+                {"name": i.name, "columns": list(i.columns), "kind": i.kind, "unique": i.unique}
+                for i in self.indexes
+            ],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ParamDef:
+    name: str
+    type: ColumnType
+    default: Any = NO_DEFAULT
+
+
+@dataclass(frozen=True, slots=True)
+class ReducerDef:
+    """A checked reducer."""
+
+    name: str
+    fn: Callable[..., Any]
+    params: tuple[ParamDef, ...]
+    lifecycle: Lifecycle | None
+    roles: frozenset[str] | None
+
+    @property
+    def callable_by_clients(self) -> bool:
+        return self.lifecycle is None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "lifecycle": self.lifecycle,
+            "roles": sorted(self.roles) if self.roles is not None else None,
+            "params": [
+                {
+                    "name": p.name,
+                    "type": p.type.describe(),
+                    "optional": p.default is not NO_DEFAULT,
+                }
+                for p in self.params
+            ],
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class Schema:
+    """A module's checked tables and reducers."""
+
+    tables: dict[str, TableDef]
+    reducers: dict[str, ReducerDef]
+    module_name: str = ""
+
+    def lifecycle(self, kind: Lifecycle) -> ReducerDef | None:
+        for r in self.reducers.values():
+            if r.lifecycle == kind:
+                return r
+        return None
+
+    def table_of(self, cls: type) -> TableDef | None:
+        for t in self.tables.values():
+            if t.cls is cls:
+                return t
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "module": self.module_name,
+            "tables": [t.describe() for t in self.tables.values()],
+            "reducers": [r.describe() for r in self.reducers.values()],
+        }
+
+
+def snake_case(name: str) -> str:
+    """`WorkspaceMember` -> `workspace_member`, `HTTPRequest` -> `http_request`."""
+    s = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", s).lower()
+
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def load_schema(module: ModuleType | dict[str, Any], *, name: str = "") -> Schema:
+    """Check every table and reducer defined in a module, reporting all problems at once.
+
+    Args:
+        module: an imported module, or a namespace dict (tests).
+
+    Raises:
+        SchemaError: with every problem found.
+    """
+    namespace = vars(module) if isinstance(module, ModuleType) else module
+    module_name = name or (module.__name__ if isinstance(module, ModuleType) else "")
+    problems: list[str] = []
+    tables: dict[str, TableDef] = {}
+    reducers: dict[str, ReducerDef] = {}
+    seen: set[int] = set()
+    for obj in list(namespace.values()):
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, type) and isinstance(obj.__dict__.get(_SPEC), _TableSpec):
+            tdef = _check_table(obj, namespace, problems)
+            if tdef is None:
+                continue
+            if tdef.name in tables:
+                problems.append(
+                    f"duplicate table name {tdef.name!r}: {tables[tdef.name].cls.__name__} "
+                    f"and {obj.__name__}"
+                )
+                continue
+            tables[tdef.name] = tdef
+        elif callable(obj) and isinstance(getattr(obj, _REDUCER, None), _ReducerSpec):
+            rdef = _check_reducer(obj, namespace, problems)
+            if rdef is None:
+                continue
+            if rdef.name in reducers:
+                problems.append(f"duplicate reducer name {rdef.name!r}")
+                continue
+            reducers[rdef.name] = rdef
+    for kind in LIFECYCLES:
+        named = [r.name for r in reducers.values() if r.lifecycle == kind]
+        if len(named) > 1:
+            problems.append(f"more than one {kind} reducer: {', '.join(named)}")
+    if problems:
+        raise SchemaError(problems)
+    return Schema(tables, reducers, module_name)
+
+
+def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> TableDef | None:
+    spec: _TableSpec = cls.__dict__[_SPEC]
+    where = f"table {cls.__name__}"
+    problems.extend(spec.problems)
+    if spec.problems:
+        return None
+    name = spec.name or snake_case(cls.__name__)
+    start = len(problems)
+    if not _IDENT.match(name):
+        problems.append(f"{where}: name {name!r} must be lowercase letters, digits and _")
+    try:
+        hints = typing.get_type_hints(cls, globalns=namespace)
+    except Exception as exc:  # NameError, TypeError: any unresolvable annotation
+        problems.append(f"{where}: cannot resolve annotations: {exc}")
+        return None
+    columns: list[ColumnDef] = []
+    indexes: list[IndexDef] = []
+    pks: list[int] = []
+    auto_inc = False
+    for pos, f in enumerate(dataclasses.fields(cls)):
+        options: _ColumnOptions = f.metadata.get(_META, _ColumnOptions())
+        try:
+            ctype = column_type_for(hints[f.name])
+        except ValueError as exc:
+            problems.append(f"{where}.{f.name}: {exc}")
+            continue
+        default = NO_DEFAULT if f.default is _MISSING else f.default
+        factory = None if f.default_factory is _MISSING else f.default_factory
+        columns.append(ColumnDef(f.name, pos, ctype, default, factory))
+        if options.primary_key:
+            pks.append(pos)
+            if isinstance(ctype, CrdtType | OptionalType):
+                problems.append(f"{where}.{f.name}: a primary key can't be {ctype}")
+            if options.auto_inc:
+                auto_inc = True
+                if ctype.kind != "i64":
+                    problems.append(f"{where}.{f.name}: auto_inc needs an int column")
+        elif options.auto_inc:
+            problems.append(f"{where}.{f.name}: auto_inc is only for the primary key")
+        if options.index not in (None, "hash", "ordered"):
+            problems.append(f"{where}.{f.name}: index kind must be 'hash' or 'ordered'")
+        elif (options.unique or options.index) and not options.primary_key:
+            if isinstance(ctype, CrdtType):
+                problems.append(f"{where}.{f.name}: CRDT columns can't be indexed")
+            kind: IndexKind = options.index or "hash"
+            indexes.append(IndexDef(f.name, (f.name,), (pos,), kind, options.unique))
+    if len(pks) != 1:
+        problems.append(
+            f"{where}: needs exactly one primary key, found {len(pks)}"
+            + (f" ({', '.join(columns[p].name for p in pks if p < len(columns))})" if pks else "")
+        )
+    by_name = {c.name: c for c in columns}
+    for declared in spec.indexes:
+        if not declared.columns:
+            problems.append(f"{where}: an Index needs at least one column")
+            continue
+        missing = [c for c in declared.columns if c not in by_name]
+        if missing:
+            problems.append(f"{where}: Index on unknown column(s) {', '.join(missing)}")
+            continue
+        if declared.kind not in ("hash", "ordered"):
+            problems.append(f"{where}: index kind must be 'hash' or 'ordered'")
+            continue
+        if any(by_name[c].type.is_crdt for c in declared.columns):
+            problems.append(f"{where}: CRDT columns can't be indexed")
+            continue
+        iname = declared.name or "_".join(declared.columns)
+        if any(i.name == iname for i in indexes):
+            problems.append(f"{where}: duplicate index name {iname!r}")
+            continue
+        positions = tuple(by_name[c].position for c in declared.columns)
+        indexes.append(IndexDef(iname, declared.columns, positions, declared.kind, declared.unique))
+    if len(problems) > start:
+        return None
+    return TableDef(
+        name=name,
+        cls=cls,
+        columns=tuple(columns),
+        primary_key=pks[0],
+        auto_inc=auto_inc,
+        indexes=tuple(indexes),
+        public=spec.public,
+        visible=spec.visible,
+    )
+
+
+def _check_reducer(
+    fn: Callable[..., Any], namespace: dict[str, Any], problems: list[str]
+) -> ReducerDef | None:
+    spec: _ReducerSpec = getattr(fn, _REDUCER)
+    name = spec.name or fn.__name__
+    where = f"reducer {name}"
+    start = len(problems)
+    if spec.lifecycle is not None and spec.lifecycle not in LIFECYCLES:
+        problems.append(f"{where}: unknown lifecycle {spec.lifecycle!r} (one of {LIFECYCLES})")
+    try:
+        sig = inspect.signature(fn)
+        hints = typing.get_type_hints(fn, globalns={**namespace, **getattr(fn, "__globals__", {})})
+    except Exception as exc:
+        problems.append(f"{where}: cannot resolve annotations: {exc}")
+        return None
+    plist = list(sig.parameters.values())
+    if not plist:
+        problems.append(f"{where}: the first parameter must be the context (ctx)")
+        return None
+    params: list[ParamDef] = []
+    for p in plist[1:]:
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY, p.KEYWORD_ONLY):
+            problems.append(f"{where}: *args and **kwargs are not supported ({p.name})")
+            continue
+        if p.name not in hints:
+            problems.append(f"{where}: argument {p.name!r} needs a type annotation")
+            continue
+        try:
+            ptype = column_type_for(hints[p.name])
+        except ValueError as exc:
+            problems.append(f"{where}: argument {p.name!r}: {exc}")
+            continue
+        if isinstance(ptype, CrdtType):
+            problems.append(f"{where}: argument {p.name!r} can't be a CRDT type")
+            continue
+        default = NO_DEFAULT if p.default is inspect.Parameter.empty else p.default
+        params.append(ParamDef(p.name, ptype, default))
+    if spec.lifecycle is not None and len(plist) > 1:
+        problems.append(f"{where}: lifecycle reducers take only the context")
+    if len(problems) > start:
+        return None
+    lifecycle = typing.cast(Lifecycle | None, spec.lifecycle)
+    return ReducerDef(name, fn, tuple(params), lifecycle, spec.roles)

@@ -1,0 +1,122 @@
+"""A committed transaction as the journal keeps it, and its byte encoding.
+
+The encoding is MessagePack of plain data (`ColumnType.to_state` for each cell), so the journal
+and snapshots never pickle Python objects and a reader can check a payload against the schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from syncd.core.ids import Identity, Offset, Timestamp
+from syncd.core.schema import Schema, TableDef
+from syncd.core.store import Change, ChangeSet, Row
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Tx:
+    """One committed transaction.
+
+    Attributes:
+        offset: its position in the log (1, 2, 3, ... without gaps).
+        timestamp: the transaction time (µs) reducers saw as `ctx.timestamp`.
+        changes: what it changed.
+        reducer: the reducer that ran ("" for a client CRDT merge or a system change).
+        caller: the identity that asked for it, if any.
+        idempotency_key: the caller's key, so a retried call is answered, not re-run.
+        meta: small extra data the server keeps with the transaction (e.g. the connection
+            lifecycle: which connection was accepted or gone).
+    """
+
+    offset: Offset
+    timestamp: Timestamp
+    changes: ChangeSet
+    reducer: str = ""
+    caller: Identity | None = None
+    idempotency_key: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+def row_to_state(tdef: TableDef, row: Row) -> list[Any]:
+    cols = tdef.columns
+    if not tdef.crdt_positions:
+        return list(row)
+    return [cols[i].type.to_state(v) for i, v in enumerate(row)]
+
+
+def row_from_state(tdef: TableDef, state: list[Any]) -> Row:
+    if not tdef.crdt_positions:
+        return _restore_plain(tdef, state)
+    cols = tdef.columns
+    return tuple(cols[i].type.from_state(v) for i, v in enumerate(state))
+
+
+def _restore_plain(tdef: TableDef, state: list[Any]) -> Row:
+    return tuple(state)
+
+
+def changes_to_state(schema: Schema, changes: ChangeSet) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for name, rows in changes.tables.items():
+        tdef = schema.tables[name]
+        out[name] = [
+            [
+                None if old is None else row_to_state(tdef, old),
+                None if new is None else row_to_state(tdef, new),
+            ]
+            for old, new in rows.values()
+        ]
+    return out
+
+
+def changes_from_state(schema: Schema, state: dict[str, list[Any]]) -> ChangeSet:
+    tables: dict[str, dict[Any, Change]] = {}
+    for name, pairs in state.items():
+        tdef = schema.tables[name]
+        rows: dict[Any, Change] = {}
+        for old_s, new_s in pairs:
+            old = None if old_s is None else row_from_state(tdef, old_s)
+            new = None if new_s is None else row_from_state(tdef, new_s)
+            some = new if new is not None else old
+            assert some is not None
+            rows[some[tdef.primary_key]] = (old, new)
+        tables[name] = rows
+    return ChangeSet(tables)
+
+
+def encode_tx(schema: Schema, tx: Tx) -> bytes:
+    """Tx -> bytes for the journal."""
+    return _encoder.encode(
+        {
+            "o": tx.offset,
+            "t": tx.timestamp,
+            "c": changes_to_state(schema, tx.changes),
+            "r": tx.reducer,
+            "u": tx.caller,
+            "k": tx.idempotency_key,
+            "m": tx.meta,
+        }
+    )
+
+
+def decode_tx(schema: Schema, data: bytes) -> Tx:
+    """Inverse of `encode_tx`. Raises ValueError if the payload does not fit the schema."""
+    try:
+        d = _decoder.decode(data)
+        return Tx(
+            offset=Offset(d["o"]),
+            timestamp=Timestamp(d["t"]),
+            changes=changes_from_state(schema, d["c"]),
+            reducer=d["r"],
+            caller=d["u"],
+            idempotency_key=d["k"],
+            meta=d["m"],
+        )
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"journal entry does not decode: {exc}") from exc

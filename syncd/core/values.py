@@ -1,0 +1,522 @@
+"""Column types: validation, the stored form of a value, and the CRDT cell types.
+
+Every column has a `ColumnType`. A value lives in three forms:
+
+* the *python* form, what a reducer reads and writes on a row instance (an `enum.Enum` member,
+  the register's value for an `LWW` column, the total for a `Counter`);
+* the *stored* form, inside a row tuple in the store (an enum's string value, an `LwwCell`,
+  a `CounterCell`); plain columns store their python form;
+* the *visible* form, what queries compare and clients receive (plain msgpack-able values;
+  the register's value, the counter's total).
+
+CRDT columns (`CrdtType`) also accept *merge operations* (from reducers or straight from clients,
+possibly made offline long ago). `merge` is commutative, associative and idempotent, so any
+delivery order of the same set of operations converges. A collaborative `Text` type fits the same
+seam: its cell is a document state, its op a document update, its visible form a string.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+from syncd.core.hlc import Stamp
+from syncd.core.ids import Identity, Timestamp
+
+I64_MIN = -(2**63)
+I64_MAX = 2**63 - 1
+
+T = TypeVar("T")
+
+
+class Json:
+    """Annotation for a column holding any JSON value (dict, list, str, int, float, bool, None)."""
+
+
+class LWW(Generic[T]):
+    """Annotation `LWW[T]`: a last-writer-wins register of T ordered by hybrid logical clock."""
+
+
+class Counter:
+    """Annotation: a counter whose increments and decrements commute (a PN-counter)."""
+
+
+class ColumnType:
+    """How one column's values are checked, stored, shown and persisted."""
+
+    #: Name used in /v1/schema and by the code generator.
+    kind: ClassVar[str] = "?"
+    #: True for CRDT columns, which accept merge operations.
+    is_crdt: ClassVar[bool] = False
+
+    def check(self, value: object) -> object:
+        """Validate a python-form value and return its stored form. Raises ValueError."""
+        raise NotImplementedError
+
+    def to_python(self, stored: object) -> object:
+        """Stored form -> the value a reducer sees on a row instance."""
+        return stored
+
+    def visible(self, stored: object) -> object:
+        """Stored form -> the value queries compare and clients receive."""
+        return stored
+
+    def to_state(self, stored: object) -> object:
+        """Stored form -> plain data for the journal and snapshots (msgpack-able)."""
+        return stored
+
+    def from_state(self, state: object) -> object:
+        """Inverse of `to_state`. Trusts its input (it came from our own journal)."""
+        return state
+
+    def describe(self) -> dict[str, object]:
+        """A JSON description for /v1/schema and code generators."""
+        return {"kind": self.kind}
+
+    def __str__(self) -> str:
+        return self.kind
+
+
+@dataclass(frozen=True, slots=True)
+class BoolType(ColumnType):
+    kind: ClassVar[str] = "bool"
+
+    def check(self, value: object) -> object:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected bool, got {type(value).__name__}")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class IntType(ColumnType):
+    """A 64-bit signed integer."""
+
+    kind: ClassVar[str] = "i64"
+
+    def check(self, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected int, got {type(value).__name__}")
+        if not I64_MIN <= value <= I64_MAX:
+            raise ValueError(f"int {value} is out of the 64-bit signed range")
+        return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class FloatType(ColumnType):
+    kind: ClassVar[str] = "f64"
+
+    def check(self, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected float, got {type(value).__name__}")
+        result = float(value)
+        if math.isnan(result):
+            # NaN != NaN would break primary keys, indexes and change detection.
+            raise ValueError("NaN is not a valid column value")
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class StrType(ColumnType):
+    kind: ClassVar[str] = "string"
+
+    def check(self, value: object) -> object:
+        if not isinstance(value, str):
+            raise ValueError(f"expected str, got {type(value).__name__}")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class BytesType(ColumnType):
+    kind: ClassVar[str] = "bytes"
+
+    def check(self, value: object) -> object:
+        if isinstance(value, bytearray | memoryview):
+            return bytes(value)
+        if not isinstance(value, bytes):
+            raise ValueError(f"expected bytes, got {type(value).__name__}")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityType(ColumnType):
+    kind: ClassVar[str] = "identity"
+
+    def check(self, value: object) -> object:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"expected an identity (non-empty str), got {type(value).__name__}")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class TimestampType(ColumnType):
+    """Microseconds since the Unix epoch, as a 64-bit int."""
+
+    kind: ClassVar[str] = "timestamp"
+
+    def check(self, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected a timestamp (int microseconds), got {type(value).__name__}")
+        if not I64_MIN <= value <= I64_MAX:
+            raise ValueError(f"timestamp {value} is out of range")
+        return value
+
+
+def _check_json(value: object, depth: int = 0) -> None:
+    if depth > 64:
+        raise ValueError("JSON value is nested too deeply")
+    if value is None or isinstance(value, bool | str):
+        return
+    if isinstance(value, int):
+        if not I64_MIN <= value <= I64_MAX:
+            raise ValueError(f"JSON int {value} is out of the 64-bit range")
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("JSON numbers must be finite")
+        return
+    if isinstance(value, list | tuple):
+        for item in value:
+            _check_json(item, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"JSON object keys must be str, got {type(key).__name__}")
+            _check_json(item, depth + 1)
+        return
+    raise ValueError(f"{type(value).__name__} is not a JSON value")
+
+
+def _freeze_json(value: object) -> object:
+    # Tuples stand for arrays inside the store, so the stored form is immutable apart from dicts,
+    # which are copied on the way in and out.
+    if isinstance(value, list | tuple):
+        return [_freeze_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _freeze_json(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class JsonType(ColumnType):
+    """Any JSON value. Stored as a private copy so a reducer can't mutate committed state."""
+
+    kind: ClassVar[str] = "json"
+
+    def check(self, value: object) -> object:
+        _check_json(value)
+        return _freeze_json(value)
+
+    def to_python(self, stored: object) -> object:
+        return copy.deepcopy(stored)
+
+    def visible(self, stored: object) -> object:
+        return stored
+
+
+@dataclass(frozen=True, slots=True)
+class OptionalType(ColumnType):
+    """`X | None`."""
+
+    inner: ColumnType
+    kind: ClassVar[str] = "option"
+
+    def check(self, value: object) -> object:
+        return None if value is None else self.inner.check(value)
+
+    def to_python(self, stored: object) -> object:
+        return None if stored is None else self.inner.to_python(stored)
+
+    def visible(self, stored: object) -> object:
+        return None if stored is None else self.inner.visible(stored)
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": self.kind, "inner": self.inner.describe()}
+
+    def __str__(self) -> str:
+        return f"{self.inner} | None"
+
+
+@dataclass(frozen=True, slots=True)
+class EnumType(ColumnType):
+    """A str-valued `enum.Enum`; stored and sent as the member's value."""
+
+    cls: type[enum.Enum]
+    kind: ClassVar[str] = "enum"
+
+    def check(self, value: object) -> object:
+        if isinstance(value, self.cls):
+            return value.value
+        if isinstance(value, str):
+            try:
+                return self.cls(value).value
+            except ValueError:
+                pass
+        allowed = ", ".join(repr(m.value) for m in self.cls)
+        raise ValueError(f"expected one of {allowed} ({self.cls.__name__}), got {value!r}")
+
+    def to_python(self, stored: object) -> object:
+        return self.cls(stored)
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": self.kind, "name": self.cls.__name__, "values": [m.value for m in self.cls]}
+
+    def __str__(self) -> str:
+        return self.cls.__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# CRDT cells and types
+
+
+@dataclass(frozen=True, slots=True)
+class LwwCell:
+    """A last-writer-wins register: the value with the greatest stamp wins."""
+
+    value: object  # the inner type's stored form
+    stamp: Stamp
+
+
+@dataclass(frozen=True, slots=True)
+class CounterCell:
+    """A PN-counter: per writer, the total of its increments (p) and of its decrements (n).
+
+    Merging takes the per-writer maximum, which is why a writer always sends its running totals,
+    never a bare delta: resending the same totals changes nothing (idempotent).
+    """
+
+    entries: tuple[tuple[str, int, int], ...] = ()  # sorted by writer
+
+    @property
+    def total(self) -> int:
+        return sum(p - n for _, p, n in self.entries)
+
+    def slot(self, writer: str) -> tuple[int, int]:
+        for w, p, n in self.entries:
+            if w == writer:
+                return p, n
+        return 0, 0
+
+
+class CrdtType(ColumnType):
+    """A column whose cells merge. `merge` must be commutative, associative and idempotent."""
+
+    is_crdt: ClassVar[bool] = True
+
+    def assign(self, cell: object | None, value: object, stamp: Stamp) -> object:
+        """A reducer wrote `value` (python form) over `cell` (None on insert): the new cell.
+
+        `stamp` is the writing transaction's clock reading; the result must merge with
+        concurrent operations as if the write were itself an operation made at `stamp`.
+        Raises ValueError for a bad value.
+        """
+        raise NotImplementedError
+
+    def decode_op(self, op: object) -> object:
+        """Validate a merge operation received from a client. Raises ValueError."""
+        raise NotImplementedError
+
+    def merge(self, cell: object | None, op: object) -> object:
+        """Apply a decoded operation to a cell (None when the row has no cell yet)."""
+        raise NotImplementedError
+
+    def op_of(self, cell: object) -> object:
+        """The cell's state as an operation: merging it anywhere brings that cell up to this one."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class LwwType(CrdtType):
+    """`LWW[T]`: the python and visible forms are T's; the op is `[value, ms, counter, writer]`."""
+
+    inner: ColumnType
+    kind: ClassVar[str] = "lww"
+
+    def check(self, value: object) -> object:
+        # A bare value without a stamp is meaningless for a register; callers use assign().
+        raise ValueError("an LWW column is written by assignment or merge, not stored bare")
+
+    def assign(self, cell: object | None, value: object, stamp: Stamp) -> object:
+        stored = self.inner.check(value)
+        if isinstance(cell, LwwCell) and cell.value == stored:
+            return cell  # writing the same value is not a new write: keeps merges stable
+        return LwwCell(stored, stamp)
+
+    def decode_op(self, op: object) -> object:
+        if not isinstance(op, list | tuple) or len(op) != 4:
+            raise ValueError("an LWW operation is [value, ms, counter, writer]")
+        value, ms, counter, writer = op
+        for name, part in (("ms", ms), ("counter", counter)):
+            if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part <= I64_MAX:
+                raise ValueError(f"LWW operation {name} must be a non-negative int")
+        if not isinstance(writer, str) or not writer:
+            raise ValueError("LWW operation writer must be a non-empty str")
+        return LwwCell(self.inner.check(value), Stamp(int(ms), int(counter), writer))
+
+    def merge(self, cell: object | None, op: object) -> object:
+        assert isinstance(op, LwwCell)
+        if not isinstance(cell, LwwCell):
+            return op
+        if op.stamp > cell.stamp:
+            return op
+        if op.stamp == cell.stamp and _order_key(op.value) > _order_key(cell.value):
+            # Same stamp with different values can only come from a misbehaving writer; pick
+            # deterministically so every replica still converges.
+            return op
+        return cell
+
+    def op_of(self, cell: object) -> object:
+        assert isinstance(cell, LwwCell)
+        return cell
+
+    def to_python(self, stored: object) -> object:
+        assert isinstance(stored, LwwCell)
+        return self.inner.to_python(stored.value)
+
+    def visible(self, stored: object) -> object:
+        assert isinstance(stored, LwwCell)
+        return self.inner.visible(stored.value)
+
+    def to_state(self, stored: object) -> object:
+        assert isinstance(stored, LwwCell)
+        s = stored.stamp
+        return [self.inner.to_state(stored.value), s.ms, s.counter, s.writer]
+
+    def from_state(self, state: object) -> object:
+        value, ms, counter, writer = typing.cast(list[Any], state)
+        return LwwCell(self.inner.from_state(value), Stamp(ms, counter, writer))
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": self.kind, "inner": self.inner.describe()}
+
+    def __str__(self) -> str:
+        return f"LWW[{self.inner}]"
+
+
+def _order_key(value: object) -> tuple[str, str]:
+    return (type(value).__name__, repr(value))
+
+
+@dataclass(frozen=True, slots=True)
+class CounterType(CrdtType):
+    """`Counter`: python and visible forms are the total; the op is `[[writer, p, n], ...]`."""
+
+    kind: ClassVar[str] = "counter"
+
+    def check(self, value: object) -> object:
+        raise ValueError("a Counter column is written by assignment or merge, not stored bare")
+
+    def assign(self, cell: object | None, value: object, stamp: Stamp) -> object:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected int for a Counter, got {type(value).__name__}")
+        if not I64_MIN <= value <= I64_MAX:
+            raise ValueError(f"counter value {value} is out of the 64-bit signed range")
+        current = cell if isinstance(cell, CounterCell) else CounterCell()
+        delta = value - current.total
+        if delta == 0 and cell is not None:
+            return current
+        p, n = current.slot(stamp.writer)
+        p, n = (p + delta, n) if delta > 0 else (p, n - delta)
+        return self.merge(current, CounterCell(((stamp.writer, p, n),)))
+
+    def decode_op(self, op: object) -> object:
+        if not isinstance(op, list | tuple) or not op:
+            raise ValueError("a Counter operation is a non-empty list of [writer, p, n]")
+        merged: dict[str, tuple[int, int]] = {}
+        for entry in op:
+            if not isinstance(entry, list | tuple) or len(entry) != 3:
+                raise ValueError("a Counter operation entry is [writer, p, n]")
+            writer, p, n = entry
+            if not isinstance(writer, str) or not writer:
+                raise ValueError("Counter writer must be a non-empty str")
+            for part in (p, n):
+                if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part <= I64_MAX:
+                    raise ValueError("Counter totals must be non-negative 64-bit ints")
+            op_p, op_n = merged.get(writer, (0, 0))
+            merged[writer] = (max(op_p, p), max(op_n, n))
+        return CounterCell(tuple((w, p, n) for w, (p, n) in sorted(merged.items())))
+
+    def merge(self, cell: object | None, op: object) -> object:
+        assert isinstance(op, CounterCell)
+        if not isinstance(cell, CounterCell):
+            return op
+        slots = {w: (p, n) for w, p, n in cell.entries}
+        for w, p, n in op.entries:
+            old_p, old_n = slots.get(w, (0, 0))
+            slots[w] = (max(old_p, p), max(old_n, n))
+        return CounterCell(tuple((w, p, n) for w, (p, n) in sorted(slots.items())))
+
+    def op_of(self, cell: object) -> object:
+        assert isinstance(cell, CounterCell)
+        return cell
+
+    def to_python(self, stored: object) -> object:
+        assert isinstance(stored, CounterCell)
+        return stored.total
+
+    def visible(self, stored: object) -> object:
+        assert isinstance(stored, CounterCell)
+        return stored.total
+
+    def to_state(self, stored: object) -> object:
+        assert isinstance(stored, CounterCell)
+        return [list(e) for e in stored.entries]
+
+    def from_state(self, state: object) -> object:
+        return CounterCell(tuple((w, p, n) for w, p, n in typing.cast(list[Any], state)))
+
+
+_SIMPLE: dict[object, ColumnType] = {
+    bool: BoolType(),
+    int: IntType(),
+    float: FloatType(),
+    str: StrType(),
+    bytes: BytesType(),
+    Identity: IdentityType(),
+    Timestamp: TimestampType(),
+    Json: JsonType(),
+    Counter: CounterType(),
+}
+
+
+def column_type_for(annotation: object) -> ColumnType:
+    """Map a resolved annotation to its column type.
+
+    Raises:
+        ValueError: the annotation is not a supported column type (the message names it).
+    """
+    simple = _SIMPLE.get(annotation)
+    if simple is not None:
+        return simple
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(args) == 2:
+            inner = column_type_for(rest[0])
+            if isinstance(inner, OptionalType | CrdtType):
+                raise ValueError(f"unsupported column type {_name(annotation)}")
+            return OptionalType(inner)
+        raise ValueError(f"unsupported union {_name(annotation)}: only `X | None` is allowed")
+    if origin is LWW:
+        (arg,) = typing.get_args(annotation)
+        inner = column_type_for(arg)
+        if isinstance(inner, CrdtType):
+            raise ValueError(f"unsupported column type {_name(annotation)}: nested CRDT")
+        return LwwType(inner)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        if not all(isinstance(m.value, str) for m in annotation):
+            raise ValueError(f"enum {annotation.__name__} must have str values only")
+        return EnumType(annotation)
+    raise ValueError(f"unsupported column type {_name(annotation)}")
+
+
+def _name(annotation: object) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return repr(annotation).replace("typing.", "")

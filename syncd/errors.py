@@ -1,0 +1,202 @@
+"""The errors syncd raises, and the codes it puts on the wire.
+
+Exception tree::
+
+    SyncdError
+    ├── ConfigError                 startup only
+    │   └── SchemaError             a module that is wrong; carries *all* its problems
+    ├── ProtocolError               peer sent malformed or out-of-order data -> close PROTOCOL_ERROR
+    ├── AuthError                   -> reject the handshake / close UNAUTHORIZED
+    │   ├── InvalidToken
+    │   └── Forbidden
+    ├── SubscriptionError           bad query; reported per query set, the connection stays open
+    ├── ReducerError                a reducer failed; its transaction rolled back; the caller is told
+    │   ├── ArgumentError           wrong, missing or extra reducer argument; nothing ran
+    │   ├── NoSuchReducer           unknown reducer name; nothing ran
+    │   └── ConstraintError         unique or primary key violation, bad column value
+    ├── LimitExceeded               a configured limit (message size, queries, rows) was hit
+    ├── BackendError (temporary)    infrastructure unavailable
+    │   ├── JournalError
+    │   └── BrokerError
+    └── ConnectionClosed            control flow after a close; carries the close code and reason
+
+Wire errors are codes, not class names (`ErrorCode`); close codes follow the convention
+that 4000-4499 means "reconnect and resume" and 4500-4999 means "do not reconnect"
+(RFC 6455 §7.4.2 reserves 4000-4999 for applications).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "ArgumentError",
+    "AuthError",
+    "BackendError",
+    "BrokerError",
+    "CloseCode",
+    "ConfigError",
+    "ConnectionClosed",
+    "ConstraintError",
+    "ErrorCode",
+    "Forbidden",
+    "InvalidToken",
+    "JournalError",
+    "LimitExceeded",
+    "NoSuchReducer",
+    "ProtocolError",
+    "ReducerError",
+    "SchemaError",
+    "SubscriptionError",
+    "SyncdError",
+]
+
+
+class ErrorCode(IntEnum):
+    """Error codes sent to clients.
+
+    Ranges: 1xxx the request was malformed, 2xxx it was refused (auth, limits),
+    3xxx the application said no (reducer, query), 5xxx the server failed and a
+    retry may succeed.
+    """
+
+    PROTOCOL = 1000
+    UNKNOWN_MESSAGE = 1001
+    MESSAGE_TOO_LARGE = 1002
+    UNAUTHORIZED = 2000
+    FORBIDDEN = 2001
+    RATE_LIMITED = 2002
+    LIMIT_EXCEEDED = 2003
+    REDUCER_FAILED = 3000
+    BAD_ARGUMENTS = 3001
+    NO_SUCH_REDUCER = 3002
+    CONSTRAINT = 3003
+    BAD_QUERY = 3100
+    INTERNAL = 5000
+    UNAVAILABLE = 5001
+
+    @property
+    def temporary(self) -> bool:
+        """True when retrying the same request later may succeed."""
+        return self >= 5000 or self == ErrorCode.RATE_LIMITED
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes. 4000-4499: reconnect and resume. 4500-4999: do not reconnect."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    # Reconnect (and resume from the cursor) range.
+    SHUTDOWN = 4000
+    SLOW_CONSUMER = 4001
+    REAUTHENTICATE = 4002
+    LEADER_CHANGED = 4003
+    # Terminal range: the client must not reconnect as it is.
+    UNAUTHORIZED = 4500
+    FORBIDDEN = 4501
+    REJECTED = 4502
+    BAD_REQUEST = 4503
+
+    @property
+    def should_reconnect(self) -> bool:
+        """True when a client should reconnect (after a backoff) and resume."""
+        if 4000 <= self < 4500:
+            return True
+        return self in (CloseCode.GOING_AWAY, CloseCode.INTERNAL_ERROR)
+
+
+class SyncdError(Exception):
+    """Base of every error syncd raises on purpose."""
+
+
+class ConfigError(SyncdError):
+    """The configuration is wrong; raised at startup only."""
+
+
+class SchemaError(ConfigError):
+    """A module's tables or reducers are wrong. Lists every problem found, not just the first."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(
+            f"{len(self.problems)} problem(s) in the module:\n"
+            + "\n".join(f"  - {p}" for p in self.problems)
+        )
+
+
+class ProtocolError(SyncdError):
+    """The peer sent bytes that are not a valid message, or a message out of order."""
+
+
+class AuthError(SyncdError):
+    """Authentication or authorization failed."""
+
+
+class InvalidToken(AuthError):
+    """The token is malformed, forged, expired or for someone else."""
+
+
+class Forbidden(AuthError):
+    """The identity is known but may not do this."""
+
+
+class SubscriptionError(SyncdError):
+    """A query cannot be subscribed to. `position` is the character offset of the problem, if known."""
+
+    def __init__(self, message: str, *, position: int | None = None) -> None:
+        self.position = position
+        super().__init__(message if position is None else f"{message} (at position {position})")
+
+
+class ReducerError(SyncdError):
+    """A reducer failed. Raise it from a reducer to roll back and tell the caller why."""
+
+    code: ErrorCode = ErrorCode.REDUCER_FAILED
+
+
+class ArgumentError(ReducerError):
+    """A reducer was called with a wrong, missing or extra argument. Nothing ran."""
+
+    code = ErrorCode.BAD_ARGUMENTS
+
+
+class NoSuchReducer(ReducerError):
+    """No reducer of that name is callable by clients. Nothing ran."""
+
+    code = ErrorCode.NO_SUCH_REDUCER
+
+
+class ConstraintError(ReducerError):
+    """A write broke a constraint: duplicate primary key or unique value, or a bad column value."""
+
+    code = ErrorCode.CONSTRAINT
+
+
+class LimitExceeded(SyncdError):
+    """A configured limit was hit (message size, queries per connection, initial rows...)."""
+
+
+class BackendError(SyncdError):
+    """Infrastructure is unavailable. Temporary: a retry may succeed."""
+
+    temporary = True
+
+
+class JournalError(BackendError):
+    """The journal could not make a transaction durable, or could not be read."""
+
+
+class BrokerError(BackendError):
+    """The broker could not publish, deliver or forward."""
+
+
+class ConnectionClosed(SyncdError):
+    """The connection is closed; `code` and `reason` say why."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"connection closed ({code}): {reason}" if reason else f"closed ({code})")
