@@ -146,7 +146,7 @@ def table(
     def wrap(klass: C) -> C:
         problems: list[str] = []
         try:
-            klass = dataclasses.dataclass(kw_only=True, eq=True)(klass)
+            klass = typing.cast(C, dataclasses.dataclass(kw_only=True, eq=True)(klass))
         except (TypeError, ValueError) as exc:
             problems.append(f"table {klass.__name__}: {exc}")
         spec = _TableSpec(name, public, tuple(indexes), visible, tuple(problems))
@@ -430,7 +430,9 @@ def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> T
             problems.append(f"{where}.{f.name}: {exc}")
             continue
         default = NO_DEFAULT if f.default is _MISSING else f.default
-        factory = None if f.default_factory is _MISSING else f.default_factory
+        factory = (
+            None if f.default_factory is _MISSING else typing.cast(Any, f.default_factory)
+        )
         columns.append(ColumnDef(f.name, pos, ctype, default, factory))
         if options.primary_key:
             pks.append(pos)

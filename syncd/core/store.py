@@ -227,7 +227,9 @@ class Store:
 
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
-        self.tables: dict[str, TableState] = {name: TableState(t) for name, t in schema.tables.items()}
+        self.tables: dict[str, TableState] = {
+            name: TableState(t) for name, t in schema.tables.items()
+        }
         # Offset of the last committed transaction reflected in the tables (0: none).
         self.offset = 0
         # The open transaction, if any (one at a time: the single writer).
@@ -250,7 +252,9 @@ class Store:
             ValueError: `offset` is not `self.offset + 1`, or a change does not fit the tables.
         """
         if offset != self.offset + 1:
-            raise ValueError(f"out-of-order transaction: expected offset {self.offset + 1}, got {offset}")
+            raise ValueError(
+                f"out-of-order transaction: expected offset {self.offset + 1}, got {offset}"
+            )
         for name, rows in changes.tables.items():
             state = self.tables[name]
             for pk, (old, new) in rows.items():

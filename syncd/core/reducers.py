@@ -1,0 +1,412 @@
+"""Running reducers: argument checks, the `ReducerContext` and table handles, one transaction each.
+
+`run_reducer` never does I/O. It opens a transaction on the store, calls the reducer, and either
+commits (returning the `ChangeSet`) or rolls back and raises a `ReducerError`. The caller (the
+leader) decides offsets, durability and who is told.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from syncd.core.hlc import Stamp
+from syncd.core.ids import ConnectionId, Identity, Timestamp
+from syncd.core.schema import NO_DEFAULT, ReducerDef, Schema, TableDef
+from syncd.core.store import ChangeSet, OrderedIndex, Row, Store, TableState, Transaction
+from syncd.core.values import CrdtType
+from syncd.errors import ArgumentError, ConstraintError, Forbidden, ReducerError
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthInfo:
+    """Who is calling, as verified by the server.
+
+    Attributes:
+        role: "anonymous", "authenticated", "service", ... (None for the server itself).
+        claims: the verified token claims (empty for anonymous and system calls).
+    """
+
+    role: str | None = None
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def email(self) -> str | None:
+        email = self.claims.get("email")
+        return email if isinstance(email, str) else None
+
+    @property
+    def is_anonymous(self) -> bool:
+        return bool(self.claims.get("is_anonymous")) or self.role == "anonymous"
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    """A range condition for `filter` on an ordered index: lo <= value < hi by default.
+
+    `None` for a bound means unbounded (to compare with NULL, use an equality filter).
+    """
+
+    lo: Any = None
+    hi: Any = None
+    include_lo: bool = True
+    include_hi: bool = False
+
+
+def row_to_instance(tdef: TableDef, row: Row) -> Any:
+    """A stored row as an instance of the table's class (python-form values)."""
+    obj: Any = object.__new__(tdef.cls)
+    d = obj.__dict__
+    for col, value in zip(tdef.columns, row, strict=True):
+        d[col.name] = col.type.to_python(value)
+    return obj
+
+
+class TableHandle(Generic[R]):
+    """`ctx.db.<table>`: read and write one table inside the running transaction."""
+
+    def __init__(self, tx: Transaction, state: TableState) -> None:
+        self._tx = tx
+        self._state = state
+        self._tdef = state.tdef
+
+    def _to_row(self, instance: object, old: Row | None) -> Row:
+        tdef = self._tdef
+        if not isinstance(instance, tdef.cls):
+            raise ConstraintError(
+                f"{tdef.name}: expected a {tdef.cls.__name__} row, got {type(instance).__name__}"
+            )
+        values: list[Any] = []
+        stamp = self._tx.stamp
+        for col in tdef.columns:
+            try:
+                value = getattr(instance, col.name)
+            except AttributeError:
+                raise ConstraintError(f"{tdef.name}.{col.name}: missing value") from None
+            try:
+                if isinstance(col.type, CrdtType):
+                    cell = None if old is None else old[col.position]
+                    values.append(col.type.assign(cell, value, stamp))
+                else:
+                    values.append(col.type.check(value))
+            except ValueError as exc:
+                raise ConstraintError(f"{tdef.name}.{col.name}: {exc}") from None
+        return tuple(values)
+
+    def _pk(self, value: Any) -> Any:
+        col = self._tdef.pk_column
+        if isinstance(value, self._tdef.cls):
+            value = getattr(value, col.name)
+        try:
+            return col.type.check(value)
+        except ValueError as exc:
+            raise ConstraintError(f"{self._tdef.name}.{col.name}: {exc}") from None
+
+    def insert(self, row: R) -> R:
+        """Insert a row; returns it as stored (with its auto_inc key assigned).
+
+        Raises:
+            ConstraintError: duplicate primary key or unique value, or a bad column value.
+        """
+        stored = self._tx.insert(self._tdef.name, self._to_row(row, None))
+        return row_to_instance(self._tdef, stored)  # type: ignore[no-any-return]
+
+    def update(self, row: R) -> R:
+        """Replace the row with the same primary key; returns it as stored.
+
+        Raises:
+            ConstraintError: no row has that primary key, or a unique value is taken.
+        """
+        pk = self._pk(row)
+        old = self._state.get(pk)
+        if old is None:
+            raise ConstraintError(f"{self._tdef.name}: no row with primary key {pk!r} to update")
+        stored = self._tx.update(self._tdef.name, self._to_row(row, old))
+        return row_to_instance(self._tdef, stored)  # type: ignore[no-any-return]
+
+    def delete(self, row_or_pk: Any) -> bool:
+        """Delete by row or primary key. Returns False when there was no such row."""
+        return self._tx.delete(self._tdef.name, self._pk(row_or_pk))
+
+    def merge(self, pk: Any, column: str, op: Any) -> R:
+        """Merge a CRDT operation (wire form, see docs) into one cell; returns the row.
+
+        Raises:
+            ConstraintError: no such row, not a CRDT column, or a malformed operation.
+        """
+        col = self._tdef.column(column)
+        if col is None or not isinstance(col.type, CrdtType):
+            raise ConstraintError(f"{self._tdef.name}.{column} is not a CRDT column")
+        try:
+            decoded = col.type.decode_op(op)
+        except ValueError as exc:
+            raise ConstraintError(f"{self._tdef.name}.{column}: {exc}") from None
+        stored = self._tx.merge(self._tdef.name, self._pk(pk), column, decoded)
+        return row_to_instance(self._tdef, stored)  # type: ignore[no-any-return]
+
+    def find(self, pk: Any = NO_DEFAULT, **unique: Any) -> R | None:
+        """The row with this primary key, or with this value of one unique column; else None.
+
+        `find(3)` looks up the primary key; `find(email="a@b")` a unique column.
+        """
+        if pk is not NO_DEFAULT and not unique:
+            row = self._state.get(self._pk(pk))
+        elif pk is NO_DEFAULT and len(unique) == 1:
+            ((name, value),) = unique.items()
+            ix = self._index_for((name,))
+            if not ix.idef.unique:
+                raise ConstraintError(f"{self._tdef.name}.{name} is not unique: use filter()")
+            pks = list(ix.lookup(self._check(name, value)))
+            row = self._state.get(pks[0]) if pks else None
+        else:
+            raise TypeError("find() takes a primary key or one unique column=value")
+        return None if row is None else row_to_instance(self._tdef, row)
+
+    def filter(self, **conditions: Any) -> list[R]:
+        """Rows matching equality (or `Range` on the last column of an ordered index) conditions.
+
+        The columns named must be exactly the columns of one index (or a leading part of an
+        ordered one), or the primary key. Results of an ordered index come in index order.
+
+        Raises:
+            ConstraintError: no index serves these columns.
+        """
+        if not conditions:
+            raise TypeError("filter() needs at least one column=value; use iter() for all rows")
+        names = tuple(conditions)
+        last = conditions[names[-1]]
+        if names == (self._tdef.pk_column.name,) and not isinstance(last, Range):
+            row = self._state.get(self._pk(last))
+            return [] if row is None else [row_to_instance(self._tdef, row)]
+        ix = self._index_for(names, prefix_ok=True, want_range=isinstance(last, Range))
+        eq = [self._check(n, conditions[n]) for n in names[:-1]]
+        rows = self._state.rows
+        pks: Iterable[Any]
+        if isinstance(last, Range):
+            assert isinstance(ix, OrderedIndex)
+            lo = None if last.lo is None else self._check(names[-1], last.lo)
+            hi = None if last.hi is None else self._check(names[-1], last.hi)
+            if len(ix.idef.columns) == 1:
+                pks = ix.range(
+                    lo,
+                    hi,
+                    include_lo=last.include_lo,
+                    include_hi=last.include_hi,
+                    has_lo=lo is not None,
+                    has_hi=hi is not None,
+                )
+            else:
+                pks = self._prefix_range(ix, eq, lo, hi, last)
+        else:
+            key_values = [*eq, self._check(names[-1], last)]
+            if isinstance(ix, OrderedIndex):
+                prefix = tuple(key_values) if len(ix.idef.columns) > 1 else key_values[0]
+                pks = ix.range(prefix, prefix, include_hi=True)
+            else:
+                key = key_values[0] if len(key_values) == 1 else tuple(key_values)
+                pks = sorted(ix.lookup(key), key=_pk_order)
+        return [row_to_instance(self._tdef, rows[pk]) for pk in pks]
+
+    def _prefix_range(
+        self, ix: OrderedIndex, eq: list[Any], lo: Any, hi: Any, rng: Range
+    ) -> Iterator[Any]:
+        # A range on the last of several columns with one open bound: walk the equality prefix
+        # and test the bound on each entry.
+        n = len(eq)
+        prefix = tuple(eq)
+        for pk in ix.range(prefix, prefix, include_hi=True):
+            value = self._state.rows[pk][ix.idef.positions[n]]
+            if lo is not None and (value < lo if rng.include_lo else value <= lo):
+                continue
+            if hi is not None and (value > hi if rng.include_hi else value >= hi):
+                continue
+            yield pk
+
+    def _check(self, name: str, value: Any) -> Any:
+        col = self._tdef.column(name)
+        if col is None:
+            raise ConstraintError(f"{self._tdef.name} has no column {name!r}")
+        try:
+            return col.type.check(value)
+        except ValueError as exc:
+            raise ConstraintError(f"{self._tdef.name}.{name}: {exc}") from None
+
+    def _index_for(
+        self, names: tuple[str, ...], *, prefix_ok: bool = False, want_range: bool = False
+    ) -> Any:
+        for ix in self._state.indexes.values():
+            cols = ix.idef.columns
+            if want_range and not isinstance(ix, OrderedIndex):
+                continue
+            if cols == names or (
+                prefix_ok and isinstance(ix, OrderedIndex) and cols[: len(names)] == names
+            ):
+                return ix
+        kind = "an ordered index" if want_range else "an index"
+        raise ConstraintError(f"{self._tdef.name}: no {kind} on ({', '.join(names)})")
+
+    def iter(self) -> Iterator[R]:
+        """Every row, in no particular order."""
+        for row in list(self._state.rows.values()):
+            yield row_to_instance(self._tdef, row)
+
+    def __iter__(self) -> Iterator[R]:
+        return self.iter()
+
+    def count(self) -> int:
+        return len(self._state.rows)
+
+    def __len__(self) -> int:
+        return len(self._state.rows)
+
+
+def _pk_order(pk: Any) -> tuple[bool, Any]:
+    return (pk is not None, pk)
+
+
+class Database:
+    """`ctx.db`: one `TableHandle` per table, by table name (`ctx.db.message`)."""
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+        self._handles: dict[str, TableHandle[Any]] = {}
+
+    def __getattr__(self, name: str) -> TableHandle[Any]:
+        handles: dict[str, TableHandle[Any]] | None = self.__dict__.get("_handles")
+        if handles is None or name.startswith("__"):
+            raise AttributeError(name)
+        handle = handles.get(name)
+        if handle is None:
+            tables = self._tx.store.tables
+            if name not in tables:
+                raise AttributeError(f"no table {name!r}; tables: {', '.join(sorted(tables))}")
+            handle = handles[name] = TableHandle(self._tx, tables[name])
+        return handle
+
+    def __getitem__(self, name: str) -> TableHandle[Any]:
+        return self.__getattr__(name)
+
+
+@dataclass(frozen=True, slots=True)
+class ReducerContext:
+    """What a reducer gets as its first argument.
+
+    Attributes:
+        sender: who called (the server's own identity for `init`).
+        connection_id: the calling connection, None for HTTP calls and `init`.
+        timestamp: the transaction's time in µs since the epoch (the same for the whole call).
+        db: the tables.
+        auth: the verified role and claims.
+    """
+
+    sender: Identity
+    connection_id: ConnectionId | None
+    timestamp: Timestamp
+    db: Database
+    auth: AuthInfo
+
+
+def bind_args(rdef: ReducerDef, args: Sequence[Any] | Mapping[str, Any]) -> list[Any]:
+    """Check call arguments (positional list or name->value) against the reducer's parameters.
+
+    Returns the python-form argument list. Raises `ArgumentError` naming the argument.
+    """
+    params = rdef.params
+    if isinstance(args, Mapping):
+        extra = [k for k in args if not any(p.name == k for p in params)]
+        if extra:
+            raise ArgumentError(f"{rdef.name}: unexpected argument {extra[0]!r}")
+        raw = [args.get(p.name, NO_DEFAULT) for p in params]
+    else:
+        if len(args) > len(params):
+            raise ArgumentError(f"{rdef.name}: takes {len(params)} argument(s), got {len(args)}")
+        raw = list(args) + [NO_DEFAULT] * (len(params) - len(args))
+    out: list[Any] = []
+    for p, value in zip(params, raw, strict=True):
+        if value is NO_DEFAULT:
+            if p.default is NO_DEFAULT:
+                raise ArgumentError(f"{rdef.name}: missing argument {p.name!r} ({p.type})")
+            out.append(p.default)
+            continue
+        try:
+            out.append(p.type.to_python(p.type.check(value)))
+        except ValueError as exc:
+            raise ArgumentError(f"{rdef.name}: argument {p.name!r}: {exc}") from None
+    return out
+
+
+def check_role(rdef: ReducerDef, auth: AuthInfo) -> None:
+    """Raise `Forbidden` unless the caller holds one of the reducer's roles (if it names any)."""
+    if rdef.roles is not None and (auth.role is None or auth.role not in rdef.roles):
+        raise Forbidden(f"reducer {rdef.name} requires role {' or '.join(sorted(rdef.roles))}")
+
+
+def run_reducer(
+    store: Store,
+    rdef: ReducerDef,
+    args: Sequence[Any] | Mapping[str, Any],
+    *,
+    sender: Identity,
+    connection_id: ConnectionId | None,
+    timestamp: Timestamp,
+    stamp: Stamp,
+    auth: AuthInfo | None = None,
+) -> ChangeSet:
+    """Run one reducer as one transaction.
+
+    Returns:
+        The committed change set (possibly empty).
+
+    Raises:
+        ArgumentError: bad arguments (nothing ran).
+        Forbidden: the caller lacks the reducer's role (nothing ran).
+        ReducerError: the reducer raised; the store is exactly as before. Any other exception
+            from user code is wrapped in a ReducerError carrying its type and message.
+    """
+    auth = auth or AuthInfo()
+    check_role(rdef, auth)
+    bound = bind_args(rdef, args)
+    tx = store.begin(stamp)
+    ctx = ReducerContext(sender, connection_id, timestamp, Database(tx), auth)
+    try:
+        result = rdef.fn(ctx, *bound)
+        if inspect.isawaitable(result):
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+            raise ReducerError(f"reducer {rdef.name} must not be async")
+    except ReducerError:
+        tx.rollback()
+        raise
+    except Exception as exc:
+        tx.rollback()
+        raise ReducerError(f"{type(exc).__name__}: {exc}") from exc
+    except BaseException:
+        tx.rollback()
+        raise
+    return tx.commit()
+
+
+def merge_cell(
+    store: Store, schema: Schema, table: str, pk: Any, column: str, op: Any, stamp: Stamp
+) -> ChangeSet:
+    """Apply a client's CRDT merge operation as its own transaction.
+
+    Raises:
+        ConstraintError: unknown or private table, unknown or non-CRDT column, malformed op,
+            or no such row. The store is unchanged.
+    """
+    tdef = schema.tables.get(table)
+    if tdef is None or not tdef.public:
+        raise ConstraintError(f"no public table {table!r}")
+    tx = store.begin(stamp)
+    try:
+        TableHandle[Any](tx, store.tables[table]).merge(pk, column, op)
+    except BaseException:
+        tx.rollback()
+        raise
+    return tx.commit()
