@@ -246,7 +246,7 @@ class TableHandle(Generic[R]):
                 prefix_ok and isinstance(ix, OrderedIndex) and cols[: len(names)] == names
             ):
                 return ix
-        kind = "an ordered index" if want_range else "an index"
+        kind = "ordered index" if want_range else "index"
         raise ConstraintError(f"{self._tdef.name}: no {kind} on ({', '.join(names)})")
 
     def iter(self) -> Iterator[R]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import sys
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -414,7 +415,9 @@ def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> T
     if not _IDENT.match(name):
         problems.append(f"{where}: name {name!r} must be lowercase letters, digits and _")
     try:
-        hints = typing.get_type_hints(cls, globalns=namespace)
+        module = sys.modules.get(cls.__module__)
+        globalns = {**(vars(module) if module is not None else {}), **namespace}
+        hints = typing.get_type_hints(cls, globalns=globalns)
     except Exception as exc:  # NameError, TypeError: any unresolvable annotation
         problems.append(f"{where}: cannot resolve annotations: {exc}")
         return None
@@ -430,9 +433,7 @@ def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> T
             problems.append(f"{where}.{f.name}: {exc}")
             continue
         default = NO_DEFAULT if f.default is _MISSING else f.default
-        factory = (
-            None if f.default_factory is _MISSING else typing.cast(Any, f.default_factory)
-        )
+        factory = None if f.default_factory is _MISSING else typing.cast(Any, f.default_factory)
         columns.append(ColumnDef(f.name, pos, ctype, default, factory))
         if options.primary_key:
             pks.append(pos)
@@ -507,6 +508,8 @@ def _check_reducer(
         problems.append(f"{where}: cannot resolve annotations: {exc}")
         return None
     plist = list(sig.parameters.values())
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        problems.append(f"{where}: reducers must not be async (they run inside a transaction)")
     if not plist:
         problems.append(f"{where}: the first parameter must be the context (ctx)")
         return None

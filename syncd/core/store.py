@@ -74,8 +74,14 @@ class HashIndex:
             del self.entries[key]
 
     def conflict(self, row: Row, pk: Any) -> bool:
-        """True if this unique index already holds another row with `row`'s key."""
-        pks = self.entries.get(self.key(row))
+        """True if this unique index already holds another row with `row`'s key.
+
+        As in SQL, NULLs are distinct: a key containing None never conflicts.
+        """
+        key = self.key(row)
+        if key is None or (not self._single and None in key):
+            return False
+        pks = self.entries.get(key)
         return bool(pks) and pks != {pk}
 
     def lookup(self, key: Any) -> Iterable[Any]:

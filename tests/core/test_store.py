@@ -1,0 +1,218 @@
+"""The store and reducers against a naive model: a dict of rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import syncd
+from syncd import LWW, Counter, ReducerContext
+from syncd.core.hlc import HybridClock
+from syncd.core.ids import Identity, Timestamp
+from syncd.core.reducers import run_reducer
+from syncd.core.schema import Schema, load_schema
+from syncd.core.store import HashIndex, OrderedIndex, Store
+
+
+@syncd.table(public=True, indexes=[syncd.Index("owner", "score", kind="ordered")])
+class Item:
+    id: int = syncd.primary_key(auto_inc=True)
+    owner: str = syncd.index()
+    score: int = syncd.index("ordered")
+    tag: str | None = syncd.unique(default=None)
+    note: LWW[str] = ""
+    hits: Counter = 0
+
+
+@syncd.reducer
+def add(ctx: ReducerContext, owner: str, score: int, tag: str | None, note: str) -> None:
+    ctx.db.item.insert(Item(owner=owner, score=score, tag=tag, note=note))
+
+
+@syncd.reducer
+def edit(ctx: ReducerContext, item_id: int, score: int, tag: str | None, note: str) -> None:
+    item = ctx.db.item.find(item_id)
+    if item is None:
+        raise syncd.ReducerError("gone")
+    item.score, item.tag, item.note = score, tag, note
+    item.hits += 1
+    ctx.db.item.update(item)
+
+
+@syncd.reducer
+def remove(ctx: ReducerContext, item_id: int) -> None:
+    if not ctx.db.item.delete(item_id):
+        raise syncd.ReducerError("gone")
+
+
+@syncd.reducer
+def churn_then_fail(ctx: ReducerContext, owner: str) -> None:
+    """Writes all over the table, then raises: none of it may survive."""
+    for item in list(ctx.db.item.iter())[:3]:
+        item.score += 1000
+        ctx.db.item.update(item)
+    for item in list(ctx.db.item.iter())[3:5]:
+        ctx.db.item.delete(item)
+    ctx.db.item.insert(Item(owner=owner, score=-1, note="doomed"))
+    raise syncd.ReducerError("on purpose")
+
+
+SCHEMA: Schema = load_schema(
+    {"Item": Item, "add": add, "edit": edit, "remove": remove, "churn_then_fail": churn_then_fail}
+)
+owners = st.sampled_from(["ann", "bob", "cy"])
+scores = st.integers(-5, 5)
+tags = st.one_of(st.none(), st.sampled_from(["t1", "t2", "t3"]))
+notes = st.sampled_from(["", "x", "y"])
+
+
+def visible(store: Store) -> dict[int, dict[str, Any]]:
+    tdef = SCHEMA.tables["item"]
+    return {
+        pk: dict(zip([c.name for c in tdef.columns], tdef.visible_row(row), strict=True))
+        for pk, row in store.tables["item"].rows.items()
+    }
+
+
+class StoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = Store(SCHEMA)
+        self.clock = HybridClock("leader")
+        self.model: dict[int, dict[str, Any]] = {}
+        self.next_id = 1
+        self.now = 0
+        self.offset = 0
+
+    def call(self, name: str, *args: Any) -> Any:
+        self.now += 1
+        changes = run_reducer(
+            self.store,
+            SCHEMA.reducers[name],
+            list(args),
+            sender=Identity("me"),
+            connection_id=None,
+            timestamp=Timestamp(self.now),
+            stamp=self.clock.tick(self.now),
+        )
+        self.offset += 1
+        return changes
+
+    def tag_taken(self, tag: str | None, besides: int | None = None) -> bool:
+        return tag is not None and any(
+            r["tag"] == tag for pk, r in self.model.items() if pk != besides
+        )
+
+    @rule(owner=owners, score=scores, tag=tags, note=notes)
+    def add(self, owner: str, score: int, tag: str | None, note: str) -> None:
+        if self.tag_taken(tag):
+            before = self.store.dump()
+            with pytest.raises(syncd.ConstraintError, match="already exists"):
+                self.call("add", owner, score, tag, note)
+            assert self.store.dump() == before
+            return
+        changes = self.call("add", owner, score, tag, note)
+        pk = self.next_id
+        self.next_id += 1
+        row = {"id": pk, "owner": owner, "score": score, "tag": tag, "note": note, "hits": 0}
+        self.model[pk] = row
+        ((got_pk, (old, new)),) = changes.tables["item"].items()
+        assert got_pk == pk and old is None
+        assert new is not None and SCHEMA.tables["item"].visible_row(new) == tuple(row.values())
+
+    @precondition(lambda self: bool(self.model))
+    @rule(data=st.data(), score=scores, tag=tags, note=notes)
+    def edit(self, data: st.DataObject, score: int, tag: str | None, note: str) -> None:
+        pk = data.draw(st.sampled_from(sorted(self.model)))
+        if self.tag_taken(tag, besides=pk):
+            with pytest.raises(syncd.ConstraintError):
+                self.call("edit", pk, score, tag, note)
+            return
+        changes = self.call("edit", pk, score, tag, note)
+        row = self.model[pk]
+        row.update(score=score, tag=tag, note=note, hits=row["hits"] + 1)
+        assert set(changes.tables["item"]) == {pk}
+
+    @precondition(lambda self: bool(self.model))
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        pk = data.draw(st.sampled_from(sorted(self.model)))
+        changes = self.call("remove", pk)
+        old, new = changes.tables["item"][pk]
+        assert new is None and old is not None
+        del self.model[pk]
+
+    @rule(pk=st.integers(100, 110))
+    def remove_missing(self, pk: int) -> None:
+        with pytest.raises(syncd.ReducerError, match="gone"):
+            self.call("remove", pk)
+
+    @rule(owner=owners)
+    def failing_reducer_leaves_no_trace(self, owner: str) -> None:
+        before = self.store.dump()
+        next_ids = self.store.next_ids()
+        indexes = self.index_contents()
+        with pytest.raises(syncd.ReducerError, match="on purpose"):
+            self.call("churn_then_fail", owner)
+        assert self.store.dump() == before
+        assert self.store.next_ids() == next_ids
+        assert self.index_contents() == indexes
+        assert self.store.current is None
+
+    def index_contents(self) -> dict[str, Any]:
+        return {
+            name: ({k: set(v) for k, v in ix.entries.items()}, list(getattr(ix, "sorted", [])))
+            for name, ix in self.store.tables["item"].indexes.items()
+        }
+
+    @invariant()
+    def rows_match_model(self) -> None:
+        assert visible(self.store) == self.model
+
+    @invariant()
+    def indexes_match_rows(self) -> None:
+        state = self.store.tables["item"]
+        for ix in state.indexes.values():
+            expected: dict[Any, set[int]] = {}
+            for pk, row in state.rows.items():
+                expected.setdefault(ix.key(row), set()).add(pk)
+            assert ix.entries == expected, ix.idef.name
+            if isinstance(ix, OrderedIndex):
+                assert ix.sorted == sorted(
+                    (ix.sort_key(ix.key(row)), pk) for pk, row in state.rows.items()
+                )
+            else:
+                assert isinstance(ix, HashIndex)
+
+
+TestStoreMachine = StoreMachine.TestCase
+
+
+def test_replica_apply_reproduces_leader_state() -> None:
+    """Applying the leader's change sets in order rebuilds the same rows on a replica."""
+    leader, replica = Store(SCHEMA), Store(SCHEMA)
+    clock = HybridClock("leader")
+    calls: list[tuple[str, list[Any]]] = [
+        ("add", ["ann", 1, "t1", "a"]),
+        ("add", ["bob", 2, None, "b"]),
+        ("edit", [1, 5, None, "c"]),
+        ("remove", [2]),
+    ]
+    for offset, (name, args) in enumerate(calls, start=1):
+        changes = run_reducer(
+            leader,
+            SCHEMA.reducers[name],
+            args,
+            sender=Identity("me"),
+            connection_id=None,
+            timestamp=Timestamp(offset),
+            stamp=clock.tick(offset),
+        )
+        replica.apply(changes, offset)
+    assert replica.dump() == leader.dump()
+    assert replica.offset == 4
+    with pytest.raises(ValueError, match="expected offset 5, got 7"):
+        replica.apply(changes, 7)
