@@ -8,7 +8,7 @@ leader) decides offsets, durability and who is told.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -355,8 +355,12 @@ def run_reducer(
     timestamp: Timestamp,
     stamp: Stamp,
     auth: AuthInfo | None = None,
+    before_commit: Callable[[Transaction], None] | None = None,
 ) -> ChangeSet:
     """Run one reducer as one transaction.
+
+    `before_commit`, if given, runs inside the same transaction after the reducer returned
+    (the server uses it to record system rows atomically with lifecycle reducers).
 
     Returns:
         The committed change set (possibly empty).
@@ -385,6 +389,23 @@ def run_reducer(
     except Exception as exc:
         tx.rollback()
         raise ReducerError(f"{type(exc).__name__}: {exc}") from exc
+    except BaseException:
+        tx.rollback()
+        raise
+    if before_commit is not None:
+        try:
+            before_commit(tx)
+        except BaseException:
+            tx.rollback()
+            raise
+    return tx.commit()
+
+
+def run_system(store: Store, stamp: Stamp, writes: Callable[[Transaction], None]) -> ChangeSet:
+    """Run server-internal writes as one transaction (rolled back if `writes` raises)."""
+    tx = store.begin(stamp)
+    try:
+        writes(tx)
     except BaseException:
         tx.rollback()
         raise

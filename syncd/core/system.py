@@ -1,0 +1,43 @@
+"""Tables the server keeps for itself, added to every module's schema.
+
+`syncd_connection` holds one row per connection that `client_connected` accepted. The row is
+inserted in the same transaction as `client_connected` and deleted in the same transaction as
+`client_disconnected`, so after a crash the rows still present are exactly the connections
+whose `client_disconnected` has not run yet: the server runs it for them at start.
+"""
+
+from __future__ import annotations
+
+from syncd.core.ids import Identity, Timestamp
+from syncd.core.schema import Schema, index, load_schema, primary_key, table
+from syncd.errors import SchemaError
+
+#: Table names starting with this are reserved for the server.
+RESERVED_PREFIX = "syncd_"
+CONNECTION_TABLE = "syncd_connection"
+
+
+@table(name=CONNECTION_TABLE)
+class SyncdConnection:
+    connection_id: str = primary_key()
+    identity: Identity = index()
+    replica: str
+    since: Timestamp
+    role: str | None = None
+
+
+_SYSTEM = load_schema({"SyncdConnection": SyncdConnection}, name="syncd.system")
+
+
+def with_system_tables(schema: Schema) -> Schema:
+    """The module's schema plus the system tables.
+
+    Raises:
+        SchemaError: the module declares a table with a reserved name.
+    """
+    reserved = [name for name in schema.tables if name.startswith(RESERVED_PREFIX)]
+    if reserved:
+        raise SchemaError(
+            [f"table name {name!r} is reserved (prefix {RESERVED_PREFIX!r})" for name in reserved]
+        )
+    return Schema({**schema.tables, **_SYSTEM.tables}, schema.reducers, schema.module_name)

@@ -1,0 +1,389 @@
+"""The leader: the single writer. Runs reducers one at a time, group-commits, then publishes.
+
+Flow of one call (DESIGN §1): run the reducer on the leader's store (synchronously: reducers
+never await, so calls are serializable) -> append the transaction to the journal (queued, not
+waited for) -> the publisher task waits until the journal says a batch is durable -> publish the
+batch, in offset order, to the broker -> resolve each caller's future. Nothing is acknowledged
+or published before it is durable.
+
+The leader's store runs ahead of the journal by the batch being committed; nobody reads it but
+the leader. Replicas (including the one in this process) hold only durable state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from syncd.core.hlc import HybridClock
+from syncd.core.ids import ConnectionId, Identity, Offset, Timestamp
+from syncd.core.reducers import AuthInfo, merge_cell, run_reducer, run_system
+from syncd.core.schema import Schema
+from syncd.core.store import ChangeSet, Store, Transaction
+from syncd.core.system import CONNECTION_TABLE
+from syncd.core.tx import Tx, encode_tx
+from syncd.errors import BackendError, JournalError, NoSuchReducer, SyncdError
+from syncd.ports import Journal
+
+logger = logging.getLogger("syncd.leader")
+
+# How many recent idempotency keys the leader answers from memory (older ones: the journal).
+RECENT_KEYS = 100_000
+
+
+class Publisher(Protocol):
+    async def publish(self, txs: list[Tx]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CallOutcome:
+    """What happened to a call. `offset` is None when the call changed nothing."""
+
+    ok: bool
+    offset: Offset | None = None
+    error: SyncdError | None = None
+
+
+class Leader:
+    """Runs reducers and client merges for one database. One instance per database at a time."""
+
+    def __init__(
+        self,
+        schema: Schema,
+        store: Store,
+        journal: Journal,
+        broker: Publisher,
+        *,
+        writer: str,
+        now_us: Callable[[], int],
+    ) -> None:
+        self.schema = schema
+        # The leader's own store: durable state plus the batch being committed.
+        self.store = store
+        self.journal = journal
+        self.broker = broker
+        # Orders CRDT writes; one writer name per leader term.
+        self.clock = HybridClock(writer)
+        self._now_us = now_us
+        # Transactions appended but not yet published, in offset order.
+        self._queue: deque[Tx] = deque()
+        # offset -> future resolved once that transaction is published (or the journal failed)
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        # Set when the queue gains a transaction.
+        self._wake = asyncio.Event()
+        # Highest offset appended to the journal; highest published.
+        self.appended = store.offset
+        self.published = store.offset
+        # Recent idempotency keys -> offset (bounded; the journal remembers the rest).
+        self._keys: OrderedDict[str, int] = OrderedDict()
+        # Set once the journal failed: the store is ahead of the log and must not be used.
+        self.failed: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._publish_loop(), name="publish")
+
+    async def aclose(self) -> None:
+        """Stop after publishing what is durable. Pending callers get a BackendError."""
+        if self._task is not None:
+            if self._queue and self.failed is None:
+                try:
+                    await asyncio.wait_for(self._drain(), timeout=5)
+                except (TimeoutError, SyncdError):
+                    pass
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._fail_waiters(BackendError("the server is shutting down"))
+
+    async def _drain(self) -> None:
+        if self.appended > self.published:
+            await self._waiter(self.appended)
+
+    @property
+    def ready(self) -> bool:
+        return self.failed is None
+
+    def _timing(self) -> tuple[Timestamp, Any]:
+        now = self._now_us()
+        return Timestamp(now), self.clock.tick(now // 1000)
+
+    async def call(
+        self,
+        name: str,
+        args: Sequence[Any] | Mapping[str, Any],
+        *,
+        sender: Identity,
+        connection_id: ConnectionId | None,
+        auth: AuthInfo,
+        idempotency_key: str | None = None,
+    ) -> CallOutcome:
+        """Run a reducer called by a client. Returns once durable and published, or failed.
+
+        Never raises for the caller's mistakes (they come back as `CallOutcome.error`).
+        """
+        if self.failed is not None:
+            return CallOutcome(False, error=BackendError("the journal is unavailable"))
+        rdef = self.schema.reducers.get(name)
+        if rdef is None or not rdef.callable_by_clients:
+            return CallOutcome(False, error=NoSuchReducer(f"no reducer named {name!r}"))
+        if idempotency_key is not None:
+            seen = await self._seen(idempotency_key)
+            if seen is not None:
+                return seen
+        timestamp, stamp = self._timing()
+        try:
+            changes = run_reducer(
+                self.store,
+                rdef,
+                args,
+                sender=sender,
+                connection_id=connection_id,
+                timestamp=timestamp,
+                stamp=stamp,
+                auth=auth,
+            )
+        except SyncdError as exc:
+            return CallOutcome(False, error=exc)
+        return await self._finish(changes, timestamp, name, sender, idempotency_key, None)
+
+    async def merge(
+        self,
+        table: str,
+        pk: Any,
+        column: str,
+        op: Any,
+        *,
+        sender: Identity,
+        idempotency_key: str | None = None,
+    ) -> CallOutcome:
+        """Apply a client's CRDT operation as its own transaction."""
+        if self.failed is not None:
+            return CallOutcome(False, error=BackendError("the journal is unavailable"))
+        if idempotency_key is not None:
+            seen = await self._seen(idempotency_key)
+            if seen is not None:
+                return seen
+        timestamp, stamp = self._timing()
+        try:
+            changes = merge_cell(self.store, self.schema, table, pk, column, op, stamp)
+        except SyncdError as exc:
+            return CallOutcome(False, error=exc)
+        return await self._finish(changes, timestamp, "", sender, idempotency_key, None)
+
+    async def connect(
+        self,
+        identity: Identity,
+        connection_id: ConnectionId,
+        auth: AuthInfo,
+        replica: str,
+    ) -> CallOutcome:
+        """Run `client_connected` and record the connection, atomically.
+
+        A failed outcome carries the reducer's error: the connection must be refused with it.
+        """
+        if self.failed is not None:
+            return CallOutcome(False, error=BackendError("the journal is unavailable"))
+        timestamp, stamp = self._timing()
+
+        def record(tx: Transaction) -> None:
+            tx.insert(CONNECTION_TABLE, (connection_id, identity, replica, timestamp, auth.role))
+
+        try:
+            changes = self._lifecycle(
+                "client_connected", identity, connection_id, auth, record, timestamp, stamp
+            )
+        except SyncdError as exc:
+            return CallOutcome(False, error=exc)
+        return await self._finish(changes, timestamp, "client_connected", identity, None, None)
+
+    async def disconnect(self, connection_id: ConnectionId) -> CallOutcome:
+        """Run `client_disconnected` for a recorded connection and forget it, atomically.
+
+        If the reducer fails, the connection is still forgotten (in a transaction of its own),
+        so `client_disconnected` is attempted exactly once per accepted connection.
+        """
+        if self.failed is not None:
+            return CallOutcome(False, error=BackendError("the journal is unavailable"))
+        row = self.store.tables[CONNECTION_TABLE].get(connection_id)
+        if row is None:
+            return CallOutcome(True)
+        identity, role = row[1], row[4]
+        timestamp, stamp = self._timing()
+
+        def forget(tx: Transaction) -> None:
+            tx.delete(CONNECTION_TABLE, connection_id)
+
+        try:
+            changes = self._lifecycle(
+                "client_disconnected",
+                identity,
+                connection_id,
+                AuthInfo(role=role),
+                forget,
+                timestamp,
+                stamp,
+            )
+        except SyncdError as exc:
+            logger.warning("client_disconnected failed for %s: %s", connection_id, exc)
+            changes = run_system(self.store, stamp, forget)
+        return await self._finish(changes, timestamp, "client_disconnected", identity, None, None)
+
+    def _lifecycle(
+        self,
+        kind: Any,
+        identity: Identity,
+        connection_id: ConnectionId,
+        auth: AuthInfo,
+        extra: Callable[[Transaction], None],
+        timestamp: Timestamp,
+        stamp: Any,
+    ) -> ChangeSet:
+        rdef = self.schema.lifecycle(kind)
+        if rdef is None:
+            return run_system(self.store, stamp, extra)
+        return run_reducer(
+            self.store,
+            rdef,
+            [],
+            sender=identity,
+            connection_id=connection_id,
+            timestamp=timestamp,
+            stamp=stamp,
+            auth=auth,
+            before_commit=extra,
+        )
+
+    async def run_init(self, sender: Identity) -> None:
+        """Run the module's `init` reducer (a fresh database only)."""
+        rdef = self.schema.lifecycle("init")
+        if rdef is None:
+            return
+        timestamp, stamp = self._timing()
+        changes = run_reducer(
+            self.store,
+            rdef,
+            [],
+            sender=sender,
+            connection_id=None,
+            timestamp=timestamp,
+            stamp=stamp,
+            auth=AuthInfo(role="service"),
+        )
+        outcome = await self._finish(changes, timestamp, "init", sender, None, None)
+        if outcome.error is not None:
+            raise outcome.error
+
+    async def _seen(self, key: str) -> CallOutcome | None:
+        offset = self._keys.get(key)
+        if offset is None:
+            try:
+                found = await self.journal.find_idempotent(key)
+            except JournalError as exc:
+                return CallOutcome(False, error=exc)
+            # Another call with this key may have run while we awaited the journal.
+            offset = self._keys.get(key, found[0] if found is not None else None)
+        if offset is None:
+            return None
+        if offset > self.published:
+            try:
+                await self._waiter(offset)
+            except SyncdError as exc:
+                return CallOutcome(False, error=exc)
+        return CallOutcome(True, Offset(offset))
+
+    async def _finish(
+        self,
+        changes: ChangeSet,
+        timestamp: Timestamp,
+        reducer: str,
+        caller: Identity,
+        key: str | None,
+        meta: dict[str, Any] | None,
+    ) -> CallOutcome:
+        if not changes:
+            # Nothing to log, but the call may have read state that is not durable yet.
+            if self.appended > self.published:
+                try:
+                    await self._waiter(self.appended)
+                except SyncdError as exc:
+                    return CallOutcome(False, error=exc)
+            return CallOutcome(True)
+        offset = Offset(self.appended + 1)
+        tx = Tx(offset, timestamp, changes, reducer, caller, key, meta)
+        try:
+            self.journal.append(offset, encode_tx(self.schema, tx), idempotency_key=key)
+        except JournalError as exc:
+            self._failed(exc)
+            return CallOutcome(False, error=exc)
+        self.appended = offset
+        self.store.offset = offset
+        if key is not None:
+            self._keys[key] = offset
+            if len(self._keys) > RECENT_KEYS:
+                self._keys.popitem(last=False)
+        self._queue.append(tx)
+        self._wake.set()
+        try:
+            await self._waiter(offset)
+        except SyncdError as exc:
+            return CallOutcome(False, error=exc)
+        return CallOutcome(True, offset)
+
+    def _waiter(self, offset: int) -> asyncio.Future[None]:
+        fut = self._waiters.get(offset)
+        if fut is None:
+            fut = self._waiters[offset] = asyncio.get_running_loop().create_future()
+            if self.failed is not None:
+                fut.set_exception(BackendError("the journal is unavailable"))
+        return fut
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                last = self._queue[-1].offset
+                try:
+                    await self.journal.wait_durable(last)
+                except JournalError as exc:
+                    self._failed(exc)
+                    return
+                batch: list[Tx] = []
+                while self._queue and self._queue[0].offset <= last:
+                    batch.append(self._queue.popleft())
+                try:
+                    await self.broker.publish(batch)
+                except Exception:
+                    # Durable but not delivered: replicas find the gap and read the journal.
+                    logger.exception("publishing offsets %d..%d failed", batch[0].offset, last)
+                self.published = last
+                for tx in batch:
+                    fut = self._waiters.pop(tx.offset, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+                # Waiters registered for offsets that changed nothing are also released.
+                for offset in [o for o in self._waiters if o <= last]:
+                    fut = self._waiters.pop(offset)
+                    if not fut.done():
+                        fut.set_result(None)
+
+    def _failed(self, exc: BaseException) -> None:
+        logger.error("journal failed; the leader stops accepting writes: %s", exc)
+        self.failed = exc
+        self._queue.clear()
+        self._fail_waiters(BackendError("the journal is unavailable"))
+
+    def _fail_waiters(self, exc: SyncdError) -> None:
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: a caller may have gone away
+        self._waiters.clear()
