@@ -1,0 +1,1 @@
+"""Contract tests: each port's behaviour written once, run against every implementation."""
