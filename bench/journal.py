@@ -10,6 +10,8 @@ Scenarios:
   sqlite   burst                 append 100k at once, then one wait: the ceiling of one batch
   sqlite   writers=64 + reader   a task reading the whole log over and over meanwhile, with
                                  reads on the reader thread (shipped) or on the writer thread
+  sqlite   writers=64 + snapshots   10 MiB snapshots written back to back meanwhile, in chunks
+                                 (shipped) or in one transaction (the alternative)
   memory   writers=64            MemoryJournal: the cost of the event-loop side alone
 
 Run: `python bench/journal.py [--seconds 2] [--dir PATH]`. Prints one JSON line per result.
@@ -29,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from syncd.core.ids import Offset
+from syncd.persist import sqlite
 from syncd.persist.memory import GroupCommitJournal, MemoryJournal
 from syncd.persist.sqlite import SqliteJournal
 
@@ -42,13 +45,19 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 async def run_writers(
-    journal: GroupCommitJournal, writers: int, seconds: float, *, reader: bool = False
+    journal: GroupCommitJournal,
+    writers: int,
+    seconds: float,
+    *,
+    reader: bool = False,
+    snapshot_bytes: int = 0,
 ) -> dict[str, object]:
     latencies: list[float] = []
     next_offset = journal.durable_offset
     commits_before = journal.commits
     deadline = time.perf_counter() + seconds
     reads = 0
+    snapshots = 0
 
     async def writer() -> None:
         nonlocal next_offset
@@ -67,8 +76,19 @@ async def run_writers(
             await journal.read(Offset(max(0, journal.durable_offset - 10_000)))
             reads += 1
 
+    async def snapshot_loop() -> None:
+        nonlocal snapshots
+        data = bytes(snapshot_bytes)
+        while time.perf_counter() < deadline:
+            await journal.write_snapshot(journal.durable_offset, data)
+            snapshots += 1
+
     start = time.perf_counter()
-    tasks = [writer() for _ in range(writers)] + ([read_loop()] if reader else [])
+    tasks = [writer() for _ in range(writers)]
+    if reader:
+        tasks.append(read_loop())
+    if snapshot_bytes:
+        tasks.append(snapshot_loop())
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - start
     latencies.sort()
@@ -83,9 +103,12 @@ async def run_writers(
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 3) if latencies else None,
+        "max_ms": round(latencies[-1] * 1000, 3) if latencies else None,
     }
     if reader:
         result["full_reads_of_10k"] = reads
+    if snapshot_bytes:
+        result["snapshots_written"] = snapshots
     return result
 
 
@@ -121,6 +144,19 @@ async def main(seconds: float, directory: Path) -> None:
                 journal._on_reader = journal._on_writer  # type: ignore[method-assign]
             result = await run_writers(journal, 64, seconds, reader=True)
         emit(impl="sqlite", loop=loop_name, scenario=f"64 writers + reads on {placement}", **result)
+
+    for chunk in (sqlite.SNAPSHOT_CHUNK, 1 << 40):
+        sqlite.SNAPSHOT_CHUNK = chunk  # 1 << 40: the whole snapshot in one transaction
+        async with SqliteJournal(directory / f"snap-{chunk}.sqlite3") as journal:
+            await run_burst(journal, 1_000)
+            result = await run_writers(journal, 64, seconds, snapshot_bytes=10 << 20)
+        label = "one transaction" if chunk > 1 << 30 else f"{chunk >> 10} KiB chunks"
+        emit(
+            impl="sqlite",
+            loop=loop_name,
+            scenario=f"64 writers + 10 MiB snapshots in {label}",
+            **result,
+        )
 
     async with MemoryJournal() as memory:
         emit(impl="memory", loop=loop_name, **await run_writers(memory, 64, seconds))

@@ -19,7 +19,9 @@ the kernel when the process dies, even by kill -9) makes a second opener fail wi
 `JournalError`. That is what lets this journal answer `latest_offset` from memory.
 
 Tables (schema version 1): `meta` (the journal's own: schema version, epoch, pruned_through),
-`entries` (tx_offset, payload, idempotency_key, result), `snapshots` (tx_offset, data) and
+`entries` (tx_offset, payload, idempotency_key, result), `snapshots` and `snapshot_chunks` (a
+snapshot is written in chunks of `SNAPSHOT_CHUNK` bytes, one transaction each, so group commits
+keep running while a big one is written; it counts once its last chunk marks it complete) and
 `server_meta` (the server's key/value pairs). `open` creates or migrates them, and refuses a
 file written by a newer version.
 """
@@ -66,12 +68,29 @@ MIGRATIONS: list[list[str]] = [
         # Partial: most transactions carry no key, and those cost no index update.
         """CREATE INDEX entries_idempotency_key ON entries (idempotency_key, tx_offset)
             WHERE idempotency_key IS NOT NULL""",
-        "CREATE TABLE snapshots (tx_offset INTEGER PRIMARY KEY, data BLOB NOT NULL)",
+        # A snapshot is written in chunks, each its own transaction, so group commits run
+        # between them; `complete` is set by the last one. Incomplete ones are crash leftovers.
+        """CREATE TABLE snapshots (
+            snapshot_id INTEGER PRIMARY KEY,
+            tx_offset INTEGER NOT NULL,
+            complete INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX snapshots_tx_offset ON snapshots (complete, tx_offset)",
+        """CREATE TABLE snapshot_chunks (
+            snapshot_id INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (snapshot_id, seq)
+        )""",
         "CREATE TABLE server_meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
         "INSERT INTO meta (key, value) VALUES ('epoch', 1), ('pruned_through', 0)",
     ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
+
+#: Snapshots are written this many bytes per transaction: a group commit waits behind at most
+#: one chunk (about 20 ms on the benchmark machine) rather than behind the whole snapshot.
+SNAPSHOT_CHUNK = 1 << 20
 
 _INSERT_ENTRY = (
     "INSERT INTO entries (tx_offset, payload, idempotency_key, result) VALUES (?, ?, ?, ?)"
@@ -180,7 +199,10 @@ class SqliteJournal(GroupCommitJournal):
             if mode != "wal":
                 raise JournalError(f"{self.path}: cannot use WAL mode (got {mode!r})")
             conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA journal_size_limit={64 << 20}")  # truncate the WAL after use
             self._migrate(conn)
+            # Snapshots a crash interrupted are garbage: never complete, never read.
+            self._transaction(conn, lambda: _delete_snapshots(conn, "complete = 0"))
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             latest = conn.execute("SELECT MAX(tx_offset) FROM entries").fetchone()[0]
             pruned = Offset(meta["pruned_through"])
@@ -255,24 +277,46 @@ class SqliteJournal(GroupCommitJournal):
         await self._on_writer(f"commit of offsets {batch[0].offset}..{batch[-1].offset}", commit)
 
     async def _storage_write_snapshot(self, offset: Offset, data: bytes) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT OR REPLACE INTO snapshots (tx_offset, data) VALUES (?, ?)", (offset, data)
+        what = f"writing the snapshot at {offset}"
+
+        def begin(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute("INSERT INTO snapshots (tx_offset) VALUES (?)", (offset,))
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+        snapshot_id = await self._on_writer(what, begin)
+        view = memoryview(data)
+        # One job per chunk: commits queued meanwhile run between two chunks.
+        for seq, start in enumerate(range(0, max(len(view), 1), SNAPSHOT_CHUNK)):
+            chunk = view[start : start + SNAPSHOT_CHUNK]
+            await self._on_writer(
+                what, partial(_insert_chunk, snapshot_id=snapshot_id, seq=seq, chunk=chunk)
             )
 
-        await self._on_writer(f"writing the snapshot at {offset}", write)
+        def finish(conn: sqlite3.Connection) -> None:
+            def body() -> None:
+                conn.execute(
+                    "UPDATE snapshots SET complete = 1 WHERE snapshot_id = ?", (snapshot_id,)
+                )
+                # A snapshot at the same offset replaces the older one.
+                _delete_snapshots(conn, "tx_offset = ? AND snapshot_id != ?", (offset, snapshot_id))
+
+            self._transaction(conn, body)
+
+        await self._on_writer(what, finish)
 
     async def _storage_prune(self, through: Offset) -> int:
         def prune(conn: sqlite3.Connection) -> int:
             def body() -> int:
                 if not conn.execute(
-                    "SELECT 1 FROM snapshots WHERE tx_offset >= ? LIMIT 1", (through,)
+                    "SELECT 1 FROM snapshots WHERE complete = 1 AND tx_offset >= ? LIMIT 1",
+                    (through,),
                 ).fetchone():
                     raise ValueError(
                         f"no snapshot at or after offset {through}: pruning would lose state"
                     )
                 removed = conn.execute("DELETE FROM entries WHERE tx_offset <= ?", (through,))
-                conn.execute("DELETE FROM snapshots WHERE tx_offset < ?", (through,))
+                _delete_snapshots(conn, "tx_offset < ?", (through,))
                 conn.execute(
                     "UPDATE meta SET value = MAX(value, ?) WHERE key = 'pruned_through'",
                     (through,),
@@ -287,8 +331,13 @@ class SqliteJournal(GroupCommitJournal):
         def reset(conn: sqlite3.Connection) -> None:
             def body() -> None:
                 conn.execute("DELETE FROM entries")
-                conn.execute("DELETE FROM snapshots")
-                conn.execute("INSERT INTO snapshots (tx_offset, data) VALUES (0, ?)", (data,))
+                _delete_snapshots(conn, "1")
+                # One transaction, however big: the new epoch must appear all at once.
+                cursor = conn.execute("INSERT INTO snapshots (tx_offset, complete) VALUES (0, 1)")
+                conn.execute(
+                    "INSERT INTO snapshot_chunks (snapshot_id, seq, data) VALUES (?, 0, ?)",
+                    (cursor.lastrowid, data),
+                )
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (epoch,))
                 conn.execute("UPDATE meta SET value = 0 WHERE key = 'pruned_through'")
 
@@ -332,10 +381,21 @@ class SqliteJournal(GroupCommitJournal):
 
     async def _storage_latest_snapshot(self) -> tuple[Offset, bytes] | None:
         def latest(conn: sqlite3.Connection) -> tuple[Offset, bytes] | None:
-            row: tuple[Offset, bytes] | None = conn.execute(
-                "SELECT tx_offset, data FROM snapshots ORDER BY tx_offset DESC LIMIT 1"
-            ).fetchone()
-            return row
+            # One read transaction, so a prune committed meanwhile can't tear the chunks.
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute(
+                    "SELECT snapshot_id, tx_offset FROM snapshots WHERE complete = 1 "
+                    "ORDER BY tx_offset DESC, snapshot_id DESC LIMIT 1"
+                ).fetchone()
+                if row is None:
+                    return None
+                chunks = conn.execute(
+                    "SELECT data FROM snapshot_chunks WHERE snapshot_id = ? ORDER BY seq", (row[0],)
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return Offset(row[1]), b"".join(chunk for (chunk,) in chunks)
 
         return await self._on_reader("reading the latest snapshot", latest)
 
@@ -345,6 +405,25 @@ class SqliteJournal(GroupCommitJournal):
             return None if row is None else bytes(row[0])
 
         return await self._on_reader(f"reading meta {key!r}", get)
+
+
+def _insert_chunk(
+    conn: sqlite3.Connection, *, snapshot_id: int, seq: int, chunk: memoryview
+) -> None:
+    conn.execute(
+        "INSERT INTO snapshot_chunks (snapshot_id, seq, data) VALUES (?, ?, ?)",
+        (snapshot_id, seq, chunk),
+    )
+
+
+def _delete_snapshots(conn: sqlite3.Connection, where: str, args: tuple[int, ...] = ()) -> None:
+    """Delete the snapshots matching `where` (an SQL condition on `snapshots`) and their chunks."""
+    conn.execute(
+        f"DELETE FROM snapshot_chunks WHERE snapshot_id IN "
+        f"(SELECT snapshot_id FROM snapshots WHERE {where})",
+        args,
+    )
+    conn.execute(f"DELETE FROM snapshots WHERE {where}", args)
 
 
 if TYPE_CHECKING:

@@ -15,8 +15,9 @@ import pytest
 
 from syncd.core.ids import Offset
 from syncd.errors import JournalError
+from syncd.persist import sqlite as sqlite_module
 from syncd.persist.sqlite import DEFAULT_FILENAME, SCHEMA_VERSION, SqliteJournal
-from tests.contracts.journal import CountingJournal, JournalContract, OpenJournal
+from tests.contracts.journal import CountingJournal, JournalContract, OpenJournal, append_range
 from tests.utils import MS, ROOT
 
 
@@ -191,3 +192,60 @@ async def test_the_event_loop_keeps_running_during_a_commit(tmp_path: Path) -> N
         await task
         assert journal.commits == 1
         assert ticks > 10
+
+
+# -- snapshots in chunks --------------------------------------------------------------------
+
+
+async def test_a_big_snapshot_is_written_in_chunks_with_commits_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot spans several chunk transactions, a commit can land between two, and the
+    snapshot reads back whole."""
+    monkeypatch.setattr(sqlite_module, "SNAPSHOT_CHUNK", 1000)
+    loop = asyncio.get_running_loop()
+    first_chunk_written = asyncio.Event()
+    chunks_written: list[int] = []
+    insert_chunk = sqlite_module._insert_chunk
+
+    def spy(conn: sqlite3.Connection, *, snapshot_id: int, seq: int, chunk: memoryview) -> None:
+        insert_chunk(conn, snapshot_id=snapshot_id, seq=seq, chunk=chunk)
+        chunks_written.append(seq)
+        loop.call_soon_threadsafe(first_chunk_written.set)
+
+    monkeypatch.setattr(sqlite_module, "_insert_chunk", spy)
+    data = bytes(range(256)) * 40  # 10240 bytes: 11 chunks
+    async with SqliteJournal(tmp_path) as journal:
+        journal.append(Offset(1), b"a")
+        writing = asyncio.ensure_future(journal.write_snapshot(Offset(1), data))
+        await first_chunk_written.wait()
+        # The snapshot is being written: a commit now waits behind one chunk, not all of them.
+        journal.append(Offset(2), b"b")
+        await journal.wait_durable(Offset(2))
+        assert len(chunks_written) < 11
+        assert not writing.done()
+        await writing
+        assert await journal.latest_snapshot() == (1, data)
+        chunks = await journal._on_reader(
+            "test", lambda c: c.execute("SELECT COUNT(*) FROM snapshot_chunks").fetchone()
+        )
+        assert chunks == (11,)
+
+
+async def test_an_interrupted_snapshot_is_ignored_and_cleaned_up(tmp_path: Path) -> None:
+    """Chunks of a snapshot that never completed (a crash mid-write) are never read, and the
+    next open deletes them."""
+    async with SqliteJournal(tmp_path) as journal:
+        append_range(journal, 1, 2)
+        await journal.write_snapshot(Offset(1), b"complete")
+    with sqlite3.connect(tmp_path / DEFAULT_FILENAME) as conn:
+        cursor = conn.execute("INSERT INTO snapshots (tx_offset, complete) VALUES (2, 0)")
+        conn.execute(
+            "INSERT INTO snapshot_chunks (snapshot_id, seq, data) VALUES (?, 0, x'00')",
+            (cursor.lastrowid,),
+        )
+    async with SqliteJournal(tmp_path) as journal:
+        assert await journal.latest_snapshot() == (1, b"complete")
+    with sqlite3.connect(tmp_path / DEFAULT_FILENAME) as conn:
+        assert conn.execute("SELECT tx_offset, complete FROM snapshots").fetchall() == [(1, 1)]
+        assert conn.execute("SELECT COUNT(*) FROM snapshot_chunks").fetchone() == (1,)
