@@ -157,11 +157,11 @@ class SqliteJournal(GroupCommitJournal):
         conn.execute("BEGIN IMMEDIATE")
         try:
             value = body()
+            conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
+            if conn.in_transaction:  # a failed COMMIT may already have rolled back
                 conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         return value
 
     # -- open and close ---------------------------------------------------------------------
