@@ -58,7 +58,10 @@ class Journal(Protocol):
 
     @property
     def durable_offset(self) -> Offset:
-        """The greatest offset this journal knows is durable (0: none). Never decreases."""
+        """The greatest offset this journal knows is durable (0: none).
+
+        Never decreases within an epoch; `start_epoch` resets it to 0.
+        """
         ...
 
     async def open(self) -> None:
