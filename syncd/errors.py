@@ -49,6 +49,7 @@ __all__ = [
     "SchemaError",
     "SubscriptionError",
     "SyncdError",
+    "should_reconnect",
 ]
 
 
@@ -103,9 +104,19 @@ class CloseCode(IntEnum):
     @property
     def should_reconnect(self) -> bool:
         """True when a client should reconnect (after a backoff) and resume."""
-        if 4000 <= self < 4500:
-            return True
-        return self in (CloseCode.GOING_AWAY, CloseCode.INTERNAL_ERROR)
+        return should_reconnect(self)
+
+
+def should_reconnect(code: int | None) -> bool:
+    """Whether a client should reconnect (after a backoff) and resume after this close code.
+
+    Yes for the 4000-4499 range, for a connection lost without a close frame (1006, or None),
+    and for the standard "going away" (1001), "internal error" (1011), "service restart"
+    (1012) and "try again later" (1013) codes. No for a normal close and everything else.
+    """
+    if code is None:
+        return True
+    return 4000 <= code < 4500 or code in (1001, 1006, 1011, 1012, 1013)
 
 
 class SyncdError(Exception):

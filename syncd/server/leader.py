@@ -1,5 +1,10 @@
 """The leader: the single writer. Runs reducers one at a time, group-commits, then publishes.
 
+Every entry point (`call`, `merge`, `connect`, `disconnect`) is a coroutine that returns as
+soon as the reducer has run, with a future of the outcome, resolved once the transaction is
+durable and published. So a connection can submit calls in order without waiting for each
+commit, and the journal commits them together.
+
 Flow of one call (DESIGN §1): run the reducer on the leader's store (synchronously: reducers
 never await, so calls are serializable) -> append the transaction to the journal (queued, not
 waited for) -> the publisher task waits until the journal says a batch is durable -> publish the
@@ -46,6 +51,12 @@ class CallOutcome:
     ok: bool
     offset: Offset | None = None
     error: SyncdError | None = None
+
+
+def _done(outcome: CallOutcome) -> asyncio.Future[CallOutcome]:
+    fut: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
+    fut.set_result(outcome)
+    return fut
 
 
 class Leader:
@@ -124,16 +135,16 @@ class Leader:
         connection_id: ConnectionId | None,
         auth: AuthInfo,
         idempotency_key: str | None = None,
-    ) -> CallOutcome:
-        """Run a reducer called by a client. Returns once durable and published, or failed.
+    ) -> asyncio.Future[CallOutcome]:
+        """Run a reducer called by a client; the future resolves once durable and published.
 
         Never raises for the caller's mistakes (they come back as `CallOutcome.error`).
         """
         if self.failed is not None:
-            return CallOutcome(False, error=BackendError("the journal is unavailable"))
+            return _done(CallOutcome(False, error=BackendError("the journal is unavailable")))
         rdef = self.schema.reducers.get(name)
         if rdef is None or not rdef.callable_by_clients:
-            return CallOutcome(False, error=NoSuchReducer(f"no reducer named {name!r}"))
+            return _done(CallOutcome(False, error=NoSuchReducer(f"no reducer named {name!r}")))
         if idempotency_key is not None:
             seen = await self._seen(idempotency_key)
             if seen is not None:
@@ -151,8 +162,8 @@ class Leader:
                 auth=auth,
             )
         except SyncdError as exc:
-            return CallOutcome(False, error=exc)
-        return await self._finish(changes, timestamp, name, sender, idempotency_key, None)
+            return _done(CallOutcome(False, error=exc))
+        return self._finish(changes, timestamp, name, sender, idempotency_key, None)
 
     async def merge(
         self,
@@ -163,10 +174,10 @@ class Leader:
         *,
         sender: Identity,
         idempotency_key: str | None = None,
-    ) -> CallOutcome:
-        """Apply a client's CRDT operation as its own transaction."""
+    ) -> asyncio.Future[CallOutcome]:
+        """Apply a client's CRDT operation as its own transaction (see `call`)."""
         if self.failed is not None:
-            return CallOutcome(False, error=BackendError("the journal is unavailable"))
+            return _done(CallOutcome(False, error=BackendError("the journal is unavailable")))
         if idempotency_key is not None:
             seen = await self._seen(idempotency_key)
             if seen is not None:
@@ -175,8 +186,8 @@ class Leader:
         try:
             changes = merge_cell(self.store, self.schema, table, pk, column, op, stamp)
         except SyncdError as exc:
-            return CallOutcome(False, error=exc)
-        return await self._finish(changes, timestamp, "", sender, idempotency_key, None)
+            return _done(CallOutcome(False, error=exc))
+        return self._finish(changes, timestamp, "", sender, idempotency_key, None)
 
     async def connect(
         self,
@@ -184,13 +195,13 @@ class Leader:
         connection_id: ConnectionId,
         auth: AuthInfo,
         replica: str,
-    ) -> CallOutcome:
+    ) -> asyncio.Future[CallOutcome]:
         """Run `client_connected` and record the connection, atomically.
 
         A failed outcome carries the reducer's error: the connection must be refused with it.
         """
         if self.failed is not None:
-            return CallOutcome(False, error=BackendError("the journal is unavailable"))
+            return _done(CallOutcome(False, error=BackendError("the journal is unavailable")))
         timestamp, stamp = self._timing()
 
         def record(tx: Transaction) -> None:
@@ -201,20 +212,20 @@ class Leader:
                 "client_connected", identity, connection_id, auth, record, timestamp, stamp
             )
         except SyncdError as exc:
-            return CallOutcome(False, error=exc)
-        return await self._finish(changes, timestamp, "client_connected", identity, None, None)
+            return _done(CallOutcome(False, error=exc))
+        return self._finish(changes, timestamp, "client_connected", identity, None, None)
 
-    async def disconnect(self, connection_id: ConnectionId) -> CallOutcome:
+    async def disconnect(self, connection_id: ConnectionId) -> asyncio.Future[CallOutcome]:
         """Run `client_disconnected` for a recorded connection and forget it, atomically.
 
         If the reducer fails, the connection is still forgotten (in a transaction of its own),
         so `client_disconnected` is attempted exactly once per accepted connection.
         """
         if self.failed is not None:
-            return CallOutcome(False, error=BackendError("the journal is unavailable"))
+            return _done(CallOutcome(False, error=BackendError("the journal is unavailable")))
         row = self.store.tables[CONNECTION_TABLE].get(connection_id)
         if row is None:
-            return CallOutcome(True)
+            return _done(CallOutcome(True))
         identity, role = row[1], row[4]
         timestamp, stamp = self._timing()
 
@@ -234,7 +245,7 @@ class Leader:
         except SyncdError as exc:
             logger.warning("client_disconnected failed for %s: %s", connection_id, exc)
             changes = run_system(self.store, stamp, forget)
-        return await self._finish(changes, timestamp, "client_disconnected", identity, None, None)
+        return self._finish(changes, timestamp, "client_disconnected", identity, None, None)
 
     def _lifecycle(
         self,
@@ -281,25 +292,38 @@ class Leader:
         if outcome.error is not None:
             raise outcome.error
 
-    async def _seen(self, key: str) -> CallOutcome | None:
+    async def _seen(self, key: str) -> asyncio.Future[CallOutcome] | None:
         offset = self._keys.get(key)
         if offset is None:
             try:
                 found = await self.journal.find_idempotent(key)
             except JournalError as exc:
-                return CallOutcome(False, error=exc)
+                return _done(CallOutcome(False, error=exc))
             # Another call with this key may have run while we awaited the journal.
             offset = self._keys.get(key, found[0] if found is not None else None)
         if offset is None:
             return None
         if offset > self.published:
-            try:
-                await self._waiter(offset)
-            except SyncdError as exc:
-                return CallOutcome(False, error=exc)
-        return CallOutcome(True, Offset(offset))
+            return self._when_published(offset, CallOutcome(True, Offset(offset)))
+        return _done(CallOutcome(True, Offset(offset)))
 
-    async def _finish(
+    def _when_published(self, offset: int, outcome: CallOutcome) -> asyncio.Future[CallOutcome]:
+        result: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
+
+        def done(fut: asyncio.Future[None]) -> None:
+            if result.done():
+                return
+            exc = fut.exception() if not fut.cancelled() else BackendError("cancelled")
+            if exc is None:
+                result.set_result(outcome)
+            else:
+                error = exc if isinstance(exc, SyncdError) else BackendError(str(exc))
+                result.set_result(CallOutcome(False, error=error))
+
+        self._waiter(offset).add_done_callback(done)
+        return result
+
+    def _finish(
         self,
         changes: ChangeSet,
         timestamp: Timestamp,
@@ -307,22 +331,19 @@ class Leader:
         caller: Identity,
         key: str | None,
         meta: dict[str, Any] | None,
-    ) -> CallOutcome:
+    ) -> asyncio.Future[CallOutcome]:
         if not changes:
             # Nothing to log, but the call may have read state that is not durable yet.
             if self.appended > self.published:
-                try:
-                    await self._waiter(self.appended)
-                except SyncdError as exc:
-                    return CallOutcome(False, error=exc)
-            return CallOutcome(True)
+                return self._when_published(self.appended, CallOutcome(True))
+            return _done(CallOutcome(True))
         offset = Offset(self.appended + 1)
         tx = Tx(offset, timestamp, changes, reducer, caller, key, meta)
         try:
             self.journal.append(offset, encode_tx(self.schema, tx), idempotency_key=key)
         except JournalError as exc:
             self._failed(exc)
-            return CallOutcome(False, error=exc)
+            return _done(CallOutcome(False, error=exc))
         self.appended = offset
         self.store.offset = offset
         if key is not None:
@@ -331,11 +352,7 @@ class Leader:
                 self._keys.popitem(last=False)
         self._queue.append(tx)
         self._wake.set()
-        try:
-            await self._waiter(offset)
-        except SyncdError as exc:
-            return CallOutcome(False, error=exc)
-        return CallOutcome(True, offset)
+        return self._when_published(offset, CallOutcome(True, offset))
 
     def _waiter(self, offset: int) -> asyncio.Future[None]:
         fut = self._waiters.get(offset)

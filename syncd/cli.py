@@ -1,0 +1,100 @@
+"""The `syncd` command. The only place that reads the environment."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from syncd.config import Config, Limits
+from syncd.errors import ConfigError
+
+_LIMITS = Limits()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from syncd.server.app import run
+
+    limits = Limits(
+        max_message_size=args.max_message_size,
+        max_queries_per_connection=args.max_queries,
+        max_initial_rows=args.max_initial_rows,
+    )
+    config = Config(
+        module=Path(args.module),
+        host=args.host,
+        port=args.port,
+        data_dir=Path(args.data),
+        allow_anonymous=not args.no_anonymous,
+        snapshot_every=args.snapshot_every,
+        limits=limits,
+        replica_id=args.replica_id,
+    )
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    run(config, log_level=args.log_level)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="syncd",
+        description="syncd: a real-time state sync server (tables, reducers, SQL subscriptions).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a module's tables and reducers",
+        description="Serve MODULE (a Python file declaring tables and reducers) over WebSockets "
+        "at /v1/ws, with its data in an embedded journal.",
+    )
+    serve.add_argument("module", help="path of the module, e.g. schema/kled.py")
+    serve.add_argument("--host", default=os.environ.get("SYNCD_HOST", "127.0.0.1"))
+    serve.add_argument(
+        "--port", type=int, default=int(os.environ.get("SYNCD_PORT", "3000")), help="0: any free"
+    )
+    serve.add_argument(
+        "--data",
+        default=os.environ.get("SYNCD_DATA", "syncd-data"),
+        help="directory of the embedded journal (default ./syncd-data)",
+    )
+    serve.add_argument("--no-anonymous", action="store_true", help="refuse clients without a token")
+    serve.add_argument("--snapshot-every", type=int, default=50_000, metavar="TXS")
+    serve.add_argument("--max-message-size", type=int, default=_LIMITS.max_message_size)
+    serve.add_argument("--max-queries", type=int, default=_LIMITS.max_queries_per_connection)
+    serve.add_argument("--max-initial-rows", type=int, default=_LIMITS.max_initial_rows)
+    serve.add_argument("--replica-id", default=os.environ.get("SYNCD_REPLICA_ID", "embedded"))
+    serve.add_argument("--log-level", default=os.environ.get("SYNCD_LOG_LEVEL", "info"))
+    serve.set_defaults(func=_serve)
+
+    try:
+        client_cli = importlib.import_module("syncd.client.cli")
+    except ImportError:  # the client commands arrive with syncd.client
+        pass
+    else:
+        client_cli.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(getattr(args, "log_level", "info")).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"syncd: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""The composition root: builds the journal, leader, replica and broker from a Config, recovers
+state, and serves the Starlette app (WebSocket and HTTP endpoints) on uvicorn.
+
+Start-up order: open the journal -> load the latest snapshot and replay the journal into two
+stores (the leader's and the replica's) -> start the leader's publisher -> run `init` for a new
+database -> run `client_disconnected` for connections that were open when the process died ->
+accept connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from syncd.auth import AnonymousAuthenticator, Principal
+from syncd.auth.anonymous import AnonymousTokens, new_secret
+from syncd.config import Config
+from syncd.core import snapshot
+from syncd.core.ids import Epoch, Identity, Offset
+from syncd.core.protocol.codec import format_for_subprotocol
+from syncd.core.protocol.messages import SUBPROTOCOLS
+from syncd.core.schema import Schema
+from syncd.core.store import Store
+from syncd.core.system import CONNECTION_TABLE
+from syncd.core.tx import Tx, decode_tx
+from syncd.errors import (
+    ArgumentError,
+    CloseCode,
+    ErrorCode,
+    InvalidToken,
+    NoSuchReducer,
+    SubscriptionError,
+)
+from syncd.fanout.memory import MemoryBroker
+from syncd.persist.sqlite import SqliteJournal
+from syncd.ports import Journal
+from syncd.server.connection import Connection, bearer_token, error_code
+from syncd.server.leader import Leader
+from syncd.server.loader import load_module_schema
+from syncd.server.replica import Replica
+
+logger = logging.getLogger("syncd")
+
+SERVER_IDENTITY = Identity("syncd-server")
+ANON_SECRET_KEY = "anonymous_token_secret"
+_json = msgspec.json.Encoder()
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+async def recover(schema: Schema, journal: Journal) -> tuple[Store, Store]:
+    """Rebuild the leader's and the replica's stores: latest snapshot, then the journal."""
+    stores = (Store(schema), Store(schema))
+    latest = await journal.latest_snapshot()
+    if latest is not None:
+        snap = await asyncio.to_thread(snapshot.decode, schema, latest[1])
+        for store in stores:
+            snapshot.restore(store, snap)
+    while True:
+        entries = await journal.read(Offset(stores[0].offset), 5_000)
+        if not entries:
+            break
+        for offset, payload in entries:
+            tx = decode_tx(schema, payload)
+            for store in stores:
+                store.apply(tx.changes, offset)
+    return stores
+
+
+class Server:
+    """One syncd process: leader and replica of one database on the embedded journal."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        schema: Schema | None = None,
+        journal: Journal | None = None,
+        clock: Callable[[], int] = now_us,
+    ) -> None:
+        self.config = config
+        self.schema = schema if schema is not None else load_module_schema(config.module)
+        self.journal: Journal = journal or SqliteJournal(config.data_dir / "journal.sqlite3")
+        self.broker = MemoryBroker()
+        self.clock = clock
+        # Built by start().
+        self.leader: Leader
+        self.replica: Replica
+        self.authenticator: AnonymousAuthenticator
+        # Every live connection.
+        self.connections: set[Connection] = set()
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._last_snapshot = 0
+        self.started = False
+
+    async def start(self) -> None:
+        journal = self.journal
+        await journal.open()
+        leader_store, replica_store = await recover(self.schema, journal)
+        self._last_snapshot = replica_store.offset
+        secret = await journal.get_meta(ANON_SECRET_KEY)
+        if secret is None:
+            secret = new_secret()
+            await journal.set_meta(ANON_SECRET_KEY, secret)
+        self.authenticator = AnonymousAuthenticator(
+            AnonymousTokens(secret), allow_anonymous=self.config.allow_anonymous
+        )
+        self.replica = Replica(
+            self.schema,
+            replica_store,
+            journal,
+            epoch=Epoch(journal.epoch),
+            limits=self.config.limits,
+        )
+        self.broker.subscribe(self.replica.on_tx)
+        self.broker.subscribe(self._after_tx)
+        self.leader = Leader(
+            self.schema,
+            leader_store,
+            journal,
+            self.broker,
+            writer=f"{self.config.replica_id}:{journal.epoch}",
+            now_us=self.clock,
+        )
+        self.leader.start()
+        fresh = leader_store.offset == 0 and await journal.latest_snapshot() is None
+        if fresh:
+            await self.leader.run_init(SERVER_IDENTITY)
+        # Connections open when the process last stopped never got client_disconnected.
+        for connection_id in list(leader_store.tables[CONNECTION_TABLE].rows):
+            outcome = await (await self.leader.disconnect(connection_id))
+            if not outcome.ok:
+                logger.warning("recovering %s: %s", connection_id, outcome.error)
+        self.started = True
+        logger.info(
+            "database ready at epoch %d offset %d (%d tables, %d reducers)",
+            journal.epoch,
+            self.replica.offset,
+            len(self.schema.tables),
+            len(self.schema.reducers),
+        )
+
+    async def stop(self) -> None:
+        """Close every connection (resumable), flush, and close the journal."""
+        for conn in list(self.connections):
+            conn.close(CloseCode.SHUTDOWN, "server shutting down")
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(c.closed.wait() for c in list(self.connections))), 5
+                )
+        if self._snapshot_task is not None:
+            with contextlib.suppress(Exception):
+                await self._snapshot_task
+        if self.started:
+            await self.leader.aclose()
+        await self.broker.aclose()
+        await self.journal.aclose()
+
+    def _after_tx(self, tx: Tx) -> None:
+        every = self.config.snapshot_every
+        if every and tx.offset - self._last_snapshot >= every and self._snapshot_task is None:
+            self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_quietly())
+
+    async def _snapshot_quietly(self) -> None:
+        try:
+            await self.write_snapshot()
+        except Exception:
+            logger.exception("writing a snapshot failed; the journal still holds everything")
+
+    async def write_snapshot(self) -> int:
+        """Snapshot the durable state (encoded off the event loop). Returns its offset."""
+        try:
+            snap = snapshot.take(self.replica.store)
+            data = await asyncio.to_thread(snapshot.encode, self.schema, snap)
+            await self.journal.write_snapshot(snap.offset, data)
+            self._last_snapshot = snap.offset
+            logger.info("snapshot written at offset %d (%d bytes)", snap.offset, len(data))
+            return snap.offset
+        finally:
+            self._snapshot_task = None
+
+    # -- ASGI --------------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            await self.start()
+            try:
+                yield
+            finally:
+                await self.stop()
+
+        return Starlette(
+            routes=[
+                WebSocketRoute("/v1/ws", self.websocket),
+                Route("/healthz", self.healthz),
+                Route("/readyz", self.readyz),
+                Route("/v1/schema", self.schema_endpoint),
+                Route("/v1/sql", self.sql, methods=["POST"]),
+                Route("/v1/call/{reducer}", self.call, methods=["POST"]),
+            ],
+            lifespan=lifespan,
+        )
+
+    async def websocket(self, websocket: WebSocket) -> None:
+        offered = [p.strip() for p in websocket.scope.get("subprotocols", [])]
+        chosen = next((p for p in SUBPROTOCOLS if p in offered), None)
+        if offered and chosen is None:
+            await websocket.close(CloseCode.PROTOCOL_ERROR, "unsupported subprotocol")
+            return
+        fmt = format_for_subprotocol(chosen) or "msgpack"
+        await websocket.accept(subprotocol=chosen)
+        conn = Connection(self, websocket, fmt)
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+
+    async def healthz(self, request: Request) -> Response:
+        return _json_response({"ok": True})
+
+    async def readyz(self, request: Request) -> Response:
+        ready = self.started and self.leader.ready
+        body = {
+            "ready": ready,
+            "role": "leader",
+            "replica_id": self.config.replica_id,
+            "epoch": self.journal.epoch if self.started else None,
+            "offset": self.replica.offset if self.started else None,
+            "lag": (self.leader.appended - self.replica.offset) if self.started else None,
+            "connections": len(self.connections),
+        }
+        return _json_response(body, 200 if ready else 503)
+
+    async def schema_endpoint(self, request: Request) -> Response:
+        described = self.schema.describe()
+        described["tables"] = [t for t in described["tables"] if t["public"]]
+        described["reducers"] = [r for r in described["reducers"] if r["lifecycle"] is None]
+        return _json_response(described)
+
+    def _principal(self, request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        token = value.strip() if scheme.lower() == "bearer" else None
+        return self.authenticator.authenticate(token or request.query_params.get("token"))
+
+    async def sql(self, request: Request) -> Response:
+        try:
+            principal = self._principal(request)
+        except InvalidToken as exc:
+            return _error(ErrorCode.UNAUTHORIZED, str(exc), 401)
+        body = await request.body()
+        sql = body.decode("utf-8", "replace")
+        if request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                parsed = msgspec.json.decode(body)
+            except msgspec.DecodeError:
+                return _error(ErrorCode.PROTOCOL, "the body is not JSON", 400)
+            sql = parsed.get("sql", "") if isinstance(parsed, dict) else ""
+        if not isinstance(sql, str) or not sql.strip():
+            return _error(ErrorCode.BAD_QUERY, 'send {"sql": "SELECT ..."}', 400)
+        replica = self.replica
+        try:
+            (query,) = replica.bind([sql], {"sender": principal.identity})
+            rows = replica.initial_rows(query)
+        except SubscriptionError as exc:
+            return _error(ErrorCode.BAD_QUERY, str(exc), 400)
+        tdef = self.schema.tables[query.table]
+        return _json_response(
+            {
+                "table": query.table,
+                "columns": [c.name for c in tdef.columns],
+                "rows": [tdef.visible_row(r) for r in rows],
+                "offset": replica.offset,
+            }
+        )
+
+    async def call(self, request: Request) -> Response:
+        try:
+            principal = self._principal(request)
+        except InvalidToken as exc:
+            return _error(ErrorCode.UNAUTHORIZED, str(exc), 401)
+        name = request.path_params["reducer"]
+        body = await request.body()
+        args: Any = []
+        if body.strip():
+            try:
+                args = msgspec.json.decode(body)
+            except msgspec.DecodeError:
+                return _error(ErrorCode.PROTOCOL, "the body is not JSON", 400)
+        if not isinstance(args, list | dict):
+            return _error(
+                ErrorCode.BAD_ARGUMENTS, "send the arguments as a JSON array or object", 400
+            )
+        outcome = await (
+            await self.leader.call(
+                name,
+                args,
+                sender=principal.identity,
+                connection_id=None,
+                auth=principal.auth,
+                idempotency_key=request.headers.get("idempotency-key"),
+            )
+        )
+        if outcome.ok:
+            if outcome.offset is not None:
+                await self.replica.wait_applied(outcome.offset)
+            return _json_response({"ok": True, "offset": outcome.offset})
+        error = outcome.error
+        assert error is not None
+        code = error_code(error)
+        status = 400
+        if isinstance(error, NoSuchReducer):
+            status = 404
+        elif code == ErrorCode.FORBIDDEN:
+            status = 403
+        elif code == ErrorCode.UNAVAILABLE:
+            status = 503
+        elif not isinstance(error, ArgumentError):
+            status = 409
+        message = str(error) if code != ErrorCode.UNAVAILABLE else "unavailable"
+        return _error(code, message, status)
+
+
+def _json_response(body: Any, status: int = 200) -> Response:
+    return Response(_json.encode(body), status, media_type="application/json")
+
+
+def _error(code: ErrorCode, message: str, status: int) -> Response:
+    return _json_response({"ok": False, "code": int(code), "message": message}, status)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(config: Config, *, log_level: str = "info") -> None:
+    """Serve until interrupted. Prints `syncd listening on http://HOST:PORT` once bound."""
+    import uvicorn
+
+    server = Server(config)
+    sock = bind_socket(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    limits = config.limits
+    uv_config = uvicorn.Config(
+        server.app(),
+        ws="websockets-sansio",
+        http="httptools",
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        lifespan="on",
+        ws_max_size=limits.max_message_size * 2 + 4096,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    uv_server = uvicorn.Server(uv_config)
+
+    async def main() -> None:
+        serve = asyncio.ensure_future(uv_server.serve(sockets=[sock]))
+        while not uv_server.started and not serve.done():
+            await asyncio.sleep(0.01)
+        if uv_server.started:
+            shown = f"[{host}]" if ":" in host else host
+            print(f"syncd listening on http://{shown}:{port}", flush=True)
+        await serve
+
+    if sys.platform != "win32":
+        import uvloop
+
+        uvloop.run(main())
+    else:  # pragma: no cover
+        asyncio.run(main())

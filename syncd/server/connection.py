@@ -1,0 +1,566 @@
+"""One WebSocket connection: drives a `Session`, authenticates, subscribes, calls, resumes.
+
+Reading and writing are two tasks. The reader feeds the session and handles its events; the
+writer sends the frames the session coalesced in each tick. Outbound frames wait in a bounded
+buffer (`Limits.max_outbound_bytes`): a client that does not keep up is closed with
+`SLOW_CONSUMER` (4001, resumable) instead of letting the server's memory grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import deque
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from syncd.auth import Principal
+from syncd.core.ids import ConnectionId, Offset, QuerySetId, RequestId
+from syncd.core.protocol.codec import Format
+from syncd.core.protocol.messages import (
+    CallReducer,
+    ClientMessage,
+    Error,
+    Hello,
+    MergeCrdt,
+    OneOffQuery,
+    Ping,
+    Pong,
+    QueryResult,
+    QuerySet,
+    Reauth,
+    ReducerResult,
+    Subscribe,
+    SubscribeApplied,
+    SubscriptionFailed,
+    Unsubscribe,
+    Unsubscribed,
+    Welcome,
+)
+from syncd.core.protocol.session import Session, SessionState
+from syncd.core.query import BoundQuery
+from syncd.core.values import BytesType, OptionalType
+from syncd.errors import (
+    AuthError,
+    BackendError,
+    CloseCode,
+    ErrorCode,
+    Forbidden,
+    InvalidToken,
+    ReducerError,
+    SubscriptionError,
+    SyncdError,
+)
+from syncd.server.leader import CallOutcome
+
+if TYPE_CHECKING:
+    from syncd.server.app import Server
+
+logger = logging.getLogger("syncd.connection")
+
+# How long a client has to send Hello after the upgrade.
+HELLO_TIMEOUT = 10.0
+# How long to wait for a close frame to go out before dropping the transport.
+CLOSE_TIMEOUT = 1.0
+
+
+def error_code(exc: BaseException) -> ErrorCode:
+    """The wire code for an error a request ended with."""
+    if isinstance(exc, ReducerError):
+        return exc.code
+    if isinstance(exc, Forbidden):
+        return ErrorCode.FORBIDDEN
+    if isinstance(exc, AuthError):
+        return ErrorCode.UNAUTHORIZED
+    if isinstance(exc, SubscriptionError):
+        return ErrorCode.BAD_QUERY
+    if isinstance(exc, BackendError):
+        return ErrorCode.UNAVAILABLE
+    return ErrorCode.INTERNAL
+
+
+def bearer_token(websocket: WebSocket) -> str | None:
+    """The token from `Authorization: Bearer ...` or the `token` query parameter."""
+    header = websocket.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return websocket.query_params.get("token") or None
+
+
+class Connection:
+    """Serves one accepted WebSocket until it closes."""
+
+    def __init__(self, server: Server, websocket: WebSocket, fmt: Format) -> None:
+        self.server = server
+        self.websocket = websocket
+        # The wire format: deltas are shared between connections of the same format.
+        self.fmt: Format = fmt
+        self.session = Session(fmt, server.config.limits.max_message_size)
+        self.connection_id = ConnectionId(secrets.token_hex(16))
+        self.principal: Principal | None = None
+        # Query sets this connection holds: id -> bound queries in their order.
+        self.query_sets: dict[QuerySetId, list[BoundQuery]] = {}
+        self.query_count = 0
+        # Frames waiting for the writer, and their total size (bounded).
+        self._frames: deque[bytes] = deque()
+        self._frame_bytes = 0
+        self._writable = asyncio.Event()
+        # Orders reducer submissions: calls run in the order the client sent them.
+        self._submit = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        # True once client_connected accepted us: client_disconnected is then owed, once.
+        self.accepted = False
+        self.closed = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.connection_id} {self.fmt}>"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection; returns when it is closed. Never raises."""
+        writer = asyncio.get_running_loop().create_task(self._write_loop(), name="ws-writer")
+        try:
+            await self._read_loop()
+        except asyncio.CancelledError:
+            self.session.close(CloseCode.SHUTDOWN, "server shutting down")
+            self.flush()
+            raise
+        except Exception:
+            logger.exception("connection %s crashed", self.connection_id)
+            self.session.close(CloseCode.INTERNAL_ERROR, "internal error")
+            self.flush()
+        finally:
+            await self._finish(writer)
+
+    async def _finish(self, writer: asyncio.Task[None]) -> None:
+        self.server.replica.drop(self)
+        for task in list(self._tasks):
+            task.cancel()
+        if self.session.state is SessionState.CLOSING:
+            # Give the writer a moment to send what is queued and the close frame.
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(writer), CLOSE_TIMEOUT)
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer
+        self.session.connection_closed()
+        self.closed.set()
+        if self.accepted:
+            self.accepted = False
+            # Shielded: client_disconnected must run even if this task is being cancelled.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._disconnect())
+
+    async def _disconnect(self) -> None:
+        outcome = await (await self.server.leader.disconnect(self.connection_id))
+        if not outcome.ok:
+            logger.warning("client_disconnected for %s: %s", self.connection_id, outcome.error)
+
+    async def _receive(self) -> bytes | str | None:
+        message = await self.websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            self.session.connection_closed(message.get("code"), message.get("reason") or "")
+            return None
+        data = message.get("bytes")
+        if data is None:
+            data = message.get("text")
+        return data if data is not None else b""
+
+    async def _read_loop(self) -> None:
+        try:
+            data = await asyncio.wait_for(self._receive(), HELLO_TIMEOUT)
+        except TimeoutError:
+            self.session.close(CloseCode.BAD_REQUEST, "no Hello within the time limit")
+            self.flush()
+            return
+        if data is None:
+            return
+        self.session.receive_data(data)
+        events = self.session.events_received()
+        if not events:
+            self.flush()
+            return
+        hello = events[0]
+        assert isinstance(hello, Hello)
+        if not await self._handshake(hello):
+            return
+        await self._dispatch(events[1:])
+        while self.session.state is SessionState.OPEN:
+            data = await self._receive()
+            if data is None:
+                return
+            self.session.receive_data(data)
+            await self._dispatch(self.session.events_received())
+            if self.session.state is not SessionState.OPEN:
+                self.flush()
+
+    async def _handshake(self, hello: Hello) -> bool:
+        server = self.server
+        token = hello.token or bearer_token(self.websocket)
+        try:
+            self.principal = server.authenticator.authenticate(token)
+        except InvalidToken as exc:
+            self._refuse(CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, str(exc))
+            return False
+        outcome = await (
+            await server.leader.connect(
+                self.principal.identity,
+                self.connection_id,
+                self.principal.auth,
+                server.config.replica_id,
+            )
+        )
+        if not outcome.ok:
+            error = outcome.error
+            if isinstance(error, BackendError):
+                self._refuse(CloseCode.SHUTDOWN, ErrorCode.UNAVAILABLE, "try again later")
+            else:
+                self._refuse(CloseCode.REJECTED, ErrorCode.FORBIDDEN, str(error))
+            return False
+        self.accepted = True
+        if outcome.offset is not None:
+            await server.replica.wait_applied(outcome.offset)
+        replica = server.replica
+        replica.connections.add(self)
+        self.session.send(
+            Welcome(
+                identity=self.principal.identity,
+                connection_id=self.connection_id,
+                epoch=replica.epoch,
+                offset=replica.offset,
+                token=self.principal.minted_token,
+            )
+        )
+        for query_set in hello.query_sets:
+            await self._resubscribe(hello, query_set)
+        self._dirty()
+        return True
+
+    def _refuse(self, close: CloseCode, code: ErrorCode, message: str) -> None:
+        self.session.send(Error(code=code, message=message))
+        self.session.close(close, message)
+        self.flush()
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def _dispatch(self, events: list[ClientMessage]) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is CallReducer:
+                assert isinstance(event, CallReducer)
+                await self._start(self._call(event))
+            elif kind is Subscribe:
+                assert isinstance(event, Subscribe)
+                self._subscribe(event)
+            elif kind is Unsubscribe:
+                assert isinstance(event, Unsubscribe)
+                self._unsubscribe(event)
+            elif kind is MergeCrdt:
+                assert isinstance(event, MergeCrdt)
+                await self._start(self._merge(event))
+            elif kind is OneOffQuery:
+                assert isinstance(event, OneOffQuery)
+                self._one_off(event)
+            elif kind is Ping:
+                assert isinstance(event, Ping)
+                self.session.send(Pong(nonce=event.nonce))
+            elif kind is Reauth:
+                assert isinstance(event, Reauth)
+                self._reauth(event)
+            self._dirty()
+
+    async def _start(
+        self, submit: Awaitable[tuple[RequestId, asyncio.Future[CallOutcome]]]
+    ) -> None:
+        # Submit in order (the reducer runs now), then wait for durability in a task of its
+        # own, so pipelined calls from one client share group commits.
+        async with self._submit:
+            request_id, pending = await submit
+        task = asyncio.get_running_loop().create_task(self._reply(request_id, pending))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, msg: CallReducer) -> tuple[RequestId, asyncio.Future[CallOutcome]]:
+        assert self.principal is not None
+        leader = self.server.leader
+        try:
+            args = self._wire_args(msg.reducer, msg.args)
+        except ReducerError as exc:
+            return msg.request_id, _resolved(CallOutcome(False, error=exc))
+        pending = await leader.call(
+            msg.reducer,
+            args,
+            sender=self.principal.identity,
+            connection_id=self.connection_id,
+            auth=self.principal.auth,
+            idempotency_key=msg.idempotency_key,
+        )
+        return msg.request_id, pending
+
+    async def _merge(self, msg: MergeCrdt) -> tuple[RequestId, asyncio.Future[CallOutcome]]:
+        assert self.principal is not None
+        pk = msg.pk
+        tdef = self.server.schema.tables.get(msg.table)
+        if tdef is not None and self.fmt == "json" and _is_bytes(tdef.pk_column.type):
+            try:
+                pk = self.session.codec.bytes_value(pk)
+            except ValueError as exc:
+                return msg.request_id, _resolved(
+                    CallOutcome(False, error=ReducerError(f"primary key: {exc}"))
+                )
+        pending = await self.server.leader.merge(
+            msg.table, pk, msg.column, msg.op, sender=self.principal.identity
+        )
+        return msg.request_id, pending
+
+    def _wire_args(self, reducer: str, args: list[Any]) -> list[Any]:
+        # JSON carries bytes as base64 text: turn those back into bytes by parameter type.
+        if self.fmt != "json":
+            return args
+        rdef = self.server.schema.reducers.get(reducer)
+        if rdef is None:
+            return args
+        out = list(args)
+        for i, (param, value) in enumerate(zip(rdef.params, args, strict=False)):
+            if value is not None and _is_bytes(param.type):
+                try:
+                    out[i] = self.session.codec.bytes_value(value)
+                except ValueError as exc:
+                    raise ReducerError(f"{reducer}: argument {param.name!r}: {exc}") from None
+        return out
+
+    async def _reply(self, request_id: RequestId, pending: asyncio.Future[CallOutcome]) -> None:
+        outcome = await pending
+        if outcome.ok:
+            if outcome.offset is not None:
+                # The caller's own TransactionUpdate for this offset goes out first.
+                await self.server.replica.wait_applied(outcome.offset)
+            self.session.send(ReducerResult(request_id=request_id, ok=True, offset=outcome.offset))
+        else:
+            error = outcome.error or SyncdError("failed")
+            message = str(error) if not isinstance(error, BackendError) else "unavailable"
+            self.session.send(
+                ReducerResult(
+                    request_id=request_id, ok=False, code=error_code(error), message=message
+                )
+            )
+        self._dirty()
+
+    def _params(self) -> dict[str, Any]:
+        assert self.principal is not None
+        return {"sender": self.principal.identity}
+
+    def _check_query_budget(self, extra: int) -> None:
+        limit = self.server.config.limits.max_queries_per_connection
+        if self.query_count + extra > limit:
+            raise _LimitHit(
+                f"this connection would hold {self.query_count + extra} queries; "
+                f"the limit is {limit}"
+            )
+
+    def _subscribe(self, msg: Subscribe) -> None:
+        replica = self.server.replica
+        if msg.query_set_id in self.query_sets:
+            self._sub_failed(
+                msg.request_id,
+                msg.query_set_id,
+                ErrorCode.BAD_QUERY,
+                f"query set {msg.query_set_id} is already subscribed",
+            )
+            return
+        try:
+            self._check_query_budget(len(msg.queries))
+            queries = replica.bind(msg.queries, self._params())
+            initial = [replica.rows_update(q.table, replica.initial_rows(q)) for q in queries]
+        except _LimitHit as exc:
+            self._sub_failed(msg.request_id, msg.query_set_id, ErrorCode.LIMIT_EXCEEDED, str(exc))
+            return
+        except SubscriptionError as exc:
+            code = ErrorCode.LIMIT_EXCEEDED if "limit" in str(exc) else ErrorCode.BAD_QUERY
+            self._sub_failed(msg.request_id, msg.query_set_id, code, str(exc))
+            return
+        # Same tick as the initial rows: no transaction can fall between the two.
+        replica.subscribe(self, msg.query_set_id, queries)
+        self.query_sets[msg.query_set_id] = queries
+        self.query_count += len(queries)
+        self.session.send(
+            SubscribeApplied(
+                request_id=msg.request_id,
+                query_set_id=msg.query_set_id,
+                offset=replica.offset,
+                queries=initial,
+            )
+        )
+
+    async def _resubscribe(self, hello: Hello, query_set: QuerySet) -> None:
+        replica = self.server.replica
+        qs_id = query_set.query_set_id
+        try:
+            self._check_query_budget(len(query_set.queries))
+            queries = replica.bind(query_set.queries, self._params())
+        except (_LimitHit, SubscriptionError) as exc:
+            code = ErrorCode.LIMIT_EXCEEDED if isinstance(exc, _LimitHit) else ErrorCode.BAD_QUERY
+            self._sub_failed(None, qs_id, code, str(exc))
+            return
+        cursor = hello.cursor
+        txs = None
+        if cursor is not None and cursor.epoch == replica.epoch:
+            txs = await replica.txs_since(cursor.offset)
+        # No await from here on: the rows, the subscription and the offset agree.
+        try:
+            if txs is not None:
+                updates = [replica.resume_update(q, txs) for q in queries]
+            else:
+                updates = [replica.rows_update(q.table, replica.initial_rows(q)) for q in queries]
+        except SubscriptionError as exc:
+            self._sub_failed(None, qs_id, ErrorCode.LIMIT_EXCEEDED, str(exc))
+            return
+        replica.subscribe(self, qs_id, queries)
+        self.query_sets[qs_id] = queries
+        self.query_count += len(queries)
+        self.session.send(
+            SubscribeApplied(
+                request_id=None,
+                query_set_id=qs_id,
+                offset=replica.offset,
+                queries=updates,
+                resumed=txs is not None,
+            )
+        )
+
+    def _sub_failed(
+        self, request_id: RequestId | None, qs_id: QuerySetId, code: ErrorCode, message: str
+    ) -> None:
+        self.session.send(
+            SubscriptionFailed(
+                request_id=request_id, query_set_id=qs_id, code=code, message=message
+            )
+        )
+
+    def _unsubscribe(self, msg: Unsubscribe) -> None:
+        queries = self.query_sets.pop(msg.query_set_id, None)
+        if queries is not None:
+            self.server.replica.unsubscribe(self, msg.query_set_id, queries)
+            self.query_count -= len(queries)
+        self.session.send(Unsubscribed(request_id=msg.request_id, query_set_id=msg.query_set_id))
+
+    def _one_off(self, msg: OneOffQuery) -> None:
+        replica = self.server.replica
+        try:
+            (query,) = replica.bind([msg.sql], self._params())
+            rows = replica.initial_rows(query)
+        except SubscriptionError as exc:
+            code = ErrorCode.LIMIT_EXCEEDED if "limit" in str(exc) else ErrorCode.BAD_QUERY
+            self.session.send(
+                QueryResult(request_id=msg.request_id, ok=False, code=code, message=str(exc))
+            )
+            return
+        visible = self.server.schema.tables[query.table].visible_row
+        self.session.send(
+            QueryResult(
+                request_id=msg.request_id,
+                ok=True,
+                table=query.table,
+                rows=[visible(r) for r in rows],
+                offset=replica.offset,
+            )
+        )
+
+    def _reauth(self, msg: Reauth) -> None:
+        assert self.principal is not None
+        try:
+            principal = self.server.authenticator.authenticate(msg.token)
+        except InvalidToken as exc:
+            self._refuse(CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, str(exc))
+            return
+        if principal.identity != self.principal.identity:
+            self._refuse(
+                CloseCode.UNAUTHORIZED,
+                ErrorCode.UNAUTHORIZED,
+                "the new token is for another identity",
+            )
+            return
+        self.principal = Principal(principal.identity, principal.auth)
+
+    # -- output ------------------------------------------------------------------------------
+
+    def send_transaction(self, offset: Offset, parts: list[tuple[QuerySetId, int, bytes]]) -> None:
+        """Queue one transaction's shared deltas for this connection (called by the replica)."""
+        if not self.session.is_open:
+            return
+        data = self.session.codec.encode_transaction_update(
+            self.server.replica.epoch, offset, parts
+        )
+        self.session.send_raw(data)
+        self._dirty()
+
+    def _dirty(self) -> None:
+        self.server.replica.mark_dirty(self)
+
+    def flush(self) -> None:
+        """Move the session's coalesced frames to the writer (once per tick)."""
+        frames = self.session.data_to_send()
+        if frames:
+            self._frames.extend(frames)
+            self._frame_bytes += sum(len(f) for f in frames)
+            if (
+                self._frame_bytes > self.server.config.limits.max_outbound_bytes
+                and self.session.close_code != CloseCode.SLOW_CONSUMER
+            ):
+                # Memory stays bounded: drop what the client could not take and tell it to
+                # reconnect and resume from its cursor.
+                self._frames.clear()
+                self._frame_bytes = 0
+                self.session.close(CloseCode.SLOW_CONSUMER, "too slow: resume from your cursor")
+                self.session.data_to_send()
+        self._writable.set()
+
+    async def _write_loop(self) -> None:
+        ws = self.websocket
+        text = self.fmt == "json"
+        while True:
+            await self._writable.wait()
+            self._writable.clear()
+            while self._frames:
+                frame = self._frames.popleft()
+                self._frame_bytes -= len(frame)
+                try:
+                    if text:
+                        await ws.send_text(frame.decode())
+                    else:
+                        await ws.send_bytes(frame)
+                except (WebSocketDisconnect, RuntimeError, OSError):
+                    return
+            if self.session.state is SessionState.CLOSING:
+                code = self.session.close_code or CloseCode.NORMAL
+                with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                    await ws.close(code, self.session.close_reason)
+                return
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Close from the server's side (shutdown, revoked access)."""
+        self.session.close(code, reason)
+        self.flush()
+
+
+class _LimitHit(SyncdError):
+    pass
+
+
+def _resolved(outcome: CallOutcome) -> asyncio.Future[CallOutcome]:
+    fut: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
+    fut.set_result(outcome)
+    return fut
+
+
+def _is_bytes(ctype: Any) -> bool:
+    if isinstance(ctype, OptionalType):
+        ctype = ctype.inner
+    return isinstance(ctype, BytesType)

@@ -1,0 +1,39 @@
+"""Import an application module from a file path and check its schema."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from syncd.core.schema import Schema, load_schema
+from syncd.core.system import with_system_tables
+from syncd.errors import ConfigError
+
+
+def load_module_schema(path: Path | str) -> Schema:
+    """Import the module at `path` and return its schema with the system tables added.
+
+    Raises:
+        ConfigError: the file is missing or fails to import.
+        SchemaError: its tables or reducers are wrong (every problem listed).
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"module file not found: {path}")
+    name = f"syncd_module_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    # Let the module import its siblings (helpers next to it).
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise ConfigError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.path.remove(str(path.parent))
+    return with_system_tables(load_schema(module, name=path.stem))

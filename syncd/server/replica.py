@@ -1,0 +1,355 @@
+"""The replica role: durable state in memory, subscriptions, and fan-out to connections.
+
+A replica applies committed transactions strictly in offset order (buffering any that arrive
+early and reading a gap from the journal), routes each through the subscription index, encodes
+each affected query's delta once per wire format, and hands the same bytes to every connection
+subscribed to it. Everything a connection is sent in one event-loop tick goes out as one
+WebSocket message (`flush`).
+
+Its store only ever holds durable transactions, so initial rows, one-off queries and resumes
+read it directly: no client can see a transaction the journal could still lose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from syncd.config import Limits
+from syncd.core.ids import Epoch, Offset, QuerySetId
+from syncd.core.protocol.codec import Codec, Format
+from syncd.core.protocol.messages import QueryUpdate
+from syncd.core.query import BoundQuery, Query, QueryKey, StoreView, compile_query
+from syncd.core.schema import Schema
+from syncd.core.store import Row, Store
+from syncd.core.subscriptions import QueryDelta, SubscriptionIndex
+from syncd.core.tx import Tx, decode_tx
+from syncd.errors import JournalError, SubscriptionError
+from syncd.ports import Journal
+
+if TYPE_CHECKING:
+    from syncd.server.connection import Connection
+
+logger = logging.getLogger("syncd.replica")
+
+# Compiled queries kept by SQL text (compiling is the slow part of subscribing).
+COMPILED_CACHE = 4096
+# Journal entries read per round while filling a gap or resuming.
+READ_CHUNK = 2_000
+
+CODECS: dict[Format, Codec] = {"msgpack": Codec("msgpack"), "json": Codec("json")}
+
+
+@dataclass(slots=True)
+class _Subscribers:
+    """Who holds one query: connection -> (query set, index in the set) places."""
+
+    query: BoundQuery
+    places: dict[Connection, list[tuple[QuerySetId, int]]] = field(default_factory=dict)
+
+
+class Replica:
+    """Durable state plus everything needed to serve subscriptions from it."""
+
+    def __init__(
+        self,
+        schema: Schema,
+        store: Store,
+        journal: Journal,
+        *,
+        epoch: Epoch,
+        limits: Limits,
+    ) -> None:
+        self.schema = schema
+        # Durable state only: the offsets applied so far, in order.
+        self.store = store
+        self.journal = journal
+        self.epoch = epoch
+        self.limits = limits
+        # Subscribed queries, filed for routing.
+        self.index = SubscriptionIndex()
+        # query key -> who holds it
+        self._subs: dict[QueryKey, _Subscribers] = {}
+        # Recent transactions, for resume without reading the journal.
+        self.window: deque[Tx] = deque(maxlen=limits.resume_window)
+        # Transactions that arrived before their predecessors: offset -> tx.
+        self._early: dict[int, Tx] = {}
+        # Set while a task reads a gap from the journal.
+        self._filling = False
+        # (offset, seq, future): resolved once that offset is applied.
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = 0
+        # Connections with messages queued in this tick; flushed by one call_soon.
+        self._dirty: set[Connection] = set()
+        self._flush_scheduled = False
+        # SQL text -> compiled query (LRU).
+        self._compiled: OrderedDict[str, Query] = OrderedDict()
+        # Every open connection.
+        self.connections: set[Connection] = set()
+
+    # -- applying transactions ---------------------------------------------------------------
+
+    @property
+    def offset(self) -> Offset:
+        return Offset(self.store.offset)
+
+    def on_tx(self, tx: Tx) -> None:
+        """Take a committed transaction from the broker (any order, possibly duplicated)."""
+        if tx.offset <= self.store.offset:
+            return
+        if tx.offset > self.store.offset + 1:
+            self._early[tx.offset] = tx
+            self._fill_gap()
+            return
+        self._apply(tx)
+        while self.store.offset + 1 in self._early:
+            self._apply(self._early.pop(self.store.offset + 1))
+        for stale in [o for o in self._early if o <= self.store.offset]:
+            del self._early[stale]
+
+    def _fill_gap(self) -> None:
+        if self._filling:
+            return
+        self._filling = True
+        asyncio.get_running_loop().create_task(self._read_gap(), name="fill-gap")
+
+    async def _read_gap(self) -> None:
+        try:
+            while self._early and min(self._early) > self.store.offset + 1:
+                entries = await self.journal.read(self.offset, READ_CHUNK)
+                if not entries:
+                    await asyncio.sleep(0.01)
+                    continue
+                for offset, payload in entries:
+                    if offset == self.store.offset + 1:
+                        self.on_tx(decode_tx(self.schema, payload))
+        except (JournalError, LookupError):
+            logger.exception("filling the gap after offset %d failed", self.store.offset)
+        finally:
+            self._filling = False
+
+    async def catch_up(self) -> None:
+        """Apply everything the journal holds beyond our offset."""
+        while True:
+            entries = await self.journal.read(self.offset, READ_CHUNK)
+            if not entries:
+                return
+            for _, payload in entries:
+                self.on_tx(decode_tx(self.schema, payload))
+
+    def _apply(self, tx: Tx) -> None:
+        self.store.apply(tx.changes, tx.offset)
+        self.window.append(tx)
+        if self._subs:
+            self._fan_out(tx, self.index.route(tx.changes, self.store))
+        self._release_waiters()
+
+    def _fan_out(self, tx: Tx, deltas: dict[QueryKey, QueryDelta]) -> None:
+        # connection -> (query set, index, encoded delta) parts for this transaction
+        parts: dict[Connection, list[tuple[QuerySetId, int, bytes]]] = {}
+        for key, delta in deltas.items():
+            subs = self._subs.get(key)
+            if subs is None:
+                continue
+            encoded: dict[Format, bytes] = {}
+            for conn, places in subs.places.items():
+                fmt = conn.fmt
+                data = encoded.get(fmt)
+                if data is None:
+                    update = self.query_update(subs.query.table, delta)
+                    data = encoded[fmt] = CODECS[fmt].encode_query_update(update)
+                conn_parts = parts.get(conn)
+                if conn_parts is None:
+                    conn_parts = parts[conn] = []
+                for qs_id, index in places:
+                    conn_parts.append((qs_id, index, data))
+        for conn, conn_parts in parts.items():
+            conn.send_transaction(tx.offset, conn_parts)
+
+    def query_update(self, table: str, delta: QueryDelta) -> QueryUpdate:
+        tdef = self.schema.tables[table]
+        visible = tdef.visible_row
+        return QueryUpdate(
+            table,
+            inserts=[visible(r) for r in delta.inserts],
+            updates=[visible(r) for r in delta.updates],
+            deletes=list(delta.deletes),
+        )
+
+    def rows_update(self, table: str, rows: Iterable[Row]) -> QueryUpdate:
+        visible = self.schema.tables[table].visible_row
+        return QueryUpdate(table, inserts=[visible(r) for r in rows])
+
+    async def wait_applied(self, offset: int) -> None:
+        """Return once the transaction at `offset` is applied here."""
+        if offset <= self.store.offset:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._seq += 1
+        heapq.heappush(self._waiters, (offset, self._seq, fut))
+        await fut
+
+    def _release_waiters(self) -> None:
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= self.store.offset:
+            _, _, fut = heapq.heappop(waiters)
+            if not fut.done():
+                fut.set_result(None)
+
+    # -- subscriptions -----------------------------------------------------------------------
+
+    def compile(self, sql: str) -> Query:
+        """Compile (or reuse) a query. Raises SubscriptionError."""
+        query = self._compiled.get(sql)
+        if query is None:
+            query = compile_query(sql, self.schema)
+            self._compiled[sql] = query
+            if len(self._compiled) > COMPILED_CACHE:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(sql)
+        return query
+
+    def bind(self, sqls: list[str], params: dict[str, Any]) -> list[BoundQuery]:
+        """Compile and bind a query set. Raises SubscriptionError naming the failing query."""
+        bound: list[BoundQuery] = []
+        for i, sql in enumerate(sqls):
+            try:
+                bound.append(self.compile(sql).bind(params))
+            except SubscriptionError as exc:
+                prefix = f"query {i}: " if len(sqls) > 1 else ""
+                raise SubscriptionError(f"{prefix}{exc}") from None
+        return bound
+
+    def initial_rows(self, query: BoundQuery) -> list[Row]:
+        """The query's rows now. Raises SubscriptionError past the initial-rows limit."""
+        rows = query.initial_rows(self.store)
+        if len(rows) > self.limits.max_initial_rows:
+            raise SubscriptionError(
+                f"the query returns {len(rows)} rows, more than the limit of "
+                f"{self.limits.max_initial_rows}; narrow it with a WHERE clause"
+            )
+        return rows
+
+    def subscribe(self, conn: Connection, qs_id: QuerySetId, queries: list[BoundQuery]) -> None:
+        """Start routing `queries` to `conn` under `qs_id` (call in the same tick as reading
+        their initial rows, so no transaction falls between the two)."""
+        for index, query in enumerate(queries):
+            key = self.index.add(query)
+            subs = self._subs.get(key)
+            if subs is None:
+                subs = self._subs[key] = _Subscribers(query)
+            subs.places.setdefault(conn, []).append((qs_id, index))
+
+    def unsubscribe(self, conn: Connection, qs_id: QuerySetId, queries: list[BoundQuery]) -> None:
+        for query in queries:
+            key = query.key
+            subs = self._subs.get(key)
+            if subs is None:
+                continue
+            places = subs.places.get(conn)
+            if places is None:
+                continue
+            kept = [p for p in places if p[0] != qs_id]
+            removed = len(places) - len(kept)
+            if kept:
+                subs.places[conn] = kept
+            else:
+                del subs.places[conn]
+            for _ in range(removed):
+                self.index.remove(key)
+            if not subs.places:
+                del self._subs[key]
+
+    # -- resume ------------------------------------------------------------------------------
+
+    async def txs_since(self, offset: int) -> list[Tx] | None:
+        """Every transaction after `offset` up to now, or None if they are no longer held."""
+        if offset > self.store.offset:
+            return None
+        if offset == self.store.offset:
+            return []
+        txs: list[Tx] = []
+        after = offset
+        while not self.window or self.window[0].offset > after + 1:
+            try:
+                entries = await self.journal.read(Offset(after), READ_CHUNK)
+            except LookupError:
+                return None
+            if not entries:
+                break
+            for entry_offset, payload in entries:
+                if self.window and entry_offset >= self.window[0].offset:
+                    break
+                txs.append(decode_tx(self.schema, payload))
+                after = entry_offset
+            else:
+                continue
+            break
+        if after >= self.store.offset:
+            return txs
+        if not self.window or self.window[0].offset > after + 1:
+            return None
+        txs.extend(tx for tx in self.window if tx.offset > after)
+        return txs
+
+    def resume_update(self, query: BoundQuery, txs: list[Tx]) -> QueryUpdate:
+        """What changed in `query`'s result over `txs`: current rows of keys that may have
+        changed (as updates) and deletes for keys no longer in the result."""
+        state = self.store.tables[query.table]
+        candidates: dict[Any, None] = {}
+        join = query.join
+        partner_values: dict[Any, None] = {}
+        for tx in txs:
+            changed = tx.changes.tables.get(query.table)
+            if changed:
+                candidates.update(dict.fromkeys(changed))
+            if join is not None:
+                for old, new in tx.changes.tables.get(join.table, {}).values():
+                    for row in (old, new):
+                        if row is not None and row[join.other_position] is not None:
+                            partner_values[row[join.other_position]] = None
+        if join is not None:
+            # A result row whose own values did not change can only enter or leave the result
+            # through a partner that changed; its join value is in partner_values.
+            for value in partner_values:
+                for row in state.lookup(join.column, value):
+                    candidates[state.pk_of(row)] = None
+        visible = self.schema.tables[query.table].visible_row
+        updates: list[Any] = []
+        deletes: list[Any] = []
+        view = StoreView(self.store)
+        for pk in candidates:
+            row = state.get(pk)
+            if row is not None and query.contains(row, view):
+                updates.append(visible(row))
+            else:
+                deletes.append(pk)
+        return QueryUpdate(query.table, updates=updates, deletes=deletes)
+
+    # -- coalescing --------------------------------------------------------------------------
+
+    def mark_dirty(self, conn: Connection) -> None:
+        """Schedule `conn`'s queued messages to go out at the end of this tick."""
+        self._dirty.add(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        for conn in dirty:
+            conn.flush()
+
+    def drop(self, conn: Connection) -> None:
+        """Forget a closed connection's subscriptions."""
+        for qs_id, queries in list(conn.query_sets.items()):
+            self.unsubscribe(conn, qs_id, queries)
+        self.connections.discard(conn)
+        self._dirty.discard(conn)
