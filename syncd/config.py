@@ -1,4 +1,4 @@
-"""Server configuration: frozen dataclasses built by the CLI (the only reader of the environment)."""
+"""Server configuration: frozen dataclasses, built by the CLI (the only reader of the env)."""
 
 from __future__ import annotations
 

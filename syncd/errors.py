@@ -10,7 +10,7 @@ Exception tree::
     │   ├── InvalidToken
     │   └── Forbidden
     ├── SubscriptionError           bad query; reported per query set, the connection stays open
-    ├── ReducerError                a reducer failed; its transaction rolled back; the caller is told
+    ├── ReducerError                a reducer failed and rolled back; the caller is told
     │   ├── ArgumentError           wrong, missing or extra reducer argument; nothing ran
     │   ├── NoSuchReducer           unknown reducer name; nothing ran
     │   └── ConstraintError         unique or primary key violation, bad column value
@@ -155,7 +155,7 @@ class Forbidden(AuthError):
 
 
 class SubscriptionError(SyncdError):
-    """A query cannot be subscribed to. `position` is the character offset of the problem, if known."""
+    """A query can't be subscribed to. `position`: character offset of the problem, if known."""
 
     def __init__(self, message: str, *, position: int | None = None) -> None:
         self.position = position

@@ -256,10 +256,7 @@ class Server:
         return _json_response(described)
 
     def _principal(self, request: Request) -> Principal:
-        header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        token = value.strip() if scheme.lower() == "bearer" else None
-        return self.authenticator.authenticate(token or request.query_params.get("token"))
+        return self.authenticator.authenticate(bearer_token(request))
 
     async def sql(self, request: Request) -> Response:
         try:
@@ -380,7 +377,8 @@ def run(config: Config, *, log_level: str = "info") -> None:
 
     async def main() -> None:
         serve = asyncio.ensure_future(uv_server.serve(sockets=[sock]))
-        while not uv_server.started and not serve.done():
+        # uvicorn exposes `started` as a flag only, so poll it (10 ms, at start-up only).
+        while not uv_server.started and not serve.done():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         if uv_server.started:
             shown = f"[{host}]" if ":" in host else host

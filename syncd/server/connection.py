@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from syncd.auth import Principal
@@ -83,14 +84,14 @@ def error_code(exc: BaseException) -> ErrorCode:
     return ErrorCode.INTERNAL
 
 
-def bearer_token(websocket: WebSocket) -> str | None:
+def bearer_token(request: HTTPConnection) -> str | None:
     """The token from `Authorization: Bearer ...` or the `token` query parameter."""
-    header = websocket.headers.get("authorization")
+    header = request.headers.get("authorization")
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    return websocket.query_params.get("token") or None
+    return request.query_params.get("token") or None
 
 
 class Connection:
