@@ -23,6 +23,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_size=args.max_message_size,
         max_queries_per_connection=args.max_queries,
         max_initial_rows=args.max_initial_rows,
+        max_outbound_bytes=args.max_outbound_bytes,
+        resume_window=args.resume_window,
     )
     config = Config(
         module=Path(args.module),
@@ -67,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-size", type=int, default=_LIMITS.max_message_size)
     serve.add_argument("--max-queries", type=int, default=_LIMITS.max_queries_per_connection)
     serve.add_argument("--max-initial-rows", type=int, default=_LIMITS.max_initial_rows)
+    serve.add_argument(
+        "--max-outbound-bytes",
+        type=int,
+        default=_LIMITS.max_outbound_bytes,
+        help="bytes queued for one client before it is closed as a slow consumer (4001)",
+    )
+    serve.add_argument(
+        "--resume-window",
+        type=int,
+        default=_LIMITS.resume_window,
+        metavar="TXS",
+        help="recent transactions kept in memory for resume (older ones: the journal)",
+    )
     serve.add_argument("--replica-id", default=os.environ.get("SYNCD_REPLICA_ID", "embedded"))
     serve.add_argument("--log-level", default=os.environ.get("SYNCD_LOG_LEVEL", "info"))
     serve.set_defaults(func=_serve)
