@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 import msgspec
 import pytest
@@ -17,6 +17,7 @@ from syncd.core.protocol.codec import (
     SUBPROTOCOLS,
     Codec,
     Format,
+    TransactionUpdateCache,
     UnknownMessageType,
     format_for_subprotocol,
 )
@@ -388,3 +389,33 @@ def test_base64_is_standard_padded() -> None:
     raw = bytes(range(250, 256))
     text = JSON.encode(CallReducer(RequestId(1), "r", [raw]))
     assert base64.b64encode(raw) in text
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("count", [0, 2, 15, 16, 65_535, 65_536])
+def test_batch_array_headers_match_msgspec(fmt: Format, count: int) -> None:
+    """The hand-built Batch header is msgspec's at every array-length boundary."""
+    codec = CODECS[fmt]
+    msgs = [Pong(i) for i in range(count)]
+    assert codec.encode_batch([codec.encode(m) for m in msgs]) == codec.encode(Batch(msgs))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_transaction_update_cache_shares_identical_messages(fmt: Format) -> None:
+    """Connections with equal parts get the very same bytes; others get their own."""
+    codec = CODECS[fmt]
+    delta = codec.encode_query_update(QueryUpdate("task", updates=[(1, "b")]))
+    other = codec.encode_query_update(QueryUpdate("task", deletes=[2]))
+    cache = TransactionUpdateCache(codec, Epoch(2), Offset(10))
+    first = cache.message([(QuerySetId(1), 0, delta)])
+    same = cache.message([(QuerySetId(1), 0, bytes(delta))])  # equal, not identical, bytes
+    assert same is first
+    assert first == codec.encode_transaction_update(
+        Epoch(2), Offset(10), [(QuerySetId(1), 0, delta)]
+    )
+    assert cache.message([(QuerySetId(2), 0, delta)]) != first
+    assert cache.message([(QuerySetId(1), 0, other)]) != first
+    both = cache.message([(QuerySetId(1), 0, delta), (QuerySetId(1), 1, other)])
+    assert len(cast(TransactionUpdate, codec.decode_server(both)).updates) == 2
+    assert len(cache) == 4
+    assert (cache.epoch, cache.offset) == (2, 10)

@@ -17,6 +17,11 @@ Encode once, for fan-out (DESIGN §11)::
 
 `encode_transaction_update` copies the delta bytes into the connection's message; it never
 encodes a row again. `encode_batch` does the same for whole messages (see `Session`).
+
+For small deltas the wrapper, not the rows, is the per-connection cost (about 1 µs). Connections
+that subscribed alike (same query set id and query index: the usual case for one app's
+clients) get byte-identical messages, so `TransactionUpdateCache` encodes each distinct one
+once per transaction and hands every such connection the same `bytes` object.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from msgspec import Raw
 from syncd.core.ids import Epoch, Offset, QuerySetId
 from syncd.core.protocol.messages import (
     SUBPROTOCOLS,
-    BatchOut,
     CallReducer,
     ClientMessage,
     MergeCrdt,
@@ -49,6 +53,7 @@ __all__ = [
     "Codec",
     "Format",
     "Piece",
+    "TransactionUpdateCache",
     "UnknownMessageType",
     "format_for_subprotocol",
 ]
@@ -183,8 +188,11 @@ class Codec:
         if len(parts) == 1:
             part = parts[0]
             return part if type(part) is bytes else bytes(part)
-        raws = [p if type(p) is Raw else Raw(p) for p in parts]
-        return self._encoder.encode(BatchOut(raws))
+        # Hand-built, because this runs per connection per tick: joining the pieces is about
+        # 4x faster than encoding a Struct of Raws. The tests pin it to msgspec's bytes.
+        if self.fmt == "json":
+            return b"".join((_JSON_BATCH_HEAD, b",".join(parts), b"]}"))
+        return b"".join((_MSGPACK_BATCH_HEAD, _msgpack_array_header(len(parts)), *parts))
 
     # -- decoding ------------------------------------------------------------------------------
 
@@ -295,6 +303,61 @@ class Codec:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise ValueError("expected a base64 string (RFC 4648, padded)") from None
+
+
+# `{"type": "batch", "messages": [` in each format (the array header follows in msgpack).
+_JSON_BATCH_HEAD: Final = b'{"type":"batch","messages":['
+_MSGPACK_BATCH_HEAD: Final = b"\x82\xa4type\xa5batch\xa8messages"
+
+
+def _msgpack_array_header(length: int) -> bytes:
+    if length < 16:
+        return bytes((0x90 | length,))
+    if length < 1 << 16:
+        return b"\xdc" + length.to_bytes(2, "big")
+    return b"\xdd" + length.to_bytes(4, "big")
+
+
+class TransactionUpdateCache:
+    """One transaction's `TransactionUpdate` bytes, shared by connections with equal parts.
+
+    Create one per transaction at fan-out time and drop it afterwards; it keeps every message
+    it built (and the deltas in its keys) alive until then.
+
+    Args:
+        codec: the format to encode in (one cache per format).
+        epoch: the log epoch.
+        offset: the transaction's offset.
+    """
+
+    __slots__ = ("_cache", "_codec", "epoch", "offset")
+
+    def __init__(self, codec: Codec, epoch: Epoch, offset: Offset) -> None:
+        self._codec = codec
+        #: The log epoch of the transaction.
+        self.epoch: Final = epoch
+        #: The transaction's offset.
+        self.offset: Final = offset
+        # (query_set_id, query_index, delta) triples -> the message built from them. Keys hold
+        # the delta bytes themselves: bytes cache their hash, and equal objects short-circuit.
+        self._cache: dict[tuple[tuple[QuerySetId, int, bytes], ...], bytes] = {}
+
+    def __len__(self) -> int:
+        """The number of distinct messages built so far."""
+        return len(self._cache)
+
+    def message(self, parts: Sequence[tuple[QuerySetId, int, bytes]]) -> bytes:
+        """The `TransactionUpdate` for these parts, encoded once per distinct `parts`.
+
+        Args:
+            parts: as for `Codec.encode_transaction_update`, with deltas as `bytes`.
+        """
+        key = tuple(parts)
+        data = self._cache.get(key)
+        if data is None:
+            data = self._codec.encode_transaction_update(self.epoch, self.offset, key)
+            self._cache[key] = data
+        return data
 
 
 def _check_plain(value: object, depth: int) -> None:

@@ -18,7 +18,7 @@ Conventions the types encode, checked while decoding (a violation is a `Protocol
 Encode once: `QueryUpdate` is the per-query delta of one transaction. The server encodes it once
 per (query, transaction) and places the same bytes, as `msgspec.Raw`, into every subscribed
 connection's `TransactionUpdate`; the connection-specific parts (`query_set_id`, `query_index`)
-live outside it, in `QuerySetUpdate`. `*Out` twins of the wrapper structs (same tag, same field
+live outside it, in `QuerySetUpdate`. The `*Out` twins of the wrapper structs (same tag, field
 names and order) take `Raw` pieces for that purpose; `codec.py` builds them.
 
 Coalescing: `Batch` carries several server messages in one WebSocket message; a `Session` wraps
@@ -505,9 +505,3 @@ class TransactionUpdateOut(_Message, frozen=True, tag="tx"):
     epoch: Epoch
     offset: Offset
     updates: list[QuerySetUpdateOut] = []
-
-
-class BatchOut(_Message, frozen=True, tag="batch"):
-    """`Batch` built from already encoded server messages."""
-
-    messages: list[Raw]
