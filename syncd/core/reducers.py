@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from syncd.core.hlc import Stamp
 from syncd.core.ids import ConnectionId, Identity, Timestamp
@@ -60,9 +60,13 @@ class Range:
 def row_to_instance(tdef: TableDef, row: Row) -> Any:
     """A stored row as an instance of the table's class (python-form values)."""
     obj: Any = object.__new__(tdef.cls)
-    d = obj.__dict__
-    for col, value in zip(tdef.columns, row, strict=True):
-        d[col.name] = col.type.to_python(value)
+    converters = tdef.python_converters
+    if converters is None:
+        obj.__dict__.update(zip(tdef.names, row, strict=True))
+    else:
+        obj.__dict__.update(
+            zip(tdef.names, [f(v) for f, v in zip(converters, row, strict=True)], strict=True)
+        )
     return obj
 
 
@@ -82,17 +86,19 @@ class TableHandle(Generic[R]):
             )
         values: list[Any] = []
         stamp = self._tx.stamp
+        d = instance.__dict__
         for col in tdef.columns:
             try:
-                value = getattr(instance, col.name)
-            except AttributeError:
+                value = d[col.name]
+            except KeyError:
                 raise ConstraintError(f"{tdef.name}.{col.name}: missing value") from None
+            ctype = col.type
             try:
-                if isinstance(col.type, CrdtType):
+                if ctype.is_crdt:
                     cell = None if old is None else old[col.position]
-                    values.append(col.type.assign(cell, value, stamp))
+                    values.append(cast(CrdtType, ctype).assign(cell, value, stamp))
                 else:
-                    values.append(col.type.check(value))
+                    values.append(ctype.check(value))
             except ValueError as exc:
                 raise ConstraintError(f"{tdef.name}.{col.name}: {exc}") from None
         return tuple(values)

@@ -7,6 +7,7 @@ module at once, so an author sees every problem in one run (`SchemaError.problem
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 import sys
@@ -231,6 +232,18 @@ class TableDef:
 
     def __post_init__(self) -> None:
         self.positions.update({c.name: c.position for c in self.columns})
+
+    @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        """Column names in row order."""
+        return tuple(c.name for c in self.columns)
+
+    @functools.cached_property
+    def python_converters(self) -> tuple[Callable[[Any], Any], ...] | None:
+        """Per column, stored form -> python form; None when every column stores python form."""
+        if all(c.type.python_is_stored() for c in self.columns):
+            return None
+        return tuple(c.type.to_python for c in self.columns)
 
     @property
     def pk_column(self) -> ColumnDef:

@@ -62,6 +62,10 @@ class ColumnType:
         """Stored form -> the value a reducer sees on a row instance."""
         return stored
 
+    def python_is_stored(self) -> bool:
+        """True when `to_python` returns its argument unchanged (a fast path may skip it)."""
+        return type(self).to_python is ColumnType.to_python
+
     def visible(self, stored: object) -> object:
         """Stored form -> the value queries compare and clients receive."""
         return stored
@@ -231,6 +235,9 @@ class OptionalType(ColumnType):
 
     def to_python(self, stored: object) -> object:
         return None if stored is None else self.inner.to_python(stored)
+
+    def python_is_stored(self) -> bool:
+        return self.inner.python_is_stored()
 
     def visible(self, stored: object) -> object:
         return None if stored is None else self.inner.visible(stored)
