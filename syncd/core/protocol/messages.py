@@ -151,8 +151,9 @@ class Subscribe(_Message, frozen=True, tag="sub"):
     """Subscribe to a set of queries under a client-chosen id.
 
     Response: `SubscribeApplied` with the initial rows, then `TransactionUpdate`s for it until
-    `Unsubscribe`; or `SubscriptionFailed` (nothing was subscribed). If the query set later
-    fails, `SubscriptionFailed`, and the client drops that set's rows.
+    `Unsubscribe`; or `SubscriptionFailed` with this `request_id` (nothing was subscribed; a
+    live set with the same id, if any, is untouched). If the set fails later, the server sends
+    `SubscriptionFailed` with `request_id` null and the client drops the set's rows.
 
     Attributes:
         request_id: echoed in the response.
@@ -346,7 +347,11 @@ class SubscribeApplied(_Message, frozen=True, tag="applied"):
 
 
 class SubscriptionFailed(_Message, frozen=True, tag="sub_failed"):
-    """A query set could not be subscribed, or stopped; the client drops its rows.
+    """A query set could not be subscribed, or stopped.
+
+    With a `request_id`, it answers that `Subscribe`, which subscribed nothing. With
+    `request_id` null, a set the client holds (or listed in `Hello`) is gone: the client
+    drops that set's rows.
 
     Attributes:
         request_id: the `Subscribe`'s id; null for a `Hello` query set, or when a live set
