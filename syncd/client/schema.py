@@ -1,0 +1,158 @@
+"""What the client knows about a server's tables: column names, primary keys, bytes columns.
+
+Built from the JSON of `GET /v1/schema`. Rows travel as arrays of visible column values in
+column order; this turns them into dicts keyed by column name. JSON has no bytes type, so in the
+JSON subprotocol bytes values arrive as base64 text: `TableInfo.row` turns them back using the
+column types (a bytes column, an optional bytes column, an `LWW[bytes]` column).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from syncd.errors import ProtocolError
+
+__all__ = ["ClientSchema", "ReducerInfo", "Row", "TableInfo"]
+
+#: A cached row: column name -> value. The cache replaces a row's dict when the row changes
+#: and never mutates it, so a dict you hold keeps the values it had; do not mutate it either.
+Row = dict[str, Any]
+
+
+def _is_bytes_type(described: object) -> bool:
+    """Whether a `/v1/schema` column type's visible value is bytes (possibly optional)."""
+    while isinstance(described, Mapping):
+        kind = described.get("kind")
+        if kind == "bytes":
+            return True
+        if kind not in ("option", "lww"):
+            return False
+        described = described.get("inner")
+    return False
+
+
+def _b64(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError("expected base64 text for a bytes value") from None
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    """One public table, as the client sees it.
+
+    Attributes:
+        name: the table's name.
+        columns: column names in wire order.
+        primary_key: the primary key column's name.
+        pk_position: its position in `columns`.
+        bytes_positions: positions of columns whose values are bytes (or None).
+    """
+
+    name: str
+    columns: tuple[str, ...]
+    primary_key: str
+    pk_position: int
+    bytes_positions: tuple[int, ...] = ()
+
+    @property
+    def pk_is_bytes(self) -> bool:
+        """Whether primary keys are bytes (base64 text in JSON)."""
+        return self.pk_position in self.bytes_positions
+
+    def row(self, values: Sequence[Any], *, base64_bytes: bool = False) -> Row:
+        """A wire row as a dict.
+
+        Args:
+            values: the row's visible values in column order.
+            base64_bytes: the row came over JSON: decode bytes columns from base64 text.
+
+        Raises:
+            ProtocolError: the row has the wrong number of values, or bad base64.
+        """
+        if len(values) != len(self.columns):
+            raise ProtocolError(
+                f"a {self.name} row has {len(values)} values, the table {len(self.columns)} "
+                "columns; is the client's schema stale?"
+            )
+        row = dict(zip(self.columns, values, strict=True))
+        if base64_bytes:
+            for position in self.bytes_positions:
+                name = self.columns[position]
+                if row[name] is not None:
+                    row[name] = _b64(row[name])
+        return row
+
+    def pk(self, value: Any, *, base64_bytes: bool = False) -> Any:
+        """A primary key from the wire (a delete), decoded like `row` decodes the column."""
+        if base64_bytes and self.pk_is_bytes:
+            return _b64(value)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class ReducerInfo:
+    """A reducer clients may call.
+
+    Attributes:
+        name: the reducer's name.
+        params: parameter names, in order.
+    """
+
+    name: str
+    params: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSchema:
+    """The public tables and client-callable reducers of a server's module.
+
+    Attributes:
+        module: the module's name.
+        tables: public tables by name.
+        reducers: callable reducers by name.
+    """
+
+    module: str
+    tables: dict[str, TableInfo]
+    reducers: dict[str, ReducerInfo]
+
+    @classmethod
+    def from_json(cls, described: object) -> ClientSchema:
+        """Read the body of `GET /v1/schema`.
+
+        Raises:
+            ValueError: it does not describe a syncd module.
+        """
+        if not isinstance(described, Mapping) or not isinstance(described.get("tables"), list):
+            raise ValueError("the response does not describe a syncd module")
+        tables: dict[str, TableInfo] = {}
+        try:
+            for table in described["tables"]:
+                columns = tuple(str(c["name"]) for c in table["columns"])
+                primary_key = str(table["primary_key"])
+                tables[table["name"]] = TableInfo(
+                    name=str(table["name"]),
+                    columns=columns,
+                    primary_key=primary_key,
+                    pk_position=columns.index(primary_key),
+                    bytes_positions=tuple(
+                        i for i, c in enumerate(table["columns"]) if _is_bytes_type(c.get("type"))
+                    ),
+                )
+            reducers = {
+                str(r["name"]): ReducerInfo(
+                    name=str(r["name"]), params=tuple(str(p["name"]) for p in r.get("params", []))
+                )
+                for r in described.get("reducers", [])
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"the schema is malformed: {exc!r}") from None
+        return cls(module=str(described.get("module", "")), tables=tables, reducers=reducers)
