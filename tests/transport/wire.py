@@ -250,6 +250,8 @@ class WireClient:
             subprotocols=subprotocols if subprotocols is not None else [codec.subprotocol],
             additional_headers=headers,
             max_size=None,
+            # No permessage-deflate: sizes on the wire are then the message sizes.
+            compression=None,
             ping_interval=None,
             open_timeout=TIMEOUT,
             close_timeout=TIMEOUT,
