@@ -20,7 +20,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from syncd.auth import Principal
-from syncd.core.ids import ConnectionId, Offset, QuerySetId, RequestId
+from syncd.core.ids import ConnectionId, QuerySetId, RequestId
 from syncd.core.protocol.codec import Format
 from syncd.core.protocol.messages import (
     CallReducer,
@@ -492,13 +492,10 @@ class Connection:
 
     # -- output ------------------------------------------------------------------------------
 
-    def send_transaction(self, offset: Offset, parts: list[tuple[QuerySetId, int, bytes]]) -> None:
-        """Queue one transaction's shared deltas for this connection (called by the replica)."""
+    def send_encoded(self, data: bytes) -> None:
+        """Queue an encoded server message, e.g. a shared TransactionUpdate (from the replica)."""
         if not self.session.is_open:
             return
-        data = self.session.codec.encode_transaction_update(
-            self.server.replica.epoch, offset, parts
-        )
         self.session.send_raw(data)
         self._dirty()
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from syncd.config import Limits
 from syncd.core.ids import Epoch, Offset, QuerySetId
-from syncd.core.protocol.codec import Codec, Format
+from syncd.core.protocol.codec import Codec, Format, TransactionUpdateCache
 from syncd.core.protocol.messages import QueryUpdate
 from syncd.core.query import BoundQuery, Query, QueryKey, StoreView, compile_query
 from syncd.core.schema import Schema
@@ -168,8 +168,16 @@ class Replica:
                     conn_parts = parts[conn] = []
                 for qs_id, index in places:
                     conn_parts.append((qs_id, index, data))
+        # Connections whose parts are equal (same queries in the same places: the common case)
+        # share one encoded TransactionUpdate.
+        caches: dict[Format, TransactionUpdateCache] = {}
         for conn, conn_parts in parts.items():
-            conn.send_transaction(tx.offset, conn_parts)
+            cache = caches.get(conn.fmt)
+            if cache is None:
+                cache = caches[conn.fmt] = TransactionUpdateCache(
+                    CODECS[conn.fmt], self.epoch, tx.offset
+                )
+            conn.send_encoded(cache.message(conn_parts))
 
     def query_update(self, table: str, delta: QueryDelta) -> QueryUpdate:
         tdef = self.schema.tables[table]
