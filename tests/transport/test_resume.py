@@ -17,7 +17,6 @@ from syncd.core.protocol.messages import (
     ReducerResult,
     SubscribeApplied,
     TransactionUpdate,
-    Welcome,
 )
 from syncd.errors import should_reconnect
 from tests.server_proc import ServerProcess
@@ -98,8 +97,7 @@ async def resume(
     applied = await client.wait_for(lambda m: isinstance(m, SubscribeApplied))
     assert isinstance(applied, SubscribeApplied)
     assert applied.request_id is None and applied.query_set_id == 1
-    welcome = client.messages.index(client.first(Welcome))  # type: ignore[arg-type]
-    assert welcome < client.messages.index(applied)
+    assert client.messages.index(client.welcome) < client.messages.index(applied)
     return client, applied
 
 
@@ -128,7 +126,7 @@ async def test_resume_sends_only_changes_and_converges(notes: ServerProcess) -> 
         await dropper.wait_for(
             lambda m: isinstance(m, TransactionUpdate) and m.offset == live.offset
         )
-        cursor = Cursor(epoch=dropper.welcome.epoch, offset=dropper.cache.offset)  # type: ignore[union-attr]
+        cursor = Cursor(epoch=dropper.epoch, offset=dropper.cache.offset)
         assert cursor.offset == live.offset
         before = copy.deepcopy(dropper.cache.query_set(1))
         await dropper.aborted()
@@ -169,7 +167,7 @@ async def test_resume_sends_nothing_about_rows_outside_the_query(notes: ServerPr
         dropper = await WireClient.open(notes)
         applied = await dropper.subscribe(queries, query_set_id=1)
         assert isinstance(applied, SubscribeApplied)
-        cursor = Cursor(epoch=dropper.welcome.epoch, offset=applied.offset)  # type: ignore[union-attr]
+        cursor = Cursor(epoch=dropper.epoch, offset=applied.offset)
         await dropper.aborted()
         # Outside every query of the set: another folder range and a note in it.
         await ok(writer, "put_folder", base + 500, "elsewhere", True)
@@ -191,7 +189,7 @@ async def test_resume_without_changes_is_empty(notes: ServerProcess) -> None:
         dropper = await WireClient.open(notes)
         applied = await dropper.subscribe(queries, query_set_id=1)
         assert isinstance(applied, SubscribeApplied)
-        cursor = Cursor(epoch=dropper.welcome.epoch, offset=applied.offset)  # type: ignore[union-attr]
+        cursor = Cursor(epoch=dropper.epoch, offset=applied.offset)
         await dropper.aborted()
         resumed, again = await resume(notes, dropper, cursor, queries)
         async with resumed:
@@ -245,7 +243,7 @@ async def test_resume_after_a_server_restart_reads_the_journal(tmp_path: Path) -
         dropper = await WireClient.open(server)
         applied = await dropper.subscribe(queries, query_set_id=1)
         assert isinstance(applied, SubscribeApplied)
-        cursor = Cursor(epoch=dropper.welcome.epoch, offset=applied.offset)  # type: ignore[union-attr]
+        cursor = Cursor(epoch=dropper.epoch, offset=applied.offset)
         await dropper.aborted()
         await ok(writer, "put_note", base * 10 + 0, base + 1, "before the restart")
         await ok(writer, "delete_note", base * 10 + 5)

@@ -247,7 +247,10 @@ class WireClient:
             extra["sock"] = sock
         ws = await connect(
             url + query,
-            subprotocols=subprotocols if subprotocols is not None else [codec.subprotocol],
+            # [] offers none (no Sec-WebSocket-Protocol header at all).
+            subprotocols=(subprotocols or None)
+            if subprotocols is not None
+            else [codec.subprotocol],
             additional_headers=headers,
             max_size=None,
             # No permessage-deflate: sizes on the wire are then the message sizes.
@@ -428,6 +431,11 @@ class WireClient:
     def identity(self) -> str:
         assert self.welcome is not None, self.messages
         return self.welcome.identity
+
+    @property
+    def epoch(self) -> int:
+        assert self.welcome is not None, self.messages
+        return self.welcome.epoch
 
     @property
     def token(self) -> str:
