@@ -29,7 +29,7 @@ from syncd.core.schema import Schema
 from syncd.core.store import Row, Store
 from syncd.core.subscriptions import QueryDelta, SubscriptionIndex
 from syncd.core.tx import Tx, decode_tx
-from syncd.errors import JournalError, SubscriptionError
+from syncd.errors import CloseCode, JournalError, SubscriptionError
 from syncd.ports import Journal
 
 if TYPE_CHECKING:
@@ -146,7 +146,15 @@ class Replica:
         self.store.apply(tx.changes, tx.offset)
         self.window.append(tx)
         if self._subs:
-            self._fan_out(tx, self.index.route(tx.changes, self.store))
+            try:
+                self._fan_out(tx, self.index.route(tx.changes, self.store))
+            except Exception:
+                # The state is right but some subscribers may have missed this delta: close
+                # them with a resumable code, so they resume from their cursor and catch up.
+                logger.exception("routing offset %d failed", tx.offset)
+                for conn in list(self.connections):
+                    if conn.query_sets:
+                        conn.close(CloseCode.INTERNAL_ERROR, "internal error: resume")
         self._release_waiters()
 
     def _fan_out(self, tx: Tx, deltas: dict[QueryKey, QueryDelta]) -> None:
