@@ -1,0 +1,48 @@
+"""The Python client of syncd: connect, subscribe, a row cache, calls, reconnect and resume.
+
+::
+
+    import syncd.client
+
+    async with syncd.client.connect("ws://127.0.0.1:3000/v1/ws") as conn:
+        await conn.subscribe(["SELECT * FROM message", "SELECT * FROM user"])
+        conn.db["message"].on_insert(lambda row: print(row["text"]))
+        await conn.call("send_message", "hello")
+
+See `syncd.client.connection` for how reconnecting, resuming and retries work, and
+``docs/client-python.md`` for a walk-through.
+"""
+
+from __future__ import annotations
+
+from syncd.client.backoff import Backoff
+from syncd.client.cache import CallbackHandle, Database, TableCache
+from syncd.client.connection import Connection, Subscription, connect
+from syncd.client.endpoint import Endpoint
+from syncd.client.errors import (
+    CallForbidden,
+    CallInterrupted,
+    ConnectFailed,
+    InvalidURL,
+    QueryRejected,
+)
+from syncd.client.schema import ClientSchema, Row, TableInfo
+
+__all__ = [
+    "Backoff",
+    "CallForbidden",
+    "CallInterrupted",
+    "CallbackHandle",
+    "ClientSchema",
+    "ConnectFailed",
+    "Connection",
+    "Database",
+    "Endpoint",
+    "InvalidURL",
+    "QueryRejected",
+    "Row",
+    "Subscription",
+    "TableCache",
+    "TableInfo",
+    "connect",
+]

@@ -1,0 +1,1043 @@
+"""The asyncio client: one `Connection` to a syncd server, kept alive across drops.
+
+::
+
+    async with syncd.client.connect("ws://127.0.0.1:3000") as conn:
+        sub = await conn.subscribe(["SELECT * FROM message"])
+        conn.db["message"].on_insert(print)
+        offset = await conn.call("send_message", "hello")
+
+Lifecycle. `connect` fetches ``/v1/schema`` (to turn rows into dicts), opens the WebSocket,
+sends `Hello` and waits for `Welcome`. Failures there raise at once (`ConnectFailed`,
+`InvalidURL`, `ConnectionClosed` with the server's reason); automatic reconnection only starts
+once a connection was up.
+
+Reconnect and resume. When the connection drops with a code `should_reconnect` accepts, the
+client waits a `Backoff` delay and connects again, sending
+``Hello(token, cursor, query_sets=[every live query set])``. The server answers each set with
+`SubscribeApplied`: ``resumed=True`` carries only what changed since the cursor (rows are
+upserted, deletes dropped), ``resumed=False`` the full result (it replaces that set's rows, and
+callbacks see the difference, not a reload). The whole handshake is one cache transaction, and
+the cursor moves only once every set was answered, so a drop in the middle of a resume never
+leaves the cursor ahead of a set's rows. The anonymous token from the first `Welcome` is sent
+again, so the identity stays the same. A close code outside the reconnect ranges (for example
+4500 UNAUTHORIZED, or 4502 REJECTED by the module's `client_connected`) ends the connection
+for good, with the server's reason in `close_reason`.
+
+Requests across drops. Every request waits in a table until its answer arrives. After a
+reconnect, calls are sent again with the same idempotency key (every call carries one), so the
+server runs each at most once; CRDT merges and one-off queries are sent again as they are
+(merging an operation twice changes nothing); subscriptions still waiting for their
+`SubscribeApplied` are sent again as `Subscribe`. With ``reconnect=False`` a drop fails them
+instead, as does a close that ends the connection for good: calls with `CallInterrupted`
+(both a `BackendError` and a `ConnectionClosed`, carrying the key to retry with), the others with
+`ConnectionClosed`.
+
+Everything runs on the event loop that called `connect`; row callbacks run on it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine, Generator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, TypeAlias
+
+import websockets.exceptions
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.typing import Subprotocol
+
+from syncd.client.backoff import Backoff
+from syncd.client.cache import CallbackHandle, Database, RowCache
+from syncd.client.endpoint import Endpoint, describe_os_error
+from syncd.client.errors import (
+    CallInterrupted,
+    ConnectFailed,
+    call_error,
+    query_error,
+)
+from syncd.client.schema import ClientSchema, Row, TableInfo
+from syncd.core.ids import ConnectionId, Epoch, Identity, Offset, QuerySetId, RequestId
+from syncd.core.protocol.codec import Codec, Format
+from syncd.core.protocol.messages import (
+    Batch,
+    CallReducer,
+    ClientMessage,
+    Cursor,
+    Error,
+    Hello,
+    MergeCrdt,
+    OneOffQuery,
+    Ping,
+    Pong,
+    QueryResult,
+    QuerySet,
+    QueryUpdate,
+    ReducerResult,
+    ServerMessage,
+    Subscribe,
+    SubscribeApplied,
+    SubscriptionFailed,
+    TransactionUpdate,
+    Unsubscribe,
+    Unsubscribed,
+    Welcome,
+)
+from syncd.errors import (
+    CloseCode,
+    ConnectionClosed,
+    ProtocolError,
+    SubscriptionError,
+    should_reconnect,
+)
+
+__all__ = ["Connection", "Subscription", "connect"]
+
+logger = logging.getLogger("syncd.client")
+
+#: Default seconds allowed for the first connection: schema request, upgrade and `Welcome`.
+DEFAULT_OPEN_TIMEOUT = 10.0
+#: Largest server message accepted, in bytes: initial rows of a big query can be large.
+DEFAULT_MAX_MESSAGE_SIZE = 256 << 20
+# Close code we use when the server sends something we cannot decode (RFC 6455 §7.4.1).
+_PROTOCOL_ERROR = 1002
+_ABNORMAL = 1006
+
+SubscriptionState: TypeAlias = Literal["pending", "live", "failed", "ended"]
+_Kind: TypeAlias = Literal["call", "merge", "query", "sub", "unsub"]
+
+
+@dataclass(eq=False)
+class _Request:
+    """A request waiting for its answer; sent again after a reconnect unless noted."""
+
+    kind: _Kind
+    message: ClientMessage
+    future: asyncio.Future[Any]
+    # The connection generation it was last sent on (0: not sent yet).
+    sent_on: int = 0
+
+
+class Subscription:
+    """A query set: created by `Connection.subscribe`, live until `unsubscribe`.
+
+    Its rows live in the connection's shared cache (`Connection.db`), counted once however
+    many query sets return them.
+    """
+
+    def __init__(self, conn: Connection, query_set_id: QuerySetId, queries: Sequence[str]):
+        #: The connection that holds it.
+        self.connection = conn
+        #: Its id on the wire.
+        self.query_set_id = query_set_id
+        #: Its SQL queries, in order (a delta's ``query_index`` points into this).
+        self.queries: tuple[str, ...] = tuple(queries)
+        #: "pending" until the first `SubscribeApplied`; "live" after it; "failed" if the server
+        #: refused or dropped it (see `error`); "ended" after `unsubscribe` or a final close.
+        self.state: SubscriptionState = "pending"
+        #: Whether the last `SubscribeApplied` was a resume (only changes since the cursor);
+        #: None before the first one. False after the initial subscribe.
+        self.last_resumed: bool | None = None
+        #: How many `SubscribeApplied` arrived: 1 after subscribing, +1 per reconnect.
+        self.applied_count = 0
+        #: The log offset of the last `SubscribeApplied`.
+        self.offset: Offset | None = None
+        #: Why the server refused or dropped the set, when `state` is "failed".
+        self.error: SubscriptionError | None = None
+        # Called with this subscription after every SubscribeApplied (cache already updated).
+        self._on_applied: list[Callable[[Subscription], object]] = []
+        # The Unsubscribe in flight, so concurrent unsubscribe() calls share it.
+        self._unsubscribing: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.query_set_id} {self.state} {list(self.queries)!r}>"
+
+    @property
+    def is_live(self) -> bool:
+        """True while the server sends this set's updates (and between reconnects)."""
+        return self.state == "live"
+
+    def on_applied(
+        self, callback: Callable[[Subscription], object]
+    ) -> CallbackHandle[Callable[[Subscription], object]]:
+        """Call ``callback(subscription)`` after each `SubscribeApplied` for this set.
+
+        It runs once the rows are in the cache: after the initial subscribe, and after every
+        resume (check `last_resumed`). Returns a handle that removes the callback.
+        """
+        self._on_applied.append(callback)
+        return CallbackHandle(self._on_applied, callback)
+
+    async def unsubscribe(self) -> None:
+        """Stop the query set and release its rows (rows other sets return stay). Idempotent.
+
+        Returns once the server confirmed, or at once when the connection is down (the set is
+        then simply not resubscribed). Never raises for a closed connection.
+        """
+        if self.state in ("ended", "failed"):
+            return
+        if self._unsubscribing is None:
+            self._unsubscribing = asyncio.ensure_future(self.connection._unsubscribe(self))
+        await asyncio.shield(self._unsubscribing)
+
+
+class Connection:
+    """A client connection to one syncd server. Create it with `connect`.
+
+    Attributes are valid once `connect` returned. The public API is safe to use from any
+    task of the event loop that created it, and only from that loop.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        schema: ClientSchema,
+        *,
+        token: str | None,
+        reconnect: bool,
+        fmt: Format,
+        backoff: Backoff,
+        open_timeout: float,
+        max_message_size: int | None,
+    ) -> None:
+        #: Where the server is.
+        self.endpoint = endpoint
+        #: The server module's public tables and reducers, from ``/v1/schema``.
+        self.schema = schema
+        #: The bearer token sent in `Hello`: the one given to `connect`, else the anonymous token
+        #: the server minted in the first `Welcome`. None before `Welcome` when anonymous.
+        self.token = token
+        #: Whether a dropped connection is re-established (see the module docstring).
+        self.reconnect = reconnect
+        #: The wire format ("msgpack" or "json").
+        self.fmt: Format = fmt
+        #: Who the server says we are (hex); the value Identity columns hold for us.
+        self.identity: Identity = Identity("")
+        #: The current connection's id (changes on every reconnect).
+        self.connection_id: ConnectionId = ConnectionId("")
+        #: Close code and reason once the connection ended for good; None while it lives.
+        self.close_code: int | None = None
+        self.close_reason = ""
+        #: How many times the connection was re-established.
+        self.reconnects = 0
+        # Encodes requests and decodes server messages.
+        self._codec = Codec(fmt, max_size=max_message_size or 2**62)
+        self._open_timeout = open_timeout
+        self._max_message_size = max_message_size
+        self._backoff = backoff
+        # Rows of every live query set, reference-counted; exposed as `db`.
+        self._cache = RowCache(schema.tables.values())
+        self._db = Database(self._cache)
+        # Where our cached rows stand: (epoch, offset). Moves after complete handshakes only.
+        self._cursor: tuple[int, int] | None = None
+        # The current connection's epoch (from Welcome).
+        self._epoch = 0
+        # The WebSocket in use, or None while disconnected.
+        self._ws: ClientConnection | None = None
+        # Bumped by every completed handshake; tells requests sent on an old socket apart.
+        self._generation = 0
+        # True between a completed handshake and the next drop: requests go out at once.
+        self._connected = False
+        # Handshake state: Welcome seen, query sets from Hello not answered yet, and the
+        # largest offset seen meanwhile (the cursor once all are answered).
+        self._welcomed = False
+        self._resuming: set[QuerySetId] = set()
+        self._handshake_offset = 0
+        # The offset Welcome reported: the cursor of a client that holds no query sets.
+        self._welcome_offset = 0
+        # The last connection-level Error the server sent (it explains the close after it).
+        self._last_error: Error | None = None
+        # Requests waiting for answers, by request id (in the order they were made).
+        self._pending: dict[RequestId, _Request] = {}
+        self._next_request = 0
+        self._next_query_set = 0
+        # Query sets by id: pending, live, or being unsubscribed.
+        self._query_sets: dict[QuerySetId, Subscription] = {}
+        # Pings waiting for their Pong: nonce -> future.
+        self._pings: dict[int, asyncio.Future[None]] = {}
+        # Reads the socket, and reconnects; None before connect and after it ended.
+        self._task: asyncio.Task[None] | None = None
+        # Set once the connection ended for good.
+        self._done = asyncio.Event()
+        # close() was called.
+        self._closing = False
+        self._on_disconnect: list[Callable[[int, str], object]] = []
+        self._on_reconnect: list[Callable[[], object]] = []
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open" if self._connected else "reconnecting"
+        return f"<Connection {self.endpoint.ws_url} {self.fmt} {state}>"
+
+    # -- public state ------------------------------------------------------------------------
+
+    @property
+    def db(self) -> Database:
+        """The row cache: ``db["table"]`` (or ``db.table``) is a `TableCache`."""
+        return self._db
+
+    @property
+    def cursor(self) -> tuple[int, int] | None:
+        """``(epoch, offset)``: the log position the cached rows include; sent when resuming."""
+        return self._cursor
+
+    @property
+    def is_connected(self) -> bool:
+        """True while a socket is up and its handshake is complete."""
+        return self._connected
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection ended for good (`close`, or a terminal close code)."""
+        return self._done.is_set()
+
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        """Query sets that are pending or live."""
+        return [s for s in self._query_sets.values() if s.state in ("pending", "live")]
+
+    @property
+    def websocket(self) -> ClientConnection | None:
+        """The current `websockets` connection, or None while reconnecting. For diagnostics
+        and tests (aborting its transport simulates a network failure); do not send on it."""
+        return self._ws
+
+    def on_disconnect(
+        self, callback: Callable[[int, str], object]
+    ) -> CallbackHandle[Callable[[int, str], object]]:
+        """Call ``callback(code, reason)`` whenever the socket drops, before any reconnect."""
+        self._on_disconnect.append(callback)
+        return CallbackHandle(self._on_disconnect, callback)
+
+    def on_reconnect(self, callback: Callable[[], object]) -> CallbackHandle[Callable[[], object]]:
+        """Call ``callback()`` after each reconnect's handshake (query sets already resumed)."""
+        self._on_reconnect.append(callback)
+        return CallbackHandle(self._on_reconnect, callback)
+
+    async def wait_closed(self) -> None:
+        """Return once the connection ended for good (see `close_code`, `close_reason`)."""
+        await self._done.wait()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def subscribe(self, queries: str | Sequence[str]) -> Subscription:
+        """Subscribe to a query set; return once its initial rows are in the cache.
+
+        Args:
+            queries: one SQL query, or several subscribed together (one query set).
+
+        Returns:
+            The live `Subscription`.
+
+        Raises:
+            SubscriptionError: the server refused a query (a `QueryRejected` with the server's
+                message and code); nothing was subscribed.
+            ConnectionClosed: the connection ended before the set was applied.
+        """
+        sqls = [queries] if isinstance(queries, str) else list(queries)
+        if not sqls or not all(isinstance(q, str) and q.strip() for q in sqls):
+            raise ValueError("subscribe needs at least one non-empty SQL query")
+        self._check_open()
+        self._next_query_set += 1
+        qs_id = QuerySetId(self._next_query_set)
+        sub = Subscription(self, qs_id, sqls)
+        self._query_sets[qs_id] = sub
+        try:
+            await self._request("sub", lambda rid: Subscribe(rid, qs_id, sqls))
+        except BaseException:
+            if sub.state == "pending":
+                sub.state = "ended"
+                self._query_sets.pop(qs_id, None)
+            raise
+        return sub
+
+    async def call(
+        self, reducer: str, *args: Any, idempotency_key: str | None = None
+    ) -> Offset | None:
+        """Run a reducer on the server as a transaction.
+
+        Every call carries an idempotency key (a random one unless given), and keeps it when
+        it is sent again after a reconnect, so it runs at most once.
+
+        Args:
+            reducer: the reducer's name.
+            *args: its arguments: plain values (None, bool, int, float, str, bytes, lists,
+                dicts with str keys).
+            idempotency_key: a key of your own, e.g. to retry after `CallInterrupted`.
+
+        Returns:
+            The offset of the committed transaction (its `TransactionUpdate`s already reached
+            the cache); None when the reducer changed nothing.
+
+        Raises:
+            ReducerError: the reducer failed and rolled back (`ArgumentError`, `NoSuchReducer`,
+                `ConstraintError`, or `CallForbidden` - also a `Forbidden` - by code).
+            BackendError: the server could not run it now (UNAVAILABLE); try again later.
+            CallInterrupted: the connection ended for good (``reconnect=False`` and a drop, a
+                terminal close code, or `close`) before the answer; it may have run. It is
+                also a `ConnectionClosed`.
+        """
+        key = idempotency_key or secrets.token_hex(16)
+        wire_args = list(args)
+        result: Offset | None = await self._request(
+            "call",
+            lambda rid: CallReducer(rid, reducer, wire_args, idempotency_key=key),
+        )
+        return result
+
+    async def merge(self, table: str, pk: Any, column: str, op: Any) -> Offset | None:
+        """Merge a CRDT operation into one cell (`MergeCrdt`), as its own transaction.
+
+        Args:
+            table: a public table.
+            pk: the row's primary key.
+            column: a CRDT column of the table.
+            op: the operation in the column type's format (e.g. ``[[writer, p, n]]`` for a
+                Counter, ``[value, ms, counter, writer]`` for LWW).
+
+        Returns:
+            The transaction's offset, or None if the merge changed nothing.
+
+        Raises:
+            ReducerError: the merge was refused (unknown row or column, bad operation).
+            BackendError, ConnectionClosed: as for `call`.
+        """
+        result: Offset | None = await self._request(
+            "merge", lambda rid: MergeCrdt(rid, table, pk, column, op)
+        )
+        return result
+
+    async def sql(self, query: str) -> list[Row]:
+        """Run one SQL query once (`OneOffQuery`), without subscribing.
+
+        Returns:
+            The matching rows, as dicts, read at a durable offset.
+
+        Raises:
+            SubscriptionError: the query is invalid or refused (`QueryRejected`).
+            ConnectionClosed: the connection ended for good before an answer.
+        """
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("sql needs a non-empty SQL query")
+        rows: list[Row] = await self._request("query", lambda rid: OneOffQuery(rid, query))
+        return rows
+
+    async def ping(self) -> float:
+        """Round-trip an application-level `Ping`; returns the time it took, in seconds."""
+        self._check_open()
+        self._next_request += 1
+        nonce = self._next_request
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pings[nonce] = fut
+        start = time.perf_counter()
+        try:
+            await self._send(Ping(nonce))
+            await fut
+        finally:
+            self._pings.pop(nonce, None)
+        return time.perf_counter() - start
+
+    async def close(self) -> None:
+        """Close the connection (code 1000) and stop reconnecting. Idempotent.
+
+        Requests still waiting fail with `ConnectionClosed` (calls with `CallInterrupted`).
+        The cache keeps its rows.
+        """
+        if self._closing:
+            await self._done.wait()
+            return
+        self._closing = True
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close(CloseCode.NORMAL, "client closed")
+        task = self._task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._finish(CloseCode.NORMAL, "closed by the client")
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed or self._closing:
+            raise ConnectionClosed(self.close_code or CloseCode.NORMAL, self.close_reason)
+
+    async def _request(self, kind: _Kind, build: Callable[[RequestId], ClientMessage]) -> Any:
+        self._check_open()
+        self._next_request += 1
+        request_id = RequestId(self._next_request)
+        request = _Request(kind, build(request_id), asyncio.get_running_loop().create_future())
+        self._pending[request_id] = request
+        try:
+            if self._connected:
+                request.sent_on = self._generation
+                await self._send(request.message)
+            # Not connected: the request goes out after the next handshake.
+            return await request.future
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _send(self, message: ClientMessage) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        data = self._codec.encode(message)
+        try:
+            await ws.send(data, text=self.fmt == "json")
+        except websockets.exceptions.ConnectionClosed:
+            pass  # the reader sees the close; the request stays pending for the next socket
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        try:
+            if self._connected and sub.state in ("pending", "live"):
+                await self._request("unsub", lambda rid: Unsubscribe(rid, sub.query_set_id))
+        except ConnectionClosed:
+            pass
+        finally:
+            self._end_query_set(sub, "ended")
+
+    # -- connecting --------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        """Open the first connection; raise on failure (no automatic retry here)."""
+        ws = await self._open()
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(ws), name=f"syncd-client {self.endpoint.ws_url}"
+        )
+
+    async def _open(self) -> ClientConnection:
+        """Connect, send Hello, and read until Welcome and every resumed set arrived."""
+        try:
+            async with asyncio.timeout(self._open_timeout):
+                ws = await self._connect_socket()
+                try:
+                    await self._handshake(ws)
+                except BaseException:
+                    self._ws = None
+                    ws.transport.abort()
+                    raise
+        except TimeoutError:
+            raise ConnectFailed(
+                self.endpoint.ws_url,
+                f"no answer from {self.endpoint.ws_url} within {self._open_timeout:g}s",
+            ) from None
+        return ws
+
+    async def _connect_socket(self) -> ClientConnection:
+        url = self.endpoint.ws_url
+        try:
+            ws = await ws_connect(
+                url,
+                subprotocols=[Subprotocol(self._codec.subprotocol)],
+                compression=None,  # deltas are small; deflating them costs the server CPU
+                max_size=self._max_message_size,
+                open_timeout=None,  # _open bounds the whole handshake
+                close_timeout=2,
+                proxy=None,
+            )
+        except OSError as exc:
+            raise ConnectFailed(url, f"cannot connect to {url}: {describe_os_error(exc)}") from None
+        except websockets.exceptions.InvalidStatus as exc:
+            status = exc.response.status_code
+            raise ConnectFailed(
+                url,
+                f"{url} is not a syncd WebSocket endpoint (the upgrade got HTTP {status})",
+            ) from None
+        except websockets.exceptions.InvalidURI as exc:
+            raise ConnectFailed(url, f"bad WebSocket URL {url}: {exc}") from None
+        except websockets.exceptions.WebSocketException as exc:
+            raise ConnectFailed(url, f"{url} is not a syncd WebSocket endpoint ({exc})") from None
+        if ws.subprotocol != self._codec.subprotocol:
+            ws.transport.abort()
+            raise ConnectFailed(
+                url,
+                f"{url} is not a syncd endpoint: it did not accept the "
+                f"{self._codec.subprotocol} subprotocol",
+            )
+        return ws
+
+    async def _handshake(self, ws: ClientConnection) -> None:
+        live = [s for s in self._query_sets.values() if s.state == "live"]
+        hello = Hello(
+            token=self.token,
+            cursor=Cursor(Epoch(self._cursor[0]), Offset(self._cursor[1]))
+            if live and self._cursor is not None
+            else None,
+            query_sets=[QuerySet(s.query_set_id, list(s.queries)) for s in live],
+        )
+        self._ws = ws
+        self._welcomed = False
+        self._resuming = {s.query_set_id for s in live}
+        self._handshake_offset = 0
+        self._last_error = None
+        # One cache transaction for the whole resume: callbacks see old state -> new state.
+        self._cache.begin()
+        try:
+            await ws.send(self._codec.encode(hello), text=self.fmt == "json")
+            while not self._welcomed or self._resuming:
+                self._receive(await ws.recv())
+        except websockets.exceptions.ConnectionClosed:
+            code, reason = self._close_info(ws)
+            raise ConnectionClosed(code, reason) from None
+        finally:
+            self._cache.commit()
+        self._generation += 1
+        # Every set live now was answered in this handshake (pending ones were not in Hello,
+        # and a set that failed is gone), so all hold their rows as of the largest offset seen.
+        if any(s.state == "live" for s in self._query_sets.values()):
+            self._cursor = (self._epoch, self._handshake_offset)
+        else:
+            self._cursor = (self._epoch, self._welcome_offset)
+        await self._flush_pending()
+
+    async def _flush_pending(self) -> None:
+        """Send every request not sent on this socket yet, oldest first, then go live."""
+        generation = self._generation
+        while True:
+            todo = [r for r in self._pending.values() if r.sent_on != generation]
+            if not todo:
+                break
+            for request in todo:
+                request.sent_on = generation
+                if request.kind == "unsub":
+                    continue  # the server forgot the set with the old socket
+                message = request.message
+                if isinstance(message, Subscribe):
+                    sub = self._query_sets.get(message.query_set_id)
+                    if sub is None or sub.state != "pending":
+                        continue
+                # A send on a socket that just died is dropped silently; the reader sees the
+                # close, and the next handshake sends the request again.
+                await self._send(message)
+        self._connected = True
+
+    def _close_info(self, ws: ClientConnection) -> tuple[int, str]:
+        code = ws.close_code if ws.close_code is not None else _ABNORMAL
+        reason = ws.close_reason or ""
+        if not reason and self._last_error is not None:
+            reason = self._last_error.message
+        return code, reason
+
+    # -- the connection's life ---------------------------------------------------------------
+
+    async def _run(self, ws: ClientConnection | None) -> None:
+        """Read until the socket drops; reconnect while allowed; finish when not."""
+        try:
+            while ws is not None:
+                code, reason = await self._read(ws)
+                self._dropped(code, reason)
+                if self._closing:
+                    return
+                if not self.reconnect or not should_reconnect(code):
+                    self._finish(code, reason)
+                    return
+                ws = await self._reconnect_loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("the syncd client connection to %s crashed", self.endpoint.ws_url)
+            self._finish(CloseCode.INTERNAL_ERROR, "client error (see the log)")
+
+    async def _read(self, ws: ClientConnection) -> tuple[int, str]:
+        try:
+            async for data in ws:
+                self._receive(data)
+        except websockets.exceptions.ConnectionClosed:
+            pass
+        except ProtocolError as exc:
+            logger.error("the server at %s sent a bad message: %s", self.endpoint.ws_url, exc)
+            with contextlib.suppress(Exception):
+                await ws.close(_PROTOCOL_ERROR, "bad message from the server")
+            return _PROTOCOL_ERROR, f"the server sent a bad message: {exc}"
+        return self._close_info(ws)
+
+    async def _reconnect_loop(self) -> ClientConnection | None:
+        while not self._closing:
+            await asyncio.sleep(self._backoff.next_delay())
+            try:
+                ws = await self._open()
+            except ConnectFailed as exc:
+                logger.info("reconnecting to %s: %s", self.endpoint.ws_url, exc)
+                continue
+            except ConnectionClosed as exc:
+                if should_reconnect(exc.code):
+                    logger.info("reconnecting to %s: %s", self.endpoint.ws_url, exc)
+                    continue
+                self._finish(exc.code, exc.reason)
+                return None
+            except ProtocolError as exc:
+                self._finish(_PROTOCOL_ERROR, f"the server sent a bad message: {exc}")
+                return None
+            self._backoff.reset()
+            self.reconnects += 1
+            for callback in list(self._on_reconnect):
+                _safely(callback)
+            return ws
+        return None
+
+    def _dropped(self, code: int, reason: str) -> None:
+        """The socket is gone: settle what cannot survive it."""
+        self._ws = None
+        self._connected = False
+        level = logging.DEBUG if code == CloseCode.NORMAL else logging.INFO
+        logger.log(level, "disconnected from %s (%d %s)", self.endpoint.ws_url, code, reason)
+        for nonce, fut in list(self._pings.items()):
+            if not fut.done():
+                fut.set_exception(ConnectionClosed(code, reason))
+            del self._pings[nonce]
+        # The server forgot every query set with the socket: unsubscribes are done.
+        for request in list(self._pending.values()):
+            if request.kind == "unsub" and not request.future.done():
+                request.future.set_result(None)
+        for callback in list(self._on_disconnect):
+            _safely(callback, code, reason)
+
+    def _finish(self, code: int, reason: str) -> None:
+        """The connection ended for good: fail what waits, end the query sets."""
+        if self._done.is_set():
+            return
+        self._ws = None
+        self._connected = False
+        self.close_code = code
+        self.close_reason = reason
+        for request in list(self._pending.values()):
+            if request.future.done():
+                continue
+            if request.kind == "call":
+                message = request.message
+                assert isinstance(message, CallReducer)
+                request.future.set_exception(
+                    CallInterrupted(
+                        f"the connection closed ({code}{': ' + reason if reason else ''}) "
+                        f"before {message.reducer!r} answered; it may or may not have run. "
+                        "Call again with the same idempotency_key to run it at most once",
+                        idempotency_key=message.idempotency_key,
+                        code=code,
+                        reason=reason,
+                    )
+                )
+            elif request.kind == "unsub":
+                request.future.set_result(None)
+            else:
+                request.future.set_exception(ConnectionClosed(code, reason))
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed(code, reason))
+        for sub in list(self._query_sets.values()):
+            if sub.state in ("pending", "live"):
+                sub.state = "ended"
+        self._done.set()
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def _receive(self, data: bytes | str) -> None:
+        """Handle one WebSocket message (a `Batch` is one cache transaction)."""
+        msg: ServerMessage = self._codec.decode_server(data)
+        if type(msg) is Batch:
+            with self._cache.transaction():
+                for inner in msg.messages:
+                    self._handle(inner)
+        else:
+            self._handle(msg)
+
+    def _handle(self, msg: ServerMessage) -> None:
+        kind = type(msg)
+        if kind is TransactionUpdate:
+            assert isinstance(msg, TransactionUpdate)
+            self._on_transaction(msg)
+        elif kind is ReducerResult:
+            assert isinstance(msg, ReducerResult)
+            self._on_result(msg)
+        elif kind is SubscribeApplied:
+            assert isinstance(msg, SubscribeApplied)
+            self._on_applied(msg)
+        elif kind is SubscriptionFailed:
+            assert isinstance(msg, SubscriptionFailed)
+            self._on_sub_failed(msg)
+        elif kind is QueryResult:
+            assert isinstance(msg, QueryResult)
+            self._on_query_result(msg)
+        elif kind is Unsubscribed:
+            assert isinstance(msg, Unsubscribed)
+            self._settle(msg.request_id, None)
+        elif kind is Welcome:
+            assert isinstance(msg, Welcome)
+            self._on_welcome(msg)
+        elif kind is Pong:
+            assert isinstance(msg, Pong)
+            fut = self._pings.get(msg.nonce)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif kind is Error:
+            assert isinstance(msg, Error)
+            self._on_error(msg)
+        elif kind is Batch:  # pragma: no cover - decoding refuses nested batches
+            raise ProtocolError("nested Batch")
+
+    def _on_welcome(self, msg: Welcome) -> None:
+        if self._welcomed:
+            raise ProtocolError("Welcome received twice on one connection")
+        self._welcomed = True
+        if self.identity and msg.identity != self.identity:
+            logger.warning(
+                "the server gave a new identity %s (was %s)", msg.identity, self.identity
+            )
+        self.identity = msg.identity
+        self.connection_id = msg.connection_id
+        self._epoch = msg.epoch
+        self._welcome_offset = msg.offset
+        if msg.token is not None:
+            self.token = msg.token
+
+    def _advance(self, offset: int) -> None:
+        if not self._connected:
+            # Mid-handshake: the cursor waits until every resumed set is consistent.
+            self._handshake_offset = max(self._handshake_offset, offset)
+        elif self._cursor is None or self._cursor[0] != self._epoch or offset > self._cursor[1]:
+            self._cursor = (self._epoch, offset)
+
+    def _info(self, table: str) -> TableInfo:
+        info = self.schema.tables.get(table)
+        if info is None:
+            raise ProtocolError(f"the server sent rows of {table!r}, which /v1/schema did not list")
+        return info
+
+    def _rows(self, info: TableInfo, wire_rows: Sequence[Sequence[Any]]) -> list[Row]:
+        b64 = self.fmt == "json"
+        return [info.row(r, base64_bytes=b64) for r in wire_rows]
+
+    def _apply_delta(self, holder: tuple[int, int], delta: QueryUpdate, *, replace: bool) -> None:
+        info = self._info(delta.table)
+        rows = self._rows(info, delta.inserts)
+        if delta.updates:
+            rows.extend(self._rows(info, delta.updates))
+        if replace:
+            self._cache.replace(holder, delta.table, rows)
+            return
+        if rows:
+            self._cache.upsert(holder, delta.table, rows)
+        if delta.deletes:
+            b64 = self.fmt == "json"
+            self._cache.delete(
+                holder, delta.table, [info.pk(k, base64_bytes=b64) for k in delta.deletes]
+            )
+
+    def _on_transaction(self, msg: TransactionUpdate) -> None:
+        # Cursor first: callbacks (fired when the transaction below ends) see its offset.
+        self._epoch = msg.epoch
+        self._advance(msg.offset)
+        with self._cache.transaction():
+            for update in msg.updates:
+                sub = self._query_sets.get(update.query_set_id)
+                if sub is None or sub.state != "live":
+                    continue  # unsubscribed on our side; the server has not heard yet
+                self._apply_delta(
+                    (update.query_set_id, update.query_index), update.delta, replace=False
+                )
+
+    def _on_applied(self, msg: SubscribeApplied) -> None:
+        qs_id = msg.query_set_id
+        self._resuming.discard(qs_id)
+        sub = self._query_sets.get(qs_id)
+        if sub is None or sub.state not in ("pending", "live"):
+            self._settle(msg.request_id, None)
+            return
+        if len(msg.queries) != len(sub.queries):
+            raise ProtocolError(
+                f"query set {qs_id} has {len(sub.queries)} queries, the server answered "
+                f"{len(msg.queries)}"
+            )
+        self._advance(msg.offset)
+        with self._cache.transaction():
+            for index, delta in enumerate(msg.queries):
+                self._apply_delta((qs_id, index), delta, replace=not msg.resumed)
+        sub.state = "live"
+        sub.last_resumed = msg.resumed
+        sub.applied_count += 1
+        sub.offset = msg.offset
+        self._settle(msg.request_id, sub)
+        for callback in list(sub._on_applied):
+            _safely(callback, sub)
+
+    def _on_sub_failed(self, msg: SubscriptionFailed) -> None:
+        self._resuming.discard(msg.query_set_id)
+        error = query_error(msg.code, msg.message)
+        # The waiting subscribe() gets the error before _end_query_set settles it otherwise.
+        self._settle(msg.request_id, error=error)
+        sub = self._query_sets.get(msg.query_set_id)
+        if sub is not None:
+            sub.error = error
+            self._end_query_set(sub, "failed")
+            if msg.request_id is None:
+                logger.warning(
+                    "query set %d was dropped by the server: %s", sub.query_set_id, error
+                )
+
+    def _on_query_result(self, msg: QueryResult) -> None:
+        if not msg.ok:
+            self._settle(msg.request_id, error=query_error(msg.code, msg.message))
+            return
+        request = self._pending.get(msg.request_id)
+        if request is None:
+            return
+        try:
+            rows = self._rows(self._info(msg.table or ""), msg.rows)
+        except ProtocolError as exc:
+            self._settle(msg.request_id, error=exc)
+            return
+        self._settle(msg.request_id, rows)
+
+    def _on_result(self, msg: ReducerResult) -> None:
+        if msg.ok:
+            self._settle(msg.request_id, msg.offset)
+        else:
+            self._settle(msg.request_id, error=call_error(msg.code, msg.message))
+
+    def _on_error(self, msg: Error) -> None:
+        self._last_error = msg
+        # Info only: the close that follows carries the reason to the caller.
+        logger.info("the server reported error %d: %s", msg.code, msg.message)
+        if msg.request_id is not None:
+            self._settle(msg.request_id, error=call_error(msg.code, msg.message))
+
+    def _settle(
+        self, request_id: int | None, result: Any = None, *, error: BaseException | None = None
+    ) -> None:
+        if request_id is None:
+            return
+        request = self._pending.get(RequestId(request_id))
+        if request is None or request.future.done():
+            return
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            request.future.set_result(result)
+
+    def _end_query_set(self, sub: Subscription, state: SubscriptionState) -> None:
+        if self._query_sets.pop(sub.query_set_id, None) is not None:
+            self._cache.release(sub.query_set_id)
+        if sub.state in ("pending", "live"):
+            sub.state = state
+        # A subscribe() still waiting (unsubscribed before it was applied) returns the set.
+        for request in self._pending.values():
+            message = request.message
+            if (
+                isinstance(message, Subscribe)
+                and message.query_set_id == sub.query_set_id
+                and not request.future.done()
+            ):
+                request.future.set_result(sub)
+
+
+def _safely(callback: Callable[..., object], *args: Any) -> None:
+    try:
+        callback(*args)
+    except Exception:
+        logger.exception("a connection callback (%r) raised", callback)
+
+
+class _Connect:
+    """What `connect` returns: await it, or use it as ``async with``."""
+
+    def __init__(self, make: Callable[[], Coroutine[Any, Any, Connection]]) -> None:
+        self._make = make
+        self._conn: Connection | None = None
+
+    def __await__(self) -> Generator[Any, None, Connection]:
+        return self._make().__await__()
+
+    async def __aenter__(self) -> Connection:
+        self._conn = await self._make()
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+
+def connect(
+    url: str,
+    *,
+    token: str | None = None,
+    reconnect: bool = True,
+    fmt: Format = "msgpack",
+    backoff: Backoff | None = None,
+    open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+    max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+) -> _Connect:
+    """Connect to a syncd server: ``conn = await connect(url)`` or ``async with connect(url)``.
+
+    Args:
+        url: ``ws://host:port/v1/ws``; ``ws://host:port``, ``http(s)://host:port`` and
+            ``wss://`` work too (see `Endpoint.parse`).
+        token: a bearer token (API key or JWT). None: connect anonymously; the token the server
+            mints is kept in `Connection.token` and reused on reconnect, so the identity stays.
+        reconnect: re-establish dropped connections and resume subscriptions (see the module
+            docstring). False: a drop ends the connection.
+        fmt: "msgpack" (default) or "json" (the ``syncd.v1.json`` subprotocol; readable on the
+            wire, bytes travel as base64 and are turned back into bytes using the schema).
+        backoff: reconnect delays; `Backoff()` by default (0.25 s doubling up to 10 s, full
+            jitter).
+        open_timeout: seconds for the first connection (schema, upgrade, `Welcome`) and for
+            each reconnect attempt.
+        max_message_size: largest server message accepted, in bytes; None: no limit.
+
+    Returns:
+        An awaitable that is also an async context manager (closing the connection on exit).
+
+    Raises (when awaited):
+        InvalidURL: the URL is not a ws/wss/http/https URL.
+        ConnectFailed: the server is down or unreachable, or the URL is not a syncd endpoint.
+        ConnectionClosed: the server closed during the handshake; `code` and `reason` say why
+            (4500 UNAUTHORIZED for a bad token, 4502 REJECTED by the module's
+            `client_connected` reducer).
+    """
+    if fmt not in ("msgpack", "json"):
+        raise ValueError(f"fmt must be 'msgpack' or 'json', got {fmt!r}")
+    endpoint = Endpoint.parse(url)
+
+    async def make() -> Connection:
+        try:
+            async with asyncio.timeout(open_timeout):
+                schema = await endpoint.fetch_schema(token=token, http_timeout=open_timeout)
+        except TimeoutError:
+            raise ConnectFailed(
+                endpoint.ws_url, f"no answer from {endpoint.schema_url} within {open_timeout:g}s"
+            ) from None
+        conn = Connection(
+            endpoint,
+            schema,
+            token=token,
+            reconnect=reconnect,
+            fmt=fmt,
+            backoff=backoff or Backoff(),
+            open_timeout=open_timeout,
+            max_message_size=max_message_size,
+        )
+        await conn._start()
+        return conn
+
+    return _Connect(make)
