@@ -131,6 +131,26 @@ async def test_reconnecting_with_the_token_brings_the_same_user_back_online(
         assert len(rows) == 1
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="schema/chat.py bug: on_disconnect sets online=False for the identity even while "
+    "another connection of the same identity is still open",
+)
+async def test_a_user_with_two_connections_stays_online_until_both_close(
+    chat: ServerProcess,
+) -> None:
+    """Presence is per identity: closing one of two connections of the same identity (two
+    windows) leaves the user online; closing the last one marks it offline."""
+    async with await subscribed(chat) as alice, await WireClient.open(chat) as first:
+        second = await WireClient.open(chat, hello=Hello(token=first.token))
+        await second.aclose()
+        await settled(chat, connections=2)
+        rows = await sql(chat, f"SELECT * FROM user WHERE identity = '{first.identity}'")
+        assert rows == [[first.identity, None, True]]
+        await first.aclose()
+        await eventually(lambda: user_row(alice, first.identity) == (first.identity, None, False))
+
+
 async def test_failed_reducers_are_invisible_and_do_not_advance_the_offset(
     chat: ServerProcess,
 ) -> None:

@@ -84,17 +84,25 @@ def http(
     body: bytes | str | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
-    """One HTTP request to the server; returns (status, decoded JSON body)."""
+    """One HTTP request to the server; returns (status, the JSON body decoded)."""
     data = body.encode() if isinstance(body, str) else body
     request = urllib.request.Request(
         server.http_url + path, data=data, method=method, headers=headers or {}
     )
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            return response.status, json.loads(response.read())
+            return response.status, _decoded(response.read())
     except urllib.error.HTTPError as exc:
         with exc:
-            return exc.code, json.loads(exc.read())
+            return exc.code, _decoded(exc.read())
+
+
+def _decoded(body: bytes) -> Any:
+    """JSON bodies decoded; anything else (Starlette's plain-text 404/405) as text."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")
 
 
 async def ahttp(
@@ -127,11 +135,17 @@ async def settled(server: ServerProcess, connections: int) -> dict[str, Any]:
     """Wait until exactly `connections` WebSockets are open and every appended transaction is
     applied (so the `client_disconnected` of every closed one has run); return `/readyz`."""
 
-    async def check() -> dict[str, Any] | None:
-        ready = await readyz(server)
-        return ready if ready["connections"] == connections and ready["lag"] == 0 else None
+    last: dict[str, Any] = {}
 
-    return await eventually(check, what=f"{connections} connections and no lag")
+    async def check() -> dict[str, Any] | None:
+        last.update(await readyz(server))
+        return dict(last) if last["connections"] == connections and last["lag"] == 0 else None
+
+    try:
+        return await eventually(check)
+    except AssertionError:
+        wanted = f"{connections} connections and no lag"
+        raise AssertionError(f"wanted {wanted}; /readyz: {last}") from None
 
 
 # -- the row cache --------------------------------------------------------------------------------
