@@ -73,6 +73,25 @@ async def test_set_name_and_send_message_reach_the_other_client(chat: ServerProc
         assert alice.cache.rows[MESSAGES][row[0]] == row
 
 
+async def test_json_and_msgpack_clients_see_the_same_rows(chat: ServerProcess) -> None:
+    """The two subprotocols carry the same messages: a call made over syncd.v1.json reaches a
+    msgpack subscriber and a JSON subscriber with equal rows, offsets and row caches."""
+    async with (
+        await subscribed(chat, fmt="json") as json_client,
+        await subscribed(chat) as msgpack_client,
+    ):
+        assert json_client.ws.subprotocol == "syncd.v1.json"
+        sent = await json_client.call("send_message", "sent as JSON ✓")
+        assert sent.ok
+        for client in (json_client, msgpack_client):
+            await client.wait_for(
+                lambda m: isinstance(m, TransactionUpdate) and m.offset == sent.offset
+            )
+        pk = max(msgpack_client.cache.rows[MESSAGES])
+        assert msgpack_client.cache.rows[MESSAGES][pk][3] == "sent as JSON ✓"
+        assert json_client.cache.rows[MESSAGES][pk] == msgpack_client.cache.rows[MESSAGES][pk]
+
+
 async def test_empty_input_is_rejected_with_a_reducer_error(chat: ServerProcess) -> None:
     """Empty or blank input is refused with ReducerResult(ok=False, code=3000) and the
     reducer's message; nothing is committed."""
