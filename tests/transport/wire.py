@@ -213,7 +213,7 @@ class WireClient:
         self.codec = codec
         # Every server message, in arrival order, Batches flattened.
         self.messages: list[SingleServerMessage] = []
-        # How many messages each WebSocket frame carried (1 for a lone message).
+        # The messages of each WebSocket frame (one, or a Batch's).
         self.frames: list[list[SingleServerMessage]] = []
         self.cache = RowCache()
         self.welcome: Welcome | None = None
@@ -249,6 +249,8 @@ class WireClient:
         """
         url = server if isinstance(server, str) else server.ws_url
         codec = Codec(fmt, max_size=1 << 30)
+        if subprotocols is None:
+            subprotocols = [codec.subprotocol]
         extra: dict[str, Any] = {}
         if rcvbuf is not None:
             # A tiny receive buffer (set before connecting, so the window stays small) makes
@@ -261,10 +263,8 @@ class WireClient:
             extra["sock"] = sock
         ws = await connect(
             url + query,
-            # [] offers none (no Sec-WebSocket-Protocol header at all).
-            subprotocols=(subprotocols or None)
-            if subprotocols is not None
-            else [codec.subprotocol],
+            # [] offers none: no Sec-WebSocket-Protocol header at all.
+            subprotocols=subprotocols or None,
             additional_headers=headers,
             max_size=None,
             # No permessage-deflate: sizes on the wire are then the message sizes.
