@@ -65,7 +65,14 @@ def on_connect(ctx: ReducerContext) -> None:
 
 @syncd.reducer(lifecycle="client_disconnected")
 def on_disconnect(ctx: ReducerContext) -> None:
+    # The server's connection table still lists this connection while this runs: the user
+    # stays online while any other of their connections (another window, device) is open.
+    others = [
+        c
+        for c in ctx.db.syncd_connection.filter(identity=ctx.sender)
+        if c.connection_id != ctx.connection_id
+    ]
     user = ctx.db.user.find(ctx.sender)
-    if user is not None:
+    if user is not None and not others:
         user.online = False
         ctx.db.user.update(user)

@@ -41,6 +41,7 @@ from syncd.errors import (
     CloseCode,
     ErrorCode,
     InvalidToken,
+    LimitExceeded,
     NoSuchReducer,
     SubscriptionError,
 )
@@ -277,8 +278,8 @@ class Server:
         try:
             (query,) = replica.bind([sql], {"sender": principal.identity})
             rows = replica.initial_rows(query)
-        except SubscriptionError as exc:
-            return _error(ErrorCode.BAD_QUERY, str(exc), 400)
+        except (LimitExceeded, SubscriptionError) as exc:
+            return _error(error_code(exc), str(exc), 400)
         tdef = self.schema.tables[query.table]
         return _json_response(
             {
@@ -369,6 +370,9 @@ def run(config: Config, *, log_level: str = "info") -> None:
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         lifespan="on",
         ws_max_size=limits.max_message_size * 2 + 4096,
+        # Compression would deflate each fan-out message once per connection, undoing
+        # encode-once; syncd's messages are compact already.
+        ws_per_message_deflate=False,
         log_level=log_level,
         access_log=False,
         timeout_graceful_shutdown=10,

@@ -52,6 +52,7 @@ from syncd.errors import (
     ErrorCode,
     Forbidden,
     InvalidToken,
+    LimitExceeded,
     ReducerError,
     SubscriptionError,
     SyncdError,
@@ -65,6 +66,8 @@ logger = logging.getLogger("syncd.connection")
 
 # How long a client has to send Hello after the upgrade.
 HELLO_TIMEOUT = 10.0
+# Messages handled from one client before letting other connections run.
+FAIR_SHARE = 16
 # How long to wait for a close frame to go out before dropping the transport.
 CLOSE_TIMEOUT = 1.0
 
@@ -79,6 +82,8 @@ def error_code(exc: BaseException) -> ErrorCode:
         return ErrorCode.UNAUTHORIZED
     if isinstance(exc, SubscriptionError):
         return ErrorCode.BAD_QUERY
+    if isinstance(exc, LimitExceeded):
+        return ErrorCode.LIMIT_EXCEEDED
     if isinstance(exc, BackendError):
         return ErrorCode.UNAVAILABLE
     return ErrorCode.INTERNAL
@@ -193,6 +198,7 @@ class Connection:
         if not await self._handshake(hello):
             return
         await self._dispatch(events[1:])
+        received = 0
         while self.session.state is SessionState.OPEN:
             data = await self._receive()
             if data is None:
@@ -201,6 +207,11 @@ class Connection:
             await self._dispatch(self.session.events_received())
             if self.session.state is not SessionState.OPEN:
                 self.flush()
+            received += 1
+            if received % FAIR_SHARE == 0:
+                # Messages already queued are received without suspending: let other
+                # connections run, so one pipelining client cannot stall everyone.
+                await asyncio.sleep(0)
 
     async def _handshake(self, hello: Hello) -> bool:
         server = self.server
@@ -361,7 +372,7 @@ class Connection:
     def _check_query_budget(self, extra: int) -> None:
         limit = self.server.config.limits.max_queries_per_connection
         if self.query_count + extra > limit:
-            raise _LimitHit(
+            raise LimitExceeded(
                 f"this connection would hold {self.query_count + extra} queries; "
                 f"the limit is {limit}"
             )
@@ -380,12 +391,8 @@ class Connection:
             self._check_query_budget(len(msg.queries))
             queries = replica.bind(msg.queries, self._params())
             initial = [replica.rows_update(q.table, replica.initial_rows(q)) for q in queries]
-        except _LimitHit as exc:
-            self._sub_failed(msg.request_id, msg.query_set_id, ErrorCode.LIMIT_EXCEEDED, str(exc))
-            return
-        except SubscriptionError as exc:
-            code = ErrorCode.LIMIT_EXCEEDED if "limit" in str(exc) else ErrorCode.BAD_QUERY
-            self._sub_failed(msg.request_id, msg.query_set_id, code, str(exc))
+        except (LimitExceeded, SubscriptionError) as exc:
+            self._sub_failed(msg.request_id, msg.query_set_id, error_code(exc), str(exc))
             return
         # Same tick as the initial rows: no transaction can fall between the two.
         replica.subscribe(self, msg.query_set_id, queries)
@@ -406,9 +413,8 @@ class Connection:
         try:
             self._check_query_budget(len(query_set.queries))
             queries = replica.bind(query_set.queries, self._params())
-        except (_LimitHit, SubscriptionError) as exc:
-            code = ErrorCode.LIMIT_EXCEEDED if isinstance(exc, _LimitHit) else ErrorCode.BAD_QUERY
-            self._sub_failed(None, qs_id, code, str(exc))
+        except (LimitExceeded, SubscriptionError) as exc:
+            self._sub_failed(None, qs_id, error_code(exc), str(exc))
             return
         cursor = hello.cursor
         txs = None
@@ -420,8 +426,8 @@ class Connection:
                 updates = [replica.resume_update(q, txs) for q in queries]
             else:
                 updates = [replica.rows_update(q.table, replica.initial_rows(q)) for q in queries]
-        except SubscriptionError as exc:
-            self._sub_failed(None, qs_id, ErrorCode.LIMIT_EXCEEDED, str(exc))
+        except LimitExceeded as exc:
+            self._sub_failed(None, qs_id, error_code(exc), str(exc))
             return
         replica.subscribe(self, qs_id, queries)
         self.query_sets[qs_id] = queries
@@ -457,10 +463,11 @@ class Connection:
         try:
             (query,) = replica.bind([msg.sql], self._params())
             rows = replica.initial_rows(query)
-        except SubscriptionError as exc:
-            code = ErrorCode.LIMIT_EXCEEDED if "limit" in str(exc) else ErrorCode.BAD_QUERY
+        except (LimitExceeded, SubscriptionError) as exc:
             self.session.send(
-                QueryResult(request_id=msg.request_id, ok=False, code=code, message=str(exc))
+                QueryResult(
+                    request_id=msg.request_id, ok=False, code=error_code(exc), message=str(exc)
+                )
             )
             return
         visible = self.server.schema.tables[query.table].visible_row
@@ -546,10 +553,6 @@ class Connection:
         """Close from the server's side (shutdown, revoked access)."""
         self.session.close(code, reason)
         self.flush()
-
-
-class _LimitHit(SyncdError):
-    pass
 
 
 def _resolved(outcome: CallOutcome) -> asyncio.Future[CallOutcome]:

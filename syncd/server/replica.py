@@ -29,7 +29,7 @@ from syncd.core.schema import Schema
 from syncd.core.store import Row, Store
 from syncd.core.subscriptions import QueryDelta, SubscriptionIndex
 from syncd.core.tx import Tx, decode_tx
-from syncd.errors import CloseCode, JournalError, SubscriptionError
+from syncd.errors import CloseCode, JournalError, LimitExceeded, SubscriptionError
 from syncd.ports import Journal
 
 if TYPE_CHECKING:
@@ -243,10 +243,10 @@ class Replica:
         return bound
 
     def initial_rows(self, query: BoundQuery) -> list[Row]:
-        """The query's rows now. Raises SubscriptionError past the initial-rows limit."""
+        """The query's rows now. Raises LimitExceeded past the initial-rows limit."""
         rows = query.initial_rows(self.store)
         if len(rows) > self.limits.max_initial_rows:
-            raise SubscriptionError(
+            raise LimitExceeded(
                 f"the query returns {len(rows)} rows, more than the limit of "
                 f"{self.limits.max_initial_rows}; narrow it with a WHERE clause"
             )

@@ -14,6 +14,7 @@ from syncd.core.hlc import HybridClock
 from syncd.core.reducers import AuthInfo, merge_cell, run_reducer
 from syncd.core.schema import Schema, load_schema
 from syncd.core.store import ChangeSet, Store
+from syncd.core.system import with_system_tables
 
 
 class Mood(enum.Enum):
@@ -245,7 +246,7 @@ def test_merge_cell_from_a_client(h: Harness) -> None:
 
 def test_chat_semantics() -> None:
     """Connect creates the user online; names and messages are validated; disconnect = offline."""
-    h = Harness(load_schema(chat))
+    h = Harness(with_system_tables(load_schema(chat)))
     h.call("on_connect", sender="alice")
     h.call("set_name", "Alice", sender="alice")
     h.call("send_message", "hello", sender="alice")

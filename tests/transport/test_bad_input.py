@@ -243,11 +243,6 @@ async def test_bad_sql_fails_the_query_set_with_3100(
     await bystander.still_works()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: connection.py tells limit errors apart by '\"limit\" in str(exc)', so "
-    "an unknown table or column whose name contains 'limit' is reported as 2003",
-)
 async def test_a_bad_query_naming_limit_is_still_a_bad_query(chat: ServerProcess) -> None:
     """An unknown table called speed_limit is a bad query (3100), not LIMIT_EXCEEDED (2003)."""
     async with await WireClient.open(chat) as client:

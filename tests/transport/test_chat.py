@@ -150,11 +150,6 @@ async def test_reconnecting_with_the_token_brings_the_same_user_back_online(
         assert len(rows) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schema/chat.py bug: on_disconnect sets online=False for the identity even while "
-    "another connection of the same identity is still open",
-)
 async def test_a_user_with_two_connections_stays_online_until_both_close(
     chat: ServerProcess,
 ) -> None:
