@@ -259,6 +259,8 @@ class Connection:
         self._next_query_set = 0
         # Query sets by id: pending, live, or being unsubscribed.
         self._query_sets: dict[QuerySetId, Subscription] = {}
+        # Query sets the server holds and we do not: to unsubscribe at the next chance.
+        self._orphans: set[QuerySetId] = set()
         # Pings waiting for their Pong: nonce -> future.
         self._pings: dict[int, asyncio.Future[None]] = {}
         # Reads the socket, and reconnects; None before connect and after it ended.
@@ -588,6 +590,7 @@ class Connection:
         self._resuming = {s.query_set_id for s in live}
         self._handshake_offset = 0
         self._last_error = None
+        self._orphans.clear()  # the old socket's sets died with it
         # One cache transaction for the whole resume: callbacks see old state -> new state.
         self._cache.begin()
         try:
@@ -611,6 +614,7 @@ class Connection:
     async def _flush_pending(self) -> None:
         """Send every request not sent on this socket yet, oldest first, then go live."""
         generation = self._generation
+        await self._unsubscribe_orphans()
         while True:
             todo = [r for r in self._pending.values() if r.sent_on != generation]
             if not todo:
@@ -628,6 +632,13 @@ class Connection:
                 # close, and the next handshake sends the request again.
                 await self._send(message)
         self._connected = True
+
+    async def _unsubscribe_orphans(self) -> None:
+        # Fire and forget: the Unsubscribed answer matches no pending request and is ignored.
+        orphans, self._orphans = self._orphans, set()
+        for qs_id in sorted(orphans):
+            self._next_request += 1
+            await self._send(Unsubscribe(RequestId(self._next_request), qs_id))
 
     def _close_info(self, ws: ClientConnection) -> tuple[int, str]:
         code = ws.close_code if ws.close_code is not None else _ABNORMAL
@@ -660,6 +671,8 @@ class Connection:
         try:
             async for data in ws:
                 self._receive(data)
+                if self._orphans:
+                    await self._unsubscribe_orphans()
         except websockets.exceptions.ConnectionClosed:
             pass
         except ProtocolError as exc:
@@ -686,6 +699,9 @@ class Connection:
             except ProtocolError as exc:
                 self._finish(_PROTOCOL_ERROR, f"the server sent a bad message: {exc}")
                 return None
+            except OSError as exc:  # the socket failed in a way websockets did not wrap
+                logger.info("reconnecting to %s: %s", self.endpoint.ws_url, exc)
+                continue
             self._backoff.reset()
             self.reconnects += 1
             for callback in list(self._on_reconnect):
@@ -858,7 +874,9 @@ class Connection:
         self._resuming.discard(qs_id)
         sub = self._query_sets.get(qs_id)
         if sub is None or sub.state not in ("pending", "live"):
-            self._settle(msg.request_id, None)
+            # We dropped the set (a cancelled subscribe, or an unsubscribe during a resume)
+            # but the server holds it now: tell it to stop.
+            self._orphans.add(qs_id)
             return
         if len(msg.queries) != len(sub.queries):
             raise ProtocolError(

@@ -24,6 +24,7 @@ from syncd.core.protocol.messages import (
     Subscribe,
     SubscribeApplied,
     TransactionUpdate,
+    Unsubscribe,
     Welcome,
 )
 from syncd.errors import CloseCode, ConnectionClosed, ErrorCode
@@ -268,4 +269,24 @@ async def test_requests_made_while_disconnected_go_out_after_the_handshake() -> 
         )
         assert await in_flight == 6 and await later == 7
         assert (await subscribing).is_live and texts(conn) == {1: "x"}
+        await conn.close()
+
+
+async def test_a_cancelled_subscribe_is_unsubscribed() -> None:
+    """The caller gave up before SubscribeApplied: its rows are not cached, and the client
+    tells the server to drop the set it just subscribed."""
+    async with FakeServer() as server:
+        conn, peer = await connected(server)
+        subscribing = asyncio.ensure_future(conn.subscribe(QUERY))
+        request = await peer.recv()
+        assert isinstance(request, Subscribe)
+        subscribing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await subscribing
+        rows = [QueryUpdate("message", inserts=[row(1, "one")])]
+        await peer.send(SubscribeApplied(request.request_id, request.query_set_id, Offset(5), rows))
+        unsubscribe = await peer.recv()
+        assert isinstance(unsubscribe, Unsubscribe)
+        assert unsubscribe.query_set_id == request.query_set_id
+        assert texts(conn) == {} and conn.subscriptions == []
         await conn.close()
