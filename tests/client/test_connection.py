@@ -269,8 +269,10 @@ async def test_without_reconnect_a_call_in_flight_fails_retryably(
 
 
 async def test_server_restart(chat_server: ServerProcess) -> None:
-    """kill -9 and restart on the same port: clients reconnect by themselves, calls made
-    meanwhile go through, and the cache ends equal to a fresh client's."""
+    """kill -9 and restart on the same port: clients reconnect by themselves and keep their
+    identity; a call whose result the crash swallowed is answered from the journal (it ran
+    once); a call made while the server was down goes through; the cache ends equal to a
+    fresh client's."""
     url = chat_server.ws_url
     async with (
         syncd.client.connect(url, backoff=quick_backoff()) as a,
@@ -281,24 +283,30 @@ async def test_server_restart(chat_server: ServerProcess) -> None:
         await a.call("send_message", "before the crash")
         await eventually(lambda: len(b.db.message) == 1)
         identity = b.identity
+        assert a.websocket is not None
+        a.websocket.transport.pause_reading()
+        swallowed = asyncio.ensure_future(a.call("send_message", "result lost in the crash"))
+        await eventually(lambda: len(b.db.message) == 2)  # durable and fanned out
 
         await asyncio.to_thread(chat_server.kill)
+        a.websocket.transport.abort()  # with reading paused, A would not notice the EOF
         await eventually(lambda: not b.is_connected and not a.is_connected)
         pending = asyncio.ensure_future(a.call("send_message", "during the restart"))
         close_pipe(chat_server)
         await chat_server.astart()
+        assert await asyncio.wait_for(swallowed, RECONNECT_TIMEOUT) is not None
         assert await asyncio.wait_for(pending, RECONNECT_TIMEOUT) is not None
 
-        await eventually(lambda: len(b.db.message) == 2, RECONNECT_TIMEOUT)
+        await eventually(lambda: len(b.db.message) == 3, RECONNECT_TIMEOUT)
         assert b.identity == identity and b.reconnects >= 1 and sub.applied_count >= 2
         async with syncd.client.connect(url) as fresh:
             await fresh.subscribe(CHAT)
             await eventually(lambda: snapshot(b) == snapshot(fresh))
-        # The fresh client's own user row left with it; both caches agree again.
-        assert {r["text"] for r in b.db.message.rows()} == {
+        assert sorted(r["text"] for r in b.db.message.rows()) == [
             "before the crash",
             "during the restart",
-        }
+            "result lost in the crash",
+        ]
 
 
 async def test_close_is_clean(chat_server: ServerProcess) -> None:
