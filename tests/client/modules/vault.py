@@ -1,14 +1,14 @@
 """Vault: a test module for the client's edge cases.
 
-Bytes primary keys and columns (base64 in the JSON subprotocol), a Counter column for CRDT
-merges, a reducer only an admin may call (FORBIDDEN), and a `client_connected` that refuses
-identities that banned themselves (close code 4502 REJECTED).
+Bytes primary keys and columns (base64 in the JSON subprotocol), Counter and LWW[bytes] columns
+for CRDT merges, a reducer only an admin may call (FORBIDDEN), and a `client_connected` that
+refuses identities that banned themselves (close code 4502 REJECTED).
 """
 
 from __future__ import annotations
 
 import syncd
-from syncd import Counter, Identity, ReducerContext
+from syncd import LWW, Counter, Identity, ReducerContext
 
 
 @syncd.table(public=True)
@@ -16,6 +16,12 @@ class Blob:
     key: bytes = syncd.primary_key()
     data: bytes | None = None
     hits: Counter = 0
+
+
+@syncd.table(public=True)
+class Label:
+    id: int = syncd.primary_key()
+    value: LWW[bytes]
 
 
 @syncd.table(public=True)
@@ -38,6 +44,12 @@ def put(ctx: ReducerContext, key: bytes, data: bytes | None) -> None:
 def drop(ctx: ReducerContext, key: bytes) -> None:
     """Delete a blob."""
     ctx.db.blob.delete(key)
+
+
+@syncd.reducer
+def label(ctx: ReducerContext, id: int) -> None:
+    """Create an empty label."""
+    ctx.db.label.insert(Label(id=id, value=b""))
 
 
 @syncd.reducer(roles=["admin"])
