@@ -1,0 +1,1164 @@
+"""Subscription queries: compile SQL once, bind parameters per subscriber, evaluate on a store.
+
+A client subscribes with SQL. `compile_query` parses it with sqlglot, checks it against the
+schema and turns it into a small condition tree (the classes below), keeping parameters such as
+`:sender` symbolic. `Query.bind` substitutes one subscriber's values and returns a `BoundQuery`,
+whose `key` is the canonical SQL text: two clients whose queries differ only in whitespace,
+keyword case, alias names, the order of AND/OR terms or IN items, or which side of a comparison
+the column is on get equal keys, so the server evaluates the query once for both.
+
+Supported::
+
+    SELECT * FROM t [WHERE cond]
+    SELECT t.* FROM t JOIN u ON t.a = u.b [WHERE cond]      -- a semijoin: rows of t only
+
+`cond` is built from `=`, `<>`/`!=`, `<`, `<=`, `>`, `>=`, `IN (...)`, `IS [NOT] NULL`, `AND`,
+`OR`, `NOT`, a boolean column, and operands that are columns, literals (integers, floats,
+strings, TRUE/FALSE, NULL) or named parameters (`:sender`, `:name`). In the join form, `cond` may
+use columns of both tables, and `t` is in the result when *some* row of `u` with `u.b = t.a`
+makes `cond` true. Both join columns must be served by the primary key or an index. Anything
+else raises `SubscriptionError` naming the part that is not supported.
+
+Semantics follow SQL: conditions compare *visible* values (an enum's string value, an LWW
+register's value, a counter's total), NULL compares as unknown (`a = NULL` is never true; use
+`IS NULL`), `NOT unknown` is unknown, and a row is in the result only when its condition is true.
+Unquoted identifiers are case-insensitive (they are lowercased, as in PostgreSQL); quote a
+column name with capitals: `"roomId"`.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NewType, Protocol
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError, SqlglotError
+
+from syncd.core.schema import Schema, TableDef
+from syncd.core.store import Row, Store
+from syncd.core.values import (
+    BoolType,
+    ColumnType,
+    CounterType,
+    CrdtType,
+    EnumType,
+    FloatType,
+    IdentityType,
+    IntType,
+    LwwType,
+    OptionalType,
+    StrType,
+    TimestampType,
+)
+from syncd.errors import SubscriptionError
+
+__all__ = [
+    "SENDER",
+    "And",
+    "BoundQuery",
+    "Col",
+    "Compare",
+    "Cond",
+    "Const",
+    "InList",
+    "IsNull",
+    "Join",
+    "Not",
+    "Or",
+    "Param",
+    "Query",
+    "QueryKey",
+    "RowSource",
+    "StoreView",
+    "Truth",
+    "compile_query",
+]
+
+#: The canonical SQL of a bound query: equal keys mean the same rows at every state.
+QueryKey = NewType("QueryKey", str)
+
+#: The parameter the server binds to the subscriber's identity.
+SENDER = "sender"
+
+Op = Literal["=", "<>", "<", "<=", ">", ">="]
+
+# ---------------------------------------------------------------------------------------------
+# The condition tree. Side 0 is the result table, side 1 the joined table.
+
+
+@dataclass(frozen=True, slots=True)
+class Col:
+    """A column reference: `side` 0 is the table whose rows are returned, 1 the joined one."""
+
+    side: int
+    position: int
+    table: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Const:
+    """A value in visible form, already checked against the column it is compared with.
+
+    None is SQL NULL.
+    """
+
+    value: object
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A named parameter (`:name`), replaced by a `Const` at bind time.
+
+    `type` is the plain type of the column it is compared with; `column` names that column
+    for error messages.
+    """
+
+    name: str
+    type: ColumnType
+    column: str
+
+
+Operand = Col | Const | Param
+Value = Const | Param
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """`left op right`; the compiler always puts a column on the left."""
+
+    op: Op
+    left: Col
+    right: Operand
+
+
+@dataclass(frozen=True, slots=True)
+class InList:
+    """`column IN (items)`."""
+
+    column: Col
+    items: tuple[Value, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IsNull:
+    """`column IS NULL` (`IS NOT NULL` is `Not(IsNull(...))`)."""
+
+    column: Col
+
+
+@dataclass(frozen=True, slots=True)
+class Truth:
+    """A boolean column, or TRUE/FALSE, used as a condition on its own."""
+
+    operand: Col | Const
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    term: Cond
+
+
+@dataclass(frozen=True, slots=True)
+class And:
+    terms: tuple[Cond, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Or:
+    terms: tuple[Cond, ...]
+
+
+Cond = Compare | InList | IsNull | Truth | Not | And | Or
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """`JOIN table ON <result>.column = table.other_column` (both served by an index or pk)."""
+
+    table: str
+    column: str  # the result table's join column
+    position: int
+    other_column: str  # the joined table's join column
+    other_position: int
+
+
+class RowSource(Protocol):
+    """Read access to one state of the tables, as a query needs it."""
+
+    def lookup(self, table: str, column: str, value: object) -> Sequence[Row]:
+        """Rows of `table` whose `column` equals `value` (stored form; never called with None).
+
+        Only called for columns served by the primary key or an index.
+        """
+        ...
+
+
+class StoreView:
+    """The store's current state as a `RowSource`, memoising lookups.
+
+    Use one view per state: it must not outlive a change to the store.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._tables = store.tables
+        # (table, column, value) -> rows: several queries often read the same rows
+        self._memo: dict[tuple[str, str, object], Sequence[Row]] = {}
+
+    def lookup(self, table: str, column: str, value: object) -> Sequence[Row]:
+        key = (table, column, value)
+        rows = self._memo.get(key)
+        if rows is None:
+            rows = self._memo[key] = self._tables[table].lookup(column, value)
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled and bound queries
+
+
+@dataclass(frozen=True, eq=False)
+class Query:
+    """A compiled query, parameters still symbolic. Compile once, bind per subscriber.
+
+    Equality and hashing use `key` (the canonical SQL with `:name` placeholders), so equal
+    queries can share one compiled object.
+    """
+
+    #: The table whose rows the query returns.
+    table: str
+    #: The semijoin, or None for a single-table query.
+    join: Join | None
+    #: The WHERE condition (None: every row).
+    where: Cond | None
+    #: Names of the parameters `bind` needs.
+    params: frozenset[str]
+    #: Canonical SQL, parameters as `:name`.
+    key: str
+    #: The schema it was checked against (tables are read through it when bound).
+    schema: Schema = field(repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Query) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def bind(self, params: Mapping[str, object] | None = None) -> BoundQuery:
+        """Substitute parameter values (python form, e.g. an enum member or its string).
+
+        Args:
+            params: values by name (without the colon). Names the query does not use are
+                ignored, so a server may pass the same claims to every query.
+
+        Raises:
+            SubscriptionError: a parameter the query uses is missing, or its value does not fit
+                the column it is compared with.
+        """
+        values = params or {}
+        missing = sorted(self.params - values.keys())
+        if missing:
+            names = ", ".join(f":{name}" for name in missing)
+            raise SubscriptionError(f"parameter {names} has no value")
+        where = None if self.where is None else _substitute(self.where, values)
+        return BoundQuery(self, where)
+
+
+class BoundQuery:
+    """A query with every parameter bound: what the subscription index holds.
+
+    Made by `Query.bind`. Equality and hashing use `key`. Rows given to and returned by its
+    methods are in stored form (as in `Store`); conditions are evaluated on their visible form.
+    It reads tables by name, so use it with stores of the schema it was compiled against.
+    """
+
+    __slots__ = (
+        "_pair",
+        "_pre",
+        "_t_plain",
+        "_tdef",
+        "_u_plain",
+        "_udef",
+        "join",
+        "key",
+        "query",
+        "table",
+        "where",
+    )
+
+    def __init__(self, query: Query, where: Cond | None) -> None:
+        self.query = query
+        #: The table whose rows are returned.
+        self.table = query.table
+        #: The semijoin, or None.
+        self.join = query.join
+        where, text = _canonical(where) if where is not None else (None, "")
+        #: The bound WHERE condition in canonical form (None: every row).
+        self.where = where
+        #: Canonical SQL: the identity of the query for sharing and routing.
+        self.key = QueryKey(
+            _select_sql(query.table, query.join) + (f" WHERE {text}" if text else "")
+        )
+        self._tdef = query.schema.tables[query.table]
+        self._udef = query.schema.tables[query.join.table] if query.join else None
+        # Tables without CRDT columns store visible values: skip the conversion on the hot path.
+        self._t_plain = not self._tdef.crdt_positions
+        self._u_plain = self._udef is None or not self._udef.crdt_positions
+        terms = _conjuncts(where)
+        # Conjuncts over the result row only are checked before looking for a join partner.
+        own = [t for t in terms if _sides(t) <= {0}]
+        rest = [t for t in terms if not _sides(t) <= {0}]
+        self._pre = _predicate(own)
+        self._pair = _predicate(rest) if rest else None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BoundQuery) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __repr__(self) -> str:
+        return f"BoundQuery({self.key!r})"
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """Every table the result depends on: the result table, then the joined one."""
+        return (self.table,) if self.join is None else (self.table, self.join.table)
+
+    def equalities(self, side: int) -> list[tuple[int, tuple[object, ...]]]:
+        """Top-level conjuncts `column = value` / `column IN (values)` on one side.
+
+        Returns:
+            (column position, visible non-NULL values) pairs: a row of that side whose column
+            holds none of the values can never make the condition true (an empty tuple: no
+            row can). Used for routing and index lookups.
+        """
+        out: list[tuple[int, tuple[object, ...]]] = []
+        for term in _conjuncts(self.where):
+            col: Col | None = None
+            found: tuple[object, ...] = ()
+            if isinstance(term, Compare) and term.op == "=" and isinstance(term.right, Const):
+                col, found = term.left, (term.right.value,)
+            elif isinstance(term, InList):
+                col = term.column
+                found = tuple(i.value for i in term.items if isinstance(i, Const))
+            elif isinstance(term, Truth) and isinstance(term.operand, Col):
+                col, found = term.operand, (True,)
+            if col is None or col.side != side:
+                continue
+            values = tuple(v for v in found if v is not None)
+            out.append((col.position, values))
+        return out
+
+    def matches(self, row: Row, state: RowSource | None = None) -> bool:
+        """True when `row` (stored form, of `self.table`) is in the result at `state`.
+
+        Args:
+            state: the other table's rows; required for a join, ignored otherwise.
+
+        Raises:
+            ValueError: the query is a join and `state` is None.
+        """
+        if self.join is not None and state is None:
+            raise ValueError(f"{self.key}: a join query needs the state to match a row")
+        return self.contains(row, state)
+
+    def contains(self, row: Row, state: RowSource | None) -> bool:
+        """Like `matches`, without the argument check (the router's hot path)."""
+        seen = row if self._t_plain else self._tdef.visible_row(row)
+        own = self._pre((seen,))
+        if own is not True:
+            return False
+        join = self.join
+        if join is None:
+            return True
+        value = row[join.position]
+        if value is None:
+            return False
+        assert state is not None and self._udef is not None
+        partners = state.lookup(join.table, join.other_column, value)
+        pair = self._pair
+        if pair is None:
+            return bool(partners)
+        udef = None if self._u_plain else self._udef
+        for partner in partners:
+            if pair((seen, partner if udef is None else udef.visible_row(partner))) is True:
+                return True
+        return False
+
+    def initial_rows(self, store: Store) -> list[Row]:
+        """The rows in the result at the store's current state (stored form, unordered).
+
+        Uses the primary key or an index for an equality (or IN) condition when one serves
+        it, on the result table first, then on the joined table; otherwise scans.
+        """
+        view = StoreView(store)
+        candidates: Iterable[Row] | None = self._lookup_rows(0, store)
+        if candidates is None and self.join is not None:
+            partners = self._lookup_rows(1, store)
+            if partners is not None:
+                candidates = self._partners_of(partners, store)
+        if candidates is None:
+            candidates = store.tables[self.table].rows.values()
+        return [row for row in candidates if self.contains(row, view)]
+
+    def _lookup_rows(self, side: int, store: Store) -> list[Row] | None:
+        tdef = self._tdef if side == 0 else self._udef
+        assert tdef is not None
+        state = store.tables[tdef.name]
+        for position, values in sorted(self.equalities(side), key=lambda e: len(e[1])):
+            name = tdef.columns[position].name
+            if not _serves_lookup(tdef, name):
+                continue
+            rows: list[Row] = []
+            # Indexed columns are never CRDT columns, so visible values are stored values.
+            for value in dict.fromkeys(values):
+                rows.extend(state.lookup(name, value))
+            return rows
+        return None
+
+    def _partners_of(self, partners: list[Row], store: Store) -> list[Row]:
+        join = self.join
+        assert join is not None
+        state = store.tables[self.table]
+        found: dict[object, Row] = {}
+        for partner in partners:
+            value = partner[join.other_position]
+            if value is not None:
+                for row in state.lookup(join.column, value):
+                    found[state.pk_of(row)] = row
+        return list(found.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling
+
+
+def compile_query(sql: str, schema: Schema) -> Query:
+    """Parse and check a subscription query.
+
+    Args:
+        sql: one SELECT statement (see the module docstring for what is supported).
+        schema: the tables it may read; only public tables can be subscribed to.
+
+    Returns:
+        The compiled query, parameters symbolic; call `bind` before evaluating it.
+
+    Raises:
+        SubscriptionError: the SQL does not parse, names an unknown or private table or
+            column, compares values of the wrong type, or uses anything not supported. The
+            message names the offending part; `position` is its character offset when known.
+    """
+    return _Compiler(sql, schema).compile()
+
+
+# Select clauses and what to call them in an error.
+_CLAUSES = {
+    "distinct": "DISTINCT",
+    "group": "GROUP BY",
+    "having": "HAVING",
+    "order": "ORDER BY",
+    "limit": "LIMIT",
+    "offset": "OFFSET",
+    "with": "WITH",
+    "with_": "WITH",
+    "qualify": "QUALIFY",
+    "windows": "WINDOW",
+    "into": "INTO",
+    "laterals": "LATERAL",
+    "locks": "FOR UPDATE",
+    "sample": "TABLESAMPLE",
+    "settings": "SETTINGS",
+    "format": "FORMAT",
+    "kind": "SELECT AS",
+    "hint": "hints",
+    "connect": "CONNECT BY",
+    "match": "MATCH_RECOGNIZE",
+    "prewhere": "PREWHERE",
+    "cluster": "CLUSTER BY",
+    "distribute": "DISTRIBUTE BY",
+    "sort": "SORT BY",
+    "operation_modifiers": "modifiers",
+}
+_SELECT_ARGS = {"expressions", "from", "from_", "joins", "where"}
+
+_OPS: dict[type[Any], Op] = {
+    exp.EQ: "=",
+    exp.NEQ: "<>",
+    exp.LT: "<",
+    exp.LTE: "<=",
+    exp.GT: ">",
+    exp.GTE: ">=",
+}
+_FLIPPED: dict[Op, Op] = {"=": "=", "<>": "<>", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+
+
+class _Compiler:
+    def __init__(self, sql: str, schema: Schema) -> None:
+        self.sql = sql
+        self.schema = schema
+        # name or alias (as written, case-folded) -> table; filled from FROM and JOIN
+        self.scope: dict[str, TableDef] = {}
+        # table name -> side (0: result table, 1: joined table)
+        self.sides: dict[str, int] = {}
+        # parameter names seen, for Query.params
+        self.params: set[str] = set()
+
+    def fail(self, message: str, node: Any = None) -> SubscriptionError:
+        return SubscriptionError(message, position=self.position(node))
+
+    def position(self, node: Any) -> int | None:
+        if node is None:
+            return None
+        starts = [int(n.meta["start"]) for n in node.walk() if "start" in (n._meta or {})]
+        if starts:
+            return min(starts)
+        if isinstance(node, exp.Placeholder) and isinstance(node.this, str):
+            found = re.search(rf":{re.escape(node.this)}\b", self.sql)
+            return found.start() if found else None
+        return None
+
+    # -- statement --------------------------------------------------------------------------
+
+    def compile(self) -> Query:
+        select = self.parse()
+        for name, value in select.args.items():
+            if name not in _SELECT_ARGS and value:
+                clause = _CLAUSES.get(name, name.upper())
+                raise self.fail(f"{clause} is not supported in a subscription query", value)
+        source = select.args.get("from_") or select.args.get("from")
+        if source is None:
+            raise self.fail("the query needs FROM <table>")
+        first, first_alias = self.table_of(source.this)
+        joins = select.args.get("joins") or []
+        if len(joins) > 1:
+            raise self.fail(
+                "joins of more than two tables are not supported (only t JOIN u)", joins[1]
+            )
+        second: TableDef | None = None
+        join_node = joins[0] if joins else None
+        if join_node is not None:
+            second, second_alias = self.join_table(join_node)
+            if second.name == first.name:
+                raise self.fail(f"table {first.name} cannot be joined with itself", join_node)
+            if second_alias == first_alias:
+                raise self.fail(f"{second_alias} names both tables", join_node)
+            self.scope[second_alias] = second
+        self.scope[first_alias] = first
+        result = self.projection(select, first, second)
+        other = second if result is first else first
+        self.sides[result.name] = 0
+        join: Join | None = None
+        if join_node is not None:
+            assert other is not None
+            self.sides[other.name] = 1
+            join = self.join_condition(join_node, result, other)
+        where_node = select.args.get("where")
+        where = None if where_node is None else _flatten(self.cond(where_node.this))
+        template = _canonical(where)[1] if where is not None else ""
+        key = _select_sql(result.name, join) + (f" WHERE {template}" if template else "")
+        return Query(result.name, join, where, frozenset(self.params), key, self.schema)
+
+    def parse(self) -> Any:
+        try:
+            statements = sqlglot.parse(self.sql)
+        except ParseError as exc:
+            first = exc.errors[0] if exc.errors else {}
+            raise SubscriptionError(
+                f"cannot parse the query: {first.get('description', exc)}",
+                position=self.parse_error_position(first),
+            ) from None
+        except SqlglotError as exc:
+            raise SubscriptionError(f"cannot parse the query: {exc}") from None
+        found: list[Any] = [s for s in statements if s is not None]
+        if len(found) != 1:
+            raise SubscriptionError(
+                f"a subscription query is exactly one SELECT statement, got {len(found)}"
+            )
+        (statement,) = found
+        if not isinstance(statement, exp.Select):
+            raise self.fail(
+                f"only SELECT queries are supported, got {statement.key.upper()}", statement
+            )
+        return statement
+
+    def parse_error_position(self, error: Mapping[str, Any]) -> int | None:
+        line, col = error.get("line"), error.get("col")
+        if not isinstance(line, int) or not isinstance(col, int):
+            return None
+        lines = self.sql.split("\n")
+        offset = sum(len(text) + 1 for text in lines[: line - 1])
+        return max(0, offset + col - len(error.get("highlight") or " "))
+
+    def table_of(self, node: Any) -> tuple[TableDef, str]:
+        if isinstance(node, exp.Subquery | exp.Select):
+            raise self.fail("subqueries are not supported", node)
+        if not isinstance(node, exp.Table) or not isinstance(node.this, exp.Identifier):
+            raise self.fail(f"unsupported FROM item: {node.sql()}", node)
+        for part in ("db", "catalog"):
+            if node.args.get(part):
+                raise self.fail(f"qualified table names are not supported: {node.sql()}", node)
+        for name, value in node.args.items():
+            if name not in ("this", "alias") and value:
+                raise self.fail(f"unsupported table syntax: {node.sql()}", node)
+        name = _ident(node.this)
+        tdef = self.schema.tables.get(name)
+        if tdef is None:
+            raise self.fail(f"unknown table {name}", node)
+        if not tdef.public:
+            raise self.fail(f"table {name} is private: it cannot be subscribed to", node)
+        alias_node = node.args.get("alias")
+        if alias_node is None:
+            return tdef, name
+        if alias_node.args.get("columns"):
+            raise self.fail(f"column aliases are not supported: {alias_node.sql()}", alias_node)
+        return tdef, _ident(alias_node.this)
+
+    def join_table(self, node: Any) -> tuple[TableDef, str]:
+        side, kind = node.args.get("side"), node.args.get("kind")
+        if side:
+            raise self.fail(f"{side.upper()} JOIN is not supported: only inner joins", node)
+        if kind and kind.upper() != "INNER":
+            raise self.fail(f"{kind.upper()} JOIN is not supported: only inner joins", node)
+        if node.args.get("using"):
+            raise self.fail("JOIN ... USING is not supported: write ON t.a = u.b", node)
+        for name, value in node.args.items():
+            if name not in ("this", "on", "side", "kind", "using") and value:
+                raise self.fail(f"unsupported join syntax: {node.sql()}", node)
+        if node.args.get("on") is None:
+            raise self.fail(
+                "a join needs ON t.a = u.b (comma and cross joins are not supported)", node
+            )
+        return self.table_of(node.this)
+
+    def projection(self, select: Any, first: TableDef, second: TableDef | None) -> TableDef:
+        items = select.expressions
+        item = items[0] if len(items) == 1 else None
+        if isinstance(item, exp.Star) and second is None:
+            return first
+        if isinstance(item, exp.Column) and isinstance(item.this, exp.Star):
+            qualifier = item.args.get("table")
+            tdef = self.scope.get(_ident(qualifier)) if qualifier is not None else None
+            if tdef is None:
+                raise self.fail(f"unknown table {item.sql()} in the projection", item)
+            return tdef
+        what = ", ".join(i.sql() for i in items)
+        if second is not None and isinstance(item, exp.Star):
+            raise self.fail(
+                f"a join returns the rows of one table: select t.* or u.*, not {what}", item
+            )
+        star = "SELECT *" if second is None else "SELECT t.*"
+        raise self.fail(f"only {star} is supported, not SELECT {what}", items[0] if items else None)
+
+    def join_condition(self, node: Any, result: TableDef, other: TableDef) -> Join:
+        on = _unparen(node.args["on"])
+        if not (
+            isinstance(on, exp.EQ)
+            and isinstance(_unparen(on.this), exp.Column)
+            and isinstance(_unparen(on.expression), exp.Column)
+        ):
+            raise self.fail(
+                f"the join condition must be one equality of two columns, not {on.sql()}", on
+            )
+        left, right = self.column(_unparen(on.this)), self.column(_unparen(on.expression))
+        if left.side == right.side:
+            raise self.fail(
+                f"the join condition must compare a column of {result.name} with one of "
+                f"{other.name}: {on.sql()}",
+                on,
+            )
+        mine, theirs = (left, right) if left.side == 0 else (right, left)
+        for col, tdef in ((mine, result), (theirs, other)):
+            if not _serves_lookup(tdef, col.name):
+                raise self.fail(
+                    f"join column {tdef.name}.{col.name} has no index: join on a primary key "
+                    "or an indexed column",
+                    on,
+                )
+        self.check_comparable(mine, theirs, on)
+        return Join(other.name, mine.name, mine.position, theirs.name, theirs.position)
+
+    # -- conditions --------------------------------------------------------------------------
+
+    def cond(self, node: Any) -> Cond:
+        node = _unparen(node)
+        if isinstance(node, exp.And):
+            return And((self.cond(node.this), self.cond(node.expression)))
+        if isinstance(node, exp.Or):
+            return Or((self.cond(node.this), self.cond(node.expression)))
+        if isinstance(node, exp.Not):
+            return Not(self.cond(node.this))
+        if type(node) in _OPS:
+            return self.compare(node)
+        if isinstance(node, exp.Is):
+            if not isinstance(node.expression, exp.Null):
+                raise self.fail(f"only IS NULL and IS NOT NULL are supported: {node.sql()}", node)
+            return IsNull(self.column_operand(node.this, node))
+        if isinstance(node, exp.In):
+            return self.in_list(node)
+        if isinstance(node, exp.Column):
+            col = self.column(node)
+            if not isinstance(self.plain_type(col), BoolType):
+                raise self.fail(f"column {col.table}.{col.name} is not a boolean condition", node)
+            return Truth(col)
+        if isinstance(node, exp.Boolean):
+            return Truth(Const(bool(node.this)))
+        raise self.unsupported(node)
+
+    def unsupported(self, node: Any) -> SubscriptionError:
+        if isinstance(node, exp.Subquery | exp.Select | exp.Exists):
+            return self.fail(f"subqueries are not supported: {node.sql()}", node)
+        if isinstance(node, exp.Func):
+            return self.fail(f"functions are not supported: {node.sql()}", node)
+        return self.fail(f"unsupported expression {node.key.upper()}: {node.sql()}", node)
+
+    def compare(self, node: Any) -> Cond:
+        op = _OPS[type(node)]
+        left, right = _unparen(node.this), _unparen(node.expression)
+        if isinstance(left, exp.Column) and isinstance(right, exp.Column):
+            a, b = self.column(left), self.column(right)
+            self.check_comparable(a, b, node)
+            self.check_operator(a, op, node)
+            if (b.side, b.position) < (a.side, a.position):
+                a, b, op = b, a, _FLIPPED[op]
+            return Compare(op, a, b)
+        if isinstance(right, exp.Column):
+            left, right, op = right, left, _FLIPPED[op]
+        if not isinstance(left, exp.Column):
+            for operand in (left, right):
+                if not _is_value(operand):
+                    raise self.unsupported(operand)
+            raise self.fail(f"a comparison needs a column on one side: {node.sql()}", node)
+        col = self.column(left)
+        self.check_operator(col, op, node)
+        return Compare(op, col, self.value(right, col))
+
+    def in_list(self, node: Any) -> Cond:
+        if node.args.get("query") is not None:
+            raise self.fail(f"subqueries are not supported: {node.sql()}", node.args["query"])
+        for name, value in node.args.items():
+            if name not in ("this", "expressions") and value:
+                raise self.fail(f"unsupported IN syntax: {node.sql()}", node)
+        col = self.column_operand(node.this, node)
+        self.check_operator(col, "=", node)
+        items = tuple(self.value(_unparen(item), col) for item in node.expressions)
+        if not items:
+            raise self.fail("IN needs at least one value", node)
+        return InList(col, items)
+
+    def column_operand(self, node: Any, parent: Any) -> Col:
+        node = _unparen(node)
+        if not isinstance(node, exp.Column):
+            raise self.fail(f"expected a column, not {node.sql()}: {parent.sql()}", node)
+        return self.column(node)
+
+    def column(self, node: Any) -> Col:
+        if isinstance(node.this, exp.Star):
+            raise self.fail("* is only allowed as the projection", node)
+        for part in ("db", "catalog"):
+            if node.args.get(part):
+                raise self.fail(f"qualified column names are not supported: {node.sql()}", node)
+        name = _ident(node.this)
+        qualifier = node.args.get("table")
+        if qualifier is not None:
+            tdef = self.scope.get(_ident(qualifier))
+            if tdef is None:
+                raise self.fail(f"unknown table {_ident(qualifier)} in {node.sql()}", node)
+            owners = [tdef] if name in tdef.positions else []
+            if not owners:
+                raise self.fail(f"unknown column {name} in table {tdef.name}", node)
+        else:
+            owners = [t for t in self.scope.values() if name in t.positions]
+            if not owners:
+                tables = " or ".join(sorted(t.name for t in self.scope.values()))
+                raise self.fail(f"unknown column {name} in table {tables}", node)
+            if len(owners) > 1:
+                raise self.fail(
+                    f"column {name} is ambiguous: qualify it as "
+                    + " or ".join(f"{t.name}.{name}" for t in owners),
+                    node,
+                )
+        tdef = owners[0]
+        return Col(self.sides[tdef.name], tdef.positions[name], tdef.name, name)
+
+    def value(self, node: Any, col: Col) -> Value:
+        if isinstance(node, exp.Placeholder):
+            if not isinstance(node.this, str) or not node.this:
+                raise self.fail("positional parameters are not supported: use :name", node)
+            self.params.add(node.this)
+            return Param(node.this, self.plain_type(col), f"{col.table}.{col.name}")
+        if isinstance(node, exp.Null):
+            return Const(None)
+        raw: object
+        if isinstance(node, exp.Boolean):
+            raw = bool(node.this)
+        elif isinstance(node, exp.Literal) and node.is_string:
+            raw = node.this
+        elif isinstance(node, exp.Literal):
+            raw = _number(node.this)
+        elif isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal):
+            if node.this.is_string:
+                raise self.fail(f"cannot negate a string: {node.sql()}", node)
+            number = _number(node.this.this)
+            raw = -number
+        elif isinstance(node, exp.Column):  # pragma: no cover - compare() handles columns
+            raise self.fail(f"expected a value, not column {node.sql()}", node)
+        else:
+            raise self.unsupported(node)
+        plain = self.plain_type(col)
+        try:
+            return Const(plain.check(raw))
+        except ValueError as exc:
+            raise self.fail(
+                f"cannot compare {col.table}.{col.name} ({plain}) with {node.sql()}: {exc}", node
+            ) from None
+
+    def plain_type(self, col: Col) -> ColumnType:
+        return _plain(self.schema.tables[col.table].columns[col.position].type)
+
+    def check_operator(self, col: Col, op: Op, node: Any) -> None:
+        family = _family(self.plain_type(col))
+        if family in ("json", "opaque"):
+            raise self.fail(
+                f"column {col.table}.{col.name} ({self.plain_type(col)}) can only be tested with "
+                f"IS NULL: {node.sql()}",
+                node,
+            )
+        if op not in ("=", "<>") and family == "bytes":
+            raise self.fail(
+                f"column {col.table}.{col.name} (bytes) has no order: {node.sql()}", node
+            )
+
+    def check_comparable(self, a: Col, b: Col, node: Any) -> None:
+        ta, tb = self.plain_type(a), self.plain_type(b)
+        if _family(ta) != _family(tb) or _family(ta) in ("json", "opaque"):
+            raise self.fail(
+                f"cannot compare {a.table}.{a.name} ({ta}) with {b.table}.{b.name} ({tb})", node
+            )
+
+
+def _ident(node: Any) -> str:
+    name = str(node.this)
+    return name if node.args.get("quoted") else name.lower()
+
+
+def _is_value(node: Any) -> bool:
+    """True for the nodes `value()` accepts: literals, NULL, booleans, parameters."""
+    if isinstance(node, exp.Neg):
+        return isinstance(node.this, exp.Literal)
+    return isinstance(node, exp.Literal | exp.Null | exp.Boolean | exp.Placeholder)
+
+
+def _unparen(node: Any) -> Any:
+    while isinstance(node, exp.Paren):
+        node = node.this
+    return node
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _plain(ctype: ColumnType) -> ColumnType:
+    """The type of a column's visible values, without NULL."""
+    if isinstance(ctype, OptionalType):
+        return _plain(ctype.inner)
+    if isinstance(ctype, LwwType):
+        return _plain(ctype.inner)
+    if isinstance(ctype, CounterType):
+        return IntType()
+    return ctype
+
+
+def _family(ctype: ColumnType) -> str:
+    """Types whose visible values compare with each other share a family."""
+    if isinstance(ctype, IntType | FloatType | TimestampType):
+        return "number"
+    if isinstance(ctype, StrType | IdentityType | EnumType):
+        return "text"
+    if isinstance(ctype, CrdtType):
+        return "opaque"  # a CRDT without a known plain form (a future Text type)
+    return ctype.kind  # bool, bytes, json
+
+
+def _serves_lookup(tdef: TableDef, column: str) -> bool:
+    """Mirror of `TableState.can_lookup`, decided from the schema alone."""
+    return column == tdef.pk_column.name or any(
+        ix.columns == (column,) or (ix.kind == "ordered" and ix.columns[0] == column)
+        for ix in tdef.indexes
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Binding and canonical form
+
+
+def _substitute(cond: Cond, values: Mapping[str, object]) -> Cond:
+    if isinstance(cond, Compare):
+        right = cond.right
+        return (
+            Compare(cond.op, cond.left, _bind_value(right, values))
+            if isinstance(right, Param)
+            else cond
+        )
+    if isinstance(cond, InList):
+        return InList(cond.column, tuple(_bind_value(i, values) for i in cond.items))
+    if isinstance(cond, Not):
+        return Not(_substitute(cond.term, values))
+    if isinstance(cond, And):
+        return And(tuple(_substitute(t, values) for t in cond.terms))
+    if isinstance(cond, Or):
+        return Or(tuple(_substitute(t, values) for t in cond.terms))
+    return cond
+
+
+def _bind_value(value: Value, values: Mapping[str, object]) -> Const:
+    if isinstance(value, Const):
+        return value
+    raw = values[value.name]
+    if raw is None:
+        return Const(None)
+    try:
+        return Const(value.type.check(raw))
+    except ValueError as exc:
+        raise SubscriptionError(
+            f"parameter :{value.name} does not fit {value.column} ({value.type}): {exc}"
+        ) from None
+
+
+def _flatten(cond: Cond) -> Cond:
+    """Merge nested ANDs and ORs and drop double negations (no reordering)."""
+    if isinstance(cond, And | Or):
+        kind = type(cond)
+        terms: list[Cond] = []
+        for term in cond.terms:
+            term = _flatten(term)
+            terms.extend(term.terms if isinstance(term, kind) else (term,))
+        return kind(tuple(terms))
+    if isinstance(cond, Not):
+        inner = _flatten(cond.term)
+        return inner.term if isinstance(inner, Not) else Not(inner)
+    return cond
+
+
+def _canonical(cond: Cond) -> tuple[Cond, str]:
+    """Sort and de-duplicate AND/OR terms and IN items by their SQL; return both forms."""
+    if isinstance(cond, And | Or):
+        kind = type(cond)
+        parts: dict[str, Cond] = {}
+        for term in cond.terms:
+            term = _canonical(term)[0]
+            for sub in term.terms if isinstance(term, kind) else (term,):
+                parts.setdefault(_render(sub), sub)
+        if len(parts) == 1:
+            (only,) = parts.values()
+            return only, _render(only)
+        ordered = kind(tuple(parts[text] for text in sorted(parts)))
+        return ordered, _render(ordered)
+    if isinstance(cond, Not):
+        inner, _ = _canonical(cond.term)
+        result: Cond = inner.term if isinstance(inner, Not) else Not(inner)
+        return result, _render(result)
+    if isinstance(cond, InList):
+        items = {_render_operand(i): i for i in cond.items}
+        result = InList(cond.column, tuple(items[text] for text in sorted(items)))
+        return result, _render(result)
+    return cond, _render(cond)
+
+
+def _render(cond: Cond) -> str:
+    if isinstance(cond, Compare):
+        return f"{_render_operand(cond.left)} {cond.op} {_render_operand(cond.right)}"
+    if isinstance(cond, InList):
+        items = ", ".join(_render_operand(i) for i in cond.items)
+        return f"{_render_operand(cond.column)} IN ({items})"
+    if isinstance(cond, IsNull):
+        return f"{_render_operand(cond.column)} IS NULL"
+    if isinstance(cond, Truth):
+        return _render_operand(cond.operand)
+    if isinstance(cond, Not):
+        inner = _render(cond.term)
+        return f"NOT ({inner})" if isinstance(cond.term, And | Or) else f"NOT {inner}"
+    joiner = " AND " if isinstance(cond, And) else " OR "
+    return joiner.join(
+        f"({_render(t)})" if isinstance(t, And | Or) else _render(t) for t in cond.terms
+    )
+
+
+_PLAIN_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def _name_sql(name: str) -> str:
+    return name if _PLAIN_NAME.match(name) else '"' + name.replace('"', '""') + '"'
+
+
+def _render_operand(operand: Operand) -> str:
+    if isinstance(operand, Col):
+        return f"{_name_sql(operand.table)}.{_name_sql(operand.name)}"
+    if isinstance(operand, Param):
+        return f":{operand.name}"
+    value = operand.value
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return repr(value)  # pragma: no cover - literals are only numbers, strings and booleans
+
+
+def _select_sql(table: str, join: Join | None) -> str:
+    t = _name_sql(table)
+    if join is None:
+        return f"SELECT * FROM {t}"
+    u = _name_sql(join.table)
+    return (
+        f"SELECT {t}.* FROM {t} JOIN {u} "
+        f"ON {t}.{_name_sql(join.column)} = {u}.{_name_sql(join.other_column)}"
+    )
+
+
+def _conjuncts(cond: Cond | None) -> tuple[Cond, ...]:
+    if cond is None:
+        return ()
+    return cond.terms if isinstance(cond, And) else (cond,)
+
+
+def _sides(cond: Cond) -> set[int]:
+    if isinstance(cond, Compare):
+        sides = {cond.left.side}
+        if isinstance(cond.right, Col):
+            sides.add(cond.right.side)
+        return sides
+    if isinstance(cond, InList | IsNull):
+        return {cond.column.side}
+    if isinstance(cond, Truth):
+        return {cond.operand.side} if isinstance(cond.operand, Col) else set()
+    if isinstance(cond, Not):
+        return _sides(cond.term)
+    return set().union(*(_sides(t) for t in cond.terms))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: three-valued logic (True, False, None for unknown) over visible rows
+
+Pred = Callable[[Sequence[Row]], "bool | None"]
+
+_COMPARE: dict[Op, Callable[[Any, Any], bool]] = {
+    "=": operator.eq,
+    "<>": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+
+
+def _predicate(terms: Sequence[Cond]) -> Pred:
+    if not terms:
+        return lambda rows: True
+    if len(terms) == 1:
+        return _compile(terms[0])
+    return _compile(And(tuple(terms)))
+
+
+def _compile(cond: Cond) -> Pred:
+    if isinstance(cond, Compare):
+        return _compile_compare(cond)
+    if isinstance(cond, InList):
+        s, p = cond.column.side, cond.column.position
+        values = [i.value for i in cond.items if isinstance(i, Const)]
+        members = frozenset(v for v in values if v is not None)
+        has_null = None in values
+
+        def in_list(rows: Sequence[Row]) -> bool | None:
+            value = rows[s][p]
+            if value is None:
+                return None
+            if value in members:
+                return True
+            return None if has_null else False
+
+        return in_list
+    if isinstance(cond, IsNull):
+        s, p = cond.column.side, cond.column.position
+        return lambda rows: rows[s][p] is None
+    if isinstance(cond, Truth):
+        operand = cond.operand
+        if isinstance(operand, Const):
+            constant = _truth(operand.value)
+            return lambda rows: constant
+        s, p = operand.side, operand.position
+        return lambda rows: _truth(rows[s][p])
+    if isinstance(cond, Not):
+        inner = _compile(cond.term)
+
+        def negate(rows: Sequence[Row]) -> bool | None:
+            result = inner(rows)
+            return None if result is None else not result
+
+        return negate
+    parts = [_compile(t) for t in cond.terms]
+    if isinstance(cond, And):
+
+        def every(rows: Sequence[Row]) -> bool | None:
+            result: bool | None = True
+            for part in parts:
+                found = part(rows)
+                if found is False:
+                    return False
+                if found is None:
+                    result = None
+            return result
+
+        return every
+
+    def some(rows: Sequence[Row]) -> bool | None:
+        result: bool | None = False
+        for part in parts:
+            found = part(rows)
+            if found is True:
+                return True
+            if found is None:
+                result = None
+        return result
+
+    return some
+
+
+def _truth(value: object) -> bool | None:
+    # A boolean column's visible value as a truth value (NULL stays unknown).
+    return None if value is None else bool(value)
+
+
+def _compile_compare(cond: Compare) -> Pred:
+    test = _COMPARE[cond.op]
+    s, p = cond.left.side, cond.left.position
+    right = cond.right
+    if isinstance(right, Col):
+        s2, p2 = right.side, right.position
+
+        def columns(rows: Sequence[Row]) -> bool | None:
+            a, b = rows[s][p], rows[s2][p2]
+            return None if a is None or b is None else test(a, b)
+
+        return columns
+    assert isinstance(right, Const), "parameters are bound before compiling"
+    constant = right.value
+    if constant is None:
+        return lambda rows: None
+
+    def against_constant(rows: Sequence[Row]) -> bool | None:
+        value = rows[s][p]
+        return None if value is None else test(value, constant)
+
+    return against_constant
