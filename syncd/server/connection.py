@@ -44,11 +44,12 @@ from syncd.core.protocol.messages import (
 )
 from syncd.core.protocol.session import Session, SessionState
 from syncd.core.query import BoundQuery
-from syncd.core.values import BytesType, OptionalType
+from syncd.core.values import BytesType, LwwType, OptionalType
 from syncd.errors import (
     AuthError,
     BackendError,
     CloseCode,
+    ConstraintError,
     ErrorCode,
     Forbidden,
     InvalidToken,
@@ -327,8 +328,25 @@ class Connection:
                 return msg.request_id, _resolved(
                     CallOutcome(False, error=ReducerError(f"primary key: {exc}"))
                 )
+        op = msg.op
+        column = tdef.column(msg.column) if tdef is not None else None
+        if (
+            self.fmt == "json"
+            and column is not None
+            and isinstance(column.type, LwwType)
+            and _is_bytes(column.type.inner)
+            and isinstance(op, list)
+            and len(op) == 4
+            and op[0] is not None
+        ):
+            try:
+                op = [self.session.codec.bytes_value(op[0]), *op[1:]]
+            except ValueError as exc:
+                return msg.request_id, _resolved(
+                    CallOutcome(False, error=ConstraintError(f"{msg.column}: {exc}"))
+                )
         pending = await self.server.leader.merge(
-            msg.table, pk, msg.column, msg.op, sender=self.principal.identity
+            msg.table, pk, msg.column, op, sender=self.principal.identity
         )
         return msg.request_id, pending
 

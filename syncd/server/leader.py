@@ -53,6 +53,11 @@ class CallOutcome:
     error: SyncdError | None = None
 
 
+def _scoped(sender: Identity, key: str | None) -> str | None:
+    # Keys are chosen by clients: two callers picking the same key must not share a result.
+    return None if key is None else f"{sender}\x00{key}"
+
+
 def _done(outcome: CallOutcome) -> asyncio.Future[CallOutcome]:
     fut: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
     fut.set_result(outcome)
@@ -145,8 +150,9 @@ class Leader:
         rdef = self.schema.reducers.get(name)
         if rdef is None or not rdef.callable_by_clients:
             return _done(CallOutcome(False, error=NoSuchReducer(f"no reducer named {name!r}")))
-        if idempotency_key is not None:
-            seen = await self._seen(idempotency_key)
+        key = _scoped(sender, idempotency_key)
+        if key is not None:
+            seen = await self._seen(key)
             if seen is not None:
                 return seen
         timestamp, stamp = self._timing()
@@ -163,7 +169,7 @@ class Leader:
             )
         except SyncdError as exc:
             return _done(CallOutcome(False, error=exc))
-        return self._finish(changes, timestamp, name, sender, idempotency_key, None)
+        return self._finish(changes, timestamp, name, sender, key, None)
 
     async def merge(
         self,
@@ -178,8 +184,9 @@ class Leader:
         """Apply a client's CRDT operation as its own transaction (see `call`)."""
         if self.failed is not None:
             return _done(CallOutcome(False, error=BackendError("the journal is unavailable")))
-        if idempotency_key is not None:
-            seen = await self._seen(idempotency_key)
+        key = _scoped(sender, idempotency_key)
+        if key is not None:
+            seen = await self._seen(key)
             if seen is not None:
                 return seen
         timestamp, stamp = self._timing()
@@ -187,7 +194,7 @@ class Leader:
             changes = merge_cell(self.store, self.schema, table, pk, column, op, stamp)
         except SyncdError as exc:
             return _done(CallOutcome(False, error=exc))
-        return self._finish(changes, timestamp, "", sender, idempotency_key, None)
+        return self._finish(changes, timestamp, "", sender, key, None)
 
     async def connect(
         self,

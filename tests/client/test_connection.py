@@ -310,12 +310,6 @@ async def test_server_restart(chat_server: ServerProcess) -> None:
         ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: idempotency keys are global, not per caller and call "
-    "(syncd/server/leader.py Leader.call -> _seen): B's call is answered with A's offset "
-    "and never runs",
-)
 async def test_an_idempotency_key_belongs_to_its_caller(chat_server: ServerProcess) -> None:
     """Two callers that happen to pick the same key each get their own call run."""
     url = chat_server.ws_url
@@ -425,15 +419,7 @@ async def test_bytes_round_trip_in_both_formats(vault_server: ServerProcess, fmt
     "fmt",
     [
         "msgpack",
-        pytest.param(
-            "json",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="server bug: in JSON a MergeCrdt op carries bytes as base64 text and "
-                "syncd/server/connection.py Connection._merge decodes only the primary key, so "
-                "LWW[bytes] merges fail with 'expected bytes, got str'",
-            ),
-        ),
+        "json",
     ],
 )
 async def test_merge_into_an_lww_bytes_column(vault_server: ServerProcess, fmt: str) -> None:
