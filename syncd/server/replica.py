@@ -315,36 +315,45 @@ class Replica:
         return txs
 
     def resume_update(self, query: BoundQuery, txs: list[Tx]) -> QueryUpdate:
-        """What changed in `query`'s result over `txs`: current rows of keys that may have
-        changed (as updates) and deletes for keys no longer in the result."""
+        """What changed in `query`'s result over `txs` (the transactions after the client's
+        cursor): current rows of keys that may have changed, as updates, and deletes for keys
+        that left the result.
+
+        A delete is sent only for a key whose row could have been in the result at the cursor
+        (it existed and passed the query's conditions on its own table), so a resuming client
+        learns nothing about rows its queries never selected.
+        """
         state = self.store.tables[query.table]
-        candidates: dict[Any, None] = {}
+        # pk -> the row as it was at the cursor (None: absent), for keys changed since
+        at_cursor: dict[Any, Row | None] = {}
         join = query.join
         partner_values: dict[Any, None] = {}
         for tx in txs:
             changed = tx.changes.tables.get(query.table)
             if changed:
-                candidates.update(dict.fromkeys(changed))
+                for pk, (old, _new) in changed.items():
+                    at_cursor.setdefault(pk, old)
             if join is not None:
                 for old, new in tx.changes.tables.get(join.table, {}).values():
                     for row in (old, new):
                         if row is not None and row[join.other_position] is not None:
                             partner_values[row[join.other_position]] = None
+        candidates: dict[Any, Row | None] = dict(at_cursor)
         if join is not None:
             # A result row whose own values did not change can only enter or leave the result
             # through a partner that changed; its join value is in partner_values.
             for value in partner_values:
                 for row in state.lookup(join.column, value):
-                    candidates[state.pk_of(row)] = None
+                    candidates.setdefault(state.pk_of(row), row)
         visible = self.schema.tables[query.table].visible_row
         updates: list[Any] = []
         deletes: list[Any] = []
         view = StoreView(self.store)
-        for pk in candidates:
+        for pk, then in candidates.items():
             row = state.get(pk)
             if row is not None and query.contains(row, view):
                 updates.append(visible(row))
-            else:
+            elif then is not None and query.may_contain(then):
                 deletes.append(pk)
         return QueryUpdate(query.table, updates=updates, deletes=deletes)
 

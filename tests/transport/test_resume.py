@@ -150,12 +150,6 @@ async def test_resume_sends_only_changes_and_converges(notes: ServerProcess) -> 
             assert resumed.cache.query_set(1) == await fresh_rows(notes, queries)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: Replica.resume_update sends a delete for every changed key that is not "
-    "in the result now, including keys that never were (rows outside the query leak their "
-    "primary keys to the resuming client)",
-)
 async def test_resume_sends_nothing_about_rows_outside_the_query(notes: ServerProcess) -> None:
     """Rows that were outside the query both before and after the cursor do not appear in a
     resumed SubscribeApplied, not even as deletes: a client never learns the keys of rows its
