@@ -173,7 +173,7 @@ class Client:
         self._next_id = 0
 
     @classmethod
-    async def connect(cls, url: str, *, compression: str | None = None) -> Client:
+    async def connect(cls, url: str) -> Client:
         from websockets.asyncio.client import connect
 
         from syncd.core.protocol.codec import Codec
@@ -182,7 +182,9 @@ class Client:
         ws = await connect(
             url,
             subprotocols=["syncd.v1.msgpack"],  # type: ignore[list-item]
-            compression=compression,
+            # The server declines permessage-deflate (it would compress every fan-out
+            # message once per connection); offering it would change nothing.
+            compression=None,
             max_size=None,
             max_queue=None,
             ping_interval=None,
@@ -228,7 +230,7 @@ class Client:
 
 
 async def connect_many(
-    url: str, n: int, *, subscribe: str | None, compression: str | None, concurrency: int = 50
+    url: str, n: int, *, subscribe: str | None, concurrency: int = 50
 ) -> list[Client]:
     """Open `n` connections, `concurrency` at a time (each runs client_connected on the
     server, so this also paces the leader during setup)."""
@@ -236,7 +238,7 @@ async def connect_many(
 
     async def one() -> Client:
         async with sem:
-            client = await Client.connect(url, compression=compression)
+            client = await Client.connect(url)
             if subscribe is not None:
                 await client.subscribe(subscribe)
             return client
@@ -511,32 +513,42 @@ def _short(frame: str) -> str:
     return f"{match.group('func')} ({path})"
 
 
-# Frames on every stack of a thread (entry points): left out of the "total" ranking.
+# Entry points, on every stack of the event loop: left out of the "total" ranking.
 _ENTRY = (
-    "_run_module_as_main (",
-    "_run_code (",
-    "<module> (",
+    "<module> (syncd/__main__.py)",
     "main (syncd/cli.py)",
     "_serve (syncd/cli.py)",
     "run (syncd/server/app.py)",
-    "run (uvloop/",
-    "Thread._bootstrap",
-    "Thread.run (",
 )
+
+
+def _layer(frame: str) -> str:
+    """Where a frame's code lives: our file, or the library's top-level package."""
+    where = frame.rsplit("(", 1)[-1]
+    if where.startswith(("syncd/", "schema/")):
+        return where.rstrip(")")
+    if "asyncio/runners" in where:
+        return "uvloop (C)"
+    if where.startswith("<string>"):
+        return "generated __init__ (dataclasses)"
+    return where.split("/", 1)[0].split(".", 1)[0].rstrip(")")
 
 
 def summarize(path: str, top: int = 15) -> dict[str, Any]:
     """Shares of samples per frame from a py-spy raw (collapsed) file.
 
     self: the frame was the innermost Python frame (where the CPU was; C code called from it,
-    such as a socket write or msgspec, counts as its caller's). total: the frame was anywhere
-    on the stack (once per sample). py-spy leaves out idle threads (waiting in epoll or on a
+    such as a socket write or msgspec, counts as its caller's). total: one of our frames
+    (syncd/, schema/) was anywhere on the stack (once per sample); library frames that only
+    pass calls through (starlette, uvicorn wrappers) are left out of that ranking. layers:
+    self time by package (`_layer`). py-spy leaves out idle threads (waiting in epoll or on a
     lock), so shares are of the server's busy time. `Runner.run` as the innermost frame is
     uvloop's own C code (polling, reading sockets, running callbacks' C parts).
     `threads` splits samples into the event loop and the helper threads (the journal's).
     """
     self_counts: Counter[str] = Counter()
     total_counts: Counter[str] = Counter()
+    layer_counts: Counter[str] = Counter()
     samples = 0
     helper_threads = 0
     with open(path) as f:
@@ -553,8 +565,9 @@ def summarize(path: str, top: int = 15) -> dict[str, Any]:
             if frames[0].startswith("Thread._bootstrap"):
                 helper_threads += count
             self_counts[frames[-1]] += count
+            layer_counts[_layer(frames[-1])] += count
             for fr in set(frames):
-                if not fr.startswith(_ENTRY):
+                if ("(syncd/" in fr or "(schema/" in fr) and not fr.startswith(_ENTRY):
                     total_counts[fr] += count
 
     def share(counter: Counter[str]) -> list[tuple[str, float]]:
@@ -568,6 +581,7 @@ def summarize(path: str, top: int = 15) -> dict[str, Any]:
             else None,
             "helper_threads_pct": round(100 * helper_threads / samples, 1) if samples else None,
         },
+        "layers": share(layer_counts),
         "self": share(self_counts),
         "total": share(total_counts),
     }
@@ -575,7 +589,7 @@ def summarize(path: str, top: int = 15) -> dict[str, Any]:
 
 def print_summary(summary: dict[str, Any], file: Any = None) -> None:
     print(f"# samples: {summary['samples']}, {summary['threads']}", file=file)
-    for kind in ("self", "total"):
+    for kind in ("layers", "self", "total"):
         print(f"# top by {kind} time:", file=file)
         for name, pct in summary[kind]:
             print(f"#   {pct:5.1f}%  {name}", file=file)

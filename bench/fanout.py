@@ -153,8 +153,7 @@ def _worker(url: str, n: int, args: argparse.Namespace, pipe: Pipe) -> None:
 
 async def _subscribers(url: str, n: int, args: argparse.Namespace, pipe: Pipe) -> None:
     loop = asyncio.get_running_loop()
-    compression = None if args.compression == "none" else args.compression
-    clients = await connect_many(url, n, subscribe=SQL, compression=compression)
+    clients = await connect_many(url, n, subscribe=SQL)
     stats = Stats()
     readers = []
     for i, client in enumerate(clients):
@@ -254,7 +253,6 @@ async def _run_mode(
         "subscribers": subscribers,
         "mode": mode,
         "decode": args.decode,
-        "compression": args.compression,
         "target_tx_per_s": round(rate) if mode == "rate" else None,
         "in_flight": args.in_flight * len(caller.clients) if mode == "saturated" else None,
         "committed_tx_per_s": round(committed / window),
@@ -289,10 +287,7 @@ async def _run_mode(
 async def _drive(
     server: ServerProc, pipes: list[Pipe], subscribers: int, args: argparse.Namespace
 ) -> None:
-    compression = None if args.compression == "none" else args.compression
-    writer_clients = await connect_many(
-        server.ws_url, args.writers, subscribe=None, compression=compression
-    )
+    writer_clients = await connect_many(server.ws_url, args.writers, subscribe=None)
     for mode in args.mode:
         line = await _run_mode(server, pipes, writer_clients, subscribers, mode, args)
         emit(**line)
@@ -353,7 +348,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="subscriber processes")
     parser.add_argument("--decode", choices=["scan", "full"], default="scan")
     parser.add_argument("--sample", type=int, default=10, help="decoding subscribers per worker")
-    parser.add_argument("--compression", choices=["none", "deflate"], default="none")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--drain", type=float, default=2.0)

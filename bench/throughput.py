@@ -58,7 +58,7 @@ def _worker(url: str, n: int, args: argparse.Namespace, in_flight: int, pipe: Pi
 
 async def _clients(url: str, n: int, args: argparse.Namespace, in_flight: int, pipe: Pipe) -> None:
     loop = asyncio.get_running_loop()
-    clients = await connect_many(url, n, subscribe=None, compression=None)
+    clients = await connect_many(url, n, subscribe=None)
     caller = Caller(clients, text_size=args.text_size)
     caller.start_reading()
     pipe.send("ready")
