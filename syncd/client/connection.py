@@ -119,6 +119,9 @@ class _Request:
 
     kind: _Kind
     message: ClientMessage
+    # The message encoded once, when the request is made: a value the wire cannot carry
+    # fails the caller at once, not a resend after a reconnect.
+    data: bytes
     future: asyncio.Future[Any]
     # The connection generation it was last sent on (0: not sent yet).
     sent_on: int = 0
@@ -131,7 +134,7 @@ class Subscription:
     many query sets return them.
     """
 
-    def __init__(self, conn: Connection, query_set_id: QuerySetId, queries: Sequence[str]):
+    def __init__(self, conn: Connection, query_set_id: QuerySetId, queries: Sequence[str]) -> None:
         #: The connection that holds it.
         self.connection = conn
         #: Its id on the wire.
@@ -369,7 +372,7 @@ class Connection:
         Args:
             reducer: the reducer's name.
             *args: its arguments: plain values (None, bool, int, float, str, bytes, lists,
-                dicts with str keys).
+                dicts with str keys, at most 64 levels deep).
             idempotency_key: a key of your own, e.g. to retry after `CallInterrupted`.
 
         Returns:
@@ -377,6 +380,7 @@ class Connection:
             the cache); None when the reducer changed nothing.
 
         Raises:
+            TypeError: an argument is not plain data (nothing was sent).
             ReducerError: the reducer failed and rolled back (`ArgumentError`, `NoSuchReducer`,
                 `ConstraintError`, or `CallForbidden` - also a `Forbidden` - by code).
             BackendError: the server could not run it now (UNAVAILABLE); try again later.
@@ -386,6 +390,8 @@ class Connection:
         """
         key = idempotency_key or secrets.token_hex(16)
         wire_args = list(args)
+        for position, arg in enumerate(wire_args):
+            _check_plain(arg, f"argument {position} of {reducer!r}")
         result: Offset | None = await self._request(
             "call",
             lambda rid: CallReducer(rid, reducer, wire_args, idempotency_key=key),
@@ -409,6 +415,8 @@ class Connection:
             ReducerError: the merge was refused (unknown row or column, bad operation).
             BackendError, ConnectionClosed: as for `call`.
         """
+        _check_plain(pk, "the primary key")
+        _check_plain(op, "the operation")
         result: Offset | None = await self._request(
             "merge", lambda rid: MergeCrdt(rid, table, pk, column, op)
         )
@@ -486,22 +494,26 @@ class Connection:
         self._check_open()
         self._next_request += 1
         request_id = RequestId(self._next_request)
-        request = _Request(kind, build(request_id), asyncio.get_running_loop().create_future())
+        message = build(request_id)
+        data = self._codec.encode(message)  # raises TypeError for values msgpack/JSON lack
+        request = _Request(kind, message, data, asyncio.get_running_loop().create_future())
         self._pending[request_id] = request
         try:
             if self._connected:
                 request.sent_on = self._generation
-                await self._send(request.message)
+                await self._send_data(request.data)
             # Not connected: the request goes out after the next handshake.
             return await request.future
         finally:
             self._pending.pop(request_id, None)
 
     async def _send(self, message: ClientMessage) -> None:
+        await self._send_data(self._codec.encode(message))
+
+    async def _send_data(self, data: bytes) -> None:
         ws = self._ws
         if ws is None:
             return
-        data = self._codec.encode(message)
         try:
             await ws.send(data, text=self.fmt == "json")
         except websockets.exceptions.ConnectionClosed:
@@ -630,7 +642,7 @@ class Connection:
                         continue
                 # A send on a socket that just died is dropped silently; the reader sees the
                 # close, and the next handshake sends the request again.
-                await self._send(message)
+                await self._send_data(request.data)
         self._connected = True
 
     async def _unsubscribe_orphans(self) -> None:
@@ -963,6 +975,37 @@ class Connection:
                 and not request.future.done()
             ):
                 request.future.set_result(sub)
+
+
+# Deepest nesting the server accepts inside an argument, key or operation.
+_MAX_DEPTH = 64
+_SCALARS = (type(None), bool, int, float, str, bytes)
+
+
+def _check_plain(value: object, what: str, depth: int = 0) -> None:
+    """Raise TypeError unless `value` is plain data the server accepts.
+
+    The server answers anything else with a protocol error that closes the connection for
+    good, so refusing it here keeps one bad argument from ending the session.
+    """
+    if depth > _MAX_DEPTH:
+        raise TypeError(f"{what} is nested deeper than {_MAX_DEPTH} levels")
+    if isinstance(value, _SCALARS):
+        return
+    if isinstance(value, list | tuple):
+        for item in value:
+            _check_plain(item, what, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{what}: map keys must be str, got {type(key).__name__}")
+            _check_plain(item, what, depth + 1)
+        return
+    raise TypeError(
+        f"{what}: {type(value).__name__} values cannot be sent; use None, bool, int, float, "
+        "str, bytes, lists and dicts with str keys"
+    )
 
 
 def _safely(callback: Callable[..., object], *args: Any) -> None:

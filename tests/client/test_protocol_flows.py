@@ -290,3 +290,26 @@ async def test_a_cancelled_subscribe_is_unsubscribed() -> None:
         assert unsubscribe.query_set_id == request.query_set_id
         assert texts(conn) == {} and conn.subscriptions == []
         await conn.close()
+
+
+async def test_an_unsendable_argument_fails_the_caller_at_once() -> None:
+    """An argument that is not plain data raises TypeError in `call` or `merge`, connected
+    or not; nothing is sent, so the server never closes the session over it."""
+    async with FakeServer() as server:
+        conn, peer = await connected(server)
+        with pytest.raises(TypeError):
+            await conn.call("send", object())
+        with pytest.raises(TypeError, match="map keys must be str"):
+            await conn.call("send", {"fine": {1: "not fine"}})
+        with pytest.raises(TypeError, match="set values cannot be sent"):
+            await conn.merge("message", 1, "text", {1, 2})
+        peer.abort()
+        await eventually(lambda: not conn.is_connected)
+        with pytest.raises(TypeError):
+            await conn.call("send", 1j)
+        peer = await server.accept()
+        assert isinstance(await peer.recv(), Hello)
+        await peer.send(welcome(1, 5))
+        await eventually(lambda: conn.is_connected)
+        assert not conn.closed
+        await conn.close()
