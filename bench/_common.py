@@ -333,7 +333,7 @@ class Caller:
         return sum(len(p) for p in self._pending)
 
     async def run_rate(self, rate: float, until_us: int) -> None:
-        """Send `rate` calls a second over the first connection, in 1 ms steps.
+        """Send `rate` calls a second, round-robin over the connections, in 1 ms steps.
 
         Open loop (the schedule does not wait for answers), but bounded: calls due while a
         second's worth is outstanding are skipped, so an overloaded server shows up as a lower
@@ -342,12 +342,13 @@ class Caller:
         t0 = time.monotonic()
         done = 0
         cap = max(1, int(rate))
+        n = len(self.clients)
         while now_us() < until_us:
             due = int((time.monotonic() - t0) * rate)
             while done < due:
                 done += 1
-                if len(self._pending[0]) < cap:
-                    await self.call(0)
+                if self.outstanding < cap:
+                    await self.call(done % n)
             await asyncio.sleep(0.001)
 
     async def drain(self, seconds: float = 30.0) -> None:

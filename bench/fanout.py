@@ -210,7 +210,7 @@ async def _run_mode(
     stop = end + int(args.drain * 1e6)
     for pipe in pipes:
         pipe.send(("window", start, end, stop))
-    caller = Caller(writer_clients if mode == "saturated" else writer_clients[:1])
+    caller = Caller(writer_clients)
     caller.reset(start, end)
     caller.start_reading()
     if mode == "rate":
@@ -254,6 +254,7 @@ async def _run_mode(
         "mode": mode,
         "decode": args.decode,
         "target_tx_per_s": round(rate) if mode == "rate" else None,
+        "writers": len(caller.clients),
         "in_flight": args.in_flight * len(caller.clients) if mode == "saturated" else None,
         "committed_tx_per_s": round(committed / window),
         "delivered_rows_per_s": round(rows / window),
@@ -343,7 +344,7 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, default=0, help=f"tx/s in rate mode (default {HALF_LOAD_ROWS:,} / N)"
     )
-    parser.add_argument("--writers", type=int, default=4, help="writer connections (saturated)")
+    parser.add_argument("--writers", type=int, default=4, help="writer connections")
     parser.add_argument("--in-flight", type=int, default=64, help="calls in flight per writer")
     parser.add_argument("--workers", type=int, default=2, help="subscriber processes")
     parser.add_argument("--decode", choices=["scan", "full"], default="scan")
