@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from collections import deque
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -114,10 +115,17 @@ class Connection:
         # Query sets this connection holds: id -> bound queries in their order.
         self.query_sets: dict[QuerySetId, list[BoundQuery]] = {}
         self.query_count = 0
-        # Frames waiting for the writer, and their total size (bounded).
+        # Frames waiting to be written, and their total size (bounded).
         self._frames: deque[bytes] = deque()
         self._frame_bytes = 0
+        # Wakes the writer task.
         self._writable = asyncio.Event()
+        # True while the writer task is inside a send: nobody else may write meanwhile.
+        self._writer_busy = False
+        # The raw ASGI send, and the server's "transport is writable" flag when the server is
+        # uvicorn's sans-I/O WebSocket protocol (see _write_now); None disables the fast path.
+        self._asgi_send = websocket._send
+        self._transport_writable = _writable_flag(websocket)
         # Orders reducer submissions: calls run in the order the client sent them.
         self._submit = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -292,13 +300,14 @@ class Connection:
     async def _start(
         self, submit: Awaitable[tuple[RequestId, asyncio.Future[CallOutcome]]]
     ) -> None:
-        # Submit in order (the reducer runs now), then wait for durability in a task of its
-        # own, so pipelined calls from one client share group commits.
+        # Submit in order (the reducer runs now); the result is sent from a callback once the
+        # transaction is durable, so pipelined calls from one client share group commits.
         async with self._submit:
             request_id, pending = await submit
-        task = asyncio.get_running_loop().create_task(self._reply(request_id, pending))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if pending.done():
+            self._on_outcome(request_id, pending)
+        else:
+            pending.add_done_callback(functools.partial(self._on_outcome, request_id))
 
     async def _call(self, msg: CallReducer) -> tuple[RequestId, asyncio.Future[CallOutcome]]:
         assert self.principal is not None
@@ -366,12 +375,26 @@ class Connection:
                     raise ReducerError(f"{reducer}: argument {param.name!r}: {exc}") from None
         return out
 
-    async def _reply(self, request_id: RequestId, pending: asyncio.Future[CallOutcome]) -> None:
-        outcome = await pending
+    def _on_outcome(self, request_id: RequestId, pending: asyncio.Future[CallOutcome]) -> None:
+        outcome = pending.result()
+        offset = outcome.offset
+        if outcome.ok and offset is not None and offset > self.server.replica.offset:
+            # Durable, but not applied here yet: wait, so the update goes out first.
+            task = asyncio.get_running_loop().create_task(self._reply_later(request_id, outcome))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._send_result(request_id, outcome)
+
+    async def _reply_later(self, request_id: RequestId, outcome: CallOutcome) -> None:
+        assert outcome.offset is not None
+        await self.server.replica.wait_applied(outcome.offset)
+        self._send_result(request_id, outcome)
+
+    def _send_result(self, request_id: RequestId, outcome: CallOutcome) -> None:
         if outcome.ok:
-            if outcome.offset is not None:
-                # The caller's own TransactionUpdate for this offset goes out first.
-                await self.server.replica.wait_applied(outcome.offset)
+            # The caller's own TransactionUpdate for this offset goes out first.
+            self.server.replica.emit_pending()
             self.session.send(ReducerResult(request_id=request_id, ok=True, offset=outcome.offset))
         else:
             error = outcome.error or SyncdError("failed")
@@ -413,9 +436,9 @@ class Connection:
             self._sub_failed(msg.request_id, msg.query_set_id, error_code(exc), str(exc))
             return
         # Same tick as the initial rows: no transaction can fall between the two.
-        replica.subscribe(self, msg.query_set_id, queries)
         self.query_sets[msg.query_set_id] = queries
         self.query_count += len(queries)
+        replica.subscribe(self, msg.query_set_id, queries)
         self.session.send(
             SubscribeApplied(
                 request_id=msg.request_id,
@@ -447,9 +470,9 @@ class Connection:
         except LimitExceeded as exc:
             self._sub_failed(None, qs_id, error_code(exc), str(exc))
             return
-        replica.subscribe(self, qs_id, queries)
         self.query_sets[qs_id] = queries
         self.query_count += len(queries)
+        replica.subscribe(self, qs_id, queries)
         self.session.send(
             SubscribeApplied(
                 request_id=None,
@@ -472,8 +495,8 @@ class Connection:
     def _unsubscribe(self, msg: Unsubscribe) -> None:
         queries = self.query_sets.pop(msg.query_set_id, None)
         if queries is not None:
-            self.server.replica.unsubscribe(self, msg.query_set_id, queries)
             self.query_count -= len(queries)
+            self.server.replica.unsubscribe(self, msg.query_set_id, queries)
         self.session.send(Unsubscribed(request_id=msg.request_id, query_set_id=msg.query_set_id))
 
     def _one_off(self, msg: OneOffQuery) -> None:
@@ -517,60 +540,127 @@ class Connection:
 
     # -- output ------------------------------------------------------------------------------
 
-    def send_encoded(self, data: bytes) -> None:
-        """Queue an encoded server message, e.g. a shared TransactionUpdate (from the replica)."""
+    def send_shared(self, frames: list[bytes], messages: list[bytes]) -> None:
+        """Queue updates shared with other connections (from the replica, once per tick).
+
+        `frames` are `messages` already packed into Batch frames; they go out as they are
+        unless this connection has messages of its own queued, which must go first.
+        """
         if not self.session.is_open:
             return
-        self.session.send_raw(data)
-        self._dirty()
+        if self.session.has_pending:
+            for data in messages:
+                self.session.send_raw(data)
+            self._dirty()
+        else:
+            self._push(frames)
 
     def _dirty(self) -> None:
         self.server.replica.mark_dirty(self)
 
     def flush(self) -> None:
-        """Move the session's coalesced frames to the writer (once per tick)."""
+        """Move the session's coalesced frames out (once per tick)."""
         frames = self.session.data_to_send()
         if frames:
-            self._frames.extend(frames)
-            self._frame_bytes += sum(len(f) for f in frames)
-            if (
-                self._frame_bytes > self.server.config.limits.max_outbound_bytes
-                and self.session.close_code != CloseCode.SLOW_CONSUMER
-            ):
-                # Memory stays bounded: drop what the client could not take and tell it to
-                # reconnect and resume from its cursor.
-                self._frames.clear()
+            self._push(frames)
+        elif self.session.state is SessionState.CLOSING:
+            self._writable.set()
+
+    def _push(self, frames: list[bytes]) -> None:
+        self._frames.extend(frames)
+        self._frame_bytes += sum(len(f) for f in frames)
+        if (
+            self._frame_bytes > self.server.config.limits.max_outbound_bytes
+            and self.session.close_code != CloseCode.SLOW_CONSUMER
+        ):
+            # Memory stays bounded: drop what the client could not take and tell it to
+            # reconnect and resume from its cursor.
+            self._frames.clear()
+            self._frame_bytes = 0
+            self.session.close(CloseCode.SLOW_CONSUMER, "too slow: resume from your cursor")
+            self.session.data_to_send()
+            self._writable.set()
+            return
+        if not self._writer_busy and self._transport_writable is not None:
+            self._write_now()
+        if self._frames or self.session.state is SessionState.CLOSING:
+            self._writable.set()
+
+    def _message(self, frame: bytes) -> dict[str, Any]:
+        if self.fmt == "json":
+            return {"type": "websocket.send", "text": frame.decode()}
+        return {"type": "websocket.send", "bytes": frame}
+
+    def _write_now(self) -> None:
+        # Write without waking the writer task, while the transport takes data. uvicorn's
+        # sans-I/O protocol only suspends a send to wait for writability (checked first), so
+        # the send coroutine completes in one step; if it ever suspends anyway, it is closed
+        # before writing anything and the frame goes back to the writer task.
+        writable = self._transport_writable
+        assert writable is not None
+        send = self._asgi_send
+        frames = self._frames
+        while frames and writable.is_set():
+            frame = frames.popleft()
+            self._frame_bytes -= len(frame)
+            coro = cast(Coroutine[Any, Any, None], send(self._message(frame)))
+            try:
+                coro.send(None)
+            except StopIteration:
+                continue
+            except Exception:
+                # The client is gone; the reader sees the disconnect and cleans up.
+                frames.clear()
                 self._frame_bytes = 0
-                self.session.close(CloseCode.SLOW_CONSUMER, "too slow: resume from your cursor")
-                self.session.data_to_send()
-        self._writable.set()
+                return
+            coro.close()
+            frames.appendleft(frame)
+            self._frame_bytes += len(frame)
+            return
 
     async def _write_loop(self) -> None:
-        ws = self.websocket
-        text = self.fmt == "json"
+        send = self._asgi_send
         while True:
             await self._writable.wait()
             self._writable.clear()
             while self._frames:
                 frame = self._frames.popleft()
                 self._frame_bytes -= len(frame)
+                self._writer_busy = True
                 try:
-                    if text:
-                        await ws.send_text(frame.decode())
-                    else:
-                        await ws.send_bytes(frame)
+                    await send(self._message(frame))
                 except (WebSocketDisconnect, RuntimeError, OSError):
                     return
+                except Exception:
+                    # uvicorn's ClientDisconnected (an OSError subclass in some versions).
+                    return
+                finally:
+                    self._writer_busy = False
             if self.session.state is SessionState.CLOSING:
                 code = self.session.close_code or CloseCode.NORMAL
-                with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-                    await ws.close(code, self.session.close_reason)
+                with contextlib.suppress(Exception):
+                    await send(
+                        {
+                            "type": "websocket.close",
+                            "code": code,
+                            "reason": self.session.close_reason,
+                        }
+                    )
                 return
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Close from the server's side (shutdown, revoked access)."""
         self.session.close(code, reason)
         self.flush()
+
+
+def _writable_flag(websocket: WebSocket) -> asyncio.Event | None:
+    """uvicorn's sans-I/O protocol's `writable` event, which lets sends skip the writer task."""
+    protocol = getattr(websocket._send, "__self__", None)
+    flag = getattr(protocol, "writable", None)
+    if type(protocol).__name__ == "WebSocketsSansIOProtocol" and isinstance(flag, asyncio.Event):
+        return flag
+    return None
 
 
 def _resolved(outcome: CallOutcome) -> asyncio.Future[CallOutcome]:

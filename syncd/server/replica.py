@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from syncd.config import Limits
 from syncd.core.ids import Epoch, Offset, QuerySetId
-from syncd.core.protocol.codec import Codec, Format, TransactionUpdateCache
+from syncd.core.protocol.codec import Codec, Format
 from syncd.core.protocol.messages import QueryUpdate
 from syncd.core.query import BoundQuery, Query, QueryKey, StoreView, compile_query
 from syncd.core.schema import Schema
@@ -42,15 +42,31 @@ COMPILED_CACHE = 4096
 # Journal entries read per round while filling a gap or resuming.
 READ_CHUNK = 2_000
 
+# Largest shared frame built from one tick's updates (a single larger message goes alone).
+MAX_FRAME = 1 << 20
+
 CODECS: dict[Format, Codec] = {"msgpack": Codec("msgpack"), "json": Codec("json")}
 
 
-@dataclass(slots=True)
-class _Subscribers:
-    """Who holds one query: connection -> (query set, index in the set) places."""
+# Where a connection holds its queries: (query key, query set id, index in the set), sorted.
+Places = tuple[tuple[QueryKey, QuerySetId, int], ...]
+# One transaction's parts for one group: (query set id, index, encoded delta).
+Parts = list[tuple[QuerySetId, int, bytes]]
 
-    query: BoundQuery
-    places: dict[Connection, list[tuple[QuerySetId, int]]] = field(default_factory=dict)
+
+@dataclass(eq=False, slots=True)
+class _Group:
+    """Connections that hold the same queries in the same places, in the same format.
+
+    They receive byte-identical updates, so each transaction's update, and each tick's frame,
+    is built once per group and shared by its connections.
+    """
+
+    fmt: Format
+    places: Places
+    # query key -> where this group's connections hold it
+    by_key: dict[QueryKey, tuple[tuple[QuerySetId, int], ...]]
+    conns: set[Connection] = field(default_factory=set)
 
 
 class Replica:
@@ -73,8 +89,14 @@ class Replica:
         self.limits = limits
         # Subscribed queries, filed for routing.
         self.index = SubscriptionIndex()
-        # query key -> who holds it
-        self._subs: dict[QueryKey, _Subscribers] = {}
+        # (format, places) -> the group of connections holding exactly those
+        self._groups: dict[tuple[Format, Places], _Group] = {}
+        # query key -> the groups holding it
+        self._key_groups: dict[QueryKey, dict[tuple[Format, Places], _Group]] = {}
+        # connection -> its group (connections without queries have none)
+        self._conn_group: dict[Connection, _Group] = {}
+        # Updates routed in this tick, not yet handed to connections: group -> [(offset, parts)]
+        self._pending: dict[_Group, list[tuple[Offset, Parts]]] = {}
         # Recent transactions, for resume without reading the journal.
         self.window: deque[Tx] = deque(maxlen=limits.resume_window)
         # Transactions that arrived before their predecessors: offset -> tx.
@@ -145,47 +167,72 @@ class Replica:
     def _apply(self, tx: Tx) -> None:
         self.store.apply(tx.changes, tx.offset)
         self.window.append(tx)
-        if self._subs:
+        if self._key_groups:
             try:
                 self._fan_out(tx, self.index.route(tx.changes, self.store))
             except Exception:
                 # The state is right but some subscribers may have missed this delta: close
                 # them with a resumable code, so they resume from their cursor and catch up.
                 logger.exception("routing offset %d failed", tx.offset)
-                for conn in list(self.connections):
-                    if conn.query_sets:
-                        conn.close(CloseCode.INTERNAL_ERROR, "internal error: resume")
+                for conn in list(self._conn_group):
+                    conn.close(CloseCode.INTERNAL_ERROR, "internal error: resume")
         self._release_waiters()
 
     def _fan_out(self, tx: Tx, deltas: dict[QueryKey, QueryDelta]) -> None:
-        # connection -> (query set, index, encoded delta) parts for this transaction
-        parts: dict[Connection, list[tuple[QuerySetId, int, bytes]]] = {}
+        # Each query's delta is encoded once per format; each group collects its parts. The
+        # messages themselves are built at the end of the tick, once per group (emit_pending).
+        touched: dict[_Group, Parts] = {}
         for key, delta in deltas.items():
-            subs = self._subs.get(key)
-            if subs is None:
+            groups = self._key_groups.get(key)
+            if not groups:
                 continue
             encoded: dict[Format, bytes] = {}
-            for conn, places in subs.places.items():
-                fmt = conn.fmt
+            table = ""
+            for group in groups.values():
+                fmt = group.fmt
                 data = encoded.get(fmt)
                 if data is None:
-                    update = self.query_update(subs.query.table, delta)
-                    data = encoded[fmt] = CODECS[fmt].encode_query_update(update)
-                conn_parts = parts.get(conn)
-                if conn_parts is None:
-                    conn_parts = parts[conn] = []
-                for qs_id, index in places:
-                    conn_parts.append((qs_id, index, data))
-        # Connections whose parts are equal (same queries in the same places: the common case)
-        # share one encoded TransactionUpdate.
-        caches: dict[Format, TransactionUpdateCache] = {}
-        for conn, conn_parts in parts.items():
-            cache = caches.get(conn.fmt)
-            if cache is None:
-                cache = caches[conn.fmt] = TransactionUpdateCache(
-                    CODECS[conn.fmt], self.epoch, tx.offset
-                )
-            conn.send_encoded(cache.message(conn_parts))
+                    table = table or self.index_table(key)
+                    data = encoded[fmt] = CODECS[fmt].encode_query_update(
+                        self.query_update(table, delta)
+                    )
+                parts = touched.get(group)
+                if parts is None:
+                    parts = touched[group] = []
+                for qs_id, index in group.by_key[key]:
+                    parts.append((qs_id, index, data))
+        if not touched:
+            return
+        pending = self._pending
+        for group, parts in touched.items():
+            entry = pending.get(group)
+            if entry is None:
+                pending[group] = [(tx.offset, parts)]
+            else:
+                entry.append((tx.offset, parts))
+        self._schedule_flush()
+
+    def index_table(self, key: QueryKey) -> str:
+        query = self.index.get(key)
+        assert query is not None, f"routed a query the index does not hold: {key}"
+        return query.table
+
+    def emit_pending(self) -> None:
+        """Hand every update routed so far to its connections, one shared frame per group.
+
+        Called at the end of each tick, and before anything that must follow those updates
+        on a connection (a ReducerResult, a change of subscriptions).
+        """
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        epoch = self.epoch
+        for group, txs in pending.items():
+            codec = CODECS[group.fmt]
+            messages = [codec.encode_transaction_update(epoch, off, parts) for off, parts in txs]
+            frames = _frames(codec, messages)
+            for conn in group.conns:
+                conn.send_shared(frames, messages)
 
     def query_update(self, table: str, delta: QueryDelta) -> QueryUpdate:
         tdef = self.schema.tables[table]
@@ -253,34 +300,55 @@ class Replica:
         return rows
 
     def subscribe(self, conn: Connection, qs_id: QuerySetId, queries: list[BoundQuery]) -> None:
-        """Start routing `queries` to `conn` under `qs_id` (call in the same tick as reading
-        their initial rows, so no transaction falls between the two)."""
-        for index, query in enumerate(queries):
-            key = self.index.add(query)
-            subs = self._subs.get(key)
-            if subs is None:
-                subs = self._subs[key] = _Subscribers(query)
-            subs.places.setdefault(conn, []).append((qs_id, index))
+        """Start routing `queries` to `conn` under `qs_id`. Call it in the same tick as reading
+        their initial rows (no transaction can fall between the two), after adding the set to
+        `conn.query_sets`."""
+        self.emit_pending()
+        for query in queries:
+            self.index.add(query)
+        self._regroup(conn)
 
     def unsubscribe(self, conn: Connection, qs_id: QuerySetId, queries: list[BoundQuery]) -> None:
+        """Stop routing a query set to `conn`, after removing it from `conn.query_sets`."""
+        self.emit_pending()
         for query in queries:
-            key = query.key
-            subs = self._subs.get(key)
-            if subs is None:
-                continue
-            places = subs.places.get(conn)
-            if places is None:
-                continue
-            kept = [p for p in places if p[0] != qs_id]
-            removed = len(places) - len(kept)
-            if kept:
-                subs.places[conn] = kept
-            else:
-                del subs.places[conn]
-            for _ in range(removed):
-                self.index.remove(key)
-            if not subs.places:
-                del self._subs[key]
+            self.index.remove(query.key)
+        self._regroup(conn)
+
+    def _regroup(self, conn: Connection) -> None:
+        old = self._conn_group.pop(conn, None)
+        if old is not None:
+            old.conns.discard(conn)
+            if not old.conns:
+                gkey = (old.fmt, old.places)
+                del self._groups[gkey]
+                for key in old.by_key:
+                    groups = self._key_groups[key]
+                    del groups[gkey]
+                    if not groups:
+                        del self._key_groups[key]
+        places: Places = tuple(
+            sorted(
+                (query.key, qs_id, index)
+                for qs_id, queries in conn.query_sets.items()
+                for index, query in enumerate(queries)
+            )
+        )
+        if not places:
+            return
+        gkey = (conn.fmt, places)
+        group = self._groups.get(gkey)
+        if group is None:
+            by_key: dict[QueryKey, list[tuple[QuerySetId, int]]] = {}
+            for key, qs_id, index in places:
+                by_key.setdefault(key, []).append((qs_id, index))
+            group = self._groups[gkey] = _Group(
+                conn.fmt, places, {k: tuple(v) for k, v in by_key.items()}
+            )
+            for key in group.by_key:
+                self._key_groups.setdefault(key, {})[gkey] = group
+        group.conns.add(conn)
+        self._conn_group[conn] = group
 
     # -- resume ------------------------------------------------------------------------------
 
@@ -362,19 +430,45 @@ class Replica:
     def mark_dirty(self, conn: Connection) -> None:
         """Schedule `conn`'s queued messages to go out at the end of this tick."""
         self._dirty.add(conn)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self.emit_pending()
         dirty, self._dirty = self._dirty, set()
         for conn in dirty:
             conn.flush()
 
     def drop(self, conn: Connection) -> None:
-        """Forget a closed connection's subscriptions."""
-        for qs_id, queries in list(conn.query_sets.items()):
-            self.unsubscribe(conn, qs_id, queries)
+        """Forget a closed connection and its subscriptions."""
+        self.emit_pending()
+        for queries in conn.query_sets.values():
+            for query in queries:
+                self.index.remove(query.key)
+        conn.query_sets.clear()
+        self._regroup(conn)
         self.connections.discard(conn)
         self._dirty.discard(conn)
+
+
+def _frames(codec: Codec, messages: list[bytes]) -> list[bytes]:
+    """Messages packed into `Batch` frames of at most MAX_FRAME bytes (one message may be more)."""
+    total = sum(len(m) for m in messages)
+    if total <= MAX_FRAME:
+        return [codec.encode_batch(messages)]
+    frames: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for data in messages:
+        if group and size + len(data) > MAX_FRAME:
+            frames.append(codec.encode_batch(group))
+            group, size = [], 0
+        group.append(data)
+        size += len(data)
+    frames.append(codec.encode_batch(group))
+    return frames

@@ -128,6 +128,11 @@ class Session:
         """True after `Welcome` was sent and before any close."""
         return self.state is SessionState.OPEN
 
+    @property
+    def has_pending(self) -> bool:
+        """True when messages are queued that `data_to_send` has not returned yet."""
+        return bool(self._outgoing)
+
     # -- input ---------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | str) -> None:
