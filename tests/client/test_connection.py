@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -319,6 +320,31 @@ async def test_an_idempotency_key_belongs_to_its_caller(chat_server: ServerProce
         second = await b.call("set_name", "bob", idempotency_key="order-1")
         assert second != first
         assert b.db.user.find(b.identity)["name"] == "bob"  # type: ignore[index]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server bug: syncd/server/connection.py Connection._push counts one tick's own "
+    "frames against max_outbound_bytes, so any single answer larger than the limit (initial "
+    "rows, a one-off query, a resume) closes even a fast client with 4001 SLOW_CONSUMER, and "
+    "the client's resume is closed the same way every time",
+)
+async def test_an_answer_larger_than_the_outbound_limit_is_not_a_slow_consumer(
+    tmp_path: Path,
+) -> None:
+    """A client that reads promptly gets a result bigger than --max-outbound-bytes."""
+    server = ServerProcess("schema/chat.py", tmp_path / "data", "--max-outbound-bytes", "20000")
+    await server.astart()
+    try:
+        async with syncd.client.connect(server.ws_url, reconnect=False) as conn:
+            for i in range(10):
+                await conn.call("send_message", f"{i} " + "x" * 3000)
+            assert len(await conn.sql("SELECT * FROM message")) == 10
+            await conn.subscribe("SELECT * FROM message")
+            assert len(conn.db.message) == 10
+    finally:
+        server.kill()
+        close_pipe(server)
 
 
 async def test_close_is_clean(chat_server: ServerProcess) -> None:
