@@ -13,7 +13,8 @@ sends `Hello` and waits for `Welcome`. Failures there raise at once (`ConnectFai
 once a connection was up.
 
 Reconnect and resume. When the connection drops with a code `should_reconnect` accepts, the
-client waits a `Backoff` delay and connects again, sending
+client waits a `Backoff` delay and connects again (the delays start over only after a
+connection stayed up for `STABLE_AFTER` seconds), sending
 ``Hello(token, cursor, query_sets=[every live query set])``. The server answers each set with
 `SubscribeApplied`: ``resumed=True`` carries only what changed since the cursor (rows are
 upserted, deletes dropped), ``resumed=False`` the full result (it replaces that set's rows, and
@@ -105,6 +106,10 @@ logger = logging.getLogger("syncd.client")
 DEFAULT_OPEN_TIMEOUT = 10.0
 #: Largest server message accepted, in bytes: initial rows of a big query can be large.
 DEFAULT_MAX_MESSAGE_SIZE = 256 << 20
+#: A connection that stayed up this long (seconds) counts as healthy: the next drop starts the
+#: backoff over. One that drops sooner keeps growing it, so a server that accepts and then
+#: closes at once is not hammered.
+STABLE_AFTER = 5.0
 # Close code we use when the server sends something we cannot decode (RFC 6455 §7.4.1).
 _PROTOCOL_ERROR = 1002
 _ABNORMAL = 1006
@@ -266,6 +271,8 @@ class Connection:
         self._orphans: set[QuerySetId] = set()
         # Pings waiting for their Pong: nonce -> future.
         self._pings: dict[int, asyncio.Future[None]] = {}
+        # Event-loop time the current socket's handshake completed.
+        self._up_since = 0.0
         # Reads the socket, and reconnects; None before connect and after it ended.
         self._task: asyncio.Task[None] | None = None
         # Set once the connection ended for good.
@@ -622,6 +629,7 @@ class Connection:
         else:
             self._cursor = (self._epoch, self._welcome_offset)
         await self._flush_pending()
+        self._up_since = asyncio.get_running_loop().time()
 
     async def _flush_pending(self) -> None:
         """Send every request not sent on this socket yet, oldest first, then go live."""
@@ -666,6 +674,8 @@ class Connection:
         try:
             while ws is not None:
                 code, reason = await self._read(ws)
+                if asyncio.get_running_loop().time() - self._up_since >= STABLE_AFTER:
+                    self._backoff.reset()
                 self._dropped(code, reason)
                 if self._closing:
                     return
@@ -714,7 +724,6 @@ class Connection:
             except OSError as exc:  # the socket failed in a way websockets did not wrap
                 logger.info("reconnecting to %s: %s", self.endpoint.ws_url, exc)
                 continue
-            self._backoff.reset()
             self.reconnects += 1
             for callback in list(self._on_reconnect):
                 _safely(callback)

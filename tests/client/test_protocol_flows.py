@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 import syncd.client
-from syncd.client import CallInterrupted, Connection, Subscription
+import syncd.client.connection
+from syncd.client import Backoff, CallInterrupted, Connection, Subscription
 from syncd.core.ids import ConnectionId, Epoch, Identity, Offset, QuerySetId, RequestId
 from syncd.core.protocol.messages import (
     CallReducer,
@@ -49,9 +50,8 @@ def texts(conn: Connection) -> dict[int, str]:
 
 async def connected(server: FakeServer, **options: Any) -> tuple[Connection, FakeConnection]:
     """Connect a client; answer its Hello with Welcome(epoch 1, offset 5)."""
-    connecting = asyncio.ensure_future(
-        syncd.client.connect(server.url, backoff=quick_backoff(), **options)
-    )
+    options.setdefault("backoff", quick_backoff())
+    connecting = asyncio.ensure_future(syncd.client.connect(server.url, **options))
     peer = await server.accept()
     assert await peer.recv() == Hello()
     await peer.send(welcome(1, 5))
@@ -312,4 +312,30 @@ async def test_an_unsendable_argument_fails_the_caller_at_once() -> None:
         await peer.send(welcome(1, 5))
         await eventually(lambda: conn.is_connected)
         assert not conn.closed
+        await conn.close()
+
+
+async def test_backoff_starts_over_only_after_a_stable_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that welcomes and then drops at once makes the delays grow; a connection
+    that stayed up for STABLE_AFTER starts them over."""
+    monkeypatch.setattr(syncd.client.connection, "STABLE_AFTER", 0.3)
+    backoff = Backoff(base=0.001, cap=0.05)
+    async with FakeServer() as server:
+        conn, peer = await connected(server, backoff=backoff)
+        for attempt in range(1, 4):
+            await peer.close(CloseCode.SHUTDOWN)
+            peer = await server.accept()
+            assert isinstance(await peer.recv(), Hello)
+            await peer.send(welcome(1, 5))
+            assert backoff.attempt == attempt  # flapping: never reset
+        await eventually(lambda: conn.is_connected)
+        await asyncio.sleep(0.4)  # stable now
+        await peer.close(CloseCode.SHUTDOWN)
+        peer = await server.accept()
+        assert backoff.attempt == 1  # started over, then one delay
+        assert isinstance(await peer.recv(), Hello)
+        await peer.send(welcome(1, 5))
+        await eventually(lambda: conn.is_connected)
         await conn.close()
