@@ -869,13 +869,14 @@ class Connection:
         if replace:
             self._cache.replace(holder, delta.table, rows)
             return
-        if rows:
-            self._cache.upsert(holder, delta.table, rows)
+        # docs/protocol.md §7: deletes, then inserts, then updates (all upserts here).
         if delta.deletes:
             b64 = self.fmt == "json"
             self._cache.delete(
                 holder, delta.table, [info.pk(k, base64_bytes=b64) for k in delta.deletes]
             )
+        if rows:
+            self._cache.upsert(holder, delta.table, rows)
 
     def _on_transaction(self, msg: TransactionUpdate) -> None:
         # Cursor first: callbacks (fired when the transaction below ends) see its offset.

@@ -62,11 +62,9 @@ def row_to_instance(tdef: TableDef, row: Row) -> Any:
     obj: Any = object.__new__(tdef.cls)
     converters = tdef.python_converters
     if converters is None:
-        obj.__dict__.update(zip(tdef.names, row, strict=True))
+        obj.__dict__ = dict(zip(tdef.names, row))
     else:
-        obj.__dict__.update(
-            zip(tdef.names, [f(v) for f, v in zip(converters, row, strict=True)], strict=True)
-        )
+        obj.__dict__ = dict(zip(tdef.names, [f(v) for f, v in zip(converters, row)]))
     return obj
 
 
@@ -330,7 +328,9 @@ def bind_args(rdef: ReducerDef, args: Sequence[Any] | Mapping[str, Any]) -> list
     else:
         if len(args) > len(params):
             raise ArgumentError(f"{rdef.name}: takes {len(params)} argument(s), got {len(args)}")
-        raw = list(args) + [NO_DEFAULT] * (len(params) - len(args))
+        raw = list(args)
+        if len(raw) < len(params):
+            raw.extend([NO_DEFAULT] * (len(params) - len(raw)))
     out: list[Any] = []
     for p, value in zip(params, raw, strict=True):
         if value is NO_DEFAULT:
@@ -339,7 +339,8 @@ def bind_args(rdef: ReducerDef, args: Sequence[Any] | Mapping[str, Any]) -> list
             out.append(p.default)
             continue
         try:
-            out.append(p.type.to_python(p.type.check(value)))
+            checked = p.type.check(value)
+            out.append(checked if p.plain else p.type.to_python(checked))
         except ValueError as exc:
             raise ArgumentError(f"{rdef.name}: argument {p.name!r}: {exc}") from None
     return out

@@ -268,7 +268,7 @@ class TableDef:
                 best = idx
         return best
 
-    @property
+    @functools.cached_property
     def crdt_positions(self) -> tuple[int, ...]:
         return tuple(c.position for c in self.columns if c.type.is_crdt)
 
@@ -278,7 +278,7 @@ class TableDef:
             return row
         return tuple(c.type.visible(v) for c, v in zip(self.columns, row, strict=True))
 
-    @property
+    @functools.cached_property
     def _has_crdt(self) -> bool:
         return bool(self.crdt_positions)
 
@@ -301,6 +301,8 @@ class ParamDef:
     name: str
     type: ColumnType
     default: Any = NO_DEFAULT
+    #: The checked (stored) form is the python form: no to_python step when binding.
+    plain: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,7 +545,7 @@ def _check_reducer(
             problems.append(f"{where}: argument {p.name!r} can't be a CRDT type")
             continue
         default = NO_DEFAULT if p.default is inspect.Parameter.empty else p.default
-        params.append(ParamDef(p.name, ptype, default))
+        params.append(ParamDef(p.name, ptype, default, ptype.python_is_stored()))
     if spec.lifecycle is not None and len(plist) > 1:
         problems.append(f"{where}: lifecycle reducers take only the context")
     if len(problems) > start:

@@ -103,7 +103,12 @@ class OrderedIndex(HashIndex):
 
     def add(self, row: Row, pk: Any) -> None:
         super().add(row, pk)
-        insort(self.sorted, (self.sort_key(self.key(row)), pk))
+        entry = (self.sort_key(self.key(row)), pk)
+        entries = self.sorted
+        if not entries or entries[-1] < entry:
+            entries.append(entry)  # the common case: timestamps and ids only grow
+        else:
+            insort(entries, entry)
 
     def remove(self, row: Row, pk: Any) -> None:
         super().remove(row, pk)
