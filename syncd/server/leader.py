@@ -87,8 +87,10 @@ class Leader:
         self._now_us = now_us
         # Transactions appended but not yet published, in offset order.
         self._queue: deque[Tx] = deque()
-        # offset -> future resolved once that transaction is published (or the journal failed)
-        self._waiters: dict[int, asyncio.Future[None]] = {}
+        # offset -> futures of the outcomes to resolve once that offset is published (or the
+        # journal failed): the call that made the transaction, and calls that changed nothing
+        # (or were retried) but read state up to it.
+        self._waiters: dict[int, list[tuple[asyncio.Future[CallOutcome], CallOutcome]]] = {}
         # Set when the queue gains a transaction.
         self._wake = asyncio.Event()
         # Highest offset appended to the journal; highest published.
@@ -121,7 +123,7 @@ class Leader:
 
     async def _drain(self) -> None:
         if self.appended > self.published:
-            await self._waiter(self.appended)
+            await self._when_published(self.appended, CallOutcome(True))
 
     @property
     def ready(self) -> bool:
@@ -315,20 +317,17 @@ class Leader:
         return _done(CallOutcome(True, Offset(offset)))
 
     def _when_published(self, offset: int, outcome: CallOutcome) -> asyncio.Future[CallOutcome]:
-        result: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
-
-        def done(fut: asyncio.Future[None]) -> None:
-            if result.done():
-                return
-            exc = fut.exception() if not fut.cancelled() else BackendError("cancelled")
-            if exc is None:
-                result.set_result(outcome)
-            else:
-                error = exc if isinstance(exc, SyncdError) else BackendError(str(exc))
-                result.set_result(CallOutcome(False, error=error))
-
-        self._waiter(offset).add_done_callback(done)
-        return result
+        """A future resolved with `outcome` once `offset` is published (or with an error)."""
+        fut: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
+        if self.failed is not None:
+            fut.set_result(CallOutcome(False, error=BackendError("the journal is unavailable")))
+            return fut
+        waiting = self._waiters.get(offset)
+        if waiting is None:
+            self._waiters[offset] = [(fut, outcome)]
+        else:
+            waiting.append((fut, outcome))
+        return fut
 
     def _finish(
         self,
@@ -361,14 +360,6 @@ class Leader:
         self._wake.set()
         return self._when_published(offset, CallOutcome(True, offset))
 
-    def _waiter(self, offset: int) -> asyncio.Future[None]:
-        fut = self._waiters.get(offset)
-        if fut is None:
-            fut = self._waiters[offset] = asyncio.get_running_loop().create_future()
-            if self.failed is not None:
-                fut.set_exception(BackendError("the journal is unavailable"))
-        return fut
-
     async def _publish_loop(self) -> None:
         while True:
             await self._wake.wait()
@@ -389,15 +380,11 @@ class Leader:
                     # Durable but not delivered: replicas find the gap and read the journal.
                     logger.exception("publishing offsets %d..%d failed", batch[0].offset, last)
                 self.published = last
+                waiters = self._waiters
                 for tx in batch:
-                    fut = self._waiters.pop(tx.offset, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(None)
-                # Waiters registered for offsets that changed nothing are also released.
-                for offset in [o for o in self._waiters if o <= last]:
-                    fut = self._waiters.pop(offset)
-                    if not fut.done():
-                        fut.set_result(None)
+                    for fut, outcome in waiters.pop(tx.offset, ()):
+                        if not fut.done():
+                            fut.set_result(outcome)
 
     def _failed(self, exc: BaseException) -> None:
         logger.error("journal failed; the leader stops accepting writes: %s", exc)
@@ -406,8 +393,8 @@ class Leader:
         self._fail_waiters(BackendError("the journal is unavailable"))
 
     def _fail_waiters(self, exc: SyncdError) -> None:
-        for fut in self._waiters.values():
-            if not fut.done():
-                fut.set_exception(exc)
-                fut.exception()  # mark retrieved: a caller may have gone away
+        for waiting in self._waiters.values():
+            for fut, _ in waiting:
+                if not fut.done():
+                    fut.set_result(CallOutcome(False, error=exc))
         self._waiters.clear()
