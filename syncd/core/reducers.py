@@ -320,7 +320,7 @@ def bind_args(rdef: ReducerDef, args: Sequence[Any] | Mapping[str, Any]) -> list
     Returns the python-form argument list. Raises `ArgumentError` naming the argument.
     """
     params = rdef.params
-    if isinstance(args, Mapping):
+    if type(args) is not list and isinstance(args, Mapping):
         extra = [k for k in args if not any(p.name == k for p in params)]
         if extra:
             raise ArgumentError(f"{rdef.name}: unexpected argument {extra[0]!r}")
