@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import sys
@@ -380,11 +381,17 @@ def run(config: Config, *, log_level: str = "info") -> None:
     uv_server = uvicorn.Server(uv_config)
 
     async def main() -> None:
+        # Rows are long-lived tuples: the default generation-0 threshold (700) makes the
+        # collector rescan them constantly under load. Collect less often, and move everything
+        # alive after start-up (the recovered state) out of the collector's sight.
+        gc.set_threshold(50_000, 50, 100)
         serve = asyncio.ensure_future(uv_server.serve(sockets=[sock]))
         # uvicorn exposes `started` as a flag only, so poll it (10 ms, at start-up only).
         while not uv_server.started and not serve.done():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         if uv_server.started:
+            gc.collect()
+            gc.freeze()
             shown = f"[{host}]" if ":" in host else host
             print(f"syncd listening on http://{shown}:{port}", flush=True)
         await serve
