@@ -145,7 +145,7 @@ async def test_resumed_changes_only_touch_what_changed() -> None:
         await eventually(lambda: conn.is_connected and conn.cursor == (1, 9))
         assert sub.last_resumed is True
         assert texts(conn) == {1: "one", 2: "2!", 5: "five"}
-        assert events.events == [("update", 2, "2!"), ("insert", 5, "five"), ("delete", 3, "three")]
+        assert events.events == [("delete", 3, "three"), ("update", 2, "2!"), ("insert", 5, "five")]
         await conn.close()
 
 
