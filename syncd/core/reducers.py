@@ -62,9 +62,10 @@ def row_to_instance(tdef: TableDef, row: Row) -> Any:
     obj: Any = object.__new__(tdef.cls)
     converters = tdef.python_converters
     if converters is None:
-        obj.__dict__ = dict(zip(tdef.names, row))
+        obj.__dict__ = dict(zip(tdef.names, row, strict=True))
     else:
-        obj.__dict__ = dict(zip(tdef.names, [f(v) for f, v in zip(converters, row)]))
+        values = [f(v) for f, v in zip(converters, row, strict=True)]
+        obj.__dict__ = dict(zip(tdef.names, values, strict=True))
     return obj
 
 
