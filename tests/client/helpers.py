@@ -60,10 +60,3 @@ def close_pipe(server: ServerProcess) -> None:
     """Close our end of a server process's stdout pipe (the helper leaves it open)."""
     if server.proc is not None and server.proc.stdout is not None:
         server.proc.stdout.close()
-
-
-async def restart(server: ServerProcess) -> None:
-    """kill -9 the server, then start it again on the same port and data directory."""
-    await asyncio.to_thread(server.kill)
-    close_pipe(server)
-    await server.astart()
