@@ -90,6 +90,11 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait: a graceful shutdown."""
@@ -101,6 +106,7 @@ class ServerProcess:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self._close_pipe()
         return self.proc.returncode
 
     def rss_bytes(self) -> int:

@@ -567,20 +567,22 @@ class Connection:
             self._writable.set()
 
     def _push(self, frames: list[bytes]) -> None:
-        self._frames.extend(frames)
-        self._frame_bytes += sum(len(f) for f in frames)
         if (
             self._frame_bytes > self.server.config.limits.max_outbound_bytes
             and self.session.close_code != CloseCode.SLOW_CONSUMER
         ):
-            # Memory stays bounded: drop what the client could not take and tell it to
-            # reconnect and resume from its cursor.
+            # What earlier ticks queued is still unsent and over the limit: the client does
+            # not keep up. (One tick's output is always admitted, so a large answer to a fast
+            # client is not mistaken for slowness; memory stays below limit + one tick.)
+            # Drop what the client could not take and tell it to resume from its cursor.
             self._frames.clear()
             self._frame_bytes = 0
             self.session.close(CloseCode.SLOW_CONSUMER, "too slow: resume from your cursor")
             self.session.data_to_send()
             self._writable.set()
             return
+        self._frames.extend(frames)
+        self._frame_bytes += sum(len(f) for f in frames)
         if not self._writer_busy and self._transport_writable is not None:
             self._write_now()
         if self._frames or self.session.state is SessionState.CLOSING:

@@ -322,13 +322,6 @@ async def test_an_idempotency_key_belongs_to_its_caller(chat_server: ServerProce
         assert b.db.user.find(b.identity)["name"] == "bob"  # type: ignore[index]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: syncd/server/connection.py Connection._push counts one tick's own "
-    "frames against max_outbound_bytes, so any single answer larger than the limit (initial "
-    "rows, a one-off query, a resume) closes even a fast client with 4001 SLOW_CONSUMER, and "
-    "the client's resume is closed the same way every time",
-)
 async def test_an_answer_larger_than_the_outbound_limit_is_not_a_slow_consumer(
     tmp_path: Path,
 ) -> None:
