@@ -14,8 +14,8 @@ import functools
 import logging
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -60,6 +60,7 @@ from syncd.errors import (
     SyncdError,
 )
 from syncd.server.leader import CallOutcome
+from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
 
 if TYPE_CHECKING:
     from syncd.server.app import Server
@@ -122,10 +123,11 @@ class Connection:
         self._writable = asyncio.Event()
         # True while the writer task is inside a send: nobody else may write meanwhile.
         self._writer_busy = False
-        # The raw ASGI send, and the server's "transport is writable" flag when the server is
-        # uvicorn's sans-I/O WebSocket protocol (see _write_now); None disables the fast path.
+        # The raw ASGI send, and uvicorn's sans-I/O WebSocket protocol object when frames may
+        # be written straight to its transport (see _push); None disables that fast path.
         self._asgi_send = websocket._send
-        self._transport_writable = _writable_flag(websocket)
+        self._proto = _raw_protocol(websocket)
+        self._opcode = OP_TEXT if fmt == "json" else OP_BINARY
         # Orders reducer submissions: calls run in the order the client sent them.
         self._submit = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -540,11 +542,12 @@ class Connection:
 
     # -- output ------------------------------------------------------------------------------
 
-    def send_shared(self, frames: list[bytes], messages: list[bytes]) -> None:
+    def send_shared(self, frames: list[bytes], wires: list[bytes], messages: list[bytes]) -> None:
         """Queue updates shared with other connections (from the replica, once per tick).
 
-        `frames` are `messages` already packed into Batch frames; they go out as they are
-        unless this connection has messages of its own queued, which must go first.
+        `frames` are `messages` already packed into Batch frames, and `wires` those frames as
+        WebSocket frames; they go out as they are unless this connection has messages of its
+        own queued, which must go first.
         """
         if not self.session.is_open:
             return
@@ -553,7 +556,7 @@ class Connection:
                 self.session.send_raw(data)
             self._dirty()
         else:
-            self._push(frames)
+            self._push(frames, wires)
 
     def _dirty(self) -> None:
         self.server.replica.mark_dirty(self)
@@ -566,7 +569,7 @@ class Connection:
         elif self.session.state is SessionState.CLOSING:
             self._writable.set()
 
-    def _push(self, frames: list[bytes]) -> None:
+    def _push(self, frames: list[bytes], wires: list[bytes] | None = None) -> None:
         if (
             self._frame_bytes > self.server.config.limits.max_outbound_bytes
             and self.session.close_code != CloseCode.SLOW_CONSUMER
@@ -581,44 +584,38 @@ class Connection:
             self.session.data_to_send()
             self._writable.set()
             return
-        self._frames.extend(frames)
-        self._frame_bytes += sum(len(f) for f in frames)
-        if not self._writer_busy and self._transport_writable is not None:
-            self._write_now()
+        sent = 0
+        if not self._frames and not self._writer_busy:
+            sent = self._write_direct(frames, wires)
+        if sent < len(frames):
+            rest = frames[sent:]
+            self._frames.extend(rest)
+            self._frame_bytes += sum(len(f) for f in rest)
         if self._frames or self.session.state is SessionState.CLOSING:
             self._writable.set()
+
+    def _write_direct(self, frames: list[bytes], wires: list[bytes] | None) -> int:
+        # The fast path: while nothing is queued, no send is in progress and the transport
+        # takes data, write each WebSocket frame straight to uvicorn's transport. Server
+        # frames are unmasked, so a frame shared by a group is serialized once for all of
+        # them (as websockets.broadcast writes frames past the connection's send path).
+        # Returns how many frames were written; the rest go through the writer task.
+        proto = self._proto
+        if proto is None:
+            return 0
+        writable = proto.writable
+        transport = proto.transport
+        opcode = self._opcode
+        for i, frame in enumerate(frames):
+            if not writable.is_set() or proto.close_sent or transport.is_closing():
+                return i
+            transport.write(wires[i] if wires is not None else ws_frame(frame, opcode))
+        return len(frames)
 
     def _message(self, frame: bytes) -> dict[str, Any]:
         if self.fmt == "json":
             return {"type": "websocket.send", "text": frame.decode()}
         return {"type": "websocket.send", "bytes": frame}
-
-    def _write_now(self) -> None:
-        # Write without waking the writer task, while the transport takes data. uvicorn's
-        # sans-I/O protocol only suspends a send to wait for writability (checked first), so
-        # the send coroutine completes in one step; if it ever suspends anyway, it is closed
-        # before writing anything and the frame goes back to the writer task.
-        writable = self._transport_writable
-        assert writable is not None
-        send = self._asgi_send
-        frames = self._frames
-        while frames and writable.is_set():
-            frame = frames.popleft()
-            self._frame_bytes -= len(frame)
-            coro = cast(Coroutine[Any, Any, None], send(self._message(frame)))
-            try:
-                coro.send(None)
-            except StopIteration:
-                continue
-            except Exception:
-                # The client is gone; the reader sees the disconnect and cleans up.
-                frames.clear()
-                self._frame_bytes = 0
-                return
-            coro.close()
-            frames.appendleft(frame)
-            self._frame_bytes += len(frame)
-            return
 
     async def _write_loop(self) -> None:
         send = self._asgi_send
@@ -656,13 +653,19 @@ class Connection:
         self.flush()
 
 
-def _writable_flag(websocket: WebSocket) -> asyncio.Event | None:
-    """uvicorn's sans-I/O protocol's `writable` event, which lets sends skip the writer task."""
+def _raw_protocol(websocket: WebSocket) -> Any:
+    """uvicorn's sans-I/O WebSocket protocol behind this connection, if frames may be written
+    to its transport directly: it is that class, with its `writable` flag and transport, and
+    no extension (compression) was negotiated. Otherwise None."""
     protocol = getattr(websocket._send, "__self__", None)
-    flag = getattr(protocol, "writable", None)
-    if type(protocol).__name__ == "WebSocketsSansIOProtocol" and isinstance(flag, asyncio.Event):
-        return flag
-    return None
+    if type(protocol).__name__ != "WebSocketsSansIOProtocol":
+        return None
+    if not isinstance(getattr(protocol, "writable", None), asyncio.Event):
+        return None
+    conn = getattr(protocol, "conn", None)
+    if getattr(protocol, "transport", None) is None or getattr(conn, "extensions", [1]):
+        return None
+    return protocol
 
 
 def _resolved(outcome: CallOutcome) -> asyncio.Future[CallOutcome]:

@@ -31,6 +31,7 @@ from syncd.core.subscriptions import QueryDelta, SubscriptionIndex
 from syncd.core.tx import Tx, decode_tx
 from syncd.errors import CloseCode, JournalError, LimitExceeded, SubscriptionError
 from syncd.ports import Journal
+from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
 
 if TYPE_CHECKING:
     from syncd.server.connection import Connection
@@ -231,8 +232,10 @@ class Replica:
             codec = CODECS[group.fmt]
             messages = [codec.encode_transaction_update(epoch, off, parts) for off, parts in txs]
             frames = _frames(codec, messages)
+            opcode = OP_TEXT if group.fmt == "json" else OP_BINARY
+            wires = [ws_frame(frame, opcode) for frame in frames]
             for conn in group.conns:
-                conn.send_shared(frames, messages)
+                conn.send_shared(frames, wires, messages)
 
     def query_update(self, table: str, delta: QueryDelta) -> QueryUpdate:
         tdef = self.schema.tables[table]
