@@ -622,6 +622,19 @@ class Connection:
         while True:
             await self._writable.wait()
             self._writable.clear()
+            proto = self._proto
+            while self._frames and proto is not None:
+                # Wait until the transport drains below its high-water mark, then write
+                # everything queued in one call. The frames stay queued while waiting, so the
+                # direct path in _push (which needs an empty queue) cannot overtake them.
+                await proto.writable.wait()
+                if proto.close_sent or proto.transport.is_closing():
+                    return
+                frames = list(self._frames)
+                self._frames.clear()
+                self._frame_bytes = 0
+                opcode = self._opcode
+                proto.transport.write(b"".join([ws_frame(f, opcode) for f in frames]))
             while self._frames:
                 frame = self._frames.popleft()
                 self._frame_bytes -= len(frame)
