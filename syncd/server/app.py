@@ -23,7 +23,8 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from syncd.auth import AnonymousAuthenticator, Principal
@@ -199,7 +200,9 @@ class Server:
 
     # -- ASGI --------------------------------------------------------------------------------
 
-    def app(self) -> Starlette:
+    def app(self) -> ASGIApp:
+        """The ASGI application: the WebSocket at /v1/ws, HTTP endpoints, and the lifespan."""
+
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             await self.start()
@@ -208,9 +211,8 @@ class Server:
             finally:
                 await self.stop()
 
-        return Starlette(
+        http = Starlette(
             routes=[
-                WebSocketRoute("/v1/ws", self.websocket),
                 Route("/healthz", self.healthz),
                 Route("/readyz", self.readyz),
                 Route("/v1/schema", self.schema_endpoint),
@@ -219,6 +221,20 @@ class Server:
             ],
             lifespan=lifespan,
         )
+
+        async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+            # The WebSocket bypasses Starlette's router and middleware: each send on the
+            # fan-out path would otherwise go through their wrappers, and the connection
+            # needs the server's own `send` to reach its transport (Connection._push).
+            if scope["type"] == "websocket":
+                if scope["path"] == "/v1/ws":
+                    await self.websocket(WebSocket(scope, receive, send))
+                else:
+                    await send({"type": "websocket.close", "code": 1008})
+                return
+            await http(scope, receive, send)
+
+        return asgi
 
     async def websocket(self, websocket: WebSocket) -> None:
         offered = [p.strip() for p in websocket.scope.get("subprotocols", [])]
