@@ -22,6 +22,9 @@ test-thorough:
 	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest
 
 bench:
+	$(PY) bench/reducers.py
 	$(PY) bench/routing.py
 	$(PY) bench/codec.py
 	$(PY) bench/journal.py
+	$(PY) bench/fanout.py
+	$(PY) bench/throughput.py
