@@ -796,38 +796,29 @@ class Connection:
             self._handle(msg)
 
     def _handle(self, msg: ServerMessage) -> None:
-        kind = type(msg)
-        if kind is TransactionUpdate:
-            assert isinstance(msg, TransactionUpdate)
-            self._on_transaction(msg)
-        elif kind is ReducerResult:
-            assert isinstance(msg, ReducerResult)
-            self._on_result(msg)
-        elif kind is SubscribeApplied:
-            assert isinstance(msg, SubscribeApplied)
-            self._on_applied(msg)
-        elif kind is SubscriptionFailed:
-            assert isinstance(msg, SubscriptionFailed)
-            self._on_sub_failed(msg)
-        elif kind is QueryResult:
-            assert isinstance(msg, QueryResult)
-            self._on_query_result(msg)
-        elif kind is Unsubscribed:
-            assert isinstance(msg, Unsubscribed)
-            self._settle(msg.request_id, None)
-        elif kind is Welcome:
-            assert isinstance(msg, Welcome)
-            self._on_welcome(msg)
-        elif kind is Pong:
-            assert isinstance(msg, Pong)
-            fut = self._pings.get(msg.nonce)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-        elif kind is Error:
-            assert isinstance(msg, Error)
-            self._on_error(msg)
-        elif kind is Batch:  # pragma: no cover - decoding refuses nested batches
-            raise ProtocolError("nested Batch")
+        match msg:
+            case TransactionUpdate():
+                self._on_transaction(msg)
+            case ReducerResult():
+                self._on_result(msg)
+            case SubscribeApplied():
+                self._on_applied(msg)
+            case SubscriptionFailed():
+                self._on_sub_failed(msg)
+            case QueryResult():
+                self._on_query_result(msg)
+            case Unsubscribed():
+                self._settle(msg.request_id, None)
+            case Welcome():
+                self._on_welcome(msg)
+            case Pong():
+                fut = self._pings.get(msg.nonce)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            case Error():
+                self._on_error(msg)
+            case Batch():  # pragma: no cover - decoding refuses nested batches
+                raise ProtocolError("nested Batch")
 
     def _on_welcome(self, msg: Welcome) -> None:
         if self._welcomed:

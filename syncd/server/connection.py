@@ -275,28 +275,21 @@ class Connection:
 
     async def _dispatch(self, events: list[ClientMessage]) -> None:
         for event in events:
-            kind = type(event)
-            if kind is CallReducer:
-                assert isinstance(event, CallReducer)
-                await self._start(self._call(event))
-            elif kind is Subscribe:
-                assert isinstance(event, Subscribe)
-                self._subscribe(event)
-            elif kind is Unsubscribe:
-                assert isinstance(event, Unsubscribe)
-                self._unsubscribe(event)
-            elif kind is MergeCrdt:
-                assert isinstance(event, MergeCrdt)
-                await self._start(self._merge(event))
-            elif kind is OneOffQuery:
-                assert isinstance(event, OneOffQuery)
-                self._one_off(event)
-            elif kind is Ping:
-                assert isinstance(event, Ping)
-                self.session.send(Pong(nonce=event.nonce))
-            elif kind is Reauth:
-                assert isinstance(event, Reauth)
-                self._reauth(event)
+            match event:
+                case CallReducer():
+                    await self._start(self._call(event))
+                case Subscribe():
+                    self._subscribe(event)
+                case Unsubscribe():
+                    self._unsubscribe(event)
+                case MergeCrdt():
+                    await self._start(self._merge(event))
+                case OneOffQuery():
+                    self._one_off(event)
+                case Ping():
+                    self.session.send(Pong(nonce=event.nonce))
+                case Reauth():
+                    self._reauth(event)
             self._dirty()
 
     async def _start(

@@ -147,16 +147,12 @@ class Leader:
 
         Never raises for the caller's mistakes (they come back as `CallOutcome.error`).
         """
-        if self.failed is not None:
-            return _done(CallOutcome(False, error=BackendError("the journal is unavailable")))
         rdef = self.schema.reducers.get(name)
         if rdef is None or not rdef.callable_by_clients:
             return _done(CallOutcome(False, error=NoSuchReducer(f"no reducer named {name!r}")))
-        key = _scoped(sender, idempotency_key)
-        if key is not None:
-            seen = await self._seen(key)
-            if seen is not None:
-                return seen
+        key, early = await self._admit(sender, idempotency_key)
+        if early is not None:
+            return early
         timestamp, stamp = self._timing()
         try:
             changes = run_reducer(
@@ -184,13 +180,9 @@ class Leader:
         idempotency_key: str | None = None,
     ) -> asyncio.Future[CallOutcome]:
         """Apply a client's CRDT operation as its own transaction (see `call`)."""
-        if self.failed is not None:
-            return _done(CallOutcome(False, error=BackendError("the journal is unavailable")))
-        key = _scoped(sender, idempotency_key)
-        if key is not None:
-            seen = await self._seen(key)
-            if seen is not None:
-                return seen
+        key, early = await self._admit(sender, idempotency_key)
+        if early is not None:
+            return early
         timestamp, stamp = self._timing()
         try:
             changes = merge_cell(self.store, self.schema, table, pk, column, op, stamp)
@@ -300,6 +292,17 @@ class Leader:
         outcome = await self._finish(changes, timestamp, "init", sender, None, None)
         if outcome.error is not None:
             raise outcome.error
+
+    async def _admit(
+        self, sender: Identity, idempotency_key: str | None
+    ) -> tuple[str | None, asyncio.Future[CallOutcome] | None]:
+        """The caller-scoped key, and an outcome when the call must not run: the journal
+        failed, or a call with this key already ran (its outcome, once published)."""
+        if self.failed is not None:
+            error = BackendError("the journal is unavailable")
+            return None, _done(CallOutcome(False, error=error))
+        key = _scoped(sender, idempotency_key)
+        return key, (await self._seen(key) if key is not None else None)
 
     async def _seen(self, key: str) -> asyncio.Future[CallOutcome] | None:
         offset = self._keys.get(key)
