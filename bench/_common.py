@@ -22,7 +22,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-_LISTENING = re.compile(r"syncd listening on (http://\S+)")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.server_proc import ServerProcess  # noqa: E402  (needs ROOT on the path)
+
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -50,82 +53,28 @@ def now_us() -> int:
 # -- the server ------------------------------------------------------------------------------
 
 
-class ServerProc:
-    """`syncd serve MODULE --port 0 --data TMPDIR` in a child process."""
+class ServerProc(ServerProcess):
+    """The tests' `ServerProcess` in a throwaway directory (removed on stop), as a context
+    manager: `syncd serve MODULE --port 0 --data TMPDIR`."""
 
     def __init__(self, module: str = "schema/chat.py", *extra: str) -> None:
-        self.module = str(ROOT / module)
-        self.extra = list(extra)
         self.tmp = Path(tempfile.mkdtemp(prefix="syncd-bench-"))
-        self.proc: subprocess.Popen[str] | None = None
-        self.url = ""
+        super().__init__(module, self.tmp / "data", *extra)
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
-    @property
-    def ws_url(self) -> str:
-        return self.url.replace("http://", "ws://", 1) + "/v1/ws"
-
-    def start(self, timeout: float = 30.0) -> ServerProc:
-        args = [
-            sys.executable,
-            "-m",
-            "syncd",
-            "serve",
-            self.module,
-            "--port",
-            "0",
-            "--data",
-            str(self.tmp / "data"),
-            "--log-level",
-            "warning",
-            *self.extra,
-        ]
-        log = open(self.tmp / "server.log", "w")  # the child keeps a copy
-        self.proc = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        log.close()
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
-                raise RuntimeError(f"syncd exited with {self.proc.returncode}:\n{self.log()}")
-            match = _LISTENING.search(line)
-            if match:
-                self.url = match.group(1)
-                return self
-        self.stop()
-        raise RuntimeError(f"syncd did not start within {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            return (self.tmp / "server.log").read_text()[-5000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s; remove the data directory."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL after `timeout`; remove the data directory."""
+        code = super().stop(timeout)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        return code
 
     def __enter__(self) -> ServerProc:
-        return self.start()
+        self.start(timeout=30.0)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
