@@ -356,34 +356,37 @@ class Replica:
     # -- resume ------------------------------------------------------------------------------
 
     async def txs_since(self, offset: int) -> list[Tx] | None:
-        """Every transaction after `offset` up to now, or None if they are no longer held."""
+        """Every transaction after `offset` up to now: the journal's, then the in-memory
+        window's. None when they are no longer held, or so many that a fresh snapshot is
+        cheaper (more than 10 resume windows)."""
         if offset > self.store.offset:
             return None
-        if offset == self.store.offset:
-            return []
+        if self.store.offset - offset > 10 * self.limits.resume_window:
+            return None
         txs: list[Tx] = []
         after = offset
-        while not self.window or self.window[0].offset > after + 1:
+        while not self._window_covers(after):
             try:
                 entries = await self.journal.read(Offset(after), READ_CHUNK)
             except LookupError:
                 return None
             if not entries:
-                break
+                return None
             for entry_offset, payload in entries:
-                if self.window and entry_offset >= self.window[0].offset:
-                    break
+                if entry_offset > self.store.offset:
+                    break  # durable but not applied here yet: it reaches us by fan-out
                 txs.append(decode_tx(self.schema, payload))
                 after = entry_offset
-            else:
-                continue
-            break
-        if after >= self.store.offset:
-            return txs
-        if not self.window or self.window[0].offset > after + 1:
-            return None
+                if self._window_covers(after):
+                    break
+        # No await from here: the window cannot move under us.
         txs.extend(tx for tx in self.window if tx.offset > after)
         return txs
+
+    def _window_covers(self, after: int) -> bool:
+        """True when every transaction after `after` is in the window (or there is none)."""
+        window = self.window
+        return after >= self.store.offset or (bool(window) and window[0].offset <= after + 1)
 
     def resume_update(self, query: BoundQuery, txs: list[Tx]) -> QueryUpdate:
         """What changed in `query`'s result over `txs` (the transactions after the client's
