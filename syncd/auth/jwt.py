@@ -231,8 +231,8 @@ class JwtVerifier:
         self._fetching: asyncio.Task[bool] | None = None
         # The periodic refresher started by start().
         self._refresher: asyncio.Task[None] | None = None
-        # Refetches scheduled by verify(); held so they are not garbage-collected mid-flight.
-        self._background: set[asyncio.Task[bool]] = set()
+        # Set by aclose(): no fetch starts after it.
+        self._closed = False
         #: How many JWKS requests this verifier has made (for tests and metrics).
         self.fetch_count = 0
 
@@ -254,7 +254,7 @@ class JwtVerifier:
         Never raises for an unreachable or malformed JWKS: the failure is logged, JWKS tokens
         are refused until a fetch succeeds, and unknown ``kid``s retry the fetch.
         """
-        if self._jwks_url is None or self._refresher is not None:
+        if self._jwks_url is None or self._refresher is not None or self._closed:
             return
         await self.refresh()
         self._refresher = asyncio.get_running_loop().create_task(
@@ -263,7 +263,8 @@ class JwtVerifier:
 
     async def aclose(self) -> None:
         """Stop the background refresh. Idempotent; cached keys stay usable by `verify`."""
-        tasks = [t for t in (self._refresher, self._fetching, *self._background) if t is not None]
+        self._closed = True
+        tasks = [t for t in (self._refresher, self._fetching) if t is not None]
         self._refresher = None
         for task in tasks:
             task.cancel()
@@ -281,41 +282,53 @@ class JwtVerifier:
         """Fetch the JWKS now (joining a fetch already in flight). Not rate-limited.
 
         Returns:
-            True if the cache was replaced, False if there is no JWKS or the fetch failed
-            (logged; the cached keys are kept). Never raises for a network or format error.
+            True if the cache was replaced, False if there is no JWKS, the verifier is closed,
+            or the fetch failed (logged; the cached keys are kept). Never raises for a network
+            or format error.
         """
-        if self._jwks_url is None:
-            return False
-        if self._fetching is None or self._fetching.done():
-            self._fetching = asyncio.get_running_loop().create_task(
-                self._fetch_jwks(self._jwks_url), name="jwks-fetch"
-            )
-        return await asyncio.shield(self._fetching)
+        fetching = self._fetch_in_flight() or self._start_fetch()
+        return False if fetching is None else await asyncio.shield(fetching)
 
     async def refresh_for_unknown_kid(self) -> bool:
-        """Refetch the JWKS unless one was fetched less than `jwks_refresh_min_interval_s` ago.
+        """Refetch the JWKS unless one started less than `jwks_refresh_min_interval_s` ago.
+
+        Joins a fetch already in flight rather than starting a second one.
 
         Returns:
             True if a fetch ran (or was joined) and replaced the cache; False if rate-limited,
-            failed or there is no JWKS. Never raises for a network or format error.
+            failed, closed or there is no JWKS. Never raises for a network or format error.
         """
-        if self._jwks_url is None:
-            return False
-        if self._fetching is not None and not self._fetching.done():
-            return await asyncio.shield(self._fetching)
-        if self._last_fetch is not None:
-            elapsed = time.monotonic() - self._last_fetch
-            if elapsed < self.config.jwks_refresh_min_interval_s:
-                return False
-        return await self.refresh()
+        fetching = self._fetch_in_flight()
+        if fetching is None and self._refetch_due():
+            fetching = self._start_fetch()
+        return False if fetching is None else await asyncio.shield(fetching)
 
-    async def _fetch_jwks(self, url: str) -> bool:
+    def _fetch_in_flight(self) -> asyncio.Task[bool] | None:
+        fetching = self._fetching
+        return fetching if fetching is not None and not fetching.done() else None
+
+    def _refetch_due(self) -> bool:
+        """Whether the rate limit allows a refetch now (any fetch, timed or not, counts)."""
+        last = self._last_fetch
+        return last is None or time.monotonic() - last >= self.config.jwks_refresh_min_interval_s
+
+    def _start_fetch(self) -> asyncio.Task[bool] | None:
+        """Start a fetch in the running loop; None if there is no JWKS or we are closed."""
+        if self._jwks_url is None or self._closed:
+            return None
+        # Set before the task runs, so every caller in this tick sees the fetch as started.
         self._last_fetch = time.monotonic()
         self.fetch_count += 1
+        self._fetching = asyncio.get_running_loop().create_task(
+            self._fetch_jwks(self._jwks_url), name="jwks-fetch"
+        )
+        return self._fetching
+
+    async def _fetch_jwks(self, url: str) -> bool:
         try:
             body = await asyncio.to_thread(_fetch, url)
             keys = _parse_jwks(body)
-        except (OSError, ValueError) as exc:  # URLError, timeouts and bad JSON included
+        except Exception as exc:  # URLError, timeouts, http.client errors, bad JSON
             logger.warning(
                 "JWKS fetch from %s failed, keeping %d cached key(s): %s", url, len(self._keys), exc
             )
@@ -328,15 +341,11 @@ class JwtVerifier:
     def _schedule_refresh(self) -> None:
         """Start a rate-limited refetch in the background, when called inside an event loop."""
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:
             return
-        if self._fetching is not None and not self._fetching.done():
-            return
-        task = loop.create_task(self.refresh_for_unknown_kid(), name="jwks-refetch")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        task.add_done_callback(_log_failure)
+        if self._fetch_in_flight() is None and self._refetch_due():
+            self._start_fetch()
 
     def verify(self, token: str) -> Claims:
         """Verify `token` with the cached keys only; never waits on the network.
@@ -455,8 +464,3 @@ def _header(token: str) -> dict[str, Any]:
         return jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
         raise InvalidToken(f"malformed token: {exc}") from exc
-
-
-def _log_failure(task: asyncio.Task[bool]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("JWKS refetch crashed", exc_info=task.exception())

@@ -254,6 +254,43 @@ async def test_unknown_kid_refetch_is_rate_limited(jwks: JwksServer) -> None:
         await verifier.aclose()
 
 
+async def test_verify_bursts_schedule_one_fetch(jwks: JwksServer) -> None:
+    """Many verify() calls with unknown kids in one tick start a single background fetch."""
+    verifier = JwtVerifier(JwtConfig(supabase_url=jwks.url, jwks_refresh_min_interval_s=3600))
+    try:
+        for i in range(50):
+            with pytest.raises(InvalidToken, match="unknown signing key"):
+                verifier.verify(sign(claims_for("i"), "ES256", kid=f"forged-{i}"))
+        await wait_for(lambda: "ec-1" in verifier.key_ids)
+        assert jwks.requests == 1 and verifier.fetch_count == 1
+    finally:
+        await verifier.aclose()
+
+
+async def test_periodic_refresh_drops_removed_keys(jwks: JwksServer) -> None:
+    """The background refresh replaces the cache, so a key removed from the JWKS is refused."""
+    config = JwtConfig(supabase_url=jwks.url, jwks_max_age_s=20 * MS)
+    async with JwtVerifier(config) as verifier:
+        jwks.keys = [jwk(RSA_KEY, "rsa-1")]
+        await wait_for(lambda: verifier.key_ids == {"rsa-1"})
+        with pytest.raises(InvalidToken, match="unknown signing key"):
+            verifier.verify(sign(claims_for(f"{jwks.url}/auth/v1"), "ES256"))
+
+
+async def test_no_fetch_after_aclose(jwks: JwksServer) -> None:
+    """aclose() is idempotent and stops all fetching; cached keys still verify."""
+    config = JwtConfig(supabase_url=jwks.url, jwks_refresh_min_interval_s=0)
+    verifier = JwtVerifier(config)
+    await verifier.start()
+    await verifier.aclose()
+    await verifier.aclose()
+    assert await verifier.refresh() is False
+    with pytest.raises(InvalidToken):
+        await verifier.verify_async(sign(claims_for(f"{jwks.url}/auth/v1"), "ES256", kid="x"))
+    assert verifier.verify(sign(claims_for(f"{jwks.url}/auth/v1"), "ES256")).subject
+    assert jwks.requests == 1
+
+
 async def test_jwks_down_with_warm_cache_still_verifies(jwks: JwksServer) -> None:
     """When the JWKS endpoint goes away, cached keys keep verifying and refreshes do not raise."""
     config = JwtConfig(supabase_url=jwks.url, jwks_refresh_min_interval_s=0)
@@ -319,6 +356,7 @@ def rejected_tokens(issuer: str) -> dict[str, tuple[str, str]]:
         "hs512": (jwt.encode(claims_for(issuer), SECRET * 2, algorithm="HS512"), "not accepted"),
         "no_kid": (jwt.encode(claims_for(issuer), EC_KEY, algorithm="ES256"), "no 'kid'"),
         "missing_sub": (sign(claims_for(issuer, sub=None), "ES256"), "sub"),
+        "missing_aud": (sign(claims_for(issuer, aud=None), "ES256"), "aud"),
         "missing_exp": (sign(claims_for(issuer, exp=None), "ES256"), "exp"),
         "empty": ("", "malformed"),
         "garbage": ("not a token at all", "malformed"),
