@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from syncd.config import Config, Limits
+from syncd.config import AuthConfig, Config, Limits
 from syncd.errors import ConfigError
 
 _LIMITS = Limits()
@@ -31,7 +31,12 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         data_dir=Path(args.data),
-        allow_anonymous=not args.no_anonymous,
+        auth=AuthConfig(
+            supabase_url=args.supabase_url or None,
+            jwt_secret=args.jwt_secret or None,
+            audience=args.jwt_audience,
+            allow_anonymous=args.allow_anonymous,
+        ),
         snapshot_every=args.snapshot_every,
         limits=limits,
         replica_id=args.replica_id,
@@ -64,7 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SYNCD_DATA", "syncd-data"),
         help="directory of the embedded journal (default ./syncd-data)",
     )
-    serve.add_argument("--no-anonymous", action="store_true", help="refuse clients without a token")
+    serve.add_argument(
+        "--supabase-url",
+        default=os.environ.get("SYNCD_SUPABASE_URL"),
+        help="accept this Supabase project's access tokens (JWKS, issuer <url>/auth/v1)",
+    )
+    serve.add_argument(
+        "--jwt-secret",
+        default=os.environ.get("SYNCD_JWT_SECRET"),
+        help="accept HS256 tokens signed with this secret (Supabase's legacy JWT secret); "
+        "prefer the SYNCD_JWT_SECRET environment variable",
+    )
+    serve.add_argument(
+        "--jwt-audience", default=os.environ.get("SYNCD_JWT_AUDIENCE", "authenticated")
+    )
+    anonymous = serve.add_mutually_exclusive_group()
+    anonymous.add_argument(
+        "--allow-anonymous",
+        dest="allow_anonymous",
+        action="store_true",
+        default=None,
+        help="give clients without a token a server-minted identity (the default unless a "
+        "Supabase URL or JWT secret is set)",
+    )
+    anonymous.add_argument(
+        "--no-anonymous",
+        dest="allow_anonymous",
+        action="store_false",
+        help="refuse clients without a token",
+    )
     serve.add_argument("--snapshot-every", type=int, default=50_000, metavar="TXS")
     serve.add_argument("--max-message-size", type=int, default=_LIMITS.max_message_size)
     serve.add_argument("--max-queries", type=int, default=_LIMITS.max_queries_per_connection)

@@ -24,6 +24,35 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """How clients sign in.
+
+    Attributes:
+        supabase_url: a Supabase project URL: its access tokens (ES256/RS256 from the project's
+            JWKS, issuer `<url>/auth/v1`) are accepted. None: no JWKS.
+        jwt_secret: the legacy HS256 JWT secret. None: HS256 tokens are refused.
+        audience: the `aud` tokens must carry.
+        allow_anonymous: clients without a token get a server-minted identity. None: allowed
+            only when no JWT source is configured.
+    """
+
+    supabase_url: str | None = None
+    jwt_secret: str | None = None
+    audience: str = "authenticated"
+    allow_anonymous: bool | None = None
+
+    @property
+    def uses_jwt(self) -> bool:
+        return bool(self.supabase_url or self.jwt_secret)
+
+    @property
+    def anonymous_allowed(self) -> bool:
+        if self.allow_anonymous is not None:
+            return self.allow_anonymous
+        return not self.uses_jwt
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything `syncd serve` needs.
 
@@ -31,7 +60,7 @@ class Config:
         module: path of the Python module declaring tables and reducers.
         host, port: where to listen (port 0: any free port).
         data_dir: the embedded journal's directory.
-        allow_anonymous: clients without a token get a server-minted identity.
+        auth: how clients sign in (Supabase JWTs, anonymous identities).
         snapshot_every: write a snapshot after this many transactions (0: never automatically).
         limits: protection limits.
         replica_id: this process's name in logs and metrics.
@@ -41,7 +70,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 3000
     data_dir: Path = Path("syncd-data")
-    allow_anonymous: bool = True
+    auth: AuthConfig = field(default_factory=AuthConfig)
     snapshot_every: int = 50_000
     limits: Limits = field(default_factory=Limits)
     replica_id: str = "embedded"

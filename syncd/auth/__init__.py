@@ -1,50 +1,60 @@
-"""Authentication: who a token says the client is."""
+"""Authentication: who a token says the client is.
+
+`Authenticator` accepts, in order: no token (a freshly minted anonymous identity, when
+anonymous access is allowed), the anonymous tokens this server minted, and Supabase access
+tokens (`syncd.auth.jwt`). Tokens are verified at connect and re-auth, never per message.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 from syncd.auth.anonymous import AnonymousTokens
-from syncd.core.ids import Identity
+from syncd.auth.jwt import JwtVerifier, principal_from_claims
+from syncd.auth.principal import Principal
 from syncd.core.reducers import AuthInfo
 from syncd.errors import InvalidToken
 
-__all__ = ["AnonymousAuthenticator", "Principal"]
+__all__ = ["Authenticator", "Principal"]
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """A verified caller.
+class Authenticator:
+    """Turns a bearer token (or none) into a `Principal`.
 
-    Attributes:
-        identity: who it is.
-        auth: the role and claims reducers see as `ctx.auth`.
-        minted_token: a token the server just minted (anonymous sign-in), to hand back.
+    Args:
+        anonymous: mints and checks this server's anonymous tokens.
+        allow_anonymous: accept clients without a token (and their anonymous tokens).
+        jwt: verifies Supabase access tokens; None: JWTs are refused.
     """
 
-    identity: Identity
-    auth: AuthInfo
-    minted_token: str | None = None
-
-
-class AnonymousAuthenticator:
-    """Accepts the anonymous tokens it minted, and mints new identities when allowed."""
-
-    def __init__(self, tokens: AnonymousTokens, *, allow_anonymous: bool) -> None:
-        self.tokens = tokens
+    def __init__(
+        self,
+        anonymous: AnonymousTokens,
+        *,
+        allow_anonymous: bool,
+        jwt: JwtVerifier | None = None,
+    ) -> None:
+        self.anonymous = anonymous
         self.allow_anonymous = allow_anonymous
+        self.jwt = jwt
 
-    def authenticate(self, token: str | None) -> Principal:
+    async def authenticate(self, token: str | None) -> Principal:
         """Verify `token`, or mint an anonymous identity when there is none.
 
         Raises:
-            InvalidToken: the token is forged or malformed, or none was given and anonymous
-                access is off.
+            InvalidToken: the token is forged, malformed, expired or for another audience, or
+                none was given (or an anonymous one) and anonymous access is off.
         """
-        if token is None or token == "":
+        if not token:
             if not self.allow_anonymous:
                 raise InvalidToken("a token is required")
-            identity, minted = self.tokens.mint()
+            identity, minted = self.anonymous.mint()
             return Principal(identity, AuthInfo(role="anonymous"), minted)
-        identity = self.tokens.verify(token)
-        return Principal(identity, AuthInfo(role="anonymous"))
+        if AnonymousTokens.looks_like(token):
+            if not self.allow_anonymous:
+                raise InvalidToken("anonymous access is off")
+            return Principal(self.anonymous.verify(token), AuthInfo(role="anonymous"))
+        if self.jwt is None:
+            raise InvalidToken("this server accepts no JWTs (no Supabase URL or JWT secret)")
+        claims = await self.jwt.verify_async(token)
+        return dataclasses.replace(principal_from_claims(claims), expires_at=claims.expires_at)

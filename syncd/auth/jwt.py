@@ -33,7 +33,7 @@ from typing import Any
 
 import jwt
 
-from syncd.auth import Principal
+from syncd.auth.principal import Principal
 from syncd.core.ids import Identity
 from syncd.core.reducers import AuthInfo
 from syncd.errors import ConfigError, InvalidToken

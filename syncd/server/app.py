@@ -27,8 +27,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from syncd.auth import AnonymousAuthenticator, Principal
+from syncd.auth import Authenticator, Principal
 from syncd.auth.anonymous import AnonymousTokens, new_secret
+from syncd.auth.jwt import JwtConfig, JwtVerifier
 from syncd.config import Config
 from syncd.core import snapshot
 from syncd.core.ids import Epoch, Identity, Offset
@@ -104,7 +105,9 @@ class Server:
         # Built by start().
         self.leader: Leader
         self.replica: Replica
-        self.authenticator: AnonymousAuthenticator
+        self.authenticator: Authenticator
+        # Verifies Supabase tokens, when configured; its JWKS refresher runs while serving.
+        self.jwt: JwtVerifier | None = None
         # Every live connection.
         self.connections: set[Connection] = set()
         self._snapshot_task: asyncio.Task[None] | None = None
@@ -120,8 +123,18 @@ class Server:
         if secret is None:
             secret = new_secret()
             await journal.set_meta(ANON_SECRET_KEY, secret)
-        self.authenticator = AnonymousAuthenticator(
-            AnonymousTokens(secret), allow_anonymous=self.config.allow_anonymous
+        auth = self.config.auth
+        if auth.uses_jwt:
+            self.jwt = JwtVerifier(
+                JwtConfig(
+                    supabase_url=auth.supabase_url,
+                    jwt_secret=auth.jwt_secret,
+                    audience=auth.audience,
+                )
+            )
+            await self.jwt.start()
+        self.authenticator = Authenticator(
+            AnonymousTokens(secret), allow_anonymous=auth.anonymous_allowed, jwt=self.jwt
         )
         self.replica = Replica(
             self.schema,
@@ -173,6 +186,8 @@ class Server:
         if self.started:
             await self.leader.aclose()
         await self.broker.aclose()
+        if self.jwt is not None:
+            await self.jwt.aclose()
         await self.journal.aclose()
 
     def _after_tx(self, tx: Tx) -> None:
@@ -273,12 +288,12 @@ class Server:
         described["reducers"] = [r for r in described["reducers"] if r["lifecycle"] is None]
         return _json_response(described)
 
-    def _principal(self, request: Request) -> Principal:
-        return self.authenticator.authenticate(bearer_token(request))
+    async def _principal(self, request: Request) -> Principal:
+        return await self.authenticator.authenticate(bearer_token(request))
 
     async def sql(self, request: Request) -> Response:
         try:
-            principal = self._principal(request)
+            principal = await self._principal(request)
         except InvalidToken as exc:
             return _error(ErrorCode.UNAUTHORIZED, str(exc), 401)
         body = await request.body()
@@ -309,7 +324,7 @@ class Server:
 
     async def call(self, request: Request) -> Response:
         try:
-            principal = self._principal(request)
+            principal = await self._principal(request)
         except InvalidToken as exc:
             return _error(ErrorCode.UNAUTHORIZED, str(exc), 401)
         name = request.path_params["reducer"]

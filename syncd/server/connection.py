@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import secrets
+import time
 from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
@@ -131,6 +132,8 @@ class Connection:
         # Orders reducer submissions: calls run in the order the client sent them.
         self._submit = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Closes the connection when the token expires (None: no expiry, or not yet known).
+        self._expiry: asyncio.TimerHandle | None = None
         # True once client_connected accepted us: client_disconnected is then owed, once.
         self.accepted = False
         self.closed = asyncio.Event()
@@ -157,6 +160,8 @@ class Connection:
             await self._finish(writer)
 
     async def _finish(self, writer: asyncio.Task[None]) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         self.server.replica.drop(self)
         for task in list(self._tasks):
             task.cancel()
@@ -228,10 +233,11 @@ class Connection:
         server = self.server
         token = hello.token or bearer_token(self.websocket)
         try:
-            self.principal = server.authenticator.authenticate(token)
+            self.principal = await server.authenticator.authenticate(token)
         except InvalidToken as exc:
             self._refuse(CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, str(exc))
             return False
+        self._watch_expiry()
         outcome = await (
             await server.leader.connect(
                 self.principal.identity,
@@ -289,7 +295,7 @@ class Connection:
                 case Ping():
                     self.session.send(Pong(nonce=event.nonce))
                 case Reauth():
-                    self._reauth(event)
+                    await self._reauth(event)
             self._dirty()
 
     async def _start(
@@ -517,10 +523,10 @@ class Connection:
             )
         )
 
-    def _reauth(self, msg: Reauth) -> None:
+    async def _reauth(self, msg: Reauth) -> None:
         assert self.principal is not None
         try:
-            principal = self.server.authenticator.authenticate(msg.token)
+            principal = await self.server.authenticator.authenticate(msg.token)
         except InvalidToken as exc:
             self._refuse(CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, str(exc))
             return
@@ -531,7 +537,26 @@ class Connection:
                 "the new token is for another identity",
             )
             return
-        self.principal = Principal(principal.identity, principal.auth)
+        # Calls from now on see the new claims; the connection lives until the new expiry.
+        self.principal = Principal(principal.identity, principal.auth, None, principal.expires_at)
+        self._watch_expiry()
+
+    def _watch_expiry(self) -> None:
+        """Close with REAUTHENTICATE (4002) when the token expires without a `Reauth`."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        assert self.principal is not None
+        expires_at = self.principal.expires_at
+        if expires_at is None:
+            return
+        delay = max(0.0, expires_at - time.time())
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        self.session.send(Error(code=ErrorCode.UNAUTHORIZED, message="the token expired"))
+        self.close(CloseCode.REAUTHENTICATE, "token expired: reconnect with a fresh token")
 
     # -- output ------------------------------------------------------------------------------
 
