@@ -41,10 +41,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeAlias
@@ -80,6 +81,7 @@ from syncd.core.protocol.messages import (
     QueryResult,
     QuerySet,
     QueryUpdate,
+    Reauth,
     ReducerResult,
     ServerMessage,
     Subscribe,
@@ -213,6 +215,7 @@ class Connection:
         backoff: Backoff,
         open_timeout: float,
         max_message_size: int | None,
+        get_token: TokenSource | None = None,
     ) -> None:
         #: Where the server is.
         self.endpoint = endpoint
@@ -221,6 +224,8 @@ class Connection:
         #: The bearer token sent in `Hello`: the one given to `connect`, else the anonymous token
         #: the server minted in the first `Welcome`. None before `Welcome` when anonymous.
         self.token = token
+        # Called for a fresh token before every reconnect and by `reauth()` (None: keep `token`).
+        self._get_token = get_token
         #: Whether a dropped connection is re-established (see the module docstring).
         self.reconnect = reconnect
         #: The wire format ("msgpack" or "json").
@@ -458,6 +463,27 @@ class Connection:
         finally:
             self._pings.pop(nonce, None)
         return time.perf_counter() - start
+
+    async def reauth(self, token: str | None = None) -> None:
+        """Replace the connection's token without dropping it (`Reauth`), before it expires.
+
+        Args:
+            token: the fresh token; None: ask the `get_token` callback given to `connect`.
+
+        The token must be for the same identity; otherwise the server closes the connection
+        (4500). Reconnects use the new token too.
+        """
+        self._check_open()
+        if token is None:
+            if self._get_token is None:
+                raise ValueError("reauth() needs a token, or connect(get_token=...)")
+            token = await _call_token_source(self._get_token)
+        self.token = token
+        await self._send(Reauth(token))
+
+    async def _refresh_token(self) -> None:
+        if self._get_token is not None:
+            self.token = await _call_token_source(self._get_token)
 
     async def close(self) -> None:
         """Close the connection (code 1000) and stop reconnecting. Idempotent.
@@ -708,6 +734,8 @@ class Connection:
         while not self._closing:
             await asyncio.sleep(self._backoff.next_delay())
             try:
+                # After 4002 (token expired) and any other drop: present a fresh token.
+                await self._refresh_token()
                 ws = await self._open()
             except ConnectFailed as exc:
                 logger.info("reconnecting to %s: %s", self.endpoint.ws_url, exc)
@@ -1040,10 +1068,24 @@ class _Connect:
             await self._conn.close()
 
 
+#: A callable giving a fresh bearer token (sync or async), e.g. Supabase's session refresh.
+TokenSource: TypeAlias = Callable[[], str | Awaitable[str]]
+
+
+async def _call_token_source(source: TokenSource) -> str:
+    token = source()
+    if inspect.isawaitable(token):
+        token = await token
+    if not isinstance(token, str) or not token:
+        raise ValueError("get_token() must return a non-empty token")
+    return token
+
+
 def connect(
     url: str,
     *,
     token: str | None = None,
+    get_token: TokenSource | None = None,
     reconnect: bool = True,
     fmt: Format = "msgpack",
     backoff: Backoff | None = None,
@@ -1057,6 +1099,9 @@ def connect(
             ``wss://`` work too (see `Endpoint.parse`).
         token: a bearer token (API key or JWT). None: connect anonymously; the token the server
             mints is kept in `Connection.token` and reused on reconnect, so the identity stays.
+        get_token: called (sync or async) for a fresh token before connecting when `token` is
+            None, before every reconnect (so a 4002 "token expired" close is followed by a
+            reconnect with a new token), and by `Connection.reauth()`.
         reconnect: re-establish dropped connections and resume subscriptions (see the module
             docstring). False: a drop ends the connection.
         fmt: "msgpack" (default) or "json" (the ``syncd.v1.json`` subprotocol; readable on the
@@ -1082,9 +1127,12 @@ def connect(
     endpoint = Endpoint.parse(url)
 
     async def make() -> Connection:
+        first = token
+        if first is None and get_token is not None:
+            first = await _call_token_source(get_token)
         try:
             async with asyncio.timeout(open_timeout):
-                schema = await endpoint.fetch_schema(token=token, http_timeout=open_timeout)
+                schema = await endpoint.fetch_schema(token=first, http_timeout=open_timeout)
         except TimeoutError:
             raise ConnectFailed(
                 endpoint.ws_url, f"no answer from {endpoint.schema_url} within {open_timeout:g}s"
@@ -1092,7 +1140,8 @@ def connect(
         conn = Connection(
             endpoint,
             schema,
-            token=token,
+            token=first,
+            get_token=get_token,
             reconnect=reconnect,
             fmt=fmt,
             backoff=backoff or Backoff(),
