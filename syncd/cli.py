@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -43,6 +44,42 @@ def _serve(args: argparse.Namespace) -> int:
     )
     config.data_dir.mkdir(parents=True, exist_ok=True)
     run(config, log_level=args.log_level)
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from syncd.auth.apikey import ApiKeys
+
+    store = ApiKeys(Path(args.data))
+    if args.keys_command == "create":
+        key, secret = store.create(args.name, args.role)
+        print(
+            json.dumps(
+                {"key_id": key.key_id, "name": key.name, "role": key.role, "identity": key.identity}
+            )
+        )
+        print(secret)
+        print("syncd keys: the secret above is shown only once; store it now", file=sys.stderr)
+    elif args.keys_command == "list":
+        for key in store.all():
+            print(
+                json.dumps(
+                    {
+                        "key_id": key.key_id,
+                        "name": key.name,
+                        "role": key.role,
+                        "created_at": key.created_at,
+                        "revoked_at": key.revoked_at,
+                    }
+                )
+            )
+    else:
+        revoked = store.revoke(args.key)
+        if not revoked:
+            print(f"syncd keys: no live key with id or name {args.key!r}", file=sys.stderr)
+            return 1
+        for key in revoked:
+            print(json.dumps({"revoked": key.key_id, "name": key.name}))
     return 0
 
 
@@ -118,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--replica-id", default=os.environ.get("SYNCD_REPLICA_ID", "embedded"))
     serve.add_argument("--log-level", default=os.environ.get("SYNCD_LOG_LEVEL", "info"))
     serve.set_defaults(func=_serve)
+
+    keys = sub.add_parser(
+        "keys",
+        help="create, list and revoke API keys",
+        description="Manage the API keys of a data directory (also while the server runs: "
+        "revoking a key closes the connections that use it within a second).",
+    )
+    keys.add_argument("--data", default=os.environ.get("SYNCD_DATA", "syncd-data"))
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", help="create a key; prints its secret once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", required=True, help='e.g. "service" or "authenticated"')
+    keys_sub.add_parser("list", help="list keys (never their secrets)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id or name")
+    revoke.add_argument("key", metavar="KEY_ID_OR_NAME")
+    keys.set_defaults(func=_keys)
 
     try:
         client_cli = importlib.import_module("syncd.client.cli")

@@ -1,14 +1,17 @@
 """Authentication: who a token says the client is.
 
 `Authenticator` accepts, in order: no token (a freshly minted anonymous identity, when
-anonymous access is allowed), the anonymous tokens this server minted, and Supabase access
-tokens (`syncd.auth.jwt`). Tokens are verified at connect and re-auth, never per message.
+anonymous access is allowed), the anonymous tokens this server minted, API keys
+(`syncd.auth.apikey`), and Supabase access tokens (`syncd.auth.jwt`). Tokens are verified at
+connect and re-auth, never per message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
+from syncd.auth import apikey
 from syncd.auth.anonymous import AnonymousTokens
 from syncd.auth.jwt import JwtVerifier, principal_from_claims
 from syncd.auth.principal import Principal
@@ -25,6 +28,7 @@ class Authenticator:
         anonymous: mints and checks this server's anonymous tokens.
         allow_anonymous: accept clients without a token (and their anonymous tokens).
         jwt: verifies Supabase access tokens; None: JWTs are refused.
+        api_keys: the API key store; None: API keys are refused.
     """
 
     def __init__(
@@ -33,10 +37,12 @@ class Authenticator:
         *,
         allow_anonymous: bool,
         jwt: JwtVerifier | None = None,
+        api_keys: apikey.ApiKeys | None = None,
     ) -> None:
         self.anonymous = anonymous
         self.allow_anonymous = allow_anonymous
         self.jwt = jwt
+        self.api_keys = api_keys
 
     async def authenticate(self, token: str | None) -> Principal:
         """Verify `token`, or mint an anonymous identity when there is none.
@@ -54,6 +60,12 @@ class Authenticator:
             if not self.allow_anonymous:
                 raise InvalidToken("anonymous access is off")
             return Principal(self.anonymous.verify(token), AuthInfo(role="anonymous"))
+        if apikey.looks_like(token):
+            if self.api_keys is None:
+                raise InvalidToken("this server accepts no API keys")
+            key = await asyncio.to_thread(self.api_keys.verify, token)
+            auth = AuthInfo(role=key.role, claims={"key_id": key.key_id, "key_name": key.name})
+            return Principal(key.identity, auth, key_id=key.key_id)
         if self.jwt is None:
             raise InvalidToken("this server accepts no JWTs (no Supabase URL or JWT secret)")
         claims = await self.jwt.verify_async(token)

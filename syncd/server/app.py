@@ -29,6 +29,7 @@ from starlette.websockets import WebSocket
 
 from syncd.auth import Authenticator, Principal
 from syncd.auth.anonymous import AnonymousTokens, new_secret
+from syncd.auth.apikey import ApiKeys
 from syncd.auth.jwt import JwtConfig, JwtVerifier
 from syncd.config import Config
 from syncd.core import snapshot
@@ -59,6 +60,8 @@ from syncd.server.replica import Replica
 logger = logging.getLogger("syncd")
 
 SERVER_IDENTITY = Identity("syncd-server")
+# How often the server looks for API keys revoked from another process.
+REVOCATION_POLL_S = 0.5
 ANON_SECRET_KEY = "anonymous_token_secret"
 _json = msgspec.json.Encoder()
 
@@ -111,6 +114,8 @@ class Server:
         # Every live connection.
         self.connections: set[Connection] = set()
         self._snapshot_task: asyncio.Task[None] | None = None
+        # Closes connections whose API key gets revoked.
+        self._revocations: asyncio.Task[None] | None = None
         self._last_snapshot = 0
         self.started = False
 
@@ -133,9 +138,14 @@ class Server:
                 )
             )
             await self.jwt.start()
+        self.api_keys = ApiKeys(self.config.data_dir)
         self.authenticator = Authenticator(
-            AnonymousTokens(secret), allow_anonymous=auth.anonymous_allowed, jwt=self.jwt
+            AnonymousTokens(secret),
+            allow_anonymous=auth.anonymous_allowed,
+            jwt=self.jwt,
+            api_keys=self.api_keys,
         )
+        self._revocations = asyncio.get_running_loop().create_task(self._watch_revocations())
         self.replica = Replica(
             self.schema,
             replica_store,
@@ -171,8 +181,28 @@ class Server:
             len(self.schema.reducers),
         )
 
+    async def _watch_revocations(self) -> None:
+        """Close connections signed in with an API key as soon as (within a second) it is
+        revoked, by `syncd keys revoke` from another process."""
+        since = time.time()
+        while True:
+            await asyncio.sleep(REVOCATION_POLL_S)
+            now = time.time()
+            try:
+                revoked = set(await asyncio.to_thread(self.api_keys.revoked_since, since - 1))
+            except Exception:
+                logger.exception("reading revoked API keys failed")
+                continue
+            since = now
+            for conn in list(self.connections):
+                principal = conn.principal
+                if principal is not None and principal.key_id in revoked:
+                    conn.revoke("this API key was revoked")
+
     async def stop(self) -> None:
         """Close every connection (resumable), flush, and close the journal."""
+        if self._revocations is not None:
+            self._revocations.cancel()
         for conn in list(self.connections):
             conn.close(CloseCode.SHUTDOWN, "server shutting down")
         if self.connections:

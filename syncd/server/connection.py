@@ -541,6 +541,14 @@ class Connection:
         self.principal = Principal(principal.identity, principal.auth, None, principal.expires_at)
         self._watch_expiry()
 
+    def revoke(self, reason: str) -> None:
+        """The credentials were revoked: tell the client and close with UNAUTHORIZED (4500)."""
+        self._close_unauthorized(CloseCode.UNAUTHORIZED, reason)
+
+    def _close_unauthorized(self, code: CloseCode, reason: str) -> None:
+        self.session.send(Error(code=ErrorCode.UNAUTHORIZED, message=reason))
+        self.close(code, reason)
+
     def _watch_expiry(self) -> None:
         """Close with REAUTHENTICATE (4002) when the token expires without a `Reauth`."""
         if self._expiry is not None:
@@ -555,8 +563,9 @@ class Connection:
 
     def _expired(self) -> None:
         self._expiry = None
-        self.session.send(Error(code=ErrorCode.UNAUTHORIZED, message="the token expired"))
-        self.close(CloseCode.REAUTHENTICATE, "token expired: reconnect with a fresh token")
+        self._close_unauthorized(
+            CloseCode.REAUTHENTICATE, "token expired: reconnect with a fresh token"
+        )
 
     # -- output ------------------------------------------------------------------------------
 
