@@ -1171,3 +1171,79 @@ def _compile_compare(cond: Compare) -> Pred:
         return None if value is None else test(value, constant)
 
     return against_constant
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-visibility rules
+
+
+def compile_rule(table: str, rule: str, schema: Schema) -> Query:
+    """Compile a table's visibility rule (an SQL condition over its row) as a query.
+
+    Raises:
+        SubscriptionError: the rule does not compile (the message names the problem).
+    """
+    return compile_query(f"SELECT * FROM {_name_sql(table)} WHERE {rule}", schema)
+
+
+def with_visibility(query: Query, schema: Schema) -> Query:
+    """`query` restricted by the visibility rules of the tables it reads.
+
+    The rules become conjuncts of the WHERE condition, so they are evaluated, indexed and
+    routed like any other filter (a rule `owner = :sender` files each subscriber's query
+    under its own identity). For a semijoin, the joined table's rule restricts the partners.
+
+    Raises:
+        SubscriptionError: a rule does not compile.
+    """
+    terms: list[Cond] = []
+    params = set(query.params)
+    for side, table in enumerate((query.table, query.join.table if query.join else None)):
+        if table is None:
+            continue
+        rule = schema.tables[table].visible
+        if not rule:
+            continue
+        compiled = compile_rule(table, rule, schema)
+        if compiled.where is not None:
+            terms.append(_on_side(compiled.where, side))
+            params |= compiled.params
+    if not terms:
+        return query
+    if query.where is not None:
+        terms.append(query.where)
+    where = terms[0] if len(terms) == 1 else And(tuple(terms))
+    return Query(
+        table=query.table,
+        join=query.join,
+        where=where,
+        params=frozenset(params),
+        key=QueryKey(f"{query.key} /* visible */"),
+        schema=query.schema,
+    )
+
+
+def _on_side(cond: Cond, side: int) -> Cond:
+    """`cond` with every column moved to `side` (a rule compiled alone is on side 0)."""
+    if side == 0:
+        return cond
+
+    def col(c: Col) -> Col:
+        return Col(side, c.position, c.table, c.name)
+
+    def operand(o: Operand) -> Operand:
+        return col(o) if isinstance(o, Col) else o
+
+    if isinstance(cond, Compare):
+        return Compare(cond.op, col(cond.left), operand(cond.right))
+    if isinstance(cond, InList):
+        return InList(col(cond.column), cond.items)
+    if isinstance(cond, IsNull):
+        return IsNull(col(cond.column))
+    if isinstance(cond, Truth):
+        return Truth(col(cond.operand) if isinstance(cond.operand, Col) else cond.operand)
+    if isinstance(cond, Not):
+        return Not(_on_side(cond.term, side))
+    if isinstance(cond, And):
+        return And(tuple(_on_side(t, side) for t in cond.terms))
+    return Or(tuple(_on_side(t, side) for t in cond.terms))

@@ -338,7 +338,7 @@ class Server:
             return _error(ErrorCode.BAD_QUERY, 'send {"sql": "SELECT ..."}', 400)
         replica = self.replica
         try:
-            (query,) = replica.bind([sql], {"sender": principal.identity})
+            (query,) = replica.bind([sql], principal)
             rows = replica.initial_rows(query)
         except (LimitExceeded, SubscriptionError) as exc:
             return _error(error_code(exc), str(exc), 400)

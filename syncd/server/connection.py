@@ -407,9 +407,9 @@ class Connection:
             )
         self._dirty()
 
-    def _params(self) -> dict[str, Any]:
+    def _principal(self) -> Principal:
         assert self.principal is not None
-        return {"sender": self.principal.identity}
+        return self.principal
 
     def _check_query_budget(self, extra: int) -> None:
         limit = self.server.config.limits.max_queries_per_connection
@@ -431,7 +431,7 @@ class Connection:
             return
         try:
             self._check_query_budget(len(msg.queries))
-            queries = replica.bind(msg.queries, self._params())
+            queries = replica.bind(msg.queries, self._principal())
             initial = [replica.rows_update(q.table, replica.initial_rows(q)) for q in queries]
         except (LimitExceeded, SubscriptionError) as exc:
             self._sub_failed(msg.request_id, msg.query_set_id, error_code(exc), str(exc))
@@ -454,7 +454,7 @@ class Connection:
         qs_id = query_set.query_set_id
         try:
             self._check_query_budget(len(query_set.queries))
-            queries = replica.bind(query_set.queries, self._params())
+            queries = replica.bind(query_set.queries, self._principal())
         except (LimitExceeded, SubscriptionError) as exc:
             self._sub_failed(None, qs_id, error_code(exc), str(exc))
             return
@@ -503,7 +503,7 @@ class Connection:
     def _one_off(self, msg: OneOffQuery) -> None:
         replica = self.server.replica
         try:
-            (query,) = replica.bind([msg.sql], self._params())
+            (query,) = replica.bind([msg.sql], self._principal())
             rows = replica.initial_rows(query)
         except (LimitExceeded, SubscriptionError) as exc:
             self.session.send(

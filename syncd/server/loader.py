@@ -6,9 +6,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from syncd.core.query import compile_rule
 from syncd.core.schema import Schema, load_schema
 from syncd.core.system import with_system_tables
-from syncd.errors import ConfigError
+from syncd.errors import ConfigError, SchemaError, SubscriptionError
 
 
 def load_module_schema(path: Path | str) -> Schema:
@@ -36,4 +37,27 @@ def load_module_schema(path: Path | str) -> Schema:
         raise ConfigError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         sys.path.remove(str(path.parent))
-    return with_system_tables(load_schema(module, name=path.stem))
+    schema = with_system_tables(load_schema(module, name=path.stem))
+    check_rules(schema)
+    return schema
+
+
+def check_rules(schema: Schema) -> None:
+    """Compile every table's visibility rule now, so a bad one fails at start-up.
+
+    Raises:
+        SchemaError: listing every rule that does not compile, or that sits on a private table.
+    """
+    problems: list[str] = []
+    for tdef in schema.tables.values():
+        if not tdef.visible:
+            continue
+        if not tdef.public:
+            problems.append(f"table {tdef.name}: a visibility rule needs public=True")
+            continue
+        try:
+            compile_rule(tdef.name, tdef.visible, schema)
+        except SubscriptionError as exc:
+            problems.append(f"table {tdef.name}: visibility rule {tdef.visible!r}: {exc}")
+    if problems:
+        raise SchemaError(problems)

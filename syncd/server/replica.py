@@ -20,11 +20,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from syncd.auth.principal import Principal
 from syncd.config import Limits
 from syncd.core.ids import Epoch, Offset, QuerySetId
 from syncd.core.protocol.codec import Codec, Format
 from syncd.core.protocol.messages import QueryUpdate
-from syncd.core.query import BoundQuery, Query, QueryKey, StoreView, compile_query
+from syncd.core.query import (
+    BoundQuery,
+    Query,
+    QueryKey,
+    StoreView,
+    compile_query,
+    with_visibility,
+)
 from syncd.core.schema import Schema
 from syncd.core.store import Row, Store
 from syncd.core.subscriptions import QueryDelta, SubscriptionIndex
@@ -37,6 +45,9 @@ if TYPE_CHECKING:
     from syncd.server.connection import Connection
 
 logger = logging.getLogger("syncd.replica")
+
+#: Roles that see every row of public tables, whatever their visibility rules.
+BYPASS_ROLES = frozenset({"service", "service_role"})
 
 # Compiled queries kept by SQL text (compiling is the slow part of subscribing).
 COMPILED_CACHE = 4096
@@ -110,8 +121,8 @@ class Replica:
         # Connections with messages queued in this tick; flushed by one call_soon.
         self._dirty: set[Connection] = set()
         self._flush_scheduled = False
-        # SQL text -> compiled query (LRU).
-        self._compiled: OrderedDict[str, Query] = OrderedDict()
+        # (SQL text, visibility rules applied) -> compiled query (LRU).
+        self._compiled: OrderedDict[tuple[str, bool], Query] = OrderedDict()
         # Every open connection.
         self.connections: set[Connection] = set()
 
@@ -269,24 +280,39 @@ class Replica:
 
     # -- subscriptions -----------------------------------------------------------------------
 
-    def compile(self, sql: str) -> Query:
-        """Compile (or reuse) a query. Raises SubscriptionError."""
-        query = self._compiled.get(sql)
+    def compile(self, sql: str, *, restricted: bool = True) -> Query:
+        """Compile (or reuse) a query; `restricted` adds the tables' visibility rules.
+
+        Raises:
+            SubscriptionError: the query (or a rule) does not compile.
+        """
+        key = (sql, restricted)
+        query = self._compiled.get(key)
         if query is None:
             query = compile_query(sql, self.schema)
-            self._compiled[sql] = query
+            if restricted:
+                query = with_visibility(query, self.schema)
+            self._compiled[key] = query
             if len(self._compiled) > COMPILED_CACHE:
                 self._compiled.popitem(last=False)
         else:
-            self._compiled.move_to_end(sql)
+            self._compiled.move_to_end(key)
         return query
 
-    def bind(self, sqls: list[str], params: dict[str, Any]) -> list[BoundQuery]:
-        """Compile and bind a query set. Raises SubscriptionError naming the failing query."""
+    def bind(self, sqls: list[str], principal: Principal) -> list[BoundQuery]:
+        """Compile and bind a query set for a caller: its identity is `:sender`, and unless its
+        role bypasses them (service), the visibility rules of the tables apply.
+
+        Raises:
+            SubscriptionError: naming the failing query.
+        """
+        auth = principal.auth
+        restricted = auth.role not in BYPASS_ROLES
+        params = {"sender": principal.identity, "role": auth.role or "", "email": auth.email or ""}
         bound: list[BoundQuery] = []
         for i, sql in enumerate(sqls):
             try:
-                bound.append(self.compile(sql).bind(params))
+                bound.append(self.compile(sql, restricted=restricted).bind(params))
             except SubscriptionError as exc:
                 prefix = f"query {i}: " if len(sqls) > 1 else ""
                 raise SubscriptionError(f"{prefix}{exc}") from None
