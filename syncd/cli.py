@@ -26,6 +26,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_initial_rows=args.max_initial_rows,
         max_outbound_bytes=args.max_outbound_bytes,
         resume_window=args.resume_window,
+        calls_per_second=args.max_calls_per_second,
+        call_burst=args.call_burst,
     )
     config = Config(
         module=Path(args.module),
@@ -144,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_LIMITS.max_outbound_bytes,
         help="bytes queued for one client before it is closed as a slow consumer (4001)",
+    )
+    serve.add_argument(
+        "--max-calls-per-second",
+        type=float,
+        default=_LIMITS.calls_per_second,
+        metavar="N",
+        help="reducer calls per second per identity, on average (0: no limit)",
+    )
+    serve.add_argument(
+        "--call-burst",
+        type=int,
+        default=_LIMITS.call_burst,
+        metavar="N",
+        help="calls one identity may make at once before the rate applies",
     )
     serve.add_argument(
         "--resume-window",

@@ -21,6 +21,10 @@ class Limits:
     max_outbound_bytes: int = 16 << 20
     #: How many recent transactions each replica keeps in memory for resume.
     resume_window: int = 10_000
+    #: Reducer calls and merges one identity may make per second on average (0: no limit).
+    calls_per_second: float = 1_000.0
+    #: How many calls one identity may make at once before the rate applies.
+    call_burst: int = 2_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from syncd.core import snapshot
 from syncd.core.ids import Epoch, Identity, Offset
 from syncd.core.protocol.codec import format_for_subprotocol
 from syncd.core.protocol.messages import SUBPROTOCOLS
+from syncd.core.ratelimit import RateLimiter
 from syncd.core.schema import Schema
 from syncd.core.store import Store
 from syncd.core.system import CONNECTION_TABLE
@@ -113,6 +114,8 @@ class Server:
         self.jwt: JwtVerifier | None = None
         # Every live connection.
         self.connections: set[Connection] = set()
+        # Reducer calls and merges per identity (token buckets; in-process).
+        self.call_limiter = RateLimiter(config.limits.calls_per_second, config.limits.call_burst)
         self._snapshot_task: asyncio.Task[None] | None = None
         # Closes connections whose API key gets revoked.
         self._revocations: asyncio.Task[None] | None = None
@@ -358,6 +361,8 @@ class Server:
         except InvalidToken as exc:
             return _error(ErrorCode.UNAUTHORIZED, str(exc), 401)
         name = request.path_params["reducer"]
+        if not self.call_limiter.allow(principal.identity, time.monotonic()):
+            return _error(ErrorCode.RATE_LIMITED, "too many calls; retry after a backoff", 429)
         body = await request.body()
         args: Any = []
         if body.strip():

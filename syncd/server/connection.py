@@ -283,13 +283,15 @@ class Connection:
         for event in events:
             match event:
                 case CallReducer():
-                    await self._start(self._call(event))
+                    if self._within_rate(event.request_id):
+                        await self._start(self._call(event))
                 case Subscribe():
                     self._subscribe(event)
                 case Unsubscribe():
                     self._unsubscribe(event)
                 case MergeCrdt():
-                    await self._start(self._merge(event))
+                    if self._within_rate(event.request_id):
+                        await self._start(self._merge(event))
                 case OneOffQuery():
                     self._one_off(event)
                 case Ping():
@@ -297,6 +299,23 @@ class Connection:
                 case Reauth():
                     await self._reauth(event)
             self._dirty()
+
+    def _within_rate(self, request_id: RequestId) -> bool:
+        """Take a token from the caller's bucket; refuse the call (RATE_LIMITED) if empty."""
+        assert self.principal is not None
+        if self.server.call_limiter.allow(self.principal.identity, time.monotonic()):
+            return True
+        limits = self.server.config.limits
+        self.session.send(
+            ReducerResult(
+                request_id=request_id,
+                ok=False,
+                code=ErrorCode.RATE_LIMITED,
+                message=f"too many calls: at most {limits.calls_per_second:g} a second "
+                f"(bursts of {limits.call_burst}); retry after a backoff",
+            )
+        )
+        return False
 
     async def _start(
         self, submit: Awaitable[tuple[RequestId, asyncio.Future[CallOutcome]]]
