@@ -24,6 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_size=args.max_message_size,
         max_queries_per_connection=args.max_queries,
         max_initial_rows=args.max_initial_rows,
+        max_query_terms=args.max_query_terms,
+        max_connections_per_identity=args.max_connections_per_identity,
         max_outbound_bytes=args.max_outbound_bytes,
         resume_window=args.resume_window,
         calls_per_second=args.max_calls_per_second,
@@ -141,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-size", type=int, default=_LIMITS.max_message_size)
     serve.add_argument("--max-queries", type=int, default=_LIMITS.max_queries_per_connection)
     serve.add_argument("--max-initial-rows", type=int, default=_LIMITS.max_initial_rows)
+    serve.add_argument("--max-query-terms", type=int, default=_LIMITS.max_query_terms)
+    serve.add_argument(
+        "--max-connections-per-identity",
+        type=int,
+        default=_LIMITS.max_connections_per_identity,
+    )
     serve.add_argument(
         "--max-outbound-bytes",
         type=int,

@@ -14,6 +14,10 @@ class Limits:
     max_message_size: int = 1 << 20
     #: Most queries one connection may hold across all its query sets.
     max_queries_per_connection: int = 256
+    #: Most conditions (comparisons, IN, IS NULL, ...) in one query, visibility rules included.
+    max_query_terms: int = 64
+    #: Most connections one identity may have open at once (on this server).
+    max_connections_per_identity: int = 64
     #: Most rows an initial subscription (or one-off query) may return; more is an error.
     max_initial_rows: int = 100_000
     #: Most bytes waiting to be written to one connection before it is closed as a slow

@@ -1247,3 +1247,16 @@ def _on_side(cond: Cond, side: int) -> Cond:
     if isinstance(cond, And):
         return And(tuple(_on_side(t, side) for t in cond.terms))
     return Or(tuple(_on_side(t, side) for t in cond.terms))
+
+
+def term_count(cond: Cond | None) -> int:
+    """How many conditions (comparisons, IN lists, IS NULL, truth tests) a condition holds."""
+    if cond is None:
+        return 0
+    if isinstance(cond, And | Or):
+        return sum(term_count(t) for t in cond.terms)
+    if isinstance(cond, Not):
+        return term_count(cond.term)
+    if isinstance(cond, InList):
+        return max(1, len(cond.items))
+    return 1

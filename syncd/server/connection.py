@@ -237,6 +237,15 @@ class Connection:
         except InvalidToken as exc:
             self._refuse(CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, str(exc))
             return False
+        limit = server.config.limits.max_connections_per_identity
+        open_now = server.replica.per_identity.get(self.principal.identity, 0)
+        if open_now >= limit:
+            self._refuse(
+                CloseCode.FORBIDDEN,
+                ErrorCode.LIMIT_EXCEEDED,
+                f"this identity already has {open_now} connections open (the limit is {limit})",
+            )
+            return False
         self._watch_expiry()
         outcome = await (
             await server.leader.connect(
@@ -257,7 +266,7 @@ class Connection:
         if outcome.offset is not None:
             await server.replica.wait_applied(outcome.offset)
         replica = server.replica
-        replica.connections.add(self)
+        replica.admit(self)
         self.session.send(
             Welcome(
                 identity=self.principal.identity,

@@ -31,6 +31,7 @@ from syncd.core.query import (
     QueryKey,
     StoreView,
     compile_query,
+    term_count,
     with_visibility,
 )
 from syncd.core.schema import Schema
@@ -123,8 +124,9 @@ class Replica:
         self._flush_scheduled = False
         # (SQL text, visibility rules applied) -> compiled query (LRU).
         self._compiled: OrderedDict[tuple[str, bool], Query] = OrderedDict()
-        # Every open connection.
+        # Every open connection (welcomed), and how many each identity has.
         self.connections: set[Connection] = set()
+        self.per_identity: dict[str, int] = {}
 
     # -- applying transactions ---------------------------------------------------------------
 
@@ -292,6 +294,12 @@ class Replica:
             query = compile_query(sql, self.schema)
             if restricted:
                 query = with_visibility(query, self.schema)
+            terms = term_count(query.where)
+            if terms > self.limits.max_query_terms:
+                raise LimitExceeded(
+                    f"the query has {terms} conditions (IN list items count one each); "
+                    f"the limit is {self.limits.max_query_terms}"
+                )
             self._compiled[key] = query
             if len(self._compiled) > COMPILED_CACHE:
                 self._compiled.popitem(last=False)
@@ -313,9 +321,9 @@ class Replica:
         for i, sql in enumerate(sqls):
             try:
                 bound.append(self.compile(sql, restricted=restricted).bind(params))
-            except SubscriptionError as exc:
+            except (SubscriptionError, LimitExceeded) as exc:
                 prefix = f"query {i}: " if len(sqls) > 1 else ""
-                raise SubscriptionError(f"{prefix}{exc}") from None
+                raise type(exc)(f"{prefix}{exc}") from None
         return bound
 
     def initial_rows(self, query: BoundQuery) -> list[Row]:
@@ -476,8 +484,22 @@ class Replica:
         for conn in dirty:
             conn.flush()
 
+    def admit(self, conn: Connection) -> None:
+        """Count a welcomed connection (see `drop`)."""
+        assert conn.principal is not None
+        self.connections.add(conn)
+        identity = conn.principal.identity
+        self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
+
     def drop(self, conn: Connection) -> None:
         """Forget a closed connection and its subscriptions."""
+        if conn in self.connections and conn.principal is not None:
+            identity = conn.principal.identity
+            left = self.per_identity[identity] - 1
+            if left:
+                self.per_identity[identity] = left
+            else:
+                del self.per_identity[identity]
         self.emit_pending()
         for queries in conn.query_sets.values():
             for query in queries:
