@@ -30,6 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
         resume_window=args.resume_window,
         calls_per_second=args.max_calls_per_second,
         call_burst=args.call_burst,
+        queries_per_second=args.max_queries_per_second,
     )
     config = Config(
         module=Path(args.module),
@@ -168,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_LIMITS.call_burst,
         metavar="N",
         help="calls one identity may make at once before the rate applies",
+    )
+    serve.add_argument(
+        "--max-queries-per-second",
+        type=float,
+        default=_LIMITS.queries_per_second,
+        metavar="N",
+        help="subscribes and one-off queries per second per identity (bursts of 2N; 0: none)",
     )
     serve.add_argument(
         "--resume-window",

@@ -29,6 +29,9 @@ class Limits:
     calls_per_second: float = 1_000.0
     #: How many calls one identity may make at once before the rate applies.
     call_burst: int = 2_000
+    #: Subscribes and one-off queries (which read initial rows) one identity may send per
+    #: second on average (0: no limit), in bursts of twice that.
+    queries_per_second: float = 200.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,9 @@ class Server:
         self.connections: set[Connection] = set()
         # Reducer calls and merges per identity (token buckets; in-process).
         self.call_limiter = RateLimiter(config.limits.calls_per_second, config.limits.call_burst)
+        # Subscribes and one-off queries per identity: they read initial rows.
+        qps = config.limits.queries_per_second
+        self.query_limiter = RateLimiter(qps, 2 * qps)
         self._snapshot_task: asyncio.Task[None] | None = None
         # Closes connections whose API key gets revoked.
         self._revocations: asyncio.Task[None] | None = None
@@ -339,6 +342,8 @@ class Server:
             sql = parsed.get("sql", "") if isinstance(parsed, dict) else ""
         if not isinstance(sql, str) or not sql.strip():
             return _error(ErrorCode.BAD_QUERY, 'send {"sql": "SELECT ..."}', 400)
+        if not self.query_limiter.allow(principal.identity, time.monotonic()):
+            return _error(ErrorCode.RATE_LIMITED, "too many queries; retry after a backoff", 429)
         replica = self.replica
         try:
             (query,) = replica.bind([sql], principal)

@@ -70,6 +70,7 @@ logger = logging.getLogger("syncd.connection")
 
 # How long a client has to send Hello after the upgrade.
 HELLO_TIMEOUT = 10.0
+TOO_MANY_QUERIES = "too many subscribes and queries from this identity; retry after a backoff"
 # Messages handled from one client before letting other connections run.
 FAIR_SHARE = 16
 # How long to wait for a close frame to go out before dropping the transport.
@@ -295,19 +296,41 @@ class Connection:
                     if self._within_rate(event.request_id):
                         await self._start(self._call(event))
                 case Subscribe():
-                    self._subscribe(event)
+                    if self._queries_allowed():
+                        self._subscribe(event)
+                    else:
+                        self._sub_failed(
+                            event.request_id,
+                            event.query_set_id,
+                            ErrorCode.RATE_LIMITED,
+                            TOO_MANY_QUERIES,
+                        )
                 case Unsubscribe():
                     self._unsubscribe(event)
                 case MergeCrdt():
                     if self._within_rate(event.request_id):
                         await self._start(self._merge(event))
                 case OneOffQuery():
-                    self._one_off(event)
+                    if self._queries_allowed():
+                        self._one_off(event)
+                    else:
+                        self.session.send(
+                            QueryResult(
+                                request_id=event.request_id,
+                                ok=False,
+                                code=ErrorCode.RATE_LIMITED,
+                                message=TOO_MANY_QUERIES,
+                            )
+                        )
                 case Ping():
                     self.session.send(Pong(nonce=event.nonce))
                 case Reauth():
                     await self._reauth(event)
             self._dirty()
+
+    def _queries_allowed(self) -> bool:
+        assert self.principal is not None
+        return self.server.query_limiter.allow(self.principal.identity, time.monotonic())
 
     def _within_rate(self, request_id: RequestId) -> bool:
         """Take a token from the caller's bucket; refuse the call (RATE_LIMITED) if empty."""

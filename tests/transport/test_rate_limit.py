@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from syncd.core.protocol.messages import SubscriptionFailed
 from syncd.errors import ErrorCode
 from tests.server_proc import ServerProcess
 from tests.transport.wire import WireClient, ahttp
@@ -57,3 +58,23 @@ async def test_http_calls_are_limited_too(server: ServerProcess) -> None:
             for _ in range(8)
         ]
         assert statuses.count(200) >= 5 and 429 in statuses
+
+
+async def test_queries_are_limited_per_identity(tmp_path: Path) -> None:
+    """Past the query budget, a Subscribe fails and a one-off query answers RATE_LIMITED."""
+    proc = ServerProcess(
+        "schema/chat.py", tmp_path / "q", "--max-queries-per-second", "1"
+    ).start()  # bursts of 2
+    try:
+        async with await WireClient.open(proc) as client:
+            first = await client.subscribe(["SELECT * FROM message"], query_set_id=1)
+            second = await client.query("SELECT * FROM user")
+            third = await client.subscribe(["SELECT * FROM user"], query_set_id=2)
+            fourth = await client.query("SELECT * FROM user")
+            assert not isinstance(first, SubscriptionFailed) and second.ok
+            assert isinstance(third, SubscriptionFailed)
+            assert third.code == ErrorCode.RATE_LIMITED
+            assert not fourth.ok and fourth.code == ErrorCode.RATE_LIMITED
+            assert (await client.call("send_message", "calls have their own budget")).ok
+    finally:
+        proc.kill()
