@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import syncd
@@ -65,7 +65,6 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=60)
 @given(
     rule=st.sampled_from(range(len(RULES))),
     before=ops,
