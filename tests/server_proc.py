@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.utils import ROOT
@@ -119,3 +121,13 @@ class ServerProcess:
 
     async def astart(self) -> ServerProcess:
         return await asyncio.to_thread(self.start)
+
+
+@contextlib.contextmanager
+def serving(module: str | Path, data_dir: Path, *extra: str) -> Iterator[ServerProcess]:
+    """A started `ServerProcess`, killed on exit (the fixtures' usual shape)."""
+    server = ServerProcess(module, data_dir, *extra).start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -4,47 +4,30 @@ and get_token gives a fresh token when the server closes with 4002 (token expire
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import jwt
 import pytest
 
 import syncd.client
 from syncd.auth.jwt import identity_for
 from tests.client.helpers import eventually
-from tests.server_proc import ServerProcess
+from tests.server_proc import ServerProcess, serving
+from tests.tokens import ISSUER, SECRET, hs256_token
 from tests.utils import MS
 
 pytestmark = pytest.mark.integration
 
-SECRET = "client-test-jwt-secret-0123456789abcdef"
-ISSUER = "https://example.supabase.co/auth/v1"
-
 
 def token(sub: str, ttl: float) -> str:
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "iss": ISSUER,
-        "sub": sub,
-        "aud": "authenticated",
-        "role": "authenticated",
-        "iat": now,
-        "exp": int(now + ttl),
-    }
-    return jwt.encode(claims, SECRET, algorithm="HS256")
+    return hs256_token(sub, ttl=ttl)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp: Path = tmp_path_factory.mktemp("reauth")
-    proc = ServerProcess("schema/chat.py", tmp / "data", "--jwt-secret", SECRET).start()
-    try:
+    with serving("schema/chat.py", tmp / "data", "--jwt-secret", SECRET) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 async def test_reauth_keeps_the_connection_past_expiry(server: ServerProcess) -> None:

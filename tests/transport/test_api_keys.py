@@ -13,7 +13,7 @@ import pytest
 from syncd.auth.apikey import ApiKeys
 from syncd.core.protocol.messages import Error, Hello
 from syncd.errors import CloseCode, ErrorCode
-from tests.server_proc import ServerProcess
+from tests.server_proc import ServerProcess, serving
 from tests.transport.wire import WireClient, ahttp
 from tests.utils import ROOT
 
@@ -34,11 +34,8 @@ def keys(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess("tests/modules/whoami.py", tmp_path / "data").start()
-    try:
+    with serving("tests/modules/whoami.py", tmp_path / "data") as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 async def test_create_use_and_revoke_a_key(server: ServerProcess) -> None:

@@ -16,7 +16,7 @@ from websockets.sync.client import connect as sync_connect
 
 from syncd.core.protocol.codec import Codec
 from syncd.core.protocol.messages import Hello, OneOffQuery, Ping, Pong, Subscribe, Unsubscribe
-from tests.server_proc import ServerProcess
+from tests.server_proc import ServerProcess, serving
 from tests.transport.wire import http
 
 pytestmark = pytest.mark.integration
@@ -53,13 +53,10 @@ frames = st.one_of(st.binary(max_size=300), mutated(), st.text(max_size=100))
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(
+    with serving(
         "tests/modules/private_notes.py", tmp_path_factory.mktemp("fuzz") / "data"
-    ).start()
-    try:
+    ) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 async def _throw(url: str, frame: bytes | str, after_hello: bool) -> None:

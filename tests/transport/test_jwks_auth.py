@@ -19,7 +19,7 @@ from syncd.auth.jwt import identity_for
 from syncd.core.protocol.messages import Hello
 from syncd.errors import CloseCode
 from tests.auth.test_jwt import EC_KEY, RSA_KEY, JwksServer, claims_for, jwk
-from tests.server_proc import ServerProcess
+from tests.server_proc import ServerProcess, serving
 from tests.transport.wire import WireClient
 
 pytestmark = pytest.mark.integration
@@ -36,11 +36,8 @@ def jwks() -> Iterator[JwksServer]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, jwks: JwksServer) -> Iterator[ServerProcess]:
     tmp: Path = tmp_path_factory.mktemp("jwks")
-    proc = ServerProcess("schema/chat.py", tmp / "data", "--supabase-url", jwks.url).start()
-    try:
+    with serving("schema/chat.py", tmp / "data", "--supabase-url", jwks.url) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 def issuer(jwks: JwksServer) -> str:

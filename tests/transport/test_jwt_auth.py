@@ -15,29 +15,12 @@ from syncd.auth.jwt import identity_for
 from syncd.core.protocol.messages import Error, Hello, Reauth, Welcome
 from syncd.errors import CloseCode, ErrorCode
 from tests.server_proc import ServerProcess
+from tests.tokens import ISSUER, SECRET, hs256_token
 from tests.transport.wire import WireClient, ahttp
 
 pytestmark = pytest.mark.integration
 
-SECRET = "test-jwt-secret-with-enough-entropy-0123456789"
-ISSUER = "https://example.supabase.co/auth/v1"
-
-
-def token(sub: str = "user-1", *, ttl: float = 3600, secret: str = SECRET, **claims: Any) -> str:
-    now = int(time.time())
-    payload: dict[str, Any] = {
-        "iss": ISSUER,
-        "sub": sub,
-        "aud": "authenticated",
-        "role": "authenticated",
-        "iat": now,
-        "exp": int(now + ttl),
-        "email": f"{sub}@example.com",
-        "app_metadata": {"provider": "slack_oidc"},
-        "is_anonymous": False,
-    }
-    payload.update(claims)
-    return jwt.encode(payload, secret, algorithm="HS256")
+token = hs256_token
 
 
 async def seen(server: ServerProcess, where: str = "") -> list[list[Any]]:

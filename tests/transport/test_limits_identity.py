@@ -9,7 +9,7 @@ import pytest
 
 from syncd.core.protocol.messages import Error, Hello, SubscriptionFailed
 from syncd.errors import CloseCode, ErrorCode
-from tests.server_proc import ServerProcess
+from tests.server_proc import ServerProcess, serving
 from tests.transport.wire import WireClient
 
 pytestmark = pytest.mark.integration
@@ -17,18 +17,15 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(
+    with serving(
         "schema/chat.py",
         tmp_path / "data",
         "--max-connections-per-identity",
         "2",
         "--max-query-terms",
         "4",
-    ).start()
-    try:
+    ) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 async def test_an_identity_may_hold_only_so_many_connections(server: ServerProcess) -> None:

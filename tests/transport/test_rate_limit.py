@@ -10,7 +10,7 @@ import pytest
 
 from syncd.core.protocol.messages import SubscriptionFailed
 from syncd.errors import ErrorCode
-from tests.server_proc import ServerProcess
+from tests.server_proc import ServerProcess, serving
 from tests.transport.wire import WireClient, ahttp
 
 pytestmark = pytest.mark.integration
@@ -18,18 +18,15 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(
+    with serving(
         "schema/chat.py",
         tmp_path / "data",
         "--max-calls-per-second",
         "1",
         "--call-burst",
         "5",
-    ).start()
-    try:
+    ) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 async def test_calls_over_the_burst_are_refused(server: ServerProcess) -> None:

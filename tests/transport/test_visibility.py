@@ -10,7 +10,7 @@ import pytest
 
 from syncd.auth.apikey import ApiKeys
 from syncd.core.protocol.messages import Cursor, Hello, QuerySet, SubscribeApplied
-from tests.server_proc import ServerProcess
+from tests.server_proc import ServerProcess, serving
 from tests.transport.wire import WireClient, ahttp, eventually
 
 pytestmark = pytest.mark.integration
@@ -21,11 +21,8 @@ TAGS = "SELECT tag.* FROM tag JOIN note ON tag.note_id = note.id"
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess("tests/modules/private_notes.py", tmp_path / "data").start()
-    try:
+    with serving("tests/modules/private_notes.py", tmp_path / "data") as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 def owners(client: WireClient, qs: int, index: int, column: int = 1) -> set[str]:
