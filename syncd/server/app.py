@@ -291,7 +291,13 @@ class Server:
         offered = [p.strip() for p in websocket.scope.get("subprotocols", [])]
         chosen = next((p for p in SUBPROTOCOLS if p in offered), None)
         if offered and chosen is None:
-            await websocket.close(CloseCode.PROTOCOL_ERROR, "unsupported subprotocol")
+            # Refuse the upgrade with a reason a developer can read (RFC 6455 §4.2.2 lets the
+            # server fail the handshake with any HTTP status).
+            supported = " or ".join(SUBPROTOCOLS)
+            body = f"unsupported WebSocket subprotocol; offer {supported}\n".encode()
+            await websocket.send_denial_response(
+                Response(body, status_code=400, media_type="text/plain")
+            )
             return
         fmt = format_for_subprotocol(chosen) or "msgpack"
         await websocket.accept(subprotocol=chosen)

@@ -273,11 +273,13 @@ async def test_a_query_set_id_in_use_is_refused(chat: ServerProcess, bystander: 
 async def test_an_unsupported_subprotocol_is_refused_at_the_handshake(
     chat: ServerProcess, bystander: Bystander
 ) -> None:
-    """Offering only unknown subprotocols is refused before the upgrade (HTTP 403); offering
+    """Offering only unknown subprotocols is refused before the upgrade (HTTP 400 naming the
+    supported ones); offering
     one we know among others picks it; offering none means msgpack."""
     with pytest.raises(InvalidStatus) as refused:
         await WireClient.open(chat, subprotocols=["syncd.v9.cbor"])
-    assert refused.value.response.status_code == 403
+    assert refused.value.response.status_code == 400
+    assert b"syncd.v1.msgpack" in refused.value.response.body
     async with await WireClient.open(
         chat, fmt="json", subprotocols=["syncd.v9.cbor", "syncd.v1.json"]
     ) as json_client:
