@@ -274,8 +274,7 @@ async def test_an_unsupported_subprotocol_is_refused_at_the_handshake(
     chat: ServerProcess, bystander: Bystander
 ) -> None:
     """Offering only unknown subprotocols is refused before the upgrade (HTTP 400 naming the
-    supported ones); offering
-    one we know among others picks it; offering none means msgpack."""
+    supported ones); offering one we know among others picks it; offering none means msgpack."""
     with pytest.raises(InvalidStatus) as refused:
         await WireClient.open(chat, subprotocols=["syncd.v9.cbor"])
     assert refused.value.response.status_code == 400
