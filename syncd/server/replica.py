@@ -244,7 +244,7 @@ class Replica:
         for group, txs in pending.items():
             codec = CODECS[group.fmt]
             messages = [codec.encode_transaction_update(epoch, off, parts) for off, parts in txs]
-            frames = _frames(codec, messages)
+            frames = codec.pack_batches(messages, MAX_FRAME)
             opcode = OP_TEXT if group.fmt == "json" else OP_BINARY
             wires = [ws_frame(frame, opcode) for frame in frames]
             for conn in group.conns:
@@ -508,21 +508,3 @@ class Replica:
         self._regroup(conn)
         self.connections.discard(conn)
         self._dirty.discard(conn)
-
-
-def _frames(codec: Codec, messages: list[bytes]) -> list[bytes]:
-    """Messages packed into `Batch` frames of at most MAX_FRAME bytes (one message may be more)."""
-    total = sum(len(m) for m in messages)
-    if total <= MAX_FRAME:
-        return [codec.encode_batch(messages)]
-    frames: list[bytes] = []
-    group: list[bytes] = []
-    size = 0
-    for data in messages:
-        if group and size + len(data) > MAX_FRAME:
-            frames.append(codec.encode_batch(group))
-            group, size = [], 0
-        group.append(data)
-        size += len(data)
-    frames.append(codec.encode_batch(group))
-    return frames

@@ -194,6 +194,24 @@ class Codec:
             return b"".join((_JSON_BATCH_HEAD, b",".join(parts), b"]}"))
         return b"".join((_MSGPACK_BATCH_HEAD, _msgpack_array_header(len(parts)), *parts))
 
+    def pack_batches(self, messages: Sequence[bytes], max_size: int) -> list[bytes]:
+        """Encoded server messages packed, in order, into `Batch` frames of at most `max_size`
+        bytes each (a single larger message is a frame of its own). One message is returned
+        unchanged, as `encode_batch` does."""
+        if sum(len(m) for m in messages) <= max_size:
+            return [self.encode_batch(messages)]
+        frames: list[bytes] = []
+        group: list[bytes] = []
+        size = 0
+        for data in messages:
+            if group and size + len(data) > max_size:
+                frames.append(self.encode_batch(group))
+                group, size = [], 0
+            group.append(data)
+            size += len(data)
+        frames.append(self.encode_batch(group))
+        return frames
+
     # -- decoding ------------------------------------------------------------------------------
 
     def size_of(self, data: bytes | str) -> int:

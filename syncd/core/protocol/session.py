@@ -117,8 +117,6 @@ class Session:
         self._events: list[ClientMessage] = []
         # Encoded server messages (never Batches) not yet taken by data_to_send().
         self._outgoing: list[bytes] = []
-        # Their total size, to decide when a batch is full.
-        self._outgoing_size = 0
 
     def __repr__(self) -> str:
         return f"<Session {self.codec.fmt} {self.state.name}>"
@@ -233,7 +231,6 @@ class Session:
 
     def _queue(self, data: bytes) -> None:
         self._outgoing.append(data)
-        self._outgoing_size += len(data)
 
     def data_to_send(self) -> list[bytes]:
         """The frames to write now, in order, coalescing what was queued since the last call.
@@ -247,22 +244,7 @@ class Session:
         if not pending:
             return []
         self._outgoing = []
-        total, self._outgoing_size = self._outgoing_size, 0
-        if len(pending) == 1:
-            return pending
-        if total <= self.max_batch_size:
-            return [self.codec.encode_batch(pending)]
-        frames: list[bytes] = []
-        group: list[bytes] = []
-        size = 0
-        for data in pending:
-            if group and size + len(data) > self.max_batch_size:
-                frames.append(self.codec.encode_batch(group))
-                group, size = [], 0
-            group.append(data)
-            size += len(data)
-        frames.append(self.codec.encode_batch(group))
-        return frames
+        return self.codec.pack_batches(pending, self.max_batch_size)
 
     # -- closing -------------------------------------------------------------------------------
 
