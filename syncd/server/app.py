@@ -353,15 +353,14 @@ class Server:
         replica = self.replica
         try:
             (query,) = replica.bind([sql], principal)
-            rows = replica.initial_rows(query)
+            rows = replica.initial_update(query).inserts
         except (LimitExceeded, SubscriptionError) as exc:
             return _error(error_code(exc), str(exc), 400)
-        tdef = self.schema.tables[query.table]
         return _json_response(
             {
                 "table": query.table,
-                "columns": [c.name for c in tdef.columns],
-                "rows": [tdef.visible_row(r) for r in rows],
+                "columns": list(self.schema.tables[query.table].names),
+                "rows": rows,
                 "offset": replica.offset,
             }
         )

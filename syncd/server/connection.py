@@ -35,6 +35,7 @@ from syncd.core.protocol.messages import (
     Pong,
     QueryResult,
     QuerySet,
+    QueryUpdate,
     Reauth,
     ReducerResult,
     Subscribe,
@@ -483,22 +484,11 @@ class Connection:
         try:
             self._check_query_budget(len(msg.queries))
             queries = replica.bind(msg.queries, self._principal())
-            initial = [replica.rows_update(q.table, replica.initial_rows(q)) for q in queries]
+            initial = [replica.initial_update(q) for q in queries]
         except (LimitExceeded, SubscriptionError) as exc:
             self._sub_failed(msg.request_id, msg.query_set_id, error_code(exc), str(exc))
             return
-        # Same tick as the initial rows: no transaction can fall between the two.
-        self.query_sets[msg.query_set_id] = queries
-        self.query_count += len(queries)
-        replica.subscribe(self, msg.query_set_id, queries)
-        self.session.send(
-            SubscribeApplied(
-                request_id=msg.request_id,
-                query_set_id=msg.query_set_id,
-                offset=replica.offset,
-                queries=initial,
-            )
-        )
+        self._hold(msg.request_id, msg.query_set_id, queries, initial, resumed=False)
 
     async def _resubscribe(self, hello: Hello, query_set: QuerySet) -> None:
         replica = self.server.replica
@@ -518,20 +508,34 @@ class Connection:
             if txs is not None:
                 updates = [replica.resume_update(q, txs) for q in queries]
             else:
-                updates = [replica.rows_update(q.table, replica.initial_rows(q)) for q in queries]
+                updates = [replica.initial_update(q) for q in queries]
         except LimitExceeded as exc:
             self._sub_failed(None, qs_id, error_code(exc), str(exc))
             return
+        self._hold(None, qs_id, queries, updates, resumed=txs is not None)
+
+    def _hold(
+        self,
+        request_id: RequestId | None,
+        qs_id: QuerySetId,
+        queries: list[BoundQuery],
+        updates: list[QueryUpdate],
+        *,
+        resumed: bool,
+    ) -> None:
+        # Call in the same tick as computing `updates`: no transaction can fall between the
+        # rows sent and the subscription that routes the next ones.
+        replica = self.server.replica
         self.query_sets[qs_id] = queries
         self.query_count += len(queries)
         replica.subscribe(self, qs_id, queries)
         self.session.send(
             SubscribeApplied(
-                request_id=None,
+                request_id=request_id,
                 query_set_id=qs_id,
                 offset=replica.offset,
                 queries=updates,
-                resumed=txs is not None,
+                resumed=resumed,
             )
         )
 
@@ -555,7 +559,7 @@ class Connection:
         replica = self.server.replica
         try:
             (query,) = replica.bind([msg.sql], self._principal())
-            rows = replica.initial_rows(query)
+            rows = replica.initial_update(query).inserts
         except (LimitExceeded, SubscriptionError) as exc:
             self.session.send(
                 QueryResult(
@@ -563,13 +567,12 @@ class Connection:
                 )
             )
             return
-        visible = self.server.schema.tables[query.table].visible_row
         self.session.send(
             QueryResult(
                 request_id=msg.request_id,
                 ok=True,
                 table=query.table,
-                rows=[visible(r) for r in rows],
+                rows=rows,
                 offset=replica.offset,
             )
         )

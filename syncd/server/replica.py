@@ -16,7 +16,6 @@ import asyncio
 import heapq
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -260,9 +259,10 @@ class Replica:
             deletes=list(delta.deletes),
         )
 
-    def rows_update(self, table: str, rows: Iterable[Row]) -> QueryUpdate:
-        visible = self.schema.tables[table].visible_row
-        return QueryUpdate(table, inserts=[visible(r) for r in rows])
+    def initial_update(self, query: BoundQuery) -> QueryUpdate:
+        """The query's current rows as inserts (a fresh snapshot). Raises LimitExceeded."""
+        visible = self.schema.tables[query.table].visible_row
+        return QueryUpdate(query.table, inserts=[visible(r) for r in self.initial_rows(query)])
 
     async def wait_applied(self, offset: int) -> None:
         """Return once the transaction at `offset` is applied here."""
