@@ -53,31 +53,29 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from syncd.auth.apikey import ApiKeys
+    from syncd.auth.apikey import ApiKey, ApiKeys
+
+    def described(key: ApiKey) -> str:
+        return json.dumps(
+            {
+                "key_id": key.key_id,
+                "name": key.name,
+                "role": key.role,
+                "identity": key.identity,
+                "created_at": key.created_at,
+                "revoked_at": key.revoked_at,
+            }
+        )
 
     store = ApiKeys(Path(args.data))
     if args.keys_command == "create":
         key, secret = store.create(args.name, args.role)
-        print(
-            json.dumps(
-                {"key_id": key.key_id, "name": key.name, "role": key.role, "identity": key.identity}
-            )
-        )
+        print(described(key))
         print(secret)
         print("syncd keys: the secret above is shown only once; store it now", file=sys.stderr)
     elif args.keys_command == "list":
         for key in store.all():
-            print(
-                json.dumps(
-                    {
-                        "key_id": key.key_id,
-                        "name": key.name,
-                        "role": key.role,
-                        "created_at": key.created_at,
-                        "revoked_at": key.revoked_at,
-                    }
-                )
-            )
+            print(described(key))
     else:
         revoked = store.revoke(args.key)
         if not revoked:
