@@ -11,12 +11,15 @@ Protocol rather than methods that raise `NotImplementedError`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
 
 from syncd.core.ids import Epoch, Offset
+from syncd.core.tx import Tx
 
-__all__ = ["Journal"]
+__all__ = ["Broker", "Journal", "LeaderInfo", "LeaderLease"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,4 +253,128 @@ class Journal(Protocol):
         Raises:
             JournalError: the storage failed, or the journal is failed or closed.
         """
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# LeaderLease: which replica is the single writer (DESIGN.md §1)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderInfo:
+    """The most recent holder of the lease, as recorded by its `try_acquire`."""
+
+    holder: str  # the instance name of the replica that acquired it
+    address: str  # where other replicas reach it (its base http:// URL)
+    term: int  # the fencing term it got
+
+
+class LeaderLease(Protocol):
+    """At most one holder at a time among the processes sharing one journal.
+
+    Postgres is the arbiter: the lease is a session-level advisory lock held on a dedicated
+    connection, plus a fencing term stored in a row. Each successful `try_acquire` increments
+    the term; a journal opened for writing with that term checks it inside every commit, so a
+    deposed leader (whose connection died, or who was paused while another took over) can never
+    append. When the holder's process or connection dies the database releases the lock, and
+    the next `try_acquire` elsewhere succeeds.
+
+    The same object also records replica heartbeats, for presence: survivors remove the
+    connections of replicas whose heartbeat lapsed.
+    """
+
+    async def try_acquire(self, holder: str, address: str) -> int | None:
+        """Try once, without waiting, to take the lease.
+
+        Returns:
+            The new fencing term (greater than every earlier term) when this process now holds
+            the lease, or None when another process holds it. Holding it already returns the
+            current term.
+
+        Raises:
+            JournalError: the arbiter cannot be reached.
+        """
+        ...
+
+    async def still_held(self) -> bool:
+        """Whether this process still holds the lease (checks the connection; bounded time).
+
+        Never raises: an unreachable arbiter means False, and the lease is then lost for good
+        (acquire again to get a new term).
+        """
+        ...
+
+    async def release(self) -> None:
+        """Give the lease up (idempotent). Never raises."""
+        ...
+
+    async def current(self) -> LeaderInfo | None:
+        """The latest acquirer, or None if nobody ever held the lease.
+
+        The holder may have died since; `try_acquire` elsewhere tells.
+
+        Raises:
+            JournalError: the arbiter cannot be reached.
+        """
+        ...
+
+    async def heartbeat(self, instance: str, address: str) -> None:
+        """Record that replica `instance` is alive now.
+
+        Raises:
+            JournalError: the arbiter cannot be reached.
+        """
+        ...
+
+    async def live_instances(self, within_s: float) -> set[str]:
+        """The instances whose last heartbeat is at most `within_s` seconds old (by the
+        arbiter's clock).
+
+        Raises:
+            JournalError: the arbiter cannot be reached.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release the lease and every resource. Idempotent; never raises."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Broker: committed transactions from the leader to every replica (DESIGN.md §8)
+
+
+class Broker(Protocol):
+    """Delivers committed transactions from the leader to every replica's handlers.
+
+    Local handlers (this process) are called synchronously inside `publish`, in offset order,
+    exactly once. Other processes' handlers get the transactions later, in publish order, *at
+    most once*: a broker may drop messages (Redis pub/sub does, when a subscriber is slow or
+    Redis restarts). Replicas detect a gap by offset and read the missing range from the
+    journal, so a broker never has to be reliable, only fast.
+
+    `publish` never blocks on the network for long: when the transport is down it drops the
+    remote copy (after delivering locally) and returns.
+    """
+
+    def subscribe(self, handler: Callable[[Tx], None]) -> None:
+        """Call `handler` for every transaction published, here or by another process."""
+        ...
+
+    async def start(self) -> None:
+        """Connect and start receiving. Returns even if the transport is down (it retries)."""
+        ...
+
+    async def publish(self, txs: list[Tx], payloads: list[bytes]) -> None:
+        """Deliver durable transactions, in offset order, with their encoded journal payloads
+        (`payloads[i]` is `encode_tx(txs[i])`: remote replicas decode them)."""
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """Whether remote delivery currently works (always True for an in-process broker)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop receiving and release every resource. Idempotent."""
         ...

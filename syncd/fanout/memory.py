@@ -22,7 +22,14 @@ class MemoryBroker:
     def subscribe(self, handler: Callable[[Tx], None]) -> None:
         self._handlers.append(handler)
 
-    async def publish(self, txs: list[Tx]) -> None:
+    async def start(self) -> None:
+        return None
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    async def publish(self, txs: list[Tx], payloads: list[bytes] | None = None) -> None:
         """Deliver durable transactions (in offset order) to every subscriber."""
         for tx in txs:
             for handler in self._handlers:

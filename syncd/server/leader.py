@@ -41,7 +41,7 @@ RECENT_KEYS = 100_000
 
 
 class Publisher(Protocol):
-    async def publish(self, txs: list[Tx]) -> None: ...
+    async def publish(self, txs: list[Tx], payloads: list[bytes]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +86,7 @@ class Leader:
         self.clock = HybridClock(writer)
         self._now_us = now_us
         # Transactions appended but not yet published, in offset order.
-        self._queue: deque[Tx] = deque()
+        self._queue: deque[tuple[Tx, bytes]] = deque()
         # offset -> futures of the outcomes to resolve once that offset is published (or the
         # journal failed): the call that made the transaction, and calls that changed nothing
         # (or were retried) but read state up to it.
@@ -348,8 +348,9 @@ class Leader:
             return _done(CallOutcome(True))
         offset = Offset(self.appended + 1)
         tx = Tx(offset, timestamp, changes, reducer, caller, key, meta)
+        payload = encode_tx(self.schema, tx)
         try:
-            self.journal.append(offset, encode_tx(self.schema, tx), idempotency_key=key)
+            self.journal.append(offset, payload, idempotency_key=key)
         except JournalError as exc:
             self._failed(exc)
             return _done(CallOutcome(False, error=exc))
@@ -359,7 +360,7 @@ class Leader:
             self._keys[key] = offset
             if len(self._keys) > RECENT_KEYS:
                 self._keys.popitem(last=False)
-        self._queue.append(tx)
+        self._queue.append((tx, payload))
         self._wake.set()
         return self._when_published(offset, CallOutcome(True, offset))
 
@@ -368,17 +369,20 @@ class Leader:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                last = self._queue[-1].offset
+                last = self._queue[-1][0].offset
                 try:
                     await self.journal.wait_durable(last)
                 except JournalError as exc:
                     self._failed(exc)
                     return
                 batch: list[Tx] = []
-                while self._queue and self._queue[0].offset <= last:
-                    batch.append(self._queue.popleft())
+                payloads: list[bytes] = []
+                while self._queue and self._queue[0][0].offset <= last:
+                    tx, payload = self._queue.popleft()
+                    batch.append(tx)
+                    payloads.append(payload)
                 try:
-                    await self.broker.publish(batch)
+                    await self.broker.publish(batch, payloads)
                 except Exception:
                     # Durable but not delivered: replicas find the gap and read the journal.
                     logger.exception("publishing offsets %d..%d failed", batch[0].offset, last)
