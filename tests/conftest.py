@@ -32,3 +32,7 @@ def chat_server(tmp_path: Path) -> Iterator[ServerProcess]:
         yield server
     finally:
         server.kill()
+
+
+# Fixtures that start throwaway Postgres and Redis servers (tests/services/).
+pytest_plugins = ["tests.services.postgres", "tests.services.redis"]

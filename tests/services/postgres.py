@@ -1,0 +1,1 @@
+"""Placeholder: filled in with the postgres test server and its fixtures."""

@@ -1,0 +1,1 @@
+"""Placeholder: filled in with the redis test server and its fixtures."""
