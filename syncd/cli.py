@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from syncd.config import AuthConfig, Config, Limits
+from syncd.config import AuthConfig, ClusterConfig, Config, Limits
 from syncd.errors import ConfigError
 
 _LIMITS = Limits()
@@ -46,7 +46,16 @@ def _serve(args: argparse.Namespace) -> int:
         snapshot_every=args.snapshot_every,
         limits=limits,
         replica_id=args.replica_id,
+        cluster=ClusterConfig(
+            postgres_url=args.postgres or None,
+            redis_url=args.redis or None,
+            advertise_url=args.advertise_url or None,
+            lease_poll_s=args.lease_poll,
+            heartbeat_lapse_s=args.heartbeat_lapse,
+        ),
     )
+    if config.cluster.redis_url and not config.cluster.postgres_url:
+        raise ConfigError("--redis needs --postgres: replicas share the Postgres journal")
     config.data_dir.mkdir(parents=True, exist_ok=True)
     run(config, log_level=args.log_level)
     return 0
@@ -182,7 +191,47 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TXS",
         help="recent transactions kept in memory for resume (older ones: the journal)",
     )
-    serve.add_argument("--replica-id", default=os.environ.get("SYNCD_REPLICA_ID", "embedded"))
+    cluster = serve.add_argument_group("replicas (several processes sharing one database)")
+    cluster.add_argument(
+        "--postgres",
+        default=os.environ.get("SYNCD_POSTGRES_URL"),
+        metavar="DSN",
+        help="keep the journal in Postgres and elect a leader through it "
+        "(env SYNCD_POSTGRES_URL); without it the embedded SQLite journal is used",
+    )
+    cluster.add_argument(
+        "--redis",
+        default=os.environ.get("SYNCD_REDIS_URL"),
+        metavar="URL",
+        help="fan committed transactions out through Redis (env SYNCD_REDIS_URL); "
+        "without it replicas follow the journal by polling",
+    )
+    cluster.add_argument(
+        "--advertise-url",
+        default=os.environ.get("SYNCD_ADVERTISE_URL"),
+        metavar="URL",
+        help="http://host:port where the other replicas reach this one "
+        "(default: the address it listens on)",
+    )
+    cluster.add_argument(
+        "--lease-poll",
+        type=float,
+        default=ClusterConfig.lease_poll_s,
+        metavar="SECONDS",
+        help="how often replicas try to take over a lapsed leadership",
+    )
+    cluster.add_argument(
+        "--heartbeat-lapse",
+        type=float,
+        default=ClusterConfig.heartbeat_lapse_s,
+        metavar="SECONDS",
+        help="a replica silent this long is dead: its clients are disconnected",
+    )
+    serve.add_argument(
+        "--replica-id",
+        default=os.environ.get("SYNCD_REPLICA_ID", "embedded"),
+        help="this process's name in logs, /readyz and the connection table",
+    )
     serve.add_argument("--log-level", default=os.environ.get("SYNCD_LOG_LEVEL", "info"))
     serve.set_defaults(func=_serve)
 

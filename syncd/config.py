@@ -64,6 +64,40 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Replicas sharing one Postgres journal (and, optionally, one Redis for fan-out).
+
+    Attributes:
+        postgres_url: the shared journal and the leader lease. None: the embedded journal.
+        redis_url: fan-out between replicas. None: replicas follow the journal by polling.
+        advertise_url: the http:// base URL other replicas use to reach this one when it leads
+            (reducer calls are forwarded there). None: derived from the bound host and port.
+        lease_poll_s: how often a replica tries to take over the lease, and the leader checks
+            that it still holds it. A dead leader is replaced within about this plus the time
+            Postgres needs to notice its connection closed.
+        heartbeat_s: how often each replica records that it is alive.
+        heartbeat_lapse_s: a replica silent for this long is dead: its connections are removed
+            (and `client_disconnected` runs for each).
+        journal_poll_s: how often a replica checks the journal head for transactions the
+            broker did not deliver (always, and the only path when Redis is down or absent).
+        forward_timeout_s: how long a forwarded call may wait for the leader's answer.
+    """
+
+    postgres_url: str | None = None
+    redis_url: str | None = None
+    advertise_url: str | None = None
+    lease_poll_s: float = 0.5
+    heartbeat_s: float = 1.0
+    heartbeat_lapse_s: float = 5.0
+    journal_poll_s: float = 0.2
+    forward_timeout_s: float = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.postgres_url is not None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything `syncd serve` needs.
 
@@ -74,7 +108,8 @@ class Config:
         auth: how clients sign in (Supabase JWTs, anonymous identities).
         snapshot_every: write a snapshot after this many transactions (0: never automatically).
         limits: protection limits.
-        replica_id: this process's name in logs and metrics.
+        replica_id: this process's name in logs, metrics and the connection table.
+        cluster: replicas on Postgres and Redis (off: one process on the embedded journal).
     """
 
     module: Path
@@ -85,3 +120,4 @@ class Config:
     snapshot_every: int = 50_000
     limits: Limits = field(default_factory=Limits)
     replica_id: str = "embedded"
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
