@@ -15,6 +15,7 @@ from syncd.config import AuthConfig, ClusterConfig, Config, Limits
 from syncd.errors import ConfigError
 
 _LIMITS = Limits()
+_CLUSTER = ClusterConfig()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -216,14 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--lease-poll",
         type=float,
-        default=ClusterConfig.lease_poll_s,
+        default=_CLUSTER.lease_poll_s,
         metavar="SECONDS",
         help="how often replicas try to take over a lapsed leadership",
     )
     cluster.add_argument(
         "--heartbeat-lapse",
         type=float,
-        default=ClusterConfig.heartbeat_lapse_s,
+        default=_CLUSTER.heartbeat_lapse_s,
         metavar="SECONDS",
         help="a replica silent this long is dead: its clients are disconnected",
     )
