@@ -4,6 +4,11 @@
 inserted in the same transaction as `client_connected` and deleted in the same transaction as
 `client_disconnected`, so after a crash the rows still present are exactly the connections
 whose `client_disconnected` has not run yet: the server runs it for them at start.
+
+It is also the presence table: public, so clients subscribe to it like any other table
+(`SELECT * FROM syncd_connection WHERE identity = :sender`, or a whole room's worth). With
+replicas, `replica` names the process holding the connection; when a replica dies, the leader
+removes its rows once its heartbeat lapses, running `client_disconnected` for each.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ RESERVED_PREFIX = "syncd_"
 CONNECTION_TABLE = "syncd_connection"
 
 
-@table(name=CONNECTION_TABLE)
+@table(name=CONNECTION_TABLE, public=True)
 class SyncdConnection:
     connection_id: str = primary_key()
     identity: Identity = index()

@@ -221,7 +221,7 @@ async def test_bad_calls_are_refused_and_the_connection_stays_open(
         ("SELECT * FROM message WHERE no_such_column = 1", "no_such_column"),
         ("SELECT count(*) FROM message", "COUNT"),
         ("DELETE FROM message", "DELETE"),
-        ("SELECT * FROM syncd_connection", "private"),
+        ("SELECT * FROM message ORDER BY id", "ORDER"),
     ],
 )
 async def test_bad_sql_fails_the_query_set_with_3100(

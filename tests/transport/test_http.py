@@ -37,7 +37,7 @@ async def test_schema_lists_public_tables_and_callable_reducers_only(notes: Serv
     status, schema = await ahttp(notes, "GET", "/v1/schema")
     assert status == 200
     tables = {t["name"]: t for t in schema["tables"]}
-    assert set(tables) == {"folder", "note"}
+    assert set(tables) == {"folder", "note", "syncd_connection"}  # presence is public
     assert [c["name"] for c in tables["note"]["columns"]] == ["id", "folder_id", "body"]
     assert tables["note"]["primary_key"] == "id"
     assert [i["columns"] for i in tables["note"]["indexes"]] == [["folder_id"]]
