@@ -1,0 +1,157 @@
+"""The `syncd generate` command: typed client bindings from a module file or a running server.
+
+    syncd generate typescript schema/chat.py --out clients/typescript/generated/chat
+    syncd generate typescript --from-url http://127.0.0.1:3000 --out src/generated
+    syncd generate typescript schema/chat.py --out DIR --check   # exit 1 if DIR is stale
+
+The generator itself (`syncd.codegen.typescript`) is pure; this module reads the schema and
+writes (or checks) the files. Failures are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from syncd.codegen.typescript import RUNTIME_PACKAGE, OutputFile, generate, generate_from_schema
+from syncd.errors import ConfigError
+
+__all__ = ["add_generate_parser", "fetch_schema", "write_files"]
+
+# A module's schema is a few KB; a bigger answer is not a syncd server.
+_MAX_SCHEMA_BYTES = 16 << 20
+
+
+def add_generate_parser(subparsers: Any) -> None:
+    """Add `generate` (with its `typescript` target) to the `syncd` command's subparsers.
+
+    Args:
+        subparsers: what `argparse.ArgumentParser.add_subparsers` returned.
+    """
+    generate_parser = subparsers.add_parser(
+        "generate",
+        help="generate typed client bindings for a module",
+        description="Generate typed client bindings from a module file or a running server.",
+    )
+    targets = generate_parser.add_subparsers(dest="target", required=True, metavar="LANGUAGE")
+    ts = targets.add_parser(
+        "typescript",
+        help="TypeScript bindings for @syncd/client",
+        description="Write TypeScript bindings for @syncd/client (index.ts) into --out: row "
+        "interfaces, typed table handles, typed reducer calls and the schema const. From a "
+        "module file the reducers' docstrings become TSDoc comments; a server does not serve them.",
+    )
+    source = ts.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "module", nargs="?", help="path of the module, e.g. schema/chat.py", default=None
+    )
+    source.add_argument(
+        "--from-url",
+        metavar="URL",
+        help="a running server (http://HOST:PORT or ws://HOST:PORT/v1/ws): read GET /v1/schema",
+    )
+    ts.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
+    ts.add_argument(
+        "--runtime",
+        default=RUNTIME_PACKAGE,
+        metavar="SPECIFIER",
+        help=f"module the bindings import the runtime from (default {RUNTIME_PACKAGE})",
+    )
+    ts.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if the files in --out differ from a fresh generation",
+    )
+    ts.set_defaults(func=_typescript)
+
+
+def _typescript(args: argparse.Namespace) -> int:
+    if args.from_url:
+        files = generate(fetch_schema(args.from_url), runtime=args.runtime)
+    else:
+        from syncd.server.loader import load_module_schema
+
+        files = generate_from_schema(load_module_schema(args.module), runtime=args.runtime)
+    out = Path(args.out)
+    if args.check:
+        stale = stale_files(files, out)
+        for name in stale:
+            print(f"syncd generate: {out / name} is out of date", file=sys.stderr)
+        return 1 if stale else 0
+    for path in write_files(files, out):
+        print(path)
+    return 0
+
+
+def fetch_schema(url: str, *, timeout: float = 10.0) -> dict[str, Any]:
+    """The JSON of a running server's `GET /v1/schema`.
+
+    Args:
+        url: the server, in any form `syncd.client.endpoint.Endpoint.parse` accepts.
+
+    Raises:
+        ConfigError: the URL is malformed, the server unreachable, or its answer not a schema.
+    """
+    from syncd.client.endpoint import Endpoint, describe_os_error
+    from syncd.client.errors import InvalidURL
+
+    try:
+        endpoint = Endpoint.parse(url)
+    except InvalidURL as exc:
+        raise ConfigError(str(exc)) from None
+    request = urllib.request.Request(endpoint.schema_url, headers={"Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read(_MAX_SCHEMA_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise ConfigError(
+            f"GET {endpoint.schema_url} answered HTTP {exc.code} {exc.reason}: "
+            "is this a syncd server?"
+        ) from None
+    except urllib.error.URLError as exc:
+        reason = describe_os_error(exc.reason)
+        raise ConfigError(f"cannot reach {endpoint.http_url}: {reason}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot reach {endpoint.http_url}: {describe_os_error(exc)}") from None
+    try:
+        if len(body) > _MAX_SCHEMA_BYTES:
+            raise ValueError("the response is too large")
+        described = json.loads(body)
+    except ValueError as exc:
+        raise ConfigError(f"GET {endpoint.schema_url} did not return JSON ({exc})") from None
+    if not isinstance(described, dict):
+        raise ConfigError(f"GET {endpoint.schema_url} did not return a JSON object")
+    return described
+
+
+def write_files(files: list[OutputFile], out: Path) -> list[Path]:
+    """Write `files` under `out` (created if missing), leaving unchanged files untouched.
+
+    Returns:
+        The paths of every generated file, written or already up to date.
+    """
+    written: list[Path] = []
+    for f in files:
+        path = out / f.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = f.content.encode("utf-8")
+        if not path.is_file() or path.read_bytes() != data:
+            path.write_bytes(data)
+        written.append(path)
+    return written
+
+
+def stale_files(files: list[OutputFile], out: Path) -> list[str]:
+    """The generated files whose copy under `out` is missing or differs."""
+    stale: list[str] = []
+    for f in files:
+        path = out / f.path
+        if not path.is_file() or path.read_bytes() != f.content.encode("utf-8"):
+            stale.append(f.path)
+    return stale
