@@ -252,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key", metavar="KEY_ID_OR_NAME")
     keys.set_defaults(func=_keys)
 
+    from syncd.codegen.cli import add_generate_parser
+
+    add_generate_parser(sub)
+
     try:
         client_cli = importlib.import_module("syncd.client.cli")
     except ImportError:  # the client commands arrive with syncd.client
