@@ -1,10 +1,15 @@
 """The composition root: builds the journal, leader, replica and broker from a Config, recovers
 state, and serves the Starlette app (WebSocket and HTTP endpoints) on uvicorn.
 
-Start-up order: open the journal -> load the latest snapshot and replay the journal into two
+Embedded start-up: open the journal -> load the latest snapshot and replay the journal into two
 stores (the leader's and the replica's) -> start the leader's publisher -> run `init` for a new
 database -> run `client_disconnected` for connections that were open when the process died ->
 accept connections.
+
+With `--postgres` (replicas): open the shared journal as a reader -> recover the replica's store
+-> start the broker (Redis, or none) -> start the cluster loops (`cluster.Cluster`: election,
+following the journal, heartbeats, presence) -> wait for the secrets the first leader creates
+-> accept connections. Writes go to `self.writer`: the local leader, or the link to it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import secrets
 import socket
 import sys
 import time
@@ -43,6 +49,7 @@ from syncd.core.system import CONNECTION_TABLE
 from syncd.core.tx import Tx, decode_tx
 from syncd.errors import (
     ArgumentError,
+    BackendError,
     CloseCode,
     ErrorCode,
     InvalidToken,
@@ -52,8 +59,11 @@ from syncd.errors import (
 )
 from syncd.fanout.memory import MemoryBroker
 from syncd.persist.sqlite import SqliteJournal
-from syncd.ports import Journal
+from syncd.ports import Broker, Journal
+from syncd.server.cluster import Cluster
 from syncd.server.connection import Connection, bearer_token, error_code
+from syncd.server.forward import PATH as LINK_PATH
+from syncd.server.forward import Writer, serve_link
 from syncd.server.leader import Leader
 from syncd.server.loader import load_module_schema
 from syncd.server.replica import Replica
@@ -90,8 +100,23 @@ async def recover(schema: Schema, journal: Journal) -> tuple[Store, Store]:
     return stores
 
 
+async def recover_store(schema: Schema, journal: Journal) -> Store:
+    """One store at the journal's head (a replica's): latest snapshot, then the journal."""
+    store = Store(schema)
+    latest = await journal.latest_snapshot()
+    if latest is not None:
+        snapshot.restore(store, await asyncio.to_thread(snapshot.decode, schema, latest[1]))
+    while True:
+        entries = await journal.read(Offset(store.offset), 5_000)
+        if not entries:
+            return store
+        for offset, payload in entries:
+            store.apply(decode_tx(schema, payload).changes, offset)
+
+
 class Server:
-    """One syncd process: leader and replica of one database on the embedded journal."""
+    """One syncd process: the embedded leader and replica of one database, or one replica of
+    a cluster sharing a Postgres journal (leading while it holds the lease)."""
 
     def __init__(
         self,
@@ -103,11 +128,31 @@ class Server:
     ) -> None:
         self.config = config
         self.schema = schema if schema is not None else load_module_schema(config.module)
-        self.journal: Journal = journal or SqliteJournal(config.data_dir / "journal.sqlite3")
-        self.broker = MemoryBroker()
+        clustered = config.cluster.enabled
+        if journal is None:
+            if clustered:
+                from syncd.persist.postgres import PostgresJournal
+
+                assert config.cluster.postgres_url is not None
+                journal = PostgresJournal(config.cluster.postgres_url)
+            else:
+                journal = SqliteJournal(config.data_dir / "journal.sqlite3")
+        # Embedded: the journal. Replicas: a reader of the shared journal (the leader writes
+        # through a journal of its own, fenced with its term).
+        self.journal: Journal = journal
+        self.broker: Broker = MemoryBroker()
         self.clock = clock
-        # Built by start().
-        self.leader: Leader
+        # This process in the connection table: unique per boot for replicas, so connections
+        # of a replica that died are told from those of its successor.
+        self.instance = (
+            f"{config.replica_id}-{secrets.token_hex(3)}" if clustered else config.replica_id
+        )
+        # Where other replicas reach this one (set by `run` once the socket is bound).
+        self.address = config.cluster.advertise_url or f"http://{config.host}:{config.port}"
+        # Built by start(). `leader` is None on a replica that does not lead.
+        self.leader: Leader | None = None
+        self.cluster: Cluster | None = None
+        self.writer: Writer
         self.replica: Replica
         self.authenticator: Authenticator
         # Verifies Supabase tokens, when configured; its JWKS refresher runs while serving.
@@ -126,14 +171,21 @@ class Server:
         self.started = False
 
     async def start(self) -> None:
-        journal = self.journal
-        await journal.open()
-        leader_store, replica_store = await recover(self.schema, journal)
-        self._last_snapshot = replica_store.offset
-        secret = await journal.get_meta(ANON_SECRET_KEY)
-        if secret is None:
-            secret = new_secret()
-            await journal.set_meta(ANON_SECRET_KEY, secret)
+        if self.config.cluster.enabled:
+            await self._start_cluster()
+        else:
+            await self._start_embedded()
+        self.started = True
+        logger.info(
+            "database ready at epoch %d offset %d (%d tables, %d reducers, %s)",
+            self.journal.epoch,
+            self.replica.offset,
+            len(self.schema.tables),
+            len(self.schema.reducers),
+            self.role,
+        )
+
+    async def _start_auth(self, secret: bytes) -> None:
         auth = self.config.auth
         if auth.uses_jwt:
             self.jwt = JwtVerifier(
@@ -152,6 +204,17 @@ class Server:
             api_keys=self.api_keys,
         )
         self._revocations = asyncio.get_running_loop().create_task(self._watch_revocations())
+
+    async def _start_embedded(self) -> None:
+        journal = self.journal
+        await journal.open()
+        leader_store, replica_store = await recover(self.schema, journal)
+        self._last_snapshot = replica_store.offset
+        secret = await journal.get_meta(ANON_SECRET_KEY)
+        if secret is None:
+            secret = new_secret()
+            await journal.set_meta(ANON_SECRET_KEY, secret)
+        await self._start_auth(secret)
         self.replica = Replica(
             self.schema,
             replica_store,
@@ -161,7 +224,7 @@ class Server:
         )
         self.broker.subscribe(self.replica.on_tx)
         self.broker.subscribe(self._after_tx)
-        self.leader = Leader(
+        leader = Leader(
             self.schema,
             leader_store,
             journal,
@@ -169,23 +232,67 @@ class Server:
             writer=f"{self.config.replica_id}:{journal.epoch}",
             now_us=self.clock,
         )
-        self.leader.start()
+        self.leader = self.writer = leader
+        leader.start()
         fresh = leader_store.offset == 0 and await journal.latest_snapshot() is None
         if fresh:
-            await self.leader.run_init(SERVER_IDENTITY)
+            await leader.run_init(SERVER_IDENTITY)
         # Connections open when the process last stopped never got client_disconnected.
         for connection_id in list(leader_store.tables[CONNECTION_TABLE].rows):
-            outcome = await (await self.leader.disconnect(connection_id))
+            outcome = await (await leader.disconnect(connection_id))
             if not outcome.ok:
                 logger.warning("recovering %s: %s", connection_id, outcome.error)
-        self.started = True
-        logger.info(
-            "database ready at epoch %d offset %d (%d tables, %d reducers)",
-            journal.epoch,
-            self.replica.offset,
-            len(self.schema.tables),
-            len(self.schema.reducers),
+
+    async def _start_cluster(self) -> None:
+        from syncd.persist.postgres import PostgresJournal, PostgresLease
+
+        cfg = self.config.cluster
+        dsn = cfg.postgres_url
+        assert dsn is not None
+        journal = self.journal
+        await journal.open()
+        store = await recover_store(self.schema, journal)
+        self._last_snapshot = store.offset
+        self.replica = Replica(
+            self.schema, store, journal, epoch=Epoch(journal.epoch), limits=self.config.limits
         )
+        if cfg.redis_url:
+            from syncd.fanout.redis import RedisBroker
+
+            schema = self.schema
+            self.broker = RedisBroker(
+                cfg.redis_url, decode=lambda data: decode_tx(schema, data), instance=self.instance
+            )
+        self.broker.subscribe(self.replica.on_tx)
+        self.broker.subscribe(self._after_tx)
+        await self.broker.start()
+
+        def leader_changed(leader: Leader | None) -> None:
+            self.leader = leader
+
+        self.cluster = cluster = Cluster(
+            cfg,
+            instance=self.instance,
+            address=self.address,
+            lease=PostgresLease(dsn),
+            reader=journal,
+            open_writer=lambda term: PostgresJournal(dsn, term=term),
+            broker=self.broker,
+            replica=self.replica,
+            now_us=self.clock,
+            server_identity=SERVER_IDENTITY,
+            live_connections=lambda: {c.connection_id for c in self.connections},
+            meta_defaults={ANON_SECRET_KEY: new_secret},
+        )
+        cluster.on_leader_change = leader_changed
+        self.writer = cluster
+        cluster.start()
+        secret = await cluster.wait_for_meta(ANON_SECRET_KEY, within_s=60)
+        await self._start_auth(secret)
+
+    @property
+    def role(self) -> str:
+        return self.cluster.role if self.cluster is not None else "leader"
 
     async def _watch_revocations(self) -> None:
         """Close connections signed in with an API key as soon as (within a second) it is
@@ -219,16 +326,29 @@ class Server:
         if self._snapshot_task is not None:
             with contextlib.suppress(Exception):
                 await self._snapshot_task
-        if self.started:
+        if self.cluster is not None:
+            await self.cluster.stop()
+        elif self.started and self.leader is not None:
             await self.leader.aclose()
         await self.broker.aclose()
         if self.jwt is not None:
             await self.jwt.aclose()
         await self.journal.aclose()
 
+    def _snapshot_journal(self) -> Journal | None:
+        """Where snapshots go: the journal, or the leader's own (replicas do not write)."""
+        if self.cluster is not None:
+            return self.cluster.writer_journal
+        return self.journal
+
     def _after_tx(self, tx: Tx) -> None:
         every = self.config.snapshot_every
-        if every and tx.offset - self._last_snapshot >= every and self._snapshot_task is None:
+        if (
+            every
+            and tx.offset - self._last_snapshot >= every
+            and self._snapshot_task is None
+            and self._snapshot_journal() is not None
+        ):
             self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_quietly())
 
     async def _snapshot_quietly(self) -> None:
@@ -240,9 +360,12 @@ class Server:
     async def write_snapshot(self) -> int:
         """Snapshot the durable state (encoded off the event loop). Returns its offset."""
         try:
+            journal = self._snapshot_journal()
+            if journal is None:
+                raise BackendError("only the leader writes snapshots")
             snap = snapshot.take(self.replica.store)
             data = await asyncio.to_thread(snapshot.encode, self.schema, snap)
-            await self.journal.write_snapshot(snap.offset, data)
+            await journal.write_snapshot(snap.offset, data)
             self._last_snapshot = snap.offset
             logger.info("snapshot written at offset %d (%d bytes)", snap.offset, len(data))
             return snap.offset
@@ -280,6 +403,13 @@ class Server:
             if scope["type"] == "websocket":
                 if scope["path"] == "/v1/ws":
                     await self.websocket(WebSocket(scope, receive, send))
+                elif scope["path"] == LINK_PATH and self.cluster is not None:
+                    await serve_link(
+                        WebSocket(scope, receive, send),
+                        secret=await self.cluster.secret(),
+                        writer=lambda: self.leader,
+                        code_of=error_code,
+                    )
                 else:
                     await send({"type": "websocket.close", "code": 1008})
                 return
@@ -312,16 +442,37 @@ class Server:
         return _json_response({"ok": True})
 
     async def readyz(self, request: Request) -> Response:
-        ready = self.started and self.leader.ready
-        body = {
+        cluster = self.cluster
+        leader = self.leader
+        if not self.started:
+            ready = False
+        elif cluster is None:
+            ready = leader is not None and leader.ready
+        else:
+            # A replica serves subscriptions from memory; it is ready while it can follow the
+            # journal (calls need a leader somewhere, which the replica cannot vouch for).
+            ready = cluster.journal_reachable if leader is None else leader.ready
+        if not self.started:
+            lag = None
+        elif cluster is not None:
+            lag = cluster.lag
+        else:
+            lag = leader.appended - self.replica.offset if leader is not None else None
+        body: dict[str, Any] = {
             "ready": ready,
-            "role": "leader",
+            "role": self.role,
             "replica_id": self.config.replica_id,
+            "instance": self.instance,
             "epoch": self.journal.epoch if self.started else None,
             "offset": self.replica.offset if self.started else None,
-            "lag": (self.leader.appended - self.replica.offset) if self.started else None,
+            "lag": lag,
             "connections": len(self.connections),
         }
+        if cluster is not None:
+            body["term"] = cluster.term
+            body["leader"] = cluster.address if leader is not None else cluster.link.address
+            body["journal_reachable"] = cluster.journal_reachable
+            body["broker_connected"] = self.broker.connected
         return _json_response(body, 200 if ready else 503)
 
     async def schema_endpoint(self, request: Request) -> Response:
@@ -385,7 +536,7 @@ class Server:
                 ErrorCode.BAD_ARGUMENTS, "send the arguments as a JSON array or object", 400
             )
         outcome = await (
-            await self.leader.call(
+            await self.writer.call(
                 name,
                 args,
                 sender=principal.identity,
@@ -439,6 +590,9 @@ def run(config: Config, *, log_level: str = "info") -> None:
     server = Server(config)
     sock = bind_socket(config.host, config.port)
     host, port = sock.getsockname()[:2]
+    if not config.cluster.advertise_url:
+        shown_host = f"[{host}]" if ":" in host else host
+        server.address = f"http://{shown_host}:{port}"
     limits = config.limits
     uv_config = uvicorn.Config(
         server.app(),

@@ -183,7 +183,7 @@ class Connection:
                 await asyncio.shield(self._disconnect())
 
     async def _disconnect(self) -> None:
-        outcome = await (await self.server.leader.disconnect(self.connection_id))
+        outcome = await (await self.server.writer.disconnect(self.connection_id))
         if not outcome.ok:
             logger.warning("client_disconnected for %s: %s", self.connection_id, outcome.error)
 
@@ -250,11 +250,11 @@ class Connection:
             return False
         self._watch_expiry()
         outcome = await (
-            await server.leader.connect(
+            await server.writer.connect(
                 self.principal.identity,
                 self.connection_id,
                 self.principal.auth,
-                server.config.replica_id,
+                server.instance,
             )
         )
         if not outcome.ok:
@@ -364,7 +364,7 @@ class Connection:
 
     async def _call(self, msg: CallReducer) -> tuple[RequestId, asyncio.Future[CallOutcome]]:
         assert self.principal is not None
-        leader = self.server.leader
+        leader = self.server.writer
         try:
             args = self._wire_args(msg.reducer, msg.args)
         except ReducerError as exc:
@@ -407,7 +407,7 @@ class Connection:
                 return msg.request_id, _resolved(
                     CallOutcome(False, error=ConstraintError(f"{msg.column}: {exc}"))
                 )
-        pending = await self.server.leader.merge(
+        pending = await self.server.writer.merge(
             msg.table, pk, msg.column, op, sender=self.principal.identity
         )
         return msg.request_id, pending

@@ -1,0 +1,347 @@
+"""Replicas sharing one Postgres journal: leadership, following the log, presence.
+
+Every replica serves subscriptions from its own in-memory copy of the log (its `Replica`). At
+most one of them, the holder of the `LeaderLease`, also runs a `Leader` that executes reducers
+and appends to the journal with its fencing term; the others forward writes to it
+(`forward.LeaderLink`). Postgres is the arbiter: nobody votes, nobody guesses.
+
+Background loops, all owned by `Cluster`:
+
+* **election** (every `lease_poll_s`): a follower tries to take the lease. On success it opens
+  a journal with the new term (fenced: a deposed leader can no longer append), catches its
+  replica up to the journal head, copies the replica's state into a fresh leader store and
+  starts leading. A leader checks that it still holds the lease and that its journal has not
+  failed; otherwise it steps down (pending callers get a retryable UNAVAILABLE) and follows.
+* **follow** (every `journal_poll_s`): compares the journal head with the replica's offset and
+  reads what is missing. The broker (Redis) normally delivers first; this loop repairs a
+  dropped message at the tail and is the only path while Redis is down.
+* **heartbeat** (every `heartbeat_s`): records that this process is alive.
+* **presence** (leader only): connections whose replica's heartbeat lapsed are disconnected
+  (`client_disconnected` runs once for each, through the leader's usual path).
+* **reconcile**: this replica's own rows in the connection table that match no live
+  connection (a disconnect that could not reach the leader) are disconnected again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from syncd.config import ClusterConfig
+from syncd.core import snapshot
+from syncd.core.ids import ConnectionId, Identity
+from syncd.core.reducers import AuthInfo
+from syncd.core.store import Store
+from syncd.core.system import CONNECTION_TABLE
+from syncd.errors import BackendError, JournalError
+from syncd.ports import Broker, Journal, LeaderLease
+from syncd.server.forward import LeaderLink
+from syncd.server.leader import CallOutcome, Leader
+
+if TYPE_CHECKING:
+    from syncd.server.replica import Replica
+
+logger = logging.getLogger("syncd.cluster")
+
+CLUSTER_SECRET_KEY = "cluster_secret"
+
+
+def _new_cluster_secret() -> bytes:
+    return secrets.token_bytes(32)
+
+
+class Cluster:
+    """One replica's part in a cluster: leads when it holds the lease, follows otherwise."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        *,
+        instance: str,
+        address: str,
+        lease: LeaderLease,
+        reader: Journal,
+        open_writer: Callable[[int], Journal],
+        broker: Broker,
+        replica: Replica,
+        now_us: Callable[[], int],
+        server_identity: Identity,
+        live_connections: Callable[[], set[str]],
+        meta_defaults: dict[str, Callable[[], bytes]] | None = None,
+    ) -> None:
+        self.config = config
+        self.instance = instance
+        self.address = address
+        self.lease = lease
+        self.reader = reader
+        self._open_writer = open_writer
+        self.broker = broker
+        self.replica = replica
+        self._now_us = now_us
+        self._server_identity = server_identity
+        self._live_connections = live_connections
+        # Server values the first leader creates (secrets every replica must share).
+        self._meta_defaults: dict[str, Callable[[], bytes]] = {
+            CLUSTER_SECRET_KEY: _new_cluster_secret,
+            **(meta_defaults or {}),
+        }
+        # Set while this process leads.
+        self.leader: Leader | None = None
+        self.writer_journal: Journal | None = None
+        self.term: int | None = None
+        # The journal head as last read (for lag), and whether Postgres answered lately.
+        self.head = replica.offset
+        self.journal_reachable = True
+        self.link = LeaderLink(self._locate, self.secret, timeout=config.forward_timeout_s)
+        self._secret: bytes | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._became_leader = asyncio.Event()
+        self.on_leader_change: Callable[[Leader | None], None] = lambda _: None
+        self.stopping = False
+
+    # -- roles ----------------------------------------------------------------------------------
+
+    @property
+    def role(self) -> str:
+        return "leader" if self.leader is not None else "replica"
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.head - self.replica.offset)
+
+    async def _locate(self) -> str | None:
+        if self.leader is not None:
+            return self.address
+        info = await self.lease.current()
+        return None if info is None else info.address
+
+    async def secret(self) -> bytes | None:
+        """The cluster secret (replicas sign their links with it); None until a leader set it."""
+        if self._secret is None:
+            self._secret = await self.reader.get_meta(CLUSTER_SECRET_KEY)
+        return self._secret
+
+    # -- writes: the local leader or the link ---------------------------------------------------
+
+    async def call(self, *args: Any, **kwargs: Any) -> asyncio.Future[CallOutcome]:
+        leader = self.leader
+        if leader is not None:
+            return await leader.call(*args, **kwargs)
+        return await self.link.call(*args, **kwargs)
+
+    async def merge(self, *args: Any, **kwargs: Any) -> asyncio.Future[CallOutcome]:
+        leader = self.leader
+        if leader is not None:
+            return await leader.merge(*args, **kwargs)
+        return await self.link.merge(*args, **kwargs)
+
+    async def connect(
+        self, identity: Identity, connection_id: ConnectionId, auth: AuthInfo, replica: str
+    ) -> asyncio.Future[CallOutcome]:
+        leader = self.leader
+        if leader is not None:
+            return await leader.connect(identity, connection_id, auth, replica)
+        return await self.link.connect(identity, connection_id, auth, replica)
+
+    async def disconnect(self, connection_id: ConnectionId) -> asyncio.Future[CallOutcome]:
+        leader = self.leader
+        if leader is not None:
+            return await leader.disconnect(connection_id)
+        return await self.link.disconnect(connection_id)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for name, body in (
+            ("election", self._election),
+            ("follow", self._follow),
+            ("heartbeat", self._heartbeat),
+            ("reconcile", self._reconcile),
+        ):
+            self._tasks.append(loop.create_task(self._forever(name, body), name=name))
+
+    async def wait_for_meta(self, key: str, within_s: float) -> bytes:
+        """A value the first leader creates (see `meta_defaults`), waiting while an election
+        runs."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while True:
+            with contextlib.suppress(JournalError):
+                found = await self.reader.get_meta(key)
+                if found is not None:
+                    return found
+            if loop.time() >= deadline:
+                raise BackendError("no leader set the cluster secret; is Postgres reachable?")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.link.aclose()
+        await self._step_down("shutting down", quietly=True)
+        await self.lease.aclose()
+
+    async def _forever(self, name: str, body: Callable[[], Any]) -> None:
+        while True:
+            try:
+                await body()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("the %s loop failed; restarting it", name)
+                await asyncio.sleep(1)
+
+    # -- election -------------------------------------------------------------------------------
+
+    async def _election(self) -> None:
+        poll = self.config.lease_poll_s
+        while True:
+            if self.leader is None:
+                try:
+                    term = await self.lease.try_acquire(self.instance, self.address)
+                except JournalError as exc:
+                    logger.debug("lease: %s", exc)
+                    term = None
+                if term is not None:
+                    try:
+                        await self._become_leader(term)
+                    except (JournalError, LookupError, OSError) as exc:
+                        logger.warning("taking over as leader (term %d) failed: %s", term, exc)
+                        await self._step_down(f"take-over failed: {exc}")
+            else:
+                reason = None
+                if self.leader.failed is not None:
+                    reason = f"the journal failed: {self.leader.failed}"
+                elif not await self.lease.still_held():
+                    reason = "the lease was lost"
+                if reason is not None:
+                    await self._step_down(reason)
+            await asyncio.sleep(poll)
+
+    async def _become_leader(self, term: int) -> None:
+        writer = self._open_writer(term)
+        await writer.open()
+        self.writer_journal = writer
+        self.term = term
+        # Everything the previous leader committed is final now (its next commit is fenced):
+        # bring the replica up to the head, then lead from exactly that state.
+        head = await writer.latest_offset()
+        while self.replica.offset < head:
+            await self.replica.catch_up()
+        self.head = head
+        for key, make in self._meta_defaults.items():
+            if await writer.get_meta(key) is None:
+                await writer.set_meta(key, make())
+        self._secret = None
+        store = Store(self.replica.schema)
+        snapshot.restore(store, snapshot.take(self.replica.store))
+        leader = Leader(
+            self.replica.schema,
+            store,
+            writer,
+            self.broker,
+            writer=f"{self.instance}:{term}",
+            now_us=self._now_us,
+        )
+        leader.start()
+        fresh = head == 0 and await writer.latest_snapshot() is None
+        if fresh:
+            await leader.run_init(self._server_identity)
+        self.leader = leader
+        logger.warning(
+            "%s is now the leader (term %d, offset %d)", self.instance, term, self.replica.offset
+        )
+        self._tasks.append(
+            asyncio.get_running_loop().create_task(
+                self._forever("presence", self._presence), name="presence"
+            )
+        )
+        self.on_leader_change(leader)
+        self._became_leader.set()
+
+    async def _step_down(self, reason: str, *, quietly: bool = False) -> None:
+        leader, self.leader = self.leader, None
+        writer, self.writer_journal = self.writer_journal, None
+        self.term = None
+        for task in [t for t in self._tasks if t.get_name() == "presence"]:
+            task.cancel()
+            self._tasks.remove(task)
+        if leader is not None:
+            if not quietly:
+                logger.warning("%s steps down: %s", self.instance, reason)
+            self.on_leader_change(None)
+            await leader.aclose()
+        if writer is not None:
+            with contextlib.suppress(JournalError):
+                await writer.aclose()
+        await self.lease.release()
+
+    # -- following the log ----------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.journal_poll_s)
+            try:
+                self.head = max(self.head, await self.reader.latest_offset())
+                self.journal_reachable = True
+                if self.head > self.replica.offset and self.leader is None:
+                    await self.replica.catch_up()
+            except JournalError as exc:
+                if self.journal_reachable:
+                    logger.warning("reading the journal head failed: %s", exc)
+                self.journal_reachable = False
+
+    async def _heartbeat(self) -> None:
+        while True:
+            with contextlib.suppress(JournalError):
+                await self.lease.heartbeat(self.instance, self.address)
+            await asyncio.sleep(self.config.heartbeat_s)
+
+    async def _presence(self) -> None:
+        """Leader only: disconnect the connections of replicas whose heartbeat lapsed."""
+        lapse = self.config.heartbeat_lapse_s
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            leader = self.leader
+            if leader is None:
+                return
+            try:
+                live = await self.lease.live_instances(lapse)
+            except JournalError:
+                continue
+            live.add(self.instance)
+            rows = leader.store.tables[CONNECTION_TABLE].rows
+            dead = [cid for cid, row in list(rows.items()) if row[2] not in live]
+            if dead:
+                logger.warning("removing %d connections of replicas that went silent", len(dead))
+            for connection_id in dead:
+                outcome = await (await leader.disconnect(ConnectionId(connection_id)))
+                if not outcome.ok:
+                    logger.warning("disconnecting %s failed: %s", connection_id, outcome.error)
+
+    async def _reconcile(self) -> None:
+        """Rows of ours that match no live connection get disconnected (again)."""
+        while True:
+            await asyncio.sleep(max(2.0, 2 * self.config.heartbeat_s))
+            rows = self.replica.store.tables[CONNECTION_TABLE].rows
+            mine = [cid for cid, row in list(rows.items()) if row[2] == self.instance]
+            if not mine:
+                continue
+            live = self._live_connections()
+            for connection_id in mine:
+                if connection_id in live:
+                    continue
+                # Still present a moment later (not a disconnect already in flight)?
+                await asyncio.sleep(0.5)
+                if connection_id in rows and connection_id not in self._live_connections():
+                    await self.disconnect(ConnectionId(connection_id))
