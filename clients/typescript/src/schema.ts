@@ -1,0 +1,200 @@
+/**
+ * The schema document served by `GET /v1/schema`, and what the client derives from it: column
+ * order (rows travel as arrays), the primary key, indexes, and which columns hold bytes (the JSON
+ * subprotocol carries bytes as base64 text, so the client decodes them by column type).
+ */
+import { base64Decode } from "./base64.js";
+import { ProtocolViolation } from "./errors.js";
+
+/** A column or parameter type, as `GET /v1/schema` describes it. */
+export type ColumnType =
+  | { kind: "bool" | "i64" | "f64" | "string" | "bytes" | "identity" | "timestamp" | "json" | "counter" }
+  | { kind: "option"; inner: ColumnType }
+  | { kind: "lww"; inner: ColumnType }
+  | { kind: "enum"; name: string; values: Array<string | number> };
+
+export interface ColumnSchema {
+  name: string;
+  type: ColumnType;
+}
+
+export interface IndexSchema {
+  name: string;
+  columns: string[];
+  kind: "hash" | "ordered" | string;
+  unique: boolean;
+}
+
+export interface TableSchema {
+  name: string;
+  public: boolean;
+  primary_key: string;
+  auto_inc: boolean;
+  columns: ColumnSchema[];
+  indexes: IndexSchema[];
+}
+
+export interface ParamSchema {
+  name: string;
+  type: ColumnType;
+  optional: boolean;
+}
+
+export interface ReducerSchema {
+  name: string;
+  lifecycle: string | null;
+  roles: string[] | null;
+  params: ParamSchema[];
+}
+
+/** Exactly the JSON document of `GET /v1/schema`. */
+export type SchemaJson = { module: string; tables: TableSchema[]; reducers: ReducerSchema[] };
+
+/** Whether a column type's visible value is bytes (possibly optional, possibly an `LWW[bytes]`). */
+export function isBytesType(type: ColumnType | undefined): boolean {
+  let t = type;
+  while (t !== undefined) {
+    if (t.kind === "bytes") return true;
+    if (t.kind !== "option" && t.kind !== "lww") return false;
+    t = t.inner;
+  }
+  return false;
+}
+
+/** One table as the client uses it. Built once per schema. */
+export class TableInfo {
+  readonly name: string;
+  /** Column names in wire order. */
+  readonly columns: readonly string[];
+  readonly primaryKey: string;
+  readonly pkPosition: number;
+  /** Positions of the columns whose values are bytes: decoded from base64 in JSON mode. */
+  readonly bytesPositions: readonly number[];
+  /** Columns with a unique index of their own (the primary key included): `find` accepts them. */
+  readonly uniqueColumns: ReadonlySet<string>;
+  /**
+   * Columns the cache keeps an index on (`filter` accepts them): the primary key, every unique
+   * column, and the first column of every declared index (hash or ordered, unique or not). A
+   * multi-column index is kept as an index on its first column, which `filter` narrows further.
+   */
+  readonly indexedColumns: ReadonlySet<string>;
+
+  constructor(table: TableSchema) {
+    this.name = table.name;
+    this.columns = table.columns.map((c) => c.name);
+    this.primaryKey = table.primary_key;
+    this.pkPosition = this.columns.indexOf(table.primary_key);
+    if (this.pkPosition < 0) {
+      throw new ProtocolViolation(`schema: table ${table.name} has no primary key column ${table.primary_key}`);
+    }
+    this.bytesPositions = table.columns.flatMap((c, i) => (isBytesType(c.type) ? [i] : []));
+    const unique = new Set<string>([table.primary_key]);
+    const indexed = new Set<string>([table.primary_key]);
+    for (const index of table.indexes ?? []) {
+      const first = index.columns[0];
+      if (first === undefined) continue;
+      if (!this.columns.includes(first)) {
+        throw new ProtocolViolation(`schema: index ${index.name} of ${table.name} names no column ${first}`);
+      }
+      indexed.add(first);
+      if (index.unique && index.columns.length === 1) unique.add(first);
+    }
+    this.uniqueColumns = unique;
+    this.indexedColumns = indexed;
+  }
+
+  /**
+   * A wire row as a plain object keyed by column name.
+   *
+   * @param base64Bytes the row came over JSON: decode bytes columns from base64 text.
+   */
+  row(values: unknown, base64Bytes: boolean): Record<string, unknown> {
+    if (!Array.isArray(values) || values.length !== this.columns.length) {
+      const got = Array.isArray(values) ? `${values.length} values` : typeof values;
+      throw new ProtocolViolation(
+        `a ${this.name} row has ${got}, the table ${this.columns.length} columns; is the client's schema stale?`,
+      );
+    }
+    const row: Record<string, unknown> = {};
+    for (let i = 0; i < this.columns.length; i++) {
+      row[this.columns[i] as string] = values[i];
+    }
+    if (base64Bytes) {
+      for (const i of this.bytesPositions) {
+        const name = this.columns[i] as string;
+        row[name] = decodeBytes(row[name]);
+      }
+    }
+    return row;
+  }
+
+  /** A primary key from the wire (a delete), decoded as `row` decodes its column. */
+  pk(value: unknown, base64Bytes: boolean): unknown {
+    return base64Bytes && this.bytesPositions.includes(this.pkPosition) ? decodeBytes(value) : value;
+  }
+}
+
+function decodeBytes(value: unknown): unknown {
+  if (typeof value !== "string") return value;
+  try {
+    return base64Decode(value);
+  } catch {
+    throw new ProtocolViolation("expected base64 text for a bytes value");
+  }
+}
+
+/** The public tables of a schema, by name. */
+export class ClientSchema {
+  readonly module: string;
+  readonly tables: ReadonlyMap<string, TableInfo>;
+  readonly json: SchemaJson;
+
+  constructor(json: SchemaJson) {
+    if (json === null || typeof json !== "object" || !Array.isArray(json.tables)) {
+      throw new ProtocolViolation("the schema document does not describe a syncd module");
+    }
+    this.json = json;
+    this.module = String(json.module ?? "");
+    const tables = new Map<string, TableInfo>();
+    for (const table of json.tables) tables.set(table.name, new TableInfo(table));
+    this.tables = tables;
+  }
+
+  table(name: string): TableInfo {
+    const info = this.tables.get(name);
+    if (info === undefined) {
+      throw new ProtocolViolation(`no table named ${JSON.stringify(name)} in module ${this.module}; is the schema stale?`);
+    }
+    return info;
+  }
+}
+
+/**
+ * The HTTP URL of the schema, from the WebSocket URL: `ws://h:p/v1/ws` -> `http://h:p/v1/schema`
+ * (`wss` -> `https`; `http(s)://h:p` and a bare `ws://h:p` work too).
+ */
+export function schemaUrl(wsUrl: string): string {
+  return httpBase(wsUrl) + "/v1/schema";
+}
+
+/** `ws://h:p/v1/ws?x` -> `http://h:p` (path prefix before `/v1/ws` kept). */
+export function httpBase(url: string): string {
+  const match = /^(wss?|https?):\/\/([^/?#]+)([^?#]*)/i.exec(url);
+  if (match === null) throw new TypeError(`not a ws://, wss://, http:// or https:// URL: ${url}`);
+  const scheme = (match[1] as string).toLowerCase();
+  const httpScheme = scheme === "ws" ? "http" : scheme === "wss" ? "https" : scheme;
+  let path = (match[3] as string).replace(/\/+$/, "");
+  if (path.endsWith("/v1/ws")) path = path.slice(0, -"/v1/ws".length);
+  return `${httpScheme}://${match[2] as string}${path}`;
+}
+
+/** The WebSocket URL for any of the accepted URL forms: adds `/v1/ws` and maps http(s) to ws(s). */
+export function wsUrl(url: string): string {
+  const match = /^(wss?|https?):\/\/([^/?#]+)([^?#]*)(\?[^#]*)?/i.exec(url);
+  if (match === null) throw new TypeError(`not a ws://, wss://, http:// or https:// URL: ${url}`);
+  const scheme = (match[1] as string).toLowerCase();
+  const ws = scheme === "http" ? "ws" : scheme === "https" ? "wss" : scheme;
+  let path = (match[3] as string).replace(/\/+$/, "");
+  if (!path.endsWith("/v1/ws")) path += "/v1/ws";
+  return `${ws}://${match[2] as string}${path}${match[4] ?? ""}`;
+}
