@@ -96,6 +96,8 @@ class Cluster:
         # The journal head as last read (for lag), and whether Postgres answered lately.
         self.head = replica.offset
         self.journal_reachable = True
+        # The leader's address as last read from the lease (for /readyz and operators).
+        self.leader_address: str | None = None
         self.link = LeaderLink(self._locate, self.secret, timeout=config.forward_timeout_s)
         self._secret: bytes | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -258,6 +260,7 @@ class Cluster:
         if fresh:
             await leader.run_init(self._server_identity)
         self.leader = leader
+        self.leader_address = self.address
         logger.warning(
             "%s is now the leader (term %d, offset %d)", self.instance, term, self.replica.offset
         )
@@ -305,6 +308,8 @@ class Cluster:
         while True:
             with contextlib.suppress(JournalError):
                 await self.lease.heartbeat(self.instance, self.address)
+                info = await self.lease.current()
+                self.leader_address = None if info is None else info.address
             await asyncio.sleep(self.config.heartbeat_s)
 
     async def _presence(self) -> None:

@@ -1,0 +1,266 @@
+"""Replicas on a shared Postgres journal and Redis: every scenario of the replicas issue, with
+real processes (`syncd serve --postgres --redis`), a throwaway Postgres and a throwaway Redis.
+
+After every scenario all replicas must reach an identical state (`/readyz?state=1` hashes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import syncd.client
+from syncd.client import Connection
+from syncd.errors import BackendError
+from tests.client.helpers import eventually, quick_backoff
+from tests.cluster.harness import Replicas, converged, leader_of, ready
+from tests.server_proc import ServerProcess
+from tests.services.postgres import PostgresServer
+from tests.services.redis import RedisServer
+from tests.transport.wire import sql
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def replicas_factory(tmp_path: Path, pg_dsn: str, redis_server: RedisServer) -> Iterator[Any]:
+    made: list[Replicas] = []
+
+    def make(n: int, *, redis: bool = True, dsn: str | None = None) -> Replicas:
+        group = Replicas(tmp_path, dsn or pg_dsn, redis_server.url if redis else None, n)
+        made.append(group)
+        return group.start()
+
+    yield make
+    for group in made:
+        group.kill_all()
+
+
+@contextlib.asynccontextmanager
+async def client(server: ServerProcess) -> AsyncIterator[Connection]:
+    conn = await syncd.client.connect(server.ws_url, backoff=quick_backoff())
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def call_until_done(conn: Connection, text: str, *, within: float = 30.0) -> int | None:
+    """send_message(text), retried with the same idempotency key while the cluster says
+    "unavailable" (a failover, Postgres away): the call must apply exactly once."""
+    key = secrets.token_hex(8)
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await conn.call("send_message", text, idempotency_key=key)
+        except BackendError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def texts(server: ServerProcess) -> list[str]:
+    return [row[3] for row in await sql(server, "SELECT * FROM message")]
+
+
+async def test_a_call_on_any_replica_reaches_subscribers_on_every_replica(
+    replicas_factory: Any,
+) -> None:
+    """Three replicas: each one's client sends a message; every client sees all three (the
+    two forwarded calls too), and the replicas end in the same state."""
+    group = replicas_factory(3)
+    leader = await leader_of(list(group))
+    roles = sorted([(await ready(s))["role"] for s in group])
+    assert roles == ["leader", "replica", "replica"]
+    async with client(group[0]) as a, client(group[1]) as b, client(group[2]) as c:
+        conns = [a, b, c]
+        for conn in conns:
+            await conn.subscribe(["SELECT * FROM message"])
+        for i, conn in enumerate(conns):
+            offset = await conn.call("send_message", f"hello from r{i + 1}")
+            assert offset is not None
+            # The caller's own update arrived before its result.
+            assert any(r["text"] == f"hello from r{i + 1}" for r in conn.db["message"].rows())
+        want = {"hello from r1", "hello from r2", "hello from r3"}
+        for conn in conns:
+            await eventually(
+                lambda conn=conn: {r["text"] for r in conn.db["message"].rows()} == want,
+                what="every message on every replica",
+            )
+        # Presence is replicated: three connections, each on its own replica's instance.
+        presence = await sql(leader, "SELECT * FROM syncd_connection")
+        assert len({row[2] for row in presence}) == 3
+    await converged(list(group))
+    status = await ready(group[1])
+    assert status["role"] == "replica" and status["leader"] == leader.http_url
+    assert status["lag"] == 0 and status["broker_connected"] is True
+
+
+async def test_killing_the_leader_loses_no_acknowledged_call(replicas_factory: Any) -> None:
+    """kill -9 the leader while clients on the other replicas stream calls: a new leader takes
+    over within 5 s, every acknowledged call is present exactly once (retried calls with their
+    idempotency keys too), and the survivors converge."""
+    group = replicas_factory(3)
+    leader = await leader_of(list(group))
+    others = [s for s in group if s is not leader]
+    acknowledged: list[str] = []
+    stop = asyncio.Event()
+
+    async def writer(server: ServerProcess, name: str) -> None:
+        async with client(server) as conn:
+            i = 0
+            while not stop.is_set():
+                text = f"{name}-{i}"
+                await call_until_done(conn, text)
+                acknowledged.append(text)
+                i += 1
+
+    tasks = [asyncio.create_task(writer(s, f"w{n}")) for n, s in enumerate(others)]
+    await eventually(lambda: len(acknowledged) >= 50, 20, what="calls flowing")
+    killed_at = time.monotonic()
+    leader.kill()
+    new_leader = await leader_of(others, within=10)
+    took_over = time.monotonic() - killed_at
+    assert took_over < 5, f"the new leader took {took_over:.1f}s"
+    before = len(acknowledged)
+    await eventually(lambda: len(acknowledged) >= before + 50, 30, what="calls after failover")
+    stop.set()
+    await asyncio.gather(*tasks)
+    await converged(others)
+    stored = await texts(new_leader)
+    assert sorted(set(acknowledged) - set(stored)) == []
+    assert len(stored) == len(set(stored)), "a retried call was applied twice"
+
+
+async def test_redis_restarted_during_load_loses_nothing(
+    replicas_factory: Any, redis_server: RedisServer
+) -> None:
+    """Redis stops for a few seconds while calls go on: replicas keep serving and catch up from
+    the journal; when Redis returns they use it again; nothing is lost."""
+    group = replicas_factory(2)
+    leader = await leader_of(list(group))
+    follower = next(s for s in group if s is not leader)
+    async with client(follower) as watcher, client(follower) as conn:
+        await watcher.subscribe(["SELECT * FROM message"])
+        sent: list[str] = []
+        for i in range(20):
+            sent.append(f"before-{i}")
+            await call_until_done(conn, sent[-1])
+        redis_server.stop()
+        for i in range(20):
+            sent.append(f"during-{i}")
+            await call_until_done(conn, sent[-1])
+        await eventually(
+            lambda: len(watcher.db["message"].rows()) == len(sent), 10, what="gap repaired"
+        )
+        assert (await ready(follower))["broker_connected"] is False
+        redis_server.start()
+        await eventually(lambda: _broker_up(follower), 20, what="the replica reconnected to Redis")
+        for i in range(20):
+            sent.append(f"after-{i}")
+            await call_until_done(conn, sent[-1])
+        await eventually(lambda: len(watcher.db["message"].rows()) == len(sent), 10)
+        assert sorted(r["text"] for r in watcher.db["message"].rows()) == sorted(sent)
+    await converged(list(group))
+
+
+async def _broker_up(server: ServerProcess) -> bool:
+    return bool((await ready(server))["broker_connected"])
+
+
+async def test_postgres_stopped_briefly_fails_fast_and_recovers(
+    tmp_path: Path, own_postgres: PostgresServer, redis_server: RedisServer
+) -> None:
+    """Postgres goes away: calls fail fast with a retryable UNAVAILABLE (nothing half-applied),
+    subscriptions keep being served from memory; when Postgres returns the cluster elects a
+    leader again by itself and calls work."""
+    dsn = own_postgres.create_database("cluster")
+    group = Replicas(tmp_path, dsn, redis_server.url, 2).start()
+    try:
+        await leader_of(list(group))
+        async with client(group[1]) as conn:
+            await conn.subscribe(["SELECT * FROM message"])
+            await call_until_done(conn, "before")
+            own_postgres.stop()
+            started = time.monotonic()
+            with pytest.raises(BackendError):
+                await conn.call("send_message", "during")
+            assert time.monotonic() - started < 15
+            # Still serving what it has.
+            assert [r["text"] for r in conn.db["message"].rows()] == ["before"]
+            own_postgres.start()
+            await call_until_done(conn, "after", within=60)
+            await eventually(lambda: len(conn.db["message"].rows()) == 2, 10)
+            assert sorted(r["text"] for r in conn.db["message"].rows()) == ["after", "before"]
+        await converged(list(group))
+    finally:
+        group.kill_all()
+
+
+async def test_a_paused_replica_catches_up(replicas_factory: Any) -> None:
+    """SIGSTOP a replica while calls go on elsewhere, then SIGCONT: it catches up from the
+    journal (Redis dropped what it could not deliver) and its clients get every update."""
+    group = replicas_factory(3)
+    leader = await leader_of(list(group))
+    paused, other = [s for s in group if s is not leader]
+    async with client(paused) as watcher, client(other) as conn:
+        await watcher.subscribe(["SELECT * FROM message"])
+        assert paused.proc is not None
+        paused.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(200):
+                await call_until_done(conn, f"while-paused-{i}")
+        finally:
+            paused.proc.send_signal(signal.SIGCONT)
+        await eventually(lambda: len(watcher.db["message"].rows()) == 200, 20)
+    await converged(list(group))
+
+
+async def test_a_dead_replicas_connections_are_removed_once(replicas_factory: Any) -> None:
+    """kill -9 a replica holding a client: once its heartbeat lapses the leader removes its
+    connection rows and runs client_disconnected for each, exactly once (the user goes
+    offline); a client on another replica sees it happen."""
+    group = replicas_factory(3)
+    leader = await leader_of(list(group))
+    doomed, survivor = [s for s in group if s is not leader]
+    async with client(survivor) as watcher:
+        await watcher.subscribe(["SELECT * FROM user", "SELECT * FROM syncd_connection"])
+        victim = await syncd.client.connect(doomed.ws_url, reconnect=False)
+        identity = victim.identity
+        await eventually(
+            lambda: (watcher.db["user"].find(identity) or {}).get("online") is True,
+            what="the victim online everywhere",
+        )
+        doomed.kill()
+        with contextlib.suppress(Exception):
+            await victim.close()
+        await eventually(
+            lambda: (watcher.db["user"].find(identity) or {}).get("online") is False,
+            15,
+            what="the dead replica's user offline",
+        )
+        rows = watcher.db["syncd_connection"].rows()
+        assert all(r["identity"] != identity for r in rows)
+        assert len(rows) == 1  # the watcher itself
+    await converged([s for s in group if s is not doomed])
+
+
+async def test_readyz_reports_role_offset_and_lag(replicas_factory: Any) -> None:
+    group = replicas_factory(2)
+    leader = await leader_of(list(group))
+    follower = next(s for s in group if s is not leader)
+    lead, follow = await ready(leader), await ready(follower)
+    assert lead["role"] == "leader" and follow["role"] == "replica"
+    assert lead["term"] >= 1 and follow["term"] is None
+    assert follow["leader"] == leader.http_url
+    assert lead["status"] == 200 and follow["status"] == 200
+    for body in (lead, follow):
+        assert isinstance(body["offset"], int) and body["lag"] >= 0
