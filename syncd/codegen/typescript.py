@@ -357,13 +357,17 @@ def _property(name: str) -> str:
 
 
 class _Names:
-    """Hands out unique names in one scope, suffixing 2, 3... on collisions, in claim order."""
+    """Hands out unique names in one scope, first come first served."""
 
     def __init__(self, taken: Iterable[str] = ()) -> None:
         self.taken: set[str] = set(taken)  # names already in use in the scope
 
-    def claim(self, preferred: str) -> str:
-        name, n = preferred, 1
+    def claim(self, preferred: str, suffix: str = "") -> str:
+        """`preferred` if free, else `preferred + suffix`, else that with 2, 3... appended."""
+        name = preferred
+        if name in self.taken and suffix:
+            preferred = name = preferred + suffix
+        n = 1
         while name in self.taken:
             n += 1
             name = f"{preferred}{n}"
@@ -426,15 +430,17 @@ class _Emitter:
         self.names = _Names([*fixed, *_GLOBAL_NAMES])  # the file's top-level names
         # Claimed in a fixed order (rows, then handles, then enums), so names never depend on
         # anything but the schema.
-        self.row_names = {t.name: self.names.claim(pascal_case(t.name)) for t in module.tables}
+        self.row_names = {
+            t.name: self.names.claim(pascal_case(t.name), "Row") for t in module.tables
+        }
         self.handle_names = {
-            t.name: self.names.claim(pascal_case(t.name) + "Table") for t in module.tables
+            t.name: self.names.claim(pascal_case(t.name) + "Table", "Handle") for t in module.tables
         }
         self.enum_names: dict[tuple[str, tuple[str, ...]], str] = {}
         for ctype in self._types():
             key = (ctype.enum_name, ctype.enum_values)
             if key not in self.enum_names:
-                self.enum_names[key] = self.names.claim(pascal_case(ctype.enum_name))
+                self.enum_names[key] = self.names.claim(pascal_case(ctype.enum_name), "Enum")
 
     def _types(self) -> list[_Type]:
         """Every enum type used, in order of first appearance."""
@@ -476,17 +482,12 @@ class _Emitter:
 
     def index_ts(self) -> str:
         out: list[str] = [_HEADER.format(module=_string(self.module.name))]
+        types = "CallOptions CallResult ConnectOptions SchemaJson SyncdClient TableCache".split()
         out.append(
             f"import {{ connect }} from {_string(self.runtime)};\n"
-            f"import type {{ SchemaJson, SyncdClient, TableCache }} from {_string(self.runtime)};\n"
-        )
-        out.append(
-            "/** What `connect` accepts; `connectTyped` supplies `schema` itself. */\n"
-            "export type ConnectOptions = Parameters<typeof connect>[0];\n"
-            "/** The options of a reducer call (an idempotency key, for safe retries). */\n"
-            'export type CallOptions = NonNullable<Parameters<SyncdClient["call"]>[2]>;\n'
-            "/** What a reducer call resolves to once its transaction is durable. */\n"
-            'export type CallResult = Awaited<ReturnType<SyncdClient["call"]>>;\n'
+            "import type {\n"
+            + "".join(f"  {t},\n" for t in types)
+            + f"}} from {_string(self.runtime)};\n"
         )
         public_json = _json(self.module.public, "")
         out.append(
@@ -630,7 +631,7 @@ class _Emitter:
             method = methods.claim(_variable(r.name).rstrip("_"))
             if method in _RESERVED_WORDS:  # fine as a method name, but keep names plain
                 method = methods.claim(method + "Reducer")
-            local = _Names(_RESERVED_WORDS)
+            local = _Names([*_RESERVED_WORDS, "trimmedArgs"])
             params = [(local.claim(_variable(p.name)), p) for p in r.params]
             options = local.claim("options")
             # A parameter may be left out only if every later one may be too (positional).

@@ -2,14 +2,14 @@
 // Do not edit: change the module and regenerate instead.
 
 import { connect } from "@syncd/client";
-import type { SchemaJson, SyncdClient, TableCache } from "@syncd/client";
-
-/** What `connect` accepts; `connectTyped` supplies `schema` itself. */
-export type ConnectOptions = Parameters<typeof connect>[0];
-/** The options of a reducer call (an idempotency key, for safe retries). */
-export type CallOptions = NonNullable<Parameters<SyncdClient["call"]>[2]>;
-/** What a reducer call resolves to once its transaction is durable. */
-export type CallResult = Awaited<ReturnType<SyncdClient["call"]>>;
+import type {
+  CallOptions,
+  CallResult,
+  ConnectOptions,
+  SchemaJson,
+  SyncdClient,
+  TableCache,
+} from "@syncd/client";
 
 /** The module's public tables and client-callable reducers (`GET /v1/schema`). */
 export const schema: SchemaJson = {
