@@ -193,9 +193,12 @@ export class TableState<R extends object = Row> implements TableCache<R> {
     const old = this.byKey.get(key);
     if (old !== undefined && valuesEqual(old, row)) return;
     this.remember(key);
+    // A row that left and came back within this message keeps its object, so it fires nothing.
+    const prior = this.before?.get(key);
+    const value = old === undefined && prior !== undefined && valuesEqual(prior, row) ? prior : row;
     if (old !== undefined) this.unindex(key, old);
-    this.byKey.set(key, row);
-    this.index(key, row);
+    this.byKey.set(key, value);
+    this.index(key, value);
   }
 
   addRef(key: string): void {
