@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import json
 import logging
@@ -10,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from syncd.config import AuthConfig, ClusterConfig, Config, Limits
 from syncd.errors import ConfigError
@@ -63,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from syncd.auth.apikey import ApiKey, ApiKeys
+    from syncd.auth.apikey import ApiKey, ApiKeys, PostgresApiKeys
 
     def described(key: ApiKey) -> str:
         return json.dumps(
@@ -77,17 +79,41 @@ def _keys(args: argparse.Namespace) -> int:
             }
         )
 
-    store = ApiKeys(Path(args.data))
+    if args.postgres:
+        shared = PostgresApiKeys(args.postgres)
+
+        async def run(command: str) -> Any:
+            try:
+                if command == "create":
+                    return await shared.create(args.name, args.role)
+                if command == "list":
+                    return await shared.all()
+                return await shared.revoke(args.key)
+            finally:
+                await shared.aclose()
+
+        def act(command: str) -> Any:
+            return asyncio.run(run(command))
+    else:
+        local = ApiKeys(Path(args.data))
+
+        def act(command: str) -> Any:
+            if command == "create":
+                return local.create(args.name, args.role)
+            if command == "list":
+                return local.all()
+            return local.revoke(args.key)
+
     if args.keys_command == "create":
-        key, secret = store.create(args.name, args.role)
+        key, secret = act("create")
         print(described(key))
         print(secret)
         print("syncd keys: the secret above is shown only once; store it now", file=sys.stderr)
     elif args.keys_command == "list":
-        for key in store.all():
+        for key in act("list"):
             print(described(key))
     else:
-        revoked = store.revoke(args.key)
+        revoked = act("revoke")
         if not revoked:
             print(f"syncd keys: no live key with id or name {args.key!r}", file=sys.stderr)
             return 1
@@ -243,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
         "revoking a key closes the connections that use it within a second).",
     )
     keys.add_argument("--data", default=os.environ.get("SYNCD_DATA", "syncd-data"))
+    keys.add_argument(
+        "--postgres",
+        default=os.environ.get("SYNCD_POSTGRES_URL"),
+        metavar="DSN",
+        help="manage the keys of replicas sharing this Postgres database instead "
+        "(env SYNCD_POSTGRES_URL)",
+    )
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = keys_sub.add_parser("create", help="create a key; prints its secret once")
     create.add_argument("--name", required=True)

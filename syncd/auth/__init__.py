@@ -8,7 +8,6 @@ connect and re-auth, never per message.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 from syncd.auth import apikey
@@ -37,7 +36,7 @@ class Authenticator:
         *,
         allow_anonymous: bool,
         jwt: JwtVerifier | None = None,
-        api_keys: apikey.ApiKeys | None = None,
+        api_keys: apikey.KeyStore | None = None,
     ) -> None:
         self.anonymous = anonymous
         self.allow_anonymous = allow_anonymous
@@ -63,7 +62,7 @@ class Authenticator:
         if apikey.looks_like(token):
             if self.api_keys is None:
                 raise InvalidToken("this server accepts no API keys")
-            key = await asyncio.to_thread(self.api_keys.verify, token)
+            key = await self.api_keys.verify_async(token)
             auth = AuthInfo(role=key.role, claims={"key_id": key.key_id, "key_name": key.name})
             return Principal(key.identity, auth, key_id=key.key_id)
         if self.jwt is None:

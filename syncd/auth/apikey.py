@@ -5,12 +5,15 @@ the secret (the secret is 32 random bytes, so a fast hash is enough; comparison 
 time). Revoking a key stops it on new connections at once; the server also closes the open
 connections that signed in with it (`ApiKeys.revoked_since`).
 
-The keys live in their own small SQLite file next to the journal (`keys.sqlite3`), so the
-`syncd keys` command can manage them while the server runs.
+Two stores keep the same table: `ApiKeys`, a small SQLite file next to the embedded journal
+(`keys.sqlite3`), and `PostgresApiKeys`, a table in the Postgres database replicas share (so a
+key created or revoked once works, or stops, on every replica). The `syncd keys` command manages
+either while servers run. The server reads them through the async `KeyStore` seam.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -18,6 +21,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from syncd.core.ids import Identity
 from syncd.errors import ConfigError, InvalidToken
@@ -57,6 +61,52 @@ def looks_like(token: str) -> bool:
     return token.startswith(PREFIX)
 
 
+class KeyStore(Protocol):
+    """What the server needs from a key store (both stores implement it)."""
+
+    async def verify_async(self, token: str) -> ApiKey:
+        """The live key a token proves. Raises InvalidToken."""
+        ...
+
+    async def revoked_since_async(self, since: float) -> list[str]:
+        """Ids of keys revoked at or after `since` (Unix seconds)."""
+        ...
+
+
+def _new_key() -> tuple[str, str, bytes]:
+    """A fresh (key id, secret, digest of the secret)."""
+    key_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    return key_id, secret, hashlib.sha256(secret.encode()).digest()
+
+
+def _split(token: str) -> tuple[str, bytes]:
+    """(key id, digest of the secret) of a presented token. Raises InvalidToken."""
+    body = token[len(PREFIX) :] if looks_like(token) else ""
+    key_id, _, secret = body.partition("_")
+    if not key_id or not secret:
+        raise InvalidToken("malformed API key")
+    return key_id, hashlib.sha256(secret.encode()).digest()
+
+
+def _check(key_id: str, digest: bytes, row: Any | None) -> ApiKey:
+    """The key, if `row` (name, role, digest, created, revoked) proves it. Raises InvalidToken."""
+    # Compare even when the key is unknown, so timing does not tell ids apart.
+    stored = bytes(row[2]) if row is not None else b"\0" * 32
+    if not hmac.compare_digest(stored, digest) or row is None:
+        raise InvalidToken("unknown API key or wrong secret")
+    if row[4] is not None:
+        raise InvalidToken("this API key was revoked")
+    return ApiKey(key_id, row[0], row[1], row[3], None)
+
+
+def _check_new(name: str, role: str) -> None:
+    if not name.strip():
+        raise ConfigError("an API key needs a name")
+    if not role.strip():
+        raise ConfigError("an API key needs a role")
+
+
 class ApiKeys:
     """The key store of one data directory. Each call opens a short-lived connection, so the
     CLI and the server can use it at the same time."""
@@ -73,13 +123,8 @@ class ApiKeys:
 
     def create(self, name: str, role: str, *, now: float | None = None) -> tuple[ApiKey, str]:
         """Create a key. Returns it and its full secret token, which is never shown again."""
-        if not name.strip():
-            raise ConfigError("an API key needs a name")
-        if not role.strip():
-            raise ConfigError("an API key needs a role")
-        key_id = secrets.token_hex(8)
-        secret = secrets.token_urlsafe(32)
-        digest = hashlib.sha256(secret.encode()).digest()
+        _check_new(name, role)
+        key_id, secret, digest = _new_key()
         created = time.time() if now is None else now
         with self._connect() as conn:
             conn.execute(
@@ -117,24 +162,14 @@ class ApiKeys:
         Raises:
             InvalidToken: malformed, unknown, wrong secret, or revoked.
         """
-        body = token[len(PREFIX) :] if looks_like(token) else ""
-        key_id, _, secret = body.partition("_")
-        if not key_id or not secret:
-            raise InvalidToken("malformed API key")
+        key_id, digest = _split(token)
         with self._connect() as conn:
             row = conn.execute(
                 "SELECT name, role, secret_sha256, created_at, revoked_at FROM api_keys"
                 " WHERE key_id = ?",
                 (key_id,),
             ).fetchone()
-        digest = hashlib.sha256(secret.encode()).digest()
-        # Compare even when the key is unknown, so timing does not tell ids apart.
-        stored = row[2] if row is not None else b"\0" * 32
-        if not hmac.compare_digest(stored, digest) or row is None:
-            raise InvalidToken("unknown API key or wrong secret")
-        if row[4] is not None:
-            raise InvalidToken("this API key was revoked")
-        return ApiKey(key_id, row[0], row[1], row[3], None)
+        return _check(key_id, digest, row)
 
     def revoked_since(self, since: float) -> list[str]:
         """Ids of keys revoked at or after `since` (the server polls this)."""
@@ -142,4 +177,121 @@ class ApiKeys:
             rows = conn.execute(
                 "SELECT key_id FROM api_keys WHERE revoked_at >= ?", (since,)
             ).fetchall()
+        return [row[0] for row in rows]
+
+    async def verify_async(self, token: str) -> ApiKey:
+        return await asyncio.to_thread(self.verify, token)
+
+    async def revoked_since_async(self, since: float) -> list[str]:
+        return await asyncio.to_thread(self.revoked_since, since)
+
+
+_PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS syncd_api_keys (
+    key_id text PRIMARY KEY,
+    name text NOT NULL,
+    role text NOT NULL,
+    secret_sha256 bytea NOT NULL,
+    created_at double precision NOT NULL,
+    revoked_at double precision
+)
+"""
+
+
+class PostgresApiKeys:
+    """The key store of a cluster: the `syncd_api_keys` table in the shared Postgres database.
+
+    Same behaviour as `ApiKeys`; times are Unix seconds. The table is created on first use.
+    A database that cannot be reached makes `verify_async` raise `InvalidToken` saying so
+    (the client may retry), never hang: every statement has a timeout.
+    """
+
+    def __init__(self, dsn: str, *, timeout: float = 5.0) -> None:
+        self.dsn = dsn
+        self.timeout = timeout
+        self._pool: Any = None
+        self._lock = asyncio.Lock()
+
+    async def _acquire_pool(self) -> Any:
+        import asyncpg
+
+        async with self._lock:
+            if self._pool is None:
+                pool = await asyncpg.create_pool(
+                    self.dsn, min_size=0, max_size=4, timeout=self.timeout
+                )
+                async with pool.acquire() as conn:
+                    # Serialise concurrent first users (CREATE TABLE IF NOT EXISTS can race).
+                    async with conn.transaction():
+                        await conn.execute("SELECT pg_advisory_xact_lock(7306495410)")
+                        await conn.execute(_PG_SCHEMA)
+                self._pool = pool
+            return self._pool
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def create(self, name: str, role: str) -> tuple[ApiKey, str]:
+        _check_new(name, role)
+        key_id, secret, digest = _new_key()
+        created = time.time()
+        pool = await self._acquire_pool()
+        await pool.execute(
+            "INSERT INTO syncd_api_keys VALUES ($1, $2, $3, $4, $5, NULL)",
+            key_id,
+            name,
+            role,
+            digest,
+            created,
+            timeout=self.timeout,
+        )
+        return ApiKey(key_id, name, role, created, None), f"{PREFIX}{key_id}_{secret}"
+
+    async def all(self) -> list[ApiKey]:
+        pool = await self._acquire_pool()
+        rows = await pool.fetch(
+            "SELECT key_id, name, role, created_at, revoked_at FROM syncd_api_keys"
+            " ORDER BY created_at",
+            timeout=self.timeout,
+        )
+        return [ApiKey(*row) for row in rows]
+
+    async def revoke(self, key_id_or_name: str) -> list[ApiKey]:
+        when = time.time()
+        pool = await self._acquire_pool()
+        rows = await pool.fetch(
+            "UPDATE syncd_api_keys SET revoked_at = $2"
+            " WHERE (key_id = $1 OR name = $1) AND revoked_at IS NULL"
+            " RETURNING key_id, name, role, created_at",
+            key_id_or_name,
+            when,
+            timeout=self.timeout,
+        )
+        return [ApiKey(row[0], row[1], row[2], row[3], when) for row in rows]
+
+    async def verify_async(self, token: str) -> ApiKey:
+        key_id, digest = _split(token)
+        try:
+            pool = await self._acquire_pool()
+            row = await pool.fetchrow(
+                "SELECT name, role, secret_sha256, created_at, revoked_at FROM syncd_api_keys"
+                " WHERE key_id = $1",
+                key_id,
+                timeout=self.timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise InvalidToken(f"the key store is unreachable ({exc}); retry") from None
+        except Exception as exc:  # asyncpg's errors share no base class with OSError
+            if type(exc).__module__.startswith("asyncpg"):
+                raise InvalidToken("the key store is unreachable; retry") from None
+            raise
+        return _check(key_id, digest, row)
+
+    async def revoked_since_async(self, since: float) -> list[str]:
+        pool = await self._acquire_pool()
+        rows = await pool.fetch(
+            "SELECT key_id FROM syncd_api_keys WHERE revoked_at >= $1", since, timeout=self.timeout
+        )
         return [row[0] for row in rows]

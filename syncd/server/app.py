@@ -35,7 +35,7 @@ from starlette.websockets import WebSocket
 
 from syncd.auth import Authenticator, Principal
 from syncd.auth.anonymous import AnonymousTokens, new_secret
-from syncd.auth.apikey import ApiKeys
+from syncd.auth.apikey import ApiKeys, KeyStore, PostgresApiKeys
 from syncd.auth.jwt import JwtConfig, JwtVerifier
 from syncd.config import Config
 from syncd.core import snapshot
@@ -196,7 +196,10 @@ class Server:
                 )
             )
             await self.jwt.start()
-        self.api_keys = ApiKeys(self.config.data_dir)
+        dsn = self.config.cluster.postgres_url
+        self.api_keys: KeyStore = (
+            PostgresApiKeys(dsn) if dsn is not None else ApiKeys(self.config.data_dir)
+        )
         self.authenticator = Authenticator(
             AnonymousTokens(secret),
             allow_anonymous=auth.anonymous_allowed,
@@ -302,7 +305,7 @@ class Server:
             await asyncio.sleep(REVOCATION_POLL_S)
             now = time.time()
             try:
-                revoked = set(await asyncio.to_thread(self.api_keys.revoked_since, since - 1))
+                revoked = set(await self.api_keys.revoked_since_async(since - 1))
             except Exception:
                 logger.exception("reading revoked API keys failed")
                 continue
@@ -333,6 +336,9 @@ class Server:
         await self.broker.aclose()
         if self.jwt is not None:
             await self.jwt.aclose()
+        keys = getattr(self, "api_keys", None)
+        if isinstance(keys, PostgresApiKeys):
+            await keys.aclose()
         await self.journal.aclose()
 
     def _snapshot_journal(self) -> Journal | None:
