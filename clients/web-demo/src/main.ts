@@ -3,7 +3,7 @@
 // Open it as index.html?server=ws://127.0.0.1:3000/v1/ws. It signs in anonymously: the server
 // mints an identity on the first visit, and the token is kept in localStorage (one per server),
 // so a reload is the same user.
-import { CloseCode, ConnectionError } from "@syncd/client";
+import { CloseCode, ConnectionError, type SubscriptionHandle } from "@syncd/client";
 import {
   connectTyped,
   MessageTable,
@@ -13,7 +13,7 @@ import {
   type User,
 } from "../../typescript/generated/chat/index.js";
 
-type Status = "connecting" | "connected" | "reconnecting" | "resumed" | "disconnected";
+type Status = "connecting" | "connected" | "reconnecting" | "resumed" | "reloaded" | "disconnected";
 
 const RETRY_MS = 3000;
 
@@ -39,6 +39,7 @@ const textInput = element<HTMLInputElement>("text");
 const errorEl = element<HTMLParagraphElement>("error");
 
 let app: Bindings | null = null;
+let subscription: SubscriptionHandle | null = null;
 let renderQueued = false;
 
 function setStatus(status: Status): void {
@@ -104,6 +105,18 @@ function scheduleRender(): void {
   queueMicrotask(render);
 }
 
+// Back after a drop. The client sent its cursor and query sets in Hello; the server answers
+// them right after Welcome, so once a ping comes back the subscription knows whether the
+// server resumed it (only the missed transactions were sent) or reloaded its rows.
+function reconnected(): void {
+  const client = app?.client;
+  if (client === undefined) return;
+  client.ping().then(
+    () => setStatus(subscription?.lastResumed === false ? "reloaded" : "resumed"),
+    () => {}, // dropped again: onDisconnect has said so
+  );
+}
+
 async function start(): Promise<void> {
   setStatus("connecting");
   const stored = localStorage.getItem(tokenKey);
@@ -113,7 +126,7 @@ async function start(): Promise<void> {
       url: serverUrl,
       token: stored,
       reconnect: { baseMs: 250, capMs: 4000 },
-      onConnect: (info) => setStatus(info.reconnected ? "resumed" : "connected"),
+      onConnect: (info) => (info.reconnected ? reconnected() : setStatus("connected")),
       onDisconnect: (info) => setStatus(info.willReconnect ? "reconnecting" : "disconnected"),
       onError: (error) => showError(error),
     });
@@ -140,7 +153,7 @@ async function start(): Promise<void> {
     table.onUpdate(scheduleRender);
     table.onDelete(scheduleRender);
   }
-  const subscription = bound.client.subscribe([
+  subscription = bound.client.subscribe([
     `SELECT * FROM ${UserTable.tableName}`,
     `SELECT * FROM ${MessageTable.tableName}`,
   ]);
