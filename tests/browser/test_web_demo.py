@@ -185,3 +185,18 @@ def tail(path: Path, chars: int = 6000) -> str:
         return path.read_text()[-chars:]
     except OSError:
         return ""
+
+
+@pytest.mark.integration
+def test_demo_type_checks(demo_dist: Path) -> None:
+    """The demo's sources type-check (strict) against the runtime and the generated bindings."""
+    tsc = DEMO / "node_modules" / ".bin" / "tsc"
+    require(tsc.exists(), "clients/web-demo/node_modules is missing (npm ci in clients/web-demo)")
+    done = subprocess.run(
+        [str(tsc), "--noEmit", "-p", str(DEMO / "tsconfig.json")],
+        cwd=DEMO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
