@@ -64,15 +64,19 @@ def _free_port() -> int:
             return port
 
 
+try:  # loaded here, not in the child: dlopen between fork and exec could deadlock
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: atexit is all there is
+    _prctl = None
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: ask Linux to SIGKILL redis when the thread
     # that started it dies, so a test run killed with SIGKILL leaves no orphan behind.
     # (atexit covers normal exits; this covers the rest.) Start servers from a thread that
     # outlives them, e.g. the main thread.
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: atexit is all there is
-        pass
+    if _prctl is not None:
+        _prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 class RedisServer:
@@ -162,7 +166,7 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent if _prctl is not None else None,
         )
         self.paused = False
         _live.add(self)
