@@ -90,7 +90,7 @@ class MsgpackCodec implements Codec {
   private readonly decoder = new Decoder();
 
   encode(message: ClientMessage): Uint8Array {
-    return this.encoder.encode(message);
+    return this.encoder.encode(widenInts(message));
   }
 
   decode(data: unknown): ServerMessage[] {
@@ -124,6 +124,22 @@ class JsonCodec implements Codec {
     }
     return flatten(value);
   }
+}
+
+/**
+ * With `useBigInt64`, @msgpack/msgpack writes an integer number beyond 32 bits as a float64, which
+ * the server refuses where it wants an int (a millisecond timestamp, a large id). Such numbers go
+ * to the encoder as bigint instead, which it writes as int64/uint64.
+ */
+function widenInts(value: unknown): unknown {
+  if (typeof value === "number") {
+    return Number.isSafeInteger(value) && (value > 0xffffffff || value < -0x80000000) ? BigInt(value) : value;
+  }
+  if (value === null || typeof value !== "object" || ArrayBuffer.isView(value)) return value;
+  if (Array.isArray(value)) return value.map(widenInts);
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(value)) out[k] = widenInts(v);
+  return out;
 }
 
 // JSON.stringify calls `toJSON` first, so Uint8Array arrives here as itself (it has no toJSON).

@@ -34,6 +34,19 @@ describe("codec", () => {
     assert.deepEqual({ ...back, args: [...back.args.slice(0, 2), base64Decode(back.args[2] as string), ...back.args.slice(3)] }, call);
   });
 
+  it("writes integers beyond 32 bits as MessagePack ints, never floats", () => {
+    const codec = makeCodec("msgpack");
+    for (const n of [2 ** 32, 1_718_000_000_123, Number.MAX_SAFE_INTEGER, -(2 ** 40)]) {
+      const bytes = codec.encode({ type: "ping", nonce: n }) as Uint8Array;
+      const tag = bytes[bytes.length - 9];
+      assert.ok(tag === 0xcf || tag === 0xd3, `${n}: tag ${tag?.toString(16)}`);
+      assert.equal((decode(bytes) as { nonce: number }).nonce, n);
+    }
+    const merge = decode(codec.encode({ type: "merge", request_id: 1, table: "t", pk: 1, column: "c", op: ["v", 1_718_000_000_123, 0, "w"] }) as Uint8Array);
+    assert.deepEqual((merge as { op: unknown[] }).op, ["v", 1_718_000_000_123, 0, "w"]);
+    assert.equal((decode(codec.encode({ type: "ping", nonce: 1.5 } as ClientMessage) as Uint8Array) as { nonce: number }).nonce, 1.5);
+  });
+
   it("leaves out absent optional fields", () => {
     const m = decode(makeCodec("msgpack").encode({ type: "hello", token: undefined }) as Uint8Array);
     assert.deepEqual(m, { type: "hello" });
