@@ -351,8 +351,17 @@ class RedisBroker:
                 self._queue.clear()
                 try:
                     await self._publish_frames(conn, entries)
-                except _NETWORK_ERRORS as exc:
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
                     self.dropped += len(entries)
+                    self._sender_connected = False
+                    await conn.disconnect(nowait=True)
+                    conn = None
+                    if not isinstance(exc, _NETWORK_ERRORS):  # a bug: log it, keep sending
+                        logger.exception("redis broker %s: publishing failed", self.instance)
+                        await asyncio.sleep(backoff.next_delay())
+                        continue
                     logger.warning(
                         "redis broker %s: publish failed (%s); %d transactions dropped, "
                         "replicas will read them from the journal",
@@ -360,17 +369,10 @@ class RedisBroker:
                         exc,
                         len(entries),
                     )
-                    self._sender_connected = False
-                    await conn.disconnect(nowait=True)
-                    conn = None
                     continue
                 self.published += len(entries)
                 self._dropping = False
                 last_reply = loop.time()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug: log it rather than leave a dead task nobody awaits
-            logger.exception("redis broker %s: sender crashed", self.instance)
         finally:
             self._sender_connected = False
             if conn is not None:
