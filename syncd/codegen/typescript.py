@@ -482,7 +482,13 @@ class _Emitter:
 
     def index_ts(self) -> str:
         out: list[str] = [_HEADER.format(module=_string(self.module.name))]
-        types = "CallOptions CallResult ConnectOptions SchemaJson SyncdClient TableCache".split()
+        # Only what is used: consumers may compile with noUnusedLocals.
+        types = ["ConnectOptions", "SchemaJson", "SyncdClient"]
+        if self.module.reducers:
+            types += ["CallOptions", "CallResult"]
+        if self.module.tables:
+            types.append("TableCache")
+        types.sort()
         out.append(
             f"import {{ connect }} from {_string(self.runtime)};\n"
             "import type {\n"
@@ -603,7 +609,8 @@ class _Emitter:
             lines.append(f"  readonly {prop}: {self.handle_names[t.name]};")
         if fields:
             lines.append("")
-        lines.append("  constructor(client: SyncdClient) {")
+        # `_client`: unused without tables, and consumers may compile with noUnusedParameters.
+        lines.append(f"  constructor({'' if fields else '_'}client: SyncdClient) {{")
         for prop, t in fields:
             handle, row = self.handle_names[t.name], self.row_names[t.name]
             line = f"    this.{prop} = new {handle}(client.table<{row}>({_string(t.name)}));"
@@ -611,8 +618,6 @@ class _Emitter:
                 wrapped = f"client.table<{row}>({_string(t.name)})"
                 line = f"    this.{prop} = new {handle}(\n      {wrapped},\n    );"
             lines.append(line)
-        if not fields:
-            lines.append("    void client;")
         lines.append("  }")
         lines.append("}\n")
         queries = [_string(f"SELECT * FROM {t.name}") for t in self.module.tables]
@@ -674,7 +679,8 @@ class _Emitter:
         lines += [
             "/** The module's client-callable reducers; arguments go positionally on the wire. */",
             "export class Reducers {",
-            "  private readonly client: SyncdClient;",
+            "  /** The client the calls go through. */",
+            "  readonly client: SyncdClient;",
             "",
             "  constructor(client: SyncdClient) {",
             "    this.client = client;",

@@ -448,7 +448,11 @@ def test_generated_code_type_checks(tmp_path: Path, kinds: Schema) -> None:
         (tmp_path / "kinds" / f.path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "kinds" / f.path).write_text(f.content)
     (tmp_path / "usage.ts").write_text(USAGE_TS)
-    files = [str(tmp_path / "usage.ts"), str(tmp_path / "kinds" / "index.ts")]
+    (empty,) = generate({"module": "empty", "tables": [], "reducers": []})
+    (tmp_path / "empty" / "index.ts").parent.mkdir()
+    (tmp_path / "empty" / "index.ts").write_text(empty.content)
+    files = [str(tmp_path / name / "index.ts") for name in ("kinds", "empty")]
+    files.append(str(tmp_path / "usage.ts"))
     files += [str(out / "index.ts") for _, out in EXAMPLES.values()]
     tsconfig = {
         "compilerOptions": {
@@ -461,6 +465,9 @@ def test_generated_code_type_checks(tmp_path: Path, kinds: Schema) -> None:
             "types": [],
             "skipLibCheck": True,
             "noImplicitReturns": True,
+            # Generated code compiles inside its users' projects, under their flags.
+            "noUnusedLocals": True,
+            "noUnusedParameters": True,
             "noFallthroughCasesInSwitch": True,
             "paths": {"@syncd/client": [str(RUNTIME / "src" / "index.ts")]},
         },
@@ -469,8 +476,16 @@ def test_generated_code_type_checks(tmp_path: Path, kinds: Schema) -> None:
     (tmp_path / "tsconfig.json").write_text(json.dumps(tsconfig, indent=2))
     done = subprocess.run(
         [str(tsc), "-p", str(tmp_path / "tsconfig.json")],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
+    # Only errors in generated or test code count: the runtime's sources, compiled here under
+    # stricter flags than its own, are its own tests' business.
+    errors = [
+        line
+        for line in done.stdout.splitlines()
+        if ": error TS" in line and not line.startswith(os.path.relpath(RUNTIME / "src", tmp_path))
+    ]
+    assert not errors and (done.returncode == 0 or "error TS" in done.stdout), done.stdout

@@ -737,7 +737,8 @@ export function allTablesQueries(): string[] {
 
 /** The module's client-callable reducers; arguments go positionally on the wire. */
 export class Reducers {
-  private readonly client: SyncdClient;
+  /** The client the calls go through. */
+  readonly client: SyncdClient;
 
   constructor(client: SyncdClient) {
     this.client = client;
