@@ -289,6 +289,7 @@ class Server:
         )
         cluster.on_leader_change = leader_changed
         self.writer = cluster
+        await cluster.beat()
         cluster.start()
         secret = await cluster.wait_for_meta(ANON_SECRET_KEY, within_s=60)
         await self._start_auth(secret)

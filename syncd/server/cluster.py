@@ -304,13 +304,18 @@ class Cluster:
                     logger.warning("reading the journal head failed: %s", exc)
                 self.journal_reachable = False
 
+    async def beat(self) -> None:
+        """Record that this replica is alive, and look up who leads."""
+        with contextlib.suppress(JournalError):
+            await self.lease.heartbeat(self.instance, self.address)
+            info = await self.lease.current()
+            if self.leader is None:
+                self.leader_address = None if info is None else info.address
+
     async def _heartbeat(self) -> None:
         while True:
-            with contextlib.suppress(JournalError):
-                await self.lease.heartbeat(self.instance, self.address)
-                info = await self.lease.current()
-                self.leader_address = None if info is None else info.address
             await asyncio.sleep(self.config.heartbeat_s)
+            await self.beat()
 
     async def _presence(self) -> None:
         """Leader only: disconnect the connections of replicas whose heartbeat lapsed."""

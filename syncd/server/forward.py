@@ -229,6 +229,7 @@ class LeaderLink:
             logger.warning("cannot reach the leader: %s", exc)
             return _unavailable("the leader is unreachable; retry")
         except (BackendError, JournalError) as exc:
+            logger.warning("cannot forward to the leader: %s", exc)
             return _unavailable(f"{exc}; retry")
         self._next_id += 1
         request_id = self._next_id

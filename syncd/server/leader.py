@@ -18,6 +18,7 @@ the leader. Replicas (including the one in this process) hold only durable state
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -55,7 +56,11 @@ class CallOutcome:
 
 def _scoped(sender: Identity, key: str | None) -> str | None:
     # Keys are chosen by clients: two callers picking the same key must not share a result.
-    return None if key is None else f"{sender}\x00{key}"
+    # Hashed: the stored key has a fixed size and plain characters whatever the client sent
+    # (a NUL byte, say, which Postgres text refuses: a commit must never fail on client input).
+    if key is None:
+        return None
+    return hashlib.sha256(f"{sender}\x00{key}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _done(outcome: CallOutcome) -> asyncio.Future[CallOutcome]:
