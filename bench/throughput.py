@@ -14,8 +14,10 @@ journal thread included); client CPU% is the client processes' together; other C
 other programs on this shared machine took meanwhile.
 
 Run: `.venv/bin/python bench/throughput.py [--clients 64] [--in-flight 1 32]
-[--seconds 8] [--profile DIR]`. Each in-flight value gets a fresh server. Bounded: every loop
-ends with its window.
+[--seconds 8] [--profile DIR] [--backend sqlite|postgres]`. Each in-flight value gets a fresh
+server. With `--backend postgres` the server is one replica (`--postgres`, so it takes the
+lease and leads) on a throwaway Postgres started from the installed binaries (a fresh database
+per run); its CPU is reported as `postgres_cpu_pct`. Bounded: every loop ends with its window.
 """
 
 from __future__ import annotations
@@ -84,7 +86,17 @@ async def _clients(url: str, n: int, args: argparse.Namespace, in_flight: int, p
 
 
 def run(in_flight: int, args: argparse.Namespace) -> None:
-    with ServerProc("schema/chat.py", "--snapshot-every", "0") as server:
+    extra: list[str] = []
+    pg: Any = None
+    if args.backend == "postgres":
+        from tests.services.postgres import PostgresServer
+
+        pg = args.pg_server
+        if pg is None:
+            pg = args.pg_server = PostgresServer().start()
+        extra = ["--postgres", pg.create_database(f"bench_{in_flight}_{os.getpid()}")]
+    with ServerProc("schema/chat.py", "--snapshot-every", "0", *extra) as server:
+        server.postgres = pg
         ctx = mp.get_context("fork")
         pipes: list[Pipe] = []
         procs = []
@@ -124,10 +136,13 @@ def _measure(
     if args.profile:
         out = str(Path(args.profile) / f"throughput-{args.clients}x{in_flight}.txt")
         spy = profile_start(server.pid, args.seconds, out)
+    pg = getattr(server, "postgres", None)
+    pg_cpu0 = _postgres_cpu(pg)
     server_cpu0, busy0 = cpu_seconds(server.pid), busy_cpu_seconds()
     time.sleep(max(0.0, (end - now_us()) / 1e6))
     server_cpu = cpu_seconds(server.pid) - server_cpu0
     busy = busy_cpu_seconds() - busy0
+    pg_cpu = _postgres_cpu(pg) - pg_cpu0
     rss = rss_bytes(server.pid)
     results = [pipe.recv() for pipe in pipes]
     if spy is not None:
@@ -149,14 +164,36 @@ def _measure(
         # Server CPU per durable transaction: robust to other programs taking the CPU.
         "server_us_per_tx": round(1e6 * server_cpu / ok, 1) if ok else None,
         "client_cpu_pct": round(100 * client_cpu / window),
-        "other_cpu_pct": round(100 * (busy - server_cpu - client_cpu) / window),
+        "other_cpu_pct": round(100 * (busy - server_cpu - client_cpu - pg_cpu) / window),
         "server_rss_mb": round(rss / 2**20, 1),
         "window_s": window,
     }
+    if pg is not None:
+        line["backend"] = "postgres"
+        line["postgres_cpu_pct"] = round(100 * pg_cpu / window)
     if out is not None:
         line["profile"] = out
         print_summary(summarize(out), file=sys.stderr)
     return line
+
+
+def _postgres_cpu(pg: Any) -> float:
+    """CPU seconds used so far by the throwaway Postgres: its postmaster and every backend
+    (the machine's shared Postgres is not counted). 0 without one."""
+    if pg is None:
+        return 0.0
+    import psutil
+
+    total = 0.0
+    for proc in psutil.process_iter(["cmdline"]):
+        if str(pg.data_dir) in " ".join(proc.info["cmdline"] or []):
+            for member in [proc, *proc.children(recursive=True)]:
+                try:
+                    times = member.cpu_times()
+                except psutil.Error:
+                    continue
+                total += times.user + times.system
+    return total
 
 
 def main() -> None:
@@ -171,12 +208,24 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--drain", type=float, default=1.0)
     parser.add_argument("--profile", metavar="DIR", help="py-spy the server over each window")
+    parser.add_argument(
+        "--backend",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="the embedded journal, or one replica on a throwaway Postgres",
+    )
     args = parser.parse_args()
+    args.pg_server = None
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     emit(bench="throughput", **machine())
-    for in_flight in args.in_flight:
-        run(in_flight, args)
+    try:
+        for in_flight in args.in_flight:
+            run(in_flight, args)
+    finally:
+        if args.pg_server is not None:
+            args.pg_server.stop()
+            args.pg_server.cleanup()
 
 
 if __name__ == "__main__":
