@@ -9,9 +9,10 @@
  * answer was lost runs once.
  */
 import { Backoff } from "./backoff.js";
-import { ClientCache, type TableState } from "./cache.js";
+import { ClientCache, keyOf, type TableState } from "./cache.js";
 import {
   CloseCode,
+  ErrorCode,
   ConnectionError,
   ProtocolViolation,
   QueryError,
@@ -50,7 +51,7 @@ interface Pending {
   /** Builds the wire message for a request id (ids are per socket, so a resend gets a new one). */
   build(requestId: number): ClientMessage;
   resolve(msg: ServerMessage): void;
-  fail(error: SyncdError): void;
+  fail(error: Error): void;
   /** The idempotency key of a call, for the ConnectionError of a call that never got an answer. */
   idempotencyKey: string | null;
   /** False for a subscribe whose set was unsubscribed before it was sent: skip it on resend. */
@@ -166,6 +167,11 @@ export class SyncdClient {
   // Set when the last close was 4500 and a fresh token is being tried once.
   private retriedAuth = false;
   private reconnectTimer: Timer | null = null;
+  // Gives up on a socket that brings no Welcome in time (every attempt, not only the first).
+  private welcomeTimer: Timer | null = null;
+  // Sends Ping on a quiet connection and drops it when the previous Ping got no Pong.
+  private heartbeatTimer: Timer | null = null;
+  private awaitingPong = false;
   private stableTimer: Timer | null = null;
   private refreshTimer: Timer | null = null;
   private firstWelcome: { resolve: () => void; reject: (e: Error) => void } | null = null;
@@ -270,7 +276,8 @@ export class SyncdClient {
       build: (request_id) => ({ type: "sub", request_id, query_set_id: set.querySetId, queries: set.queries }),
       resolve: () => {},
       fail: (error) => {
-        if (set.status === "pending") this.failSet(set, error);
+        if (set.status !== "pending") return;
+        this.failSet(set, error instanceof SyncdError ? error : new SubscriptionError(ErrorCode.BAD_QUERY, error.message, set.queries));
       },
       idempotencyKey: null,
       stillWanted: () => set.status === "pending",
@@ -348,7 +355,7 @@ export class SyncdClient {
   /** Add `delta` (may be negative) to a `Counter` cell, as this client's running totals. */
   increment(table: string, pk: unknown, column: string, delta = 1): Promise<CallResult> {
     if (!Number.isInteger(delta)) throw new TypeError("increment: delta must be an integer");
-    const id = `${table}\u0000${column}\u0000${JSON.stringify(pk, (_k, v: unknown) => (v instanceof Uint8Array ? Array.from(v) : v))}`;
+    const id = `${table}\u0000${column}\u0000${keyOf(pk)}`;
     const totals = this.counterTotals.get(id) ?? { p: 0, n: 0 };
     const next = delta >= 0 ? { p: totals.p + delta, n: totals.n } : { p: totals.p, n: totals.n - delta };
     this.counterTotals.set(id, next);
@@ -485,19 +492,30 @@ export class SyncdClient {
 
   private sendPending(p: Pending): void {
     const requestId = this.nextRequestId++;
+    let data: string | Uint8Array;
+    try {
+      data = this.codec.encode(p.build(requestId));
+    } catch (error) {
+      // A value that cannot go on the wire (a function, a bigint in JSON): the caller's error.
+      this.pending.delete(p);
+      p.fail(error instanceof Error ? error : new TypeError(String(error)));
+      return;
+    }
     this.byRequestId.set(requestId, p);
-    this.transmit(p.build(requestId));
+    this.sendData(data);
   }
 
   private transmit(message: ClientMessage): void {
+    this.sendData(this.codec.encode(message));
+  }
+
+  private sendData(data: string | Uint8Array): void {
     const ws = this.ws;
     if (ws === null) return;
     try {
-      ws.send(this.codec.encode(message));
-    } catch (error) {
-      // Encoding errors (a value that cannot go on the wire) belong to the caller; a socket that
-      // is closing fails the send too, and the close handler resends what is still pending.
-      if (error instanceof TypeError || error instanceof RangeError) throw error;
+      ws.send(data);
+    } catch {
+      // The socket is closing: its close handler resends whatever is still pending.
     }
   }
 
@@ -545,14 +563,13 @@ export class SyncdClient {
       ws.onerror = () => {
         // Always followed by a close event, which decides what happens.
       };
-      if (this.firstWelcome !== null) {
-        const timeout = this.options.connectTimeoutMs ?? 10_000;
-        this.reconnectTimer = setTimeout(() => {
-          if (this.ws === ws && this.socketEpoch === null) {
-            this.dropSocket(ws, CloseCode.ABNORMAL, `no Welcome within ${timeout} ms`);
-          }
-        }, timeout);
-      }
+      const timeout = this.options.connectTimeoutMs ?? 10_000;
+      this.welcomeTimer = setTimeout(() => {
+        this.welcomeTimer = null;
+        if (this.ws === ws && this.socketEpoch === null) {
+          this.dropSocket(ws, CloseCode.ABNORMAL, `no Welcome within ${timeout} ms`);
+        }
+      }, timeout);
     } catch (error) {
       this.ws = null;
       const message = error instanceof Error ? error.message : String(error);
@@ -587,6 +604,7 @@ export class SyncdClient {
 
   private onSocketMessage(ws: WebSocketLike, data: unknown): void {
     if (this.ws !== ws) return;
+    this.awaitingPong = false; // anything from the server shows the connection is alive
     let messages: ServerMessage[];
     try {
       messages = this.codec.decode(data);
@@ -681,6 +699,7 @@ export class SyncdClient {
         }
         return;
       case "pong": {
+        this.awaitingPong = false;
         const ping = this.pings.get(msg.nonce);
         if (ping !== undefined) {
           this.pings.delete(msg.nonce);
@@ -720,10 +739,9 @@ export class SyncdClient {
     this.socketEpoch = msg.epoch;
     this.socketOffset = Math.max(this.socketOffset, msg.offset);
     this.retriedAuth = false;
-    if (this.reconnectTimer !== null) {
-      clearTimeout(this.reconnectTimer); // the connect timeout
-      this.reconnectTimer = null;
-    }
+    if (this.welcomeTimer !== null) clearTimeout(this.welcomeTimer);
+    this.welcomeTimer = null;
+    this.startHeartbeat();
     if (this.helloPending.size === 0) this.cursorValue = { epoch: msg.epoch, offset: msg.offset };
     // The delays start over only once a connection stayed up for a while.
     if (this.stableTimer !== null) clearTimeout(this.stableTimer);
@@ -793,12 +811,7 @@ export class SyncdClient {
     this.byRequestId.clear();
     for (const ping of this.pings.values()) ping.resolve(Number.NaN);
     this.pings.clear();
-    if (this.stableTimer !== null) clearTimeout(this.stableTimer);
-    this.stableTimer = null;
-    if (this.refreshTimer !== null) clearTimeout(this.refreshTimer);
-    this.refreshTimer = null;
-    if (this.reconnectTimer !== null) clearTimeout(this.reconnectTimer);
-    this.reconnectTimer = null;
+    this.clearSocketTimers();
     this.afterClose(code, reason);
   }
 
@@ -860,9 +873,39 @@ export class SyncdClient {
     for (const resolve of this.closedWaiters.splice(0)) resolve();
   }
 
+  /** Timers that belong to one socket. */
+  private clearSocketTimers(): void {
+    for (const t of [this.reconnectTimer, this.stableTimer, this.refreshTimer, this.welcomeTimer]) if (t !== null) clearTimeout(t);
+    if (this.heartbeatTimer !== null) clearInterval(this.heartbeatTimer);
+    this.reconnectTimer = this.stableTimer = this.refreshTimer = this.welcomeTimer = this.heartbeatTimer = null;
+    this.awaitingPong = false;
+  }
+
   private clearTimers(): void {
-    for (const t of [this.reconnectTimer, this.stableTimer, this.refreshTimer]) if (t !== null) clearTimeout(t);
-    this.reconnectTimer = this.stableTimer = this.refreshTimer = null;
+    this.clearSocketTimers();
+  }
+
+  /**
+   * A connection that died without a close frame (a laptop lid, a NAT timeout) is noticed only
+   * when something is sent: every `pingIntervalMs` send a Ping, and if the previous one is still
+   * unanswered, drop the socket and resume elsewhere (handled like 1006).
+   */
+  private startHeartbeat(): void {
+    const interval = this.options.pingIntervalMs ?? 30_000;
+    if (this.heartbeatTimer !== null) clearInterval(this.heartbeatTimer);
+    this.heartbeatTimer = null;
+    this.awaitingPong = false;
+    if (!(interval > 0)) return;
+    const ws = this.ws;
+    this.heartbeatTimer = setInterval(() => {
+      if (this.ws !== ws || ws === null) return;
+      if (this.awaitingPong) {
+        this.dropSocket(ws, CloseCode.ABNORMAL, `no Pong within ${interval} ms`);
+        return;
+      }
+      this.awaitingPong = true;
+      this.transmit({ type: "ping", nonce: this.nextNonce++ });
+    }, interval);
   }
 }
 

@@ -75,8 +75,13 @@ export interface ConnectOptions {
   reconnect?: boolean | ReconnectOptions;
   /** `fetch` for the schema; defaults to `globalThis.fetch`. */
   fetch?: (url: string) => Promise<{ ok: boolean; status: number; json(): Promise<unknown> }>;
-  /** How long `connect` waits for the first `Welcome`, in ms (default 10,000). */
+  /** How long a connection attempt waits for `Welcome` before giving up, in ms (default 10,000). */
   connectTimeoutMs?: number;
+  /**
+   * Send a `Ping` this often (ms) and treat the connection as lost (1006: reconnect and resume)
+   * when the previous one got no answer; 0 turns it off. Default 30,000.
+   */
+  pingIntervalMs?: number;
 }
 
 export interface TableCache<Row> {

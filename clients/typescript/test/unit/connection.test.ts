@@ -318,3 +318,41 @@ describe("tokens", () => {
     await client.close();
   });
 });
+
+describe("liveness", () => {
+  it("drops a connection whose Ping goes unanswered and resumes on a new one", async () => {
+    const disconnects: number[] = [];
+    const { client, ws } = await open({ pingIntervalMs: 20, onDisconnect: (i) => disconnects.push(i.code) });
+    await eventually(() => ws.sentOfType("ping").length === 1, 1000, "a Ping");
+    const ws2 = await nextSocket(ws);
+    assert.deepEqual(disconnects, [1006]);
+    ws2.welcome();
+    // A connection that answers stays up.
+    for (let i = 0; i < 3; i++) {
+      await eventually(() => ws2.sentOfType("ping").length === i + 1, 1000, "a Ping");
+      ws2.deliver({ type: "pong", nonce: ws2.sentOfType("ping")[i]!.nonce as number });
+    }
+    assert.equal(FakeWebSocket.last(), ws2);
+    await client.close();
+  });
+
+  it("gives up on a reconnect that brings no Welcome and tries again", async () => {
+    const { client, ws } = await open({ connectTimeoutMs: 30 });
+    ws.serverClose(1006);
+    const silent = await nextSocket(ws);
+    const ws3 = await nextSocket(silent);
+    ws3.welcome();
+    await eventually(() => client.connected, 1000, "the connection");
+    await client.close();
+  });
+
+  it("rejects a call whose arguments cannot be encoded, and carries on", async () => {
+    const { client, ws } = await open({ format: "json" });
+    await assert.rejects(client.call("send_message", [2n ** 60n]), RangeError);
+    const ok = client.call("send_message", ["fine"]);
+    const c = ws.sentOfType("call")[0]!;
+    ws.deliver({ type: "result", request_id: c.request_id, ok: true, offset: 1 });
+    assert.deepEqual(await ok, { offset: 1 });
+    await client.close();
+  });
+});
