@@ -112,7 +112,7 @@ class QuerySetState implements SubscriptionHandle {
   onError(cb: (error: SyncdError) => void): () => void {
     this.errorListeners.add(cb);
     const failure = this.failure;
-    if (failure !== null) queueMicrotask(() => this.errorListeners.has(cb) && cb(failure));
+    if (failure !== null) void Promise.resolve().then(() => this.errorListeners.has(cb) && cb(failure));
     return () => {
       this.errorListeners.delete(cb);
     };
