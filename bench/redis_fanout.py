@@ -325,7 +325,7 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--procs", type=int, choices=(1, 2), default=2)
-    parser.add_argument("--rates", type=int, nargs="+", default=[1000, 10000, 50000])
+    parser.add_argument("--rates", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--batch", type=int, default=100)
