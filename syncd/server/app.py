@@ -65,6 +65,7 @@ from syncd.server.connection import Connection, bearer_token, error_code
 from syncd.server.forward import PATH as LINK_PATH
 from syncd.server.forward import Writer, serve_link
 from syncd.server.leader import Leader
+from syncd.server.limits import Limiter, SharedRateLimiter
 from syncd.server.loader import load_module_schema
 from syncd.server.replica import Replica
 
@@ -160,10 +161,12 @@ class Server:
         # Every live connection.
         self.connections: set[Connection] = set()
         # Reducer calls and merges per identity (token buckets; in-process).
-        self.call_limiter = RateLimiter(config.limits.calls_per_second, config.limits.call_burst)
+        self.call_limiter: Limiter = RateLimiter(
+            config.limits.calls_per_second, config.limits.call_burst
+        )
         # Subscribes and one-off queries per identity: they read initial rows.
         qps = config.limits.queries_per_second
-        self.query_limiter = RateLimiter(qps, 2 * qps)
+        self.query_limiter: Limiter = RateLimiter(qps, 2 * qps)
         self._snapshot_task: asyncio.Task[None] | None = None
         # Closes connections whose API key gets revoked.
         self._revocations: asyncio.Task[None] | None = None
@@ -269,6 +272,8 @@ class Server:
         self.broker.subscribe(self.replica.on_tx)
         self.broker.subscribe(self._after_tx)
         await self.broker.start()
+        if cfg.redis_url:
+            self._share_limits(cfg.redis_url)
 
         def leader_changed(leader: Leader | None) -> None:
             self.leader = leader
@@ -293,6 +298,21 @@ class Server:
         cluster.start()
         secret = await cluster.wait_for_meta(ANON_SECRET_KEY, within_s=60)
         await self._start_auth(secret)
+
+    def _share_limits(self, redis_url: str) -> None:
+        """One budget per identity across replicas (see `server.limits`)."""
+        from syncd.fanout.redis_limits import RedisRateLimiter
+
+        limits = self.config.limits
+        qps = limits.queries_per_second
+        calls = RedisRateLimiter(
+            redis_url, limits.calls_per_second, limits.call_burst, prefix="syncd:rl:calls:"
+        )
+        queries = RedisRateLimiter(redis_url, qps, 2 * qps, prefix="syncd:rl:queries:")
+        for name, shared in (("call_limiter", calls), ("query_limiter", queries)):
+            limiter = SharedRateLimiter(getattr(self, name), shared)
+            limiter.start()
+            setattr(self, name, limiter)
 
     @property
     def role(self) -> str:
@@ -337,6 +357,9 @@ class Server:
         await self.broker.aclose()
         if self.jwt is not None:
             await self.jwt.aclose()
+        for limiter in (self.call_limiter, self.query_limiter):
+            if isinstance(limiter, SharedRateLimiter):
+                await limiter.aclose()
         keys = getattr(self, "api_keys", None)
         if isinstance(keys, PostgresApiKeys):
             await keys.aclose()

@@ -22,12 +22,19 @@ class Replicas:
     """N replicas of one module. Index them like a list; each is a `ServerProcess`."""
 
     def __init__(
-        self, tmp: Path, dsn: str, redis_url: str | None, n: int, module: str = "schema/chat.py"
+        self,
+        tmp: Path,
+        dsn: str,
+        redis_url: str | None,
+        n: int,
+        module: str = "schema/chat.py",
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.tmp = tmp
         self.dsn = dsn
         self.redis_url = redis_url
         self.module = module
+        self.extra = extra
         self.servers: list[ServerProcess] = []
         self._names = itertools.count(1)
         for _ in range(n):
@@ -35,7 +42,7 @@ class Replicas:
 
     def add(self) -> ServerProcess:
         name = f"r{next(self._names)}"
-        extra = ["--postgres", self.dsn, "--replica-id", name, *FAST]
+        extra = ["--postgres", self.dsn, "--replica-id", name, *FAST, *self.extra]
         if self.redis_url:
             extra += ["--redis", self.redis_url]
         server = ServerProcess(self.module, self.tmp / name, *extra)

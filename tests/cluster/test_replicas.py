@@ -34,8 +34,12 @@ pytestmark = pytest.mark.integration
 def replicas_factory(tmp_path: Path, pg_dsn: str, redis_server: RedisServer) -> Iterator[Any]:
     made: list[Replicas] = []
 
-    def make(n: int, *, redis: bool = True, dsn: str | None = None) -> Replicas:
-        group = Replicas(tmp_path, dsn or pg_dsn, redis_server.url if redis else None, n)
+    def make(
+        n: int, *, redis: bool = True, dsn: str | None = None, extra: tuple[str, ...] = ()
+    ) -> Replicas:
+        group = Replicas(
+            tmp_path, dsn or pg_dsn, redis_server.url if redis else None, n, extra=extra
+        )
         made.append(group)
         return group.start()
 
@@ -264,3 +268,34 @@ async def test_readyz_reports_role_offset_and_lag(replicas_factory: Any) -> None
     assert lead["status"] == 200 and follow["status"] == 200
     for body in (lead, follow):
         assert isinstance(body["offset"], int) and body["lag"] >= 0
+
+
+async def test_an_identitys_call_budget_is_shared_by_every_replica(replicas_factory: Any) -> None:
+    """With Redis, one identity gets one call budget across replicas: after spending it on one
+    replica, calls on another are refused with RATE_LIMITED (without Redis each replica would
+    give it a full budget)."""
+    group = replicas_factory(2, extra=("--max-calls-per-second", "1", "--call-burst", "5"))
+    await leader_of(list(group))
+    first = await syncd.client.connect(group[0].ws_url)
+    try:
+        for i in range(5):
+            await first.call("send_message", f"spent {i}")
+        token = first.token
+    finally:
+        await first.close()
+    second = await syncd.client.connect(group[1].ws_url, token=token)
+    refused = 0
+    try:
+        assert second.identity == first.identity
+        for i in range(5):
+            try:
+                await second.call("send_message", f"over {i}")
+            except BackendError as exc:  # RATE_LIMITED is retryable: a BackendError
+                assert "too many calls" in str(exc)
+                refused += 1
+            await asyncio.sleep(0.05)
+    finally:
+        await second.close()
+    # The first call on the second replica may pass (its report to Redis is asynchronous);
+    # the rest must not.
+    assert refused >= 3, refused
