@@ -354,7 +354,10 @@ class Broker(Protocol):
     journal, so a broker never has to be reliable, only fast.
 
     `publish` never blocks on the network for long: when the transport is down it drops the
-    remote copy (after delivering locally) and returns.
+    remote copy (after delivering locally) and returns. If a local handler raises inside
+    `publish`, the error propagates, but the remote copy is still sent. Handlers are never
+    called concurrently. Once `start()` has returned with `connected` True, transactions
+    published elsewhere after that point are received (barring drops).
     """
 
     def subscribe(self, handler: Callable[[Tx], None]) -> None:
@@ -372,7 +375,8 @@ class Broker(Protocol):
 
     @property
     def connected(self) -> bool:
-        """Whether remote delivery currently works (always True for an in-process broker)."""
+        """Whether this process currently receives other processes' transactions (always True
+        for an in-process broker)."""
         ...
 
     async def aclose(self) -> None:

@@ -29,7 +29,7 @@ class MemoryBroker:
     def connected(self) -> bool:
         return True
 
-    async def publish(self, txs: list[Tx], payloads: list[bytes] | None = None) -> None:
+    async def publish(self, txs: list[Tx], payloads: list[bytes]) -> None:
         """Deliver durable transactions (in offset order) to every subscriber."""
         for tx in txs:
             for handler in self._handlers:
