@@ -14,25 +14,38 @@ Scenarios:
                                  (shipped) or in one transaction (the alternative)
   memory   writers=64            MemoryJournal: the cost of the event-loop side alone
 
-Run: `python bench/journal.py [--seconds 2] [--dir PATH]`. Prints one JSON line per result.
+With `--postgres [DSN]` the PostgresJournal scenarios run instead (each in a database of its
+own, created on the server and dropped afterwards; without a DSN a throwaway server from
+tests/services/postgres.py, fsync on):
+  postgres writers=1, 64, 256    commits below COPY_THRESHOLD rows use one INSERT ... unnest
+  postgres writers=64, COPY      every commit through COPY instead (the alternative)
+  postgres burst, COPY / unnest  append 100k at once, then one wait, with each commit method
+
+Run: `python bench/journal.py [--seconds 2] [--dir PATH] [--postgres [DSN]]`. Prints one JSON
+line per result.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from syncd.core.ids import Offset
-from syncd.persist import sqlite
+from syncd.persist import postgres, sqlite
 from syncd.persist.memory import GroupCommitJournal, MemoryJournal
+from syncd.persist.postgres import PostgresJournal, PostgresLease
 from syncd.persist.sqlite import SqliteJournal
 
 PAYLOAD = bytes(range(200))
@@ -162,11 +175,73 @@ async def main(seconds: float, directory: Path) -> None:
         emit(impl="memory", loop=loop_name, **await run_writers(memory, 64, seconds))
 
 
+@contextlib.asynccontextmanager
+async def bench_database(server_dsn: str) -> AsyncIterator[str]:
+    """A new database on the server of `server_dsn` (a postgresql:// URL), dropped afterwards,
+    so the benchmark never writes to (or takes the lease of) a real journal."""
+    import asyncpg
+
+    name = f"syncd_bench_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield urlunsplit(urlsplit(server_dsn)._replace(path=f"/{name}"))
+        finally:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def postgres_journal(server_dsn: str) -> AsyncIterator[PostgresJournal]:
+    """A writer journal on a fresh database, holding the lease for its term."""
+    async with bench_database(server_dsn) as dsn:
+        lease = PostgresLease(dsn)
+        try:
+            term = await lease.try_acquire("bench", "http://bench")
+            async with PostgresJournal(dsn, term=term) as journal:
+                yield journal
+        finally:
+            await lease.aclose()
+
+
+async def main_postgres(seconds: float, server_dsn: str) -> None:
+    loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    for writers in (1, 64, 256):
+        async with postgres_journal(server_dsn) as journal:
+            result = await run_writers(journal, writers, seconds)
+        emit(impl="postgres", loop=loop_name, **result)
+
+    threshold = postgres.COPY_THRESHOLD
+    try:
+        postgres.COPY_THRESHOLD = 1  # every commit through COPY
+        async with postgres_journal(server_dsn) as journal:
+            result = await run_writers(journal, 64, seconds)
+        emit(impl="postgres", loop=loop_name, scenario="64 writers, every commit by COPY", **result)
+        for method, value in (("COPY", 1), ("unnest", 1 << 40)):
+            postgres.COPY_THRESHOLD = value
+            async with postgres_journal(server_dsn) as journal:
+                burst = await run_burst(journal, 100_000)
+            emit(impl="postgres", loop=loop_name, scenario=f"burst by {method}", **burst)
+    finally:
+        postgres.COPY_THRESHOLD = threshold
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="duration of each scenario")
     parser.add_argument("--dir", type=Path, default=None, help="where to put the journal files")
     parser.add_argument("--asyncio", action="store_true", help="use asyncio's loop, not uvloop")
+    parser.add_argument(
+        "--postgres",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DSN",
+        help="run the Postgres scenarios instead, on the server of this postgresql:// URL "
+        "(in a database of their own), or on a throwaway server when no DSN is given",
+    )
     args = parser.parse_args()
     runner: asyncio.Runner
     if args.asyncio:
@@ -175,5 +250,18 @@ if __name__ == "__main__":
         import uvloop
 
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp, runner:
-        runner.run(main(args.seconds, Path(tmp)))
+    if args.postgres is not None:
+        server = None
+        if not args.postgres:
+            from tests.services.postgres import PostgresServer
+
+            server = PostgresServer().start()
+        try:
+            with runner:
+                runner.run(main_postgres(args.seconds, args.postgres or server.dsn))
+        finally:
+            if server is not None:
+                server.cleanup()
+    else:
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp, runner:
+            runner.run(main(args.seconds, Path(tmp)))
