@@ -174,6 +174,8 @@ export class SyncdClient {
   private awaitingPong = false;
   private stableTimer: Timer | null = null;
   private refreshTimer: Timer | null = null;
+  // When getToken was last asked for a proactive refresh (rate limit for short-lived tokens).
+  private lastRefreshAt: number | null = null;
   private firstWelcome: { resolve: () => void; reject: (e: Error) => void } | null = null;
   private readonly closedWaiters: Array<() => void> = [];
   private readonly connectListeners = new Set<(info: ConnectInfo) => void>();
@@ -772,9 +774,10 @@ export class SyncdClient {
     if (this.options.getToken === undefined || this.closed) return;
     const exp = jwtExpiryMs(this.tokenValue);
     if (exp === null) return;
-    const delay = Math.min(refreshDelayMs(exp, Date.now()), MAX_TIMER_MS);
+    const delay = Math.min(refreshDelayMs(exp, Date.now(), this.lastRefreshAt), MAX_TIMER_MS);
     this.refreshTimer = setTimeout(() => {
       this.refreshTimer = null;
+      this.lastRefreshAt = Date.now();
       const before = this.tokenValue;
       this.fetchToken().then(
         (token) => {
@@ -829,7 +832,10 @@ export class SyncdClient {
     } else if (!this.reconnectEnabled) {
       again = false;
     } else if (code === CloseCode.REAUTHENTICATE) {
-      again = true; // openSocket asks getToken for a fresh token first
+      // openSocket asks getToken for a fresh token first. Without getToken the only token is the
+      // one that expired (still inside the server's clock-skew leeway, it would be accepted and
+      // expire again at once): stop, so the application can sign in again.
+      again = this.options.getToken !== undefined;
     } else if (code === CloseCode.UNAUTHORIZED) {
       // Only a fresh token can help; try it once.
       again = this.options.getToken !== undefined && !this.retriedAuth;

@@ -20,12 +20,17 @@ export function jwtExpiryMs(token: string | null | undefined): number | null {
   }
 }
 
+/** Refresh no more often than this, so a provider of very short-lived tokens is not called in a loop. */
+export const MIN_REFRESH_INTERVAL_MS = 1_000;
+
 /**
- * How long to wait before refreshing a token that expires at `expMs`: half the time left, but no
- * more than a minute ahead of expiry; 0 if it is (nearly) expired already.
+ * How long to wait before refreshing a token that expires at `expMs`: until half the time left,
+ * but no more than a minute ahead of expiry; 0 if it is (nearly) expired already. With
+ * `lastRefreshMs`, never sooner than {@link MIN_REFRESH_INTERVAL_MS} after the last refresh.
  */
-export function refreshDelayMs(expMs: number, nowMs: number): number {
+export function refreshDelayMs(expMs: number, nowMs: number, lastRefreshMs: number | null = null): number {
   const left = expMs - nowMs;
   const lead = Math.min(60_000, Math.max(1_000, left / 2));
-  return Math.max(0, left - lead);
+  const floor = lastRefreshMs === null ? 0 : lastRefreshMs + MIN_REFRESH_INTERVAL_MS - nowMs;
+  return Math.max(0, floor, left - lead);
 }

@@ -191,18 +191,43 @@ describe("tokens", () => {
     const c = await client("msgpack", {
       getToken: () => {
         issued++;
-        return hs256Token("ts-user", 2);
+        // Whole-second `exp`: 2-3 s left, so the refresh lands a second or more ahead of expiry.
+        return hs256Token("ts-user", 3);
       },
       onDisconnect: (i) => disconnects.push(i.code),
     });
     const identity = c.identity;
     const connectionId = c.connectionId;
     await eventually(() => issued >= 2, "a refresh", 3_000);
-    await sleep(2_200); // past the first token's expiry
+    await sleep(2_100); // past the first token's expiry
     assert.deepEqual(disconnects, []);
     assert.equal(c.connectionId, connectionId);
     assert.equal(c.identity, identity);
     await c.call("set_name", ["jwt user"]);
+  });
+
+  it("reconnects with a fresh token and resumes when the server closes with 4002", async () => {
+    let issued = 0;
+    const disconnects: Array<{ code: number; willReconnect: boolean }> = [];
+    const c = await client("json", {
+      getToken: async () => {
+        issued++;
+        if (issued === 1) return hs256Token("ts-expiring", 1);
+        // The proactive refresh is too late: the server closes at `exp` first.
+        if (issued === 2) await sleep(1_500);
+        return hs256Token("ts-expiring", 3_600);
+      },
+      onDisconnect: (i) => disconnects.push({ code: i.code, willReconnect: i.willReconnect }),
+    });
+    const identity = c.identity;
+    const sub = c.subscribe(["SELECT * FROM user WHERE identity = :sender"]);
+    await sub.applied;
+    await eventually(() => disconnects.length === 1, "the 4002 close", 4_000);
+    assert.deepEqual(disconnects[0], { code: 4002, willReconnect: true });
+    await c.call("set_name", ["refreshed"]);
+    assert.equal(c.identity, identity);
+    assert.equal(sub.lastResumed, true);
+    assert.equal(c.table<User>("user").find("identity", identity)?.name, "refreshed");
   });
 
   it("rejects connect with a ConnectionError for a bad token", async () => {

@@ -293,6 +293,14 @@ describe("tokens", () => {
     await client.close();
   });
 
+  it("stops after 4002 when there is no getToken to ask for a fresh token", async () => {
+    const { client, ws } = await open({ token: "expired.jwt.token" });
+    ws.serverClose(4002, "token expired");
+    await tick(20);
+    assert.equal(FakeWebSocket.instances.length, 1);
+    assert.ok(client.closed);
+  });
+
   it("tries a fresh token once after 4500, then stops", async () => {
     const { client, ws } = await open({ getToken: () => "sk_revoked" });
     ws.serverClose(4500);
