@@ -47,6 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
             allow_anonymous=args.allow_anonymous,
         ),
         snapshot_every=args.snapshot_every,
+        retain_txs=args.retain_txs,
         limits=limits,
         replica_id=args.replica_id,
         cluster=ClusterConfig(
@@ -175,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse clients without a token",
     )
     serve.add_argument("--snapshot-every", type=int, default=50_000, metavar="TXS")
+    serve.add_argument(
+        "--retain-txs",
+        type=int,
+        default=1_000_000,
+        metavar="TXS",
+        help="transactions kept in the journal before the latest snapshot (0: all); also how "
+        "long idempotency keys are remembered",
+    )
     serve.add_argument("--max-message-size", type=int, default=_LIMITS.max_message_size)
     serve.add_argument("--max-queries", type=int, default=_LIMITS.max_queries_per_connection)
     serve.add_argument("--max-initial-rows", type=int, default=_LIMITS.max_initial_rows)

@@ -107,6 +107,9 @@ class Config:
         data_dir: the embedded journal's directory.
         auth: how clients sign in (Supabase JWTs, anonymous identities).
         snapshot_every: write a snapshot after this many transactions (0: never automatically).
+        retain_txs: after each snapshot, keep this many transactions before it in the journal
+            and prune older ones (0: keep everything). This is also how long an idempotency
+            key is remembered, and how far back a client can resume without a fresh state.
         limits: protection limits.
         replica_id: this process's name in logs, metrics and the connection table.
         cluster: replicas on Postgres and Redis (off: one process on the embedded journal).
@@ -118,6 +121,7 @@ class Config:
     data_dir: Path = Path("syncd-data")
     auth: AuthConfig = field(default_factory=AuthConfig)
     snapshot_every: int = 50_000
+    retain_txs: int = 1_000_000
     limits: Limits = field(default_factory=Limits)
     replica_id: str = "embedded"
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

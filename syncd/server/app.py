@@ -398,6 +398,13 @@ class Server:
             await journal.write_snapshot(snap.offset, data)
             self._last_snapshot = snap.offset
             logger.info("snapshot written at offset %d (%d bytes)", snap.offset, len(data))
+            retain = self.config.retain_txs
+            if retain and snap.offset > retain:
+                removed = await journal.prune(Offset(snap.offset - retain))
+                if removed:
+                    logger.info(
+                        "pruned %d journal entries before offset %d", removed, snap.offset - retain
+                    )
             return snap.offset
         finally:
             self._snapshot_task = None

@@ -303,6 +303,23 @@ class Cluster:
                 if self.journal_reachable:
                     logger.warning("reading the journal head failed: %s", exc)
                 self.journal_reachable = False
+            except LookupError:
+                await self._reload()
+
+    async def _reload(self) -> None:
+        """Fell behind the journal's retention: reload from the latest snapshot."""
+        latest = await self.reader.latest_snapshot()
+        if latest is None:
+            raise JournalError("the journal was pruned but holds no snapshot")
+        logger.warning(
+            "replica at offset %d fell behind the journal's retention; reloading the snapshot "
+            "at offset %d",
+            self.replica.offset,
+            latest[0],
+        )
+        snap = await asyncio.to_thread(snapshot.decode, self.replica.schema, latest[1])
+        self.replica.reload(snap)
+        await self.replica.catch_up()
 
     async def beat(self) -> None:
         """Record that this replica is alive, and look up who leads."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from syncd.auth.principal import Principal
 from syncd.config import Limits
+from syncd.core import snapshot
 from syncd.core.ids import Epoch, Offset, QuerySetId
 from syncd.core.protocol.codec import Codec, Format
 from syncd.core.protocol.messages import QueryUpdate
@@ -176,6 +177,19 @@ class Replica:
                 return
             for _, payload in entries:
                 self.on_tx(decode_tx(self.schema, payload))
+
+    def reload(self, snap: snapshot.Snapshot) -> None:
+        """Start over from a snapshot (this replica fell behind what the journal retains).
+
+        Every connection is closed with a resumable code first: their cursors may fall
+        between the old state and the snapshot, so they resume (with a fresh state if needed).
+        """
+        for conn in list(self.connections | set(self._conn_group)):
+            conn.close(CloseCode.SHUTDOWN, "this replica is reloading its state; resume")
+        snapshot.restore(self.store, snap)
+        self.window.clear()
+        self._early.clear()
+        self._release_waiters()
 
     def _apply(self, tx: Tx) -> None:
         self.store.apply(tx.changes, tx.offset)

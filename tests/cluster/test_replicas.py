@@ -299,3 +299,29 @@ async def test_an_identitys_call_budget_is_shared_by_every_replica(replicas_fact
     # The first call on the second replica may pass (its report to Redis is asynchronous);
     # the rest must not.
     assert refused >= 3, refused
+
+
+async def test_a_replica_behind_the_journals_retention_reloads_a_snapshot(
+    replicas_factory: Any,
+) -> None:
+    """The leader snapshots every 20 transactions and keeps only 10 before each snapshot: a
+    replica paused through 100 calls finds its next offset pruned, reloads the latest
+    snapshot, closes its clients with a resumable code, and ends in the leader's state; its
+    client resumes and sees every message."""
+    # Without Redis: it would hold the paused replica's messages in its buffer.
+    group = replicas_factory(2, redis=False, extra=("--snapshot-every", "20", "--retain-txs", "10"))
+    leader = await leader_of(list(group))
+    behind = next(s for s in group if s is not leader)
+    async with client(behind) as watcher, client(leader) as conn:
+        await watcher.subscribe(["SELECT * FROM message"])
+        assert behind.proc is not None
+        behind.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(100):
+                await call_until_done(conn, f"m{i}")
+            await asyncio.sleep(0.5)  # let the last snapshot and prune land
+        finally:
+            behind.proc.send_signal(signal.SIGCONT)
+        await eventually(lambda: len(watcher.db["message"].rows()) == 100, 20)
+    await converged(list(group))
+    assert "fell behind the journal's retention" in behind.log()
