@@ -611,21 +611,23 @@ class PostgresJournal(GroupCommitJournal):
                 if row["snapshot_id"] is None:
                     return None
                 chunks: list[bytes] = []
+                read = 0
                 # One chunk per statement: each is bounded by the read timeout on its own.
-                for seq in range(-(-row["size"] // SNAPSHOT_CHUNK) or 1):
+                while read < row["size"]:
                     chunk = await conn.fetchval(
                         "SELECT data FROM syncd_snapshot_chunk WHERE snapshot_id = $1 AND seq = $2",
                         row["snapshot_id"],
-                        seq,
+                        len(chunks),
                     )
                     if chunk is None:
                         break
                     chunks.append(chunk)
+                    read += len(chunk)
             data = b"".join(chunks)
             if len(data) != row["size"]:
                 raise JournalError(
                     f"snapshot {row['snapshot_id']} at {row['tx_offset']} is torn: "
-                    f"{len(data)} of {row['size']} bytes (was SNAPSHOT_CHUNK changed?)"
+                    f"{len(data)} of {row['size']} bytes"
                 )
             return Offset(row["tx_offset"]), data
 
@@ -822,7 +824,7 @@ class PostgresLease:
                     max_size=2,
                     timeout=self._connect_timeout,
                     command_timeout=self._query_timeout,
-                    server_settings={"application_name": "syncd lease"},
+                    server_settings={"application_name": "syncd lease queries"},
                 )
             async with self._pool.acquire(timeout=self._query_timeout) as conn:
                 try:
