@@ -250,18 +250,19 @@ if __name__ == "__main__":
         import uvloop
 
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    if args.postgres is not None:
-        server = None
-        if not args.postgres:
-            from tests.services.postgres import PostgresServer
+    if args.postgres:
+        with runner:
+            runner.run(main_postgres(args.seconds, args.postgres))
+    elif args.postgres is not None:
+        from tests.services.postgres import PostgresServer
 
-            server = PostgresServer().start()
+        server = PostgresServer()
         try:
+            server.start()
             with runner:
-                runner.run(main_postgres(args.seconds, args.postgres or server.dsn))
+                runner.run(main_postgres(args.seconds, server.dsn))
         finally:
-            if server is not None:
-                server.cleanup()
+            server.cleanup()
     else:
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp, runner:
             runner.run(main(args.seconds, Path(tmp)))
