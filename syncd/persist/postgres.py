@@ -27,7 +27,9 @@ a time), which also holds the per-term lock. Everything else uses a small pool. 
 bounded by short timeouts, and a read that fails because Postgres is unreachable raises
 `JournalError` without failing the journal: the broken connection is discarded and the next
 read reconnects. A failed write (a commit, a snapshot, prune, start_epoch, set_meta) fails the
-journal, as `ports.Journal` says, since its outcome is unknown or the leader was deposed.
+journal, as `ports.Journal` says, since its outcome is unknown or the leader was deposed. So a
+Postgres restart fails a writer at its next commit, even one that was idle meanwhile: its
+connection (and the lease's) is gone, so the leader must acquire again and reopen anyway.
 
 Group commit: `append` only queues (`GroupCommitJournal`); the flusher commits everything
 pending in one transaction. Batches under `COPY_THRESHOLD` entries go in one statement
