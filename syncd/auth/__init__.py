@@ -9,6 +9,7 @@ connect and re-auth, never per message.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from syncd.auth import apikey
 from syncd.auth.anonymous import AnonymousTokens
@@ -68,4 +69,9 @@ class Authenticator:
         if self.jwt is None:
             raise InvalidToken("this server accepts no JWTs (no Supabase URL or JWT secret)")
         claims = await self.jwt.verify_async(token)
+        # The signature check tolerates clock skew on `exp`, but an open connection is closed
+        # (4002) at `exp` by this server's clock: so a token already past it is refused here
+        # too, or a client reconnecting with it would be accepted and closed at once, forever.
+        if claims.expires_at <= time.time():
+            raise InvalidToken("token expired: get a fresh one")
         return dataclasses.replace(principal_from_claims(claims), expires_at=claims.expires_at)
