@@ -551,7 +551,7 @@ export class SyncdClient {
     try {
       const token = this.options.getToken ? await this.fetchToken() : this.tokenValue;
       if (this.closed) return;
-      ws = new this.WebSocketImpl(this.url, [this.codec.subprotocol]);
+      ws = new this.WebSocketImpl(this.url, [this.codec.subprotocol]) as WebSocketLike;
       ws.binaryType = "arraybuffer";
       this.ws = ws;
       this.helloSent = false;

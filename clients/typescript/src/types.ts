@@ -15,8 +15,12 @@ export interface WebSocketLike {
   close(code?: number, reason?: string): void;
 }
 
-/** A WebSocket constructor: `globalThis.WebSocket`, or `ws`'s `WebSocket` in Node 20. */
-export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
+/**
+ * A WebSocket constructor: `globalThis.WebSocket`, or `ws`'s `WebSocket` in Node 20. Its
+ * instances must behave as `WebSocketLike` describes; the type asks only for the constructor's
+ * shape, so implementations whose event types are more specific (like `ws`) fit without a cast.
+ */
+export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => object;
 
 /** `"msgpack"` (the default: binary frames, `syncd.v1.msgpack`) or `"json"` (`syncd.v1.json`). */
 export type WireFormat = "msgpack" | "json";
