@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import secrets
 import signal
 import time
@@ -19,13 +20,14 @@ import pytest
 
 import syncd.client
 from syncd.client import Connection
+from syncd.core.protocol.messages import Cursor, Hello, QuerySet, SubscribeApplied
 from syncd.errors import BackendError
 from tests.client.helpers import eventually, quick_backoff
 from tests.cluster.harness import Replicas, converged, leader_of, ready
 from tests.server_proc import ServerProcess
 from tests.services.postgres import PostgresServer
 from tests.services.redis import RedisServer
-from tests.transport.wire import sql
+from tests.transport.wire import WireClient, sql
 
 pytestmark = pytest.mark.integration
 
@@ -127,10 +129,15 @@ async def test_killing_the_leader_loses_no_acknowledged_call(replicas_factory: A
                 acknowledged.append(text)
                 i += 1
 
+    # A client of the leader: after the kill it resumes, from its cursor, on a survivor.
+    orphan = await WireClient.open(leader)
+    queries = ["SELECT * FROM message"]
+    await orphan.subscribe(queries, query_set_id=1)
     tasks = [asyncio.create_task(writer(s, f"w{n}")) for n, s in enumerate(others)]
     await eventually(lambda: len(acknowledged) >= 50, 20, what="calls flowing")
     killed_at = time.monotonic()
     leader.kill()
+    orphan.abort()
     new_leader = await leader_of(others, within=10)
     took_over = time.monotonic() - killed_at
     assert took_over < 5, f"the new leader took {took_over:.1f}s"
@@ -142,6 +149,23 @@ async def test_killing_the_leader_loses_no_acknowledged_call(replicas_factory: A
     stored = await texts(new_leader)
     assert sorted(set(acknowledged) - set(stored)) == []
     assert len(stored) == len(set(stored)), "a retried call was applied twice"
+    # The orphan resumes on another replica: only what it missed, and then it holds the same
+    # rows as a fresh subscriber.
+    cursor = Cursor(epoch=orphan.epoch, offset=orphan.cache.offset)
+    assert cursor.offset > 0
+    resumed = await WireClient.open(
+        others[0],
+        hello=Hello(
+            token=orphan.token,
+            cursor=cursor,
+            query_sets=[QuerySet(query_set_id=1, queries=queries)],
+        ),
+        cache=copy.deepcopy(orphan.cache),
+    )
+    async with resumed:
+        applied = await resumed.wait_for(lambda m: isinstance(m, SubscribeApplied))
+        assert isinstance(applied, SubscribeApplied) and applied.resumed
+        assert sorted(row[3] for row in resumed.cache.query_set(1)[0].values()) == sorted(stored)
 
 
 async def test_redis_restarted_during_load_loses_nothing(
