@@ -347,10 +347,23 @@ def bind_args(rdef: ReducerDef, args: Sequence[Any] | Mapping[str, Any]) -> list
     return out
 
 
+#: The all-powerful roles: syncd's API-key role `service` and Supabase's `service_role` (its
+#: service key). Each stands for the other in reducer roles, and both bypass visibility rules.
+SERVICE_ROLES = frozenset({"service", "service_role"})
+
+
 def check_role(rdef: ReducerDef, auth: AuthInfo) -> None:
-    """Raise `Forbidden` unless the caller holds one of the reducer's roles (if it names any)."""
-    if rdef.roles is not None and (auth.role is None or auth.role not in rdef.roles):
-        raise Forbidden(f"reducer {rdef.name} requires role {' or '.join(sorted(rdef.roles))}")
+    """Raise `Forbidden` unless the caller holds one of the reducer's roles (if it names any).
+
+    `service` and `service_role` are the same role here (`SERVICE_ROLES`).
+    """
+    roles = rdef.roles
+    if roles is None:
+        return
+    role = auth.role
+    if role is not None and (role in roles or (role in SERVICE_ROLES and roles & SERVICE_ROLES)):
+        return
+    raise Forbidden(f"reducer {rdef.name} requires role {' or '.join(sorted(roles))}")
 
 
 def run_reducer(

@@ -34,6 +34,7 @@ from syncd.core.query import (
     term_count,
     with_visibility,
 )
+from syncd.core.reducers import SERVICE_ROLES
 from syncd.core.schema import Schema
 from syncd.core.store import Row, Store
 from syncd.core.subscriptions import QueryDelta, SubscriptionIndex
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("syncd.replica")
 
 #: Roles that see every row of public tables, whatever their visibility rules.
-BYPASS_ROLES = frozenset({"service", "service_role"})
+BYPASS_ROLES = SERVICE_ROLES
 
 # Compiled queries kept by SQL text (compiling is the slow part of subscribing).
 COMPILED_CACHE = 4096

@@ -217,6 +217,14 @@ def test_roles_are_checked_before_running(h: Harness) -> None:
     h.call("admin_only", role="service")
 
 
+def test_supabase_service_role_counts_as_service(h: Harness) -> None:
+    """Supabase's `service_role` key may call what syncd's `service` role may (and both
+    bypass visibility rules, see test_visibility): they are the same power."""
+    h.call("admin_only", role="service_role")
+    with pytest.raises(syncd.Forbidden):
+        h.call("admin_only", role="anon")
+
+
 def test_async_reducers_are_rejected() -> None:
     """An async reducer is a schema problem, not a silent no-op."""
     with pytest.raises(syncd.SchemaError, match="must not be async"):
