@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -349,3 +352,37 @@ async def test_a_replica_behind_the_journals_retention_reloads_a_snapshot(
         await eventually(lambda: len(watcher.db["message"].rows()) == 100, 20)
     await converged(list(group))
     assert "fell behind the journal's retention" in behind.log()
+
+
+async def test_api_keys_are_managed_once_for_every_replica(
+    replicas_factory: Any, pg_dsn: str
+) -> None:
+    """`syncd keys --postgres` creates a key every replica accepts; revoking it closes the
+    connection using it on another replica and refuses it everywhere."""
+    group = replicas_factory(2)
+    await leader_of(list(group))
+
+    def keys(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "syncd", "keys", "--postgres", pg_dsn, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return done.stdout
+
+    created = keys("create", "--name", "ops-bot", "--role", "service").splitlines()
+    described, secret = json.loads(created[0]), created[1]
+    on_second = await syncd.client.connect(group[1].ws_url, token=secret, reconnect=False)
+    try:
+        assert on_second.identity == described["identity"]
+        await on_second.call("send_message", "from the bot")
+        keys("revoke", "ops-bot")
+        await eventually(lambda: on_second.closed, 5, what="the key's connection closed")
+    finally:
+        with contextlib.suppress(Exception):
+            await on_second.close()
+    for server in group:
+        with pytest.raises(Exception, match="revoked"):
+            await syncd.client.connect(server.ws_url, token=secret, reconnect=False)
