@@ -791,15 +791,21 @@ class PostgresLease:
         )
 
     async def live_instances(self, within_s: float) -> set[str]:
-        """See `ports.LeaderLease.live_instances` (ages by the database's clock)."""
-        rows = await self._query(
-            "reading the live instances",
-            lambda conn: conn.fetch(
+        """See `ports.LeaderLease.live_instances` (ages by the database's clock).
+
+        Also forgets instances silent for a day (each replica boot is a new instance, so
+        their rows would otherwise pile up); the leader asks every second, so this is cheap.
+        """
+
+        async def live(conn: Any) -> Any:
+            await conn.execute("DELETE FROM syncd_replica WHERE seen < now() - interval '1 day'")
+            return await conn.fetch(
                 "SELECT instance FROM syncd_replica "
                 "WHERE seen >= now() - $1::float8 * interval '1 second'",
                 within_s,
-            ),
-        )
+            )
+
+        rows = await self._query("reading the live instances", live)
         return {row["instance"] for row in rows}
 
     async def aclose(self) -> None:
