@@ -32,6 +32,9 @@ class Limits:
     #: Subscribes and one-off queries (which read initial rows) one identity may send per
     #: second on average (0: no limit), in bursts of twice that.
     queries_per_second: float = 200.0
+    #: Ping, Unsubscribe and Reauth messages one connection may send per second on average
+    #: (bursts of twice that); more closes it with 4503.
+    control_per_second: float = 50.0
 
 
 @dataclass(frozen=True, slots=True)

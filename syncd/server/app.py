@@ -167,6 +167,10 @@ class Server:
         # Subscribes and one-off queries per identity: they read initial rows.
         qps = config.limits.queries_per_second
         self.query_limiter: Limiter = RateLimiter(qps, 2 * qps)
+        # Pings, unsubscribes and re-authentications per connection.
+        self.control_limiter = RateLimiter(
+            config.limits.control_per_second, 2 * config.limits.control_per_second
+        )
         self._snapshot_task: asyncio.Task[None] | None = None
         # Closes connections whose API key gets revoked.
         self._revocations: asyncio.Task[None] | None = None

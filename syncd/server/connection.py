@@ -307,7 +307,8 @@ class Connection:
                             TOO_MANY_QUERIES,
                         )
                 case Unsubscribe():
-                    self._unsubscribe(event)
+                    if self._control_allowed():
+                        self._unsubscribe(event)
                 case MergeCrdt():
                     if self._within_rate(event.request_id):
                         await self._start(self._merge(event))
@@ -324,10 +325,23 @@ class Connection:
                             )
                         )
                 case Ping():
-                    self.session.send(Pong(nonce=event.nonce))
+                    if self._control_allowed():
+                        self.session.send(Pong(nonce=event.nonce))
                 case Reauth():
-                    await self._reauth(event)
+                    if self._control_allowed():
+                        await self._reauth(event)
             self._dirty()
+
+    def _control_allowed(self) -> bool:
+        """Pings, unsubscribes and re-authentications share a per-connection bucket: a client
+        needs a few a minute, so one flooding them (a Reauth verifies a signature) is closed
+        with BAD_REQUEST instead of taking the server's CPU."""
+        if self.server.control_limiter.allow(self.connection_id, time.monotonic()):
+            return True
+        message = "too many Ping, Unsubscribe or Reauth messages"
+        self.session.send(Error(code=ErrorCode.RATE_LIMITED, message=message))
+        self.close(CloseCode.BAD_REQUEST, message)
+        return False
 
     def _queries_allowed(self) -> bool:
         assert self.principal is not None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from syncd.core.protocol.messages import Error, Hello, SubscriptionFailed
+from syncd.core.protocol.messages import Error, Hello, Ping, Pong, SubscriptionFailed
 from syncd.errors import CloseCode, ErrorCode
 from tests.server_proc import ServerProcess, serving
 from tests.transport.wire import WireClient
@@ -55,3 +55,23 @@ async def test_overly_complex_queries_are_refused(server: ServerProcess) -> None
         assert failed.code == ErrorCode.LIMIT_EXCEEDED and "limit is 4" in failed.message
         ok = await client.subscribe(["SELECT * FROM message WHERE id IN (1, 2)"], query_set_id=2)
         assert not isinstance(ok, SubscriptionFailed)
+
+
+async def test_a_connection_flooding_pings_is_closed_and_others_are_not(
+    server: ServerProcess,
+) -> None:
+    """Pings (like Unsubscribe and Reauth) share a per-connection bucket of 50/s, bursts of
+    100: a client sending 500 at once gets RATE_LIMITED and close 4503; a client pinging at a
+    normal pace on the same server is unaffected."""
+    async with await WireClient.open(server) as calm, await WireClient.open(server) as noisy:
+        for nonce in range(500):
+            await noisy.send(Ping(nonce=nonce))
+        code, reason = await noisy.wait_closed()
+        assert code == CloseCode.BAD_REQUEST and "too many" in reason
+        error = noisy.first(Error)
+        assert error is not None and error.code == ErrorCode.RATE_LIMITED
+        pongs = noisy.all(Pong)
+        assert 100 <= len(pongs) < 500
+        await calm.send(Ping(nonce=7))
+        pong = await calm.wait_for(lambda m: isinstance(m, Pong))
+        assert isinstance(pong, Pong) and pong.nonce == 7
