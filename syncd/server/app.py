@@ -335,6 +335,8 @@ class Server:
                 logger.exception("reading revoked API keys failed")
                 continue
             since = now
+            if not revoked:
+                continue  # the common case: no walk over every connection each poll
             for conn in list(self.connections):
                 principal = conn.principal
                 if principal is not None and principal.key_id in revoked:
