@@ -15,7 +15,6 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import HTTPConnection
@@ -131,8 +130,6 @@ class Connection:
         self._asgi_send = websocket._send
         self._proto = _raw_protocol(websocket)
         self._opcode = OP_TEXT if fmt == "json" else OP_BINARY
-        # Orders reducer submissions: calls run in the order the client sent them.
-        self._submit = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         # Closes the connection when the token expires (None: no expiry, or not yet known).
         self._expiry: asyncio.TimerHandle | None = None
@@ -295,7 +292,7 @@ class Connection:
             match event:
                 case CallReducer():
                     if self._within_rate(event.request_id):
-                        await self._start(self._call(event))
+                        self._started(*await self._call(event))
                 case Subscribe():
                     if self._queries_allowed():
                         self._subscribe(event)
@@ -311,7 +308,7 @@ class Connection:
                         self._unsubscribe(event)
                 case MergeCrdt():
                     if self._within_rate(event.request_id):
-                        await self._start(self._merge(event))
+                        self._started(*await self._merge(event))
                 case OneOffQuery():
                     if self._queries_allowed():
                         self._one_off(event)
@@ -364,13 +361,11 @@ class Connection:
         )
         return False
 
-    async def _start(
-        self, submit: Awaitable[tuple[RequestId, asyncio.Future[CallOutcome]]]
-    ) -> None:
-        # Submit in order (the reducer runs now); the result is sent from a callback once the
+    def _started(self, request_id: RequestId, pending: asyncio.Future[CallOutcome]) -> None:
+        # The call was submitted (the reducer ran); the result is sent from a callback once the
         # transaction is durable, so pipelined calls from one client share group commits.
-        async with self._submit:
-            request_id, pending = await submit
+        # Calls are submitted in the order the client sent them: only the read loop submits,
+        # one call at a time (it awaits each submission before it reads the next event).
         if pending.done():
             self._on_outcome(request_id, pending)
         else:

@@ -155,9 +155,12 @@ class Leader:
         rdef = self.schema.reducers.get(name)
         if rdef is None or not rdef.callable_by_clients:
             return _done(CallOutcome(False, error=NoSuchReducer(f"no reducer named {name!r}")))
-        key, early = await self._admit(sender, idempotency_key)
-        if early is not None:
-            return early
+        if idempotency_key is None and self.failed is None:
+            key = None  # nothing to look up: skip _admit's coroutine on the common path
+        else:
+            key, early = await self._admit(sender, idempotency_key)
+            if early is not None:
+                return early
         timestamp, stamp = self._timing()
         try:
             changes = run_reducer(
