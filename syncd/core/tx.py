@@ -65,11 +65,16 @@ def changes_to_state(schema: Schema, changes: ChangeSet) -> dict[str, list[Any]]
     out: dict[str, list[Any]] = {}
     for name, rows in changes.tables.items():
         tdef = schema.tables[name]
+        if not tdef.crdt_positions:
+            # Plain rows are their own state. msgspec writes a tuple as the same array as a
+            # list, so the (old, new) pairs and rows go out as they are, without copies.
+            out[name] = list(rows.values())
+            continue
         out[name] = [
-            [
+            (
                 None if old is None else row_to_state(tdef, old),
                 None if new is None else row_to_state(tdef, new),
-            ]
+            )
             for old, new in rows.values()
         ]
     return out
