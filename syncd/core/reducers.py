@@ -321,6 +321,16 @@ def bind_args(rdef: ReducerDef, args: Sequence[Any] | Mapping[str, Any]) -> list
     Returns the python-form argument list. Raises `ArgumentError` naming the argument.
     """
     params = rdef.params
+    if type(args) is list and len(args) == len(params):
+        # The usual call: every argument given by position. Same checks as below.
+        out: list[Any] = []
+        for p, value in zip(params, args, strict=True):
+            try:
+                checked = p.type.check(value)
+                out.append(checked if p.plain else p.type.to_python(checked))
+            except ValueError as exc:
+                raise ArgumentError(f"{rdef.name}: argument {p.name!r}: {exc}") from None
+        return out
     if type(args) is not list and isinstance(args, Mapping):
         extra = [k for k in args if not any(p.name == k for p in params)]
         if extra:
@@ -332,7 +342,7 @@ def bind_args(rdef: ReducerDef, args: Sequence[Any] | Mapping[str, Any]) -> list
         raw = list(args)
         if len(raw) < len(params):
             raw.extend([NO_DEFAULT] * (len(params) - len(raw)))
-    out: list[Any] = []
+    out = []
     for p, value in zip(params, raw, strict=True):
         if value is NO_DEFAULT:
             if p.default is NO_DEFAULT:
@@ -399,7 +409,7 @@ def run_reducer(
     ctx = ReducerContext(sender, connection_id, timestamp, Database(tx), auth)
     try:
         result = rdef.fn(ctx, *bound)
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             close = getattr(result, "close", None)
             if close is not None:
                 close()

@@ -64,7 +64,12 @@ class HashIndex:
         return tuple(row[p] for p in self._positions)
 
     def add(self, row: Row, pk: Any) -> None:
-        self.entries.setdefault(self.key(row), set()).add(pk)
+        key = self.key(row)
+        pks = self.entries.get(key)
+        if pks is None:
+            self.entries[key] = {pk}
+        else:
+            pks.add(pk)  # no throwaway set() per add, as setdefault would build
 
     def remove(self, row: Row, pk: Any) -> None:
         key = self.key(row)
