@@ -55,6 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
             redis_url=args.redis or None,
             advertise_url=args.advertise_url or None,
             lease_poll_s=args.lease_poll,
+            lease_timeout_s=args.lease_timeout,
             heartbeat_lapse_s=args.heartbeat_lapse,
         ),
     )
@@ -255,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_CLUSTER.lease_poll_s,
         metavar="SECONDS",
         help="how often replicas try to take over a lapsed leadership",
+    )
+    cluster.add_argument(
+        "--lease-timeout",
+        type=float,
+        default=_CLUSTER.lease_timeout_s,
+        metavar="SECONDS",
+        help="a leader silent this long towards Postgres (frozen, cut off) loses leadership",
     )
     cluster.add_argument(
         "--heartbeat-lapse",

@@ -78,6 +78,9 @@ class ClusterConfig:
         lease_poll_s: how often a replica tries to take over the lease, and the leader checks
             that it still holds it. A dead leader is replaced within about this plus the time
             Postgres needs to notice its connection closed.
+        lease_timeout_s: a leader that sends Postgres nothing for this long (frozen, cut off)
+            loses the lease (Postgres ends its session); must exceed `lease_poll_s` several
+            times over.
         heartbeat_s: how often each replica records that it is alive.
         heartbeat_lapse_s: a replica silent for this long is dead: its connections are removed
             (and `client_disconnected` runs for each).
@@ -90,6 +93,7 @@ class ClusterConfig:
     redis_url: str | None = None
     advertise_url: str | None = None
     lease_poll_s: float = 0.5
+    lease_timeout_s: float = 3.0
     heartbeat_s: float = 1.0
     heartbeat_lapse_s: float = 5.0
     journal_poll_s: float = 0.2

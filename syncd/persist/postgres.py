@@ -664,6 +664,13 @@ class PostgresLease:
         connect_timeout: seconds to wait for a new connection.
         check_timeout: seconds `still_held` waits for its answer.
         query_timeout: seconds any other statement may take.
+        idle_timeout: Postgres ends the dedicated session after this many seconds without a
+            statement (`idle_session_timeout`, Postgres 14+), and TCP keepalives notice a
+            vanished host within about as long. So a holder that is frozen (SIGSTOP, a long
+            pause, a VM migration) or cut off loses the lock, and another process takes over;
+            when it wakes, its journal's next commit is fenced. The holder must call
+            `still_held` more often than this (the cluster does, every lease poll). None: rely
+            on Postgres noticing a closed connection only.
     """
 
     def __init__(
@@ -673,8 +680,18 @@ class PostgresLease:
         connect_timeout: float = 2.0,
         check_timeout: float = 1.0,
         query_timeout: float = 5.0,
+        idle_timeout: float | None = 3.0,
     ) -> None:
         self.dsn = dsn
+        self._settings = {"application_name": "syncd lease"}
+        if idle_timeout is not None:
+            seconds = max(1, round(idle_timeout))
+            self._settings.update(
+                idle_session_timeout=str(round(idle_timeout * 1000)),
+                tcp_keepalives_idle=str(seconds),
+                tcp_keepalives_interval="1",
+                tcp_keepalives_count="2",
+            )
         self._connect_timeout = connect_timeout
         self._check_timeout = check_timeout
         self._query_timeout = query_timeout
@@ -709,7 +726,7 @@ class PostgresLease:
                         self.dsn,
                         timeout=self._connect_timeout,
                         command_timeout=self._query_timeout,
-                        server_settings={"application_name": "syncd lease"},
+                        server_settings=self._settings,
                     )
                 conn = self._conn
                 try:

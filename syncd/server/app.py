@@ -286,7 +286,7 @@ class Server:
             cfg,
             instance=self.instance,
             address=self.address,
-            lease=PostgresLease(dsn),
+            lease=PostgresLease(dsn, idle_timeout=max(cfg.lease_timeout_s, 4 * cfg.lease_poll_s)),
             reader=journal,
             open_writer=lambda term: PostgresJournal(dsn, term=term),
             broker=self.broker,

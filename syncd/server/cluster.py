@@ -98,7 +98,12 @@ class Cluster:
         self.journal_reachable = True
         # The leader's address as last read from the lease (for /readyz and operators).
         self.leader_address: str | None = None
-        self.link = LeaderLink(self._locate, self.secret, timeout=config.forward_timeout_s)
+        self.link = LeaderLink(
+            self._locate,
+            self.secret,
+            timeout=config.forward_timeout_s,
+            hint=lambda: self.leader_address,
+        )
         self._secret: bytes | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._became_leader = asyncio.Event()
@@ -280,6 +285,7 @@ class Cluster:
             task.cancel()
             self._tasks.remove(task)
         if leader is not None:
+            self.leader_address = None  # not us any more; the next heartbeat looks it up
             if not quietly:
                 logger.warning("%s steps down: %s", self.instance, reason)
             self.on_leader_change(None)

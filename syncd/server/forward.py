@@ -149,8 +149,12 @@ class LeaderLink:
         *,
         timeout: float = 10.0,
         connect_timeout: float = 2.0,
+        hint: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._locate = locate
+        # Where the leader is believed to be now (cheap; refreshed elsewhere): a link to
+        # another address is dropped before the next request.
+        self._hint = hint
         self._secret = secret
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -222,7 +226,18 @@ class LeaderLink:
             if not fut.done():
                 fut.set_result(CallOutcome(False, error=BackendError(message)))
 
+    def _drop(self, ws: ClientConnection) -> None:
+        """Abandon a link (its reader fails what is pending); the next request relocates."""
+        if self._ws is ws:
+            self._ws = None
+            self.address = None
+        ws.transport.abort()
+
     async def request(self, frame: list[Any]) -> asyncio.Future[CallOutcome]:
+        current, believed = self._ws, self._hint()
+        if current is not None and believed is not None and believed != self.address:
+            logger.info("the leader moved to %s; relinking", believed)
+            self._drop(current)
         try:
             ws = await self._connect()
         except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
@@ -252,6 +267,10 @@ class LeaderLink:
             fut.set_result(
                 CallOutcome(False, error=BackendError("the leader did not answer in time; retry"))
             )
+            # A leader that does not answer may be frozen or cut off while its socket looks
+            # open: stop using this link.
+            if self._ws is not None:
+                self._drop(self._ws)
 
     async def aclose(self) -> None:
         ws, self._ws = self._ws, None

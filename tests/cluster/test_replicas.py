@@ -397,3 +397,38 @@ async def test_api_keys_are_managed_once_for_every_replica(
     for server in group:
         with pytest.raises(Exception, match="revoked"):
             await syncd.client.connect(server.ws_url, token=secret, reconnect=False)
+
+
+async def test_a_frozen_leader_is_replaced_and_fenced(replicas_factory: Any) -> None:
+    """SIGSTOP the leader (a long pause, a frozen VM): Postgres ends its silent session, so
+    another replica takes over within a few seconds and calls go on; when the old leader
+    wakes it cannot append (fenced), follows the new leader, and every replica converges."""
+    group = replicas_factory(3, extra=("--lease-timeout", "2"))
+    leader = await leader_of(list(group))
+    others = [s for s in group if s is not leader]
+    assert leader.proc is not None
+    async with client(others[0]) as conn:
+        await call_until_done(conn, "before the freeze")
+        leader.proc.send_signal(signal.SIGSTOP)
+        try:
+            frozen_at = time.monotonic()
+            new_leader = await leader_of(others, within=15)
+            assert time.monotonic() - frozen_at < 10
+            for i in range(10):
+                await call_until_done(conn, f"while frozen {i}")
+        finally:
+            leader.proc.send_signal(signal.SIGCONT)
+        # The old leader wakes up as a replica.
+        await eventually(
+            lambda: _role_is(leader, "replica"), 15, what="the old leader stepped down"
+        )
+        await call_until_done(conn, "after the thaw")
+    await converged(list(group))
+    stored = await texts(new_leader)
+    assert sorted(stored) == sorted(
+        ["before the freeze", "after the thaw", *(f"while frozen {i}" for i in range(10))]
+    )
+
+
+async def _role_is(server: ServerProcess, role: str) -> bool:
+    return bool((await ready(server))["role"] == role)
