@@ -30,7 +30,7 @@ from tests.cluster.harness import Replicas, converged, leader_of, ready
 from tests.server_proc import ServerProcess
 from tests.services.postgres import PostgresServer
 from tests.services.redis import RedisServer
-from tests.transport.wire import WireClient, sql
+from tests.transport.wire import WireClient, ahttp, sql
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +107,23 @@ async def test_a_call_on_any_replica_reaches_subscribers_on_every_replica(
         # Presence is replicated: three connections, each on its own replica's instance.
         presence = await sql(leader, "SELECT * FROM syncd_connection")
         assert len({row[2] for row in presence}) == 3
+    # HTTP calls are forwarded too, and answered once the replica has the transaction; a
+    # retry with the same key (and the same identity: keys are scoped to the caller) is not
+    # applied again.
+    follower = next(s for s in group if s is not leader)
+    async with client(follower) as someone:
+        headers = {"Idempotency-Key": "h1", "Authorization": f"Bearer {someone.token}"}
+    status, called = await ahttp(
+        follower, "POST", "/v1/call/send_message", '["over http"]', headers
+    )
+    assert status == 200 and called["ok"], called
+    assert "over http" in await texts(follower)
+    again_status, again = await ahttp(
+        follower, "POST", "/v1/call/send_message", '["over http"]', headers
+    )
+    assert again_status == 200 and again["offset"] == called["offset"]  # applied once
     await converged(list(group))
+    assert (await texts(leader)).count("over http") == 1
     status = await ready(group[1])
     assert status["role"] == "replica" and status["leader"] == leader.http_url
     assert status["lag"] == 0 and status["broker_connected"] is True
