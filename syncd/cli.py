@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from syncd.config import AuthConfig, ClusterConfig, Config, Limits
-from syncd.errors import ConfigError
+from syncd.errors import ConfigError, JournalError
 
 _LIMITS = Limits()
 _CLUSTER = ClusterConfig()
@@ -63,6 +63,41 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("--redis needs --postgres: replicas share the Postgres journal")
     config.data_dir.mkdir(parents=True, exist_ok=True)
     run(config, log_level=args.log_level)
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from syncd.server.backup import backup
+
+    info = backup(Path(args.data), Path(args.out))
+    print(
+        json.dumps(
+            {"backup": args.out, "epoch": info.epoch, "offset": info.offset, "files": info.files}
+        )
+    )
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from syncd.server.backup import restore
+    from syncd.server.loader import load_module_schema
+
+    at_micros = None
+    if args.at_time:
+        try:
+            when = datetime.fromisoformat(args.at_time)
+        except ValueError:
+            raise ConfigError(f"--at-time: not an ISO 8601 time: {args.at_time!r}") from None
+        if when.tzinfo is None:
+            raise ConfigError("--at-time needs a time zone, e.g. 2026-11-28T12:00:00+00:00")
+        at_micros = int(when.timestamp() * 1_000_000)
+    schema = load_module_schema(Path(args.module))
+    info = restore(
+        schema, Path(args.backup), Path(args.data), at_offset=args.at_offset, at_micros=at_micros
+    )
+    print(json.dumps({"restored": args.data, "epoch": info.epoch, "offset": info.offset}))
     return 0
 
 
@@ -279,6 +314,36 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default=os.environ.get("SYNCD_LOG_LEVEL", "info"))
     serve.set_defaults(func=_serve)
 
+    backup = sub.add_parser(
+        "backup",
+        help="copy the embedded journal while the server runs",
+        description="Write a consistent copy of a data directory's journal and API keys into "
+        "a new directory (itself a valid data directory). With --postgres the journal is in "
+        "Postgres: use pg_dump or base backups instead (docs/operations.md).",
+    )
+    backup.add_argument("--data", default=os.environ.get("SYNCD_DATA", "syncd-data"))
+    backup.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory")
+    backup.set_defaults(func=_backup)
+
+    restore = sub.add_parser(
+        "restore",
+        help="make a backup a server's data directory, optionally at an earlier point",
+        description="Copy a backup into a new data directory. With --at-offset or --at-time "
+        "the state is rolled back to that transaction and a new log epoch starts from it "
+        "(clients holding an older cursor get a fresh state). The server must be stopped.",
+    )
+    restore.add_argument("backup", metavar="BACKUP_DIR")
+    restore.add_argument("--data", required=True, metavar="DIR", help="the new data directory")
+    restore.add_argument(
+        "--module", required=True, help="the module the data belongs to (to rebuild state)"
+    )
+    point = restore.add_mutually_exclusive_group()
+    point.add_argument("--at-offset", type=int, metavar="N", help="the state after offset N")
+    point.add_argument(
+        "--at-time", metavar="ISO", help="the state after the last transaction at or before"
+    )
+    restore.set_defaults(func=_restore)
+
     keys = sub.add_parser(
         "keys",
         help="create, list and revoke API keys",
@@ -324,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, JournalError) as exc:
         print(f"syncd: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
