@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,32 @@ def test_bad_requests_are_refused_clearly(tmp_path: Path) -> None:
         "2026-01-01T00:00:00",
     )
     assert naive.returncode == 2 and "time zone" in naive.stderr
+
+
+async def test_restore_at_a_time(tmp_path: Path) -> None:
+    """--at-time keeps the transactions committed at or before that instant."""
+    with serving("schema/chat.py", tmp_path / "data") as server:
+        await send(server, "early")
+        await asyncio.sleep(0.2)
+        cut = datetime.now(UTC).isoformat()
+        await asyncio.sleep(0.2)
+        await send(server, "late")
+        assert (
+            syncd(
+                "backup", "--data", str(server.data_dir), "--out", str(tmp_path / "bk")
+            ).returncode
+            == 0
+        )
+    done = syncd(
+        "restore",
+        str(tmp_path / "bk"),
+        "--data",
+        str(tmp_path / "new"),
+        "--module",
+        "schema/chat.py",
+        "--at-time",
+        cut,
+    )
+    assert done.returncode == 0, done.stderr
+    with serving("schema/chat.py", tmp_path / "new") as restored:
+        assert await messages(restored) == ["early"]
