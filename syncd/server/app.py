@@ -638,7 +638,17 @@ def run(config: Config, *, log_level: str = "info") -> None:
     sock = bind_socket(config.host, config.port)
     host, port = sock.getsockname()[:2]
     if not config.cluster.advertise_url:
-        shown_host = f"[{host}]" if ":" in host else host
+        reachable = host
+        if host in ("0.0.0.0", "::"):
+            # Listening everywhere: other replicas need a name for this host, not 0.0.0.0.
+            reachable = socket.getfqdn()
+            if config.cluster.enabled:
+                logger.warning(
+                    "listening on all interfaces; other replicas will reach this one at %s "
+                    "(set --advertise-url if that name does not resolve for them)",
+                    reachable,
+                )
+        shown_host = f"[{reachable}]" if ":" in reachable else reachable
         server.address = f"http://{shown_host}:{port}"
     limits = config.limits
     uv_config = uvicorn.Config(
