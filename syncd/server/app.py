@@ -74,6 +74,8 @@ logger = logging.getLogger("syncd")
 SERVER_IDENTITY = Identity("syncd-server")
 # How often the server looks for API keys revoked from another process.
 REVOCATION_POLL_S = 0.5
+# Shortest time between two computations of /readyz?state=1's hash (it reads every row).
+STATE_HASH_INTERVAL_S = 0.5
 ANON_SECRET_KEY = "anonymous_token_secret"
 _json = msgspec.json.Encoder()
 
@@ -175,6 +177,8 @@ class Server:
         # Closes connections whose API key gets revoked.
         self._revocations: asyncio.Task[None] | None = None
         self._last_snapshot = 0
+        # /readyz?state=1: (offset, hash of the state at it, when computed).
+        self._state_hash: tuple[int, str, float] = (-1, "", float("-inf"))
         self.started = False
 
     async def start(self) -> None:
@@ -513,8 +517,15 @@ class Server:
         }
         if self.started and request.query_params.get("state") == "1":
             # For comparing replicas: equal hashes at equal offsets mean equal state. It reads
-            # every row, so it is opt-in.
-            body["state_hash"] = snapshot.state_hash(self.replica.store)
+            # every row, so it is opt-in, computed once per offset, and at most twice a second
+            # (a cached hash says which offset it is for).
+            offset, digest, at = self._state_hash
+            now = time.monotonic()
+            if offset != self.replica.offset and now - at >= STATE_HASH_INTERVAL_S:
+                offset, digest = self.replica.offset, snapshot.state_hash(self.replica.store)
+                self._state_hash = (offset, digest, now)
+            body["state_hash"] = digest
+            body["state_offset"] = offset
         if cluster is not None:
             body["term"] = cluster.term
             body["leader"] = cluster.address if leader is not None else cluster.leader_address

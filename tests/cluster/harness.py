@@ -99,8 +99,8 @@ async def converged(replicas: list[ServerProcess], within: float = 20.0) -> str:
     while True:
         try:
             states = [await ready(s, state=True) for s in replicas]
-            last = [(s["offset"], s["lag"], s["state_hash"][:12]) for s in states]
-            offsets = {s["offset"] for s in states}
+            last = [(s["state_offset"], s["lag"], s["state_hash"][:12]) for s in states]
+            offsets = {s["state_offset"] for s in states} | {s["offset"] for s in states}
             hashes = {s["state_hash"] for s in states}
             if len(offsets) == 1 and len(hashes) == 1 and all(s["lag"] == 0 for s in states):
                 # Still equal a moment later: nothing was in flight.
