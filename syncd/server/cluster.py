@@ -244,7 +244,10 @@ class Cluster:
         # bring the replica up to the head, then lead from exactly that state.
         head = await writer.latest_offset()
         while self.replica.offset < head:
+            before = self.replica.offset
             await self.replica.catch_up()
+            if self.replica.offset == before:
+                raise JournalError(f"cannot read the journal past offset {before} (head {head})")
         self.head = head
         for key, make in self._meta_defaults.items():
             if await writer.get_meta(key) is None:
