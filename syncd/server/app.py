@@ -436,6 +436,7 @@ class Server:
             routes=[
                 Route("/healthz", self.healthz),
                 Route("/readyz", self.readyz),
+                Route("/metrics", self.metrics),
                 Route("/v1/schema", self.schema_endpoint),
                 Route("/v1/sql", self.sql, methods=["POST"]),
                 Route("/v1/call/{reducer}", self.call, methods=["POST"]),
@@ -532,6 +533,44 @@ class Server:
             body["journal_reachable"] = cluster.journal_reachable
             body["broker_connected"] = self.broker.connected
         return _json_response(body, 200 if ready else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text format: where this process stands, for dashboards and alerts."""
+        lines: list[str] = []
+
+        def gauge(name: str, value: float, help_text: str, kind: str = "gauge") -> None:
+            lines.append(f"# HELP syncd_{name} {help_text}")
+            lines.append(f"# TYPE syncd_{name} {kind}")
+            lines.append(f"syncd_{name} {value:g}")
+
+        gauge("up", 1, "1 while the process serves")
+        gauge("ready", 1 if self.started else 0, "1 once the database is loaded")
+        gauge("leader", 1 if self.leader is not None else 0, "1 while this process leads")
+        gauge("connections", len(self.connections), "open WebSocket connections")
+        if self.started:
+            gauge("epoch", self.journal.epoch, "the log epoch")
+            gauge("applied_offset", self.replica.offset, "the last transaction applied here")
+            leader = self.leader
+            if leader is not None:
+                gauge("appended_offset", leader.appended, "the last transaction appended")
+                gauge("published_offset", leader.published, "the last transaction published")
+        cluster = self.cluster
+        if cluster is not None:
+            gauge("lag", cluster.lag, "transactions in the journal not applied here yet")
+            gauge("term", cluster.term or 0, "the fencing term while leading (0: not leading)")
+            gauge(
+                "journal_reachable", 1 if cluster.journal_reachable else 0, "Postgres answers"
+            )
+            gauge(
+                "forwarded_total", cluster.link.forwarded, "writes sent to the leader", "counter"
+            )
+        gauge("broker_connected", 1 if self.broker.connected else 0, "fan-out receives")
+        for counter in ("published", "received", "dropped", "reconnects"):
+            value = getattr(self.broker, counter, None)
+            if isinstance(value, int):
+                gauge(f"broker_{counter}_total", value, f"broker: {counter}", "counter")
+        body = "\n".join(lines) + "\n"
+        return Response(body, media_type="text/plain; version=0.0.4")
 
     async def schema_endpoint(self, request: Request) -> Response:
         described = self.schema.describe()

@@ -322,6 +322,13 @@ async def test_readyz_reports_role_offset_and_lag(replicas_factory: Any) -> None
     assert lead["status"] == 200 and follow["status"] == 200
     for body in (lead, follow):
         assert isinstance(body["offset"], int) and body["lag"] >= 0
+    # The same in Prometheus text.
+    _, text = await ahttp(follower, "GET", "/metrics")
+    lines = dict(
+        line.split(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+    assert lines["syncd_leader"] == "0" and lines["syncd_broker_connected"] == "1"
+    assert "syncd_lag" in lines and "syncd_broker_received_total" in lines
 
 
 async def test_an_identitys_call_budget_is_shared_by_every_replica(replicas_factory: Any) -> None:

@@ -125,3 +125,26 @@ async def test_call_commits_and_maps_errors_to_statuses(notes: ServerProcess) ->
         assert await sql(notes, "SELECT * FROM note WHERE id = 7203") == []
         status, _ = await ahttp(notes, "GET", "/v1/call/put_note")
         assert status == 405
+
+
+def _metrics(text: str) -> dict[str, float]:
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+async def test_metrics_in_prometheus_text(notes: ServerProcess) -> None:
+    """/metrics: Prometheus text with HELP and TYPE lines; the applied offset moves with a
+    commit, and the embedded server leads."""
+    status, text = await ahttp(notes, "GET", "/metrics")
+    assert status == 200 and "# TYPE syncd_applied_offset gauge" in text
+    before = _metrics(text)
+    assert before["syncd_up"] == 1 and before["syncd_leader"] == 1
+    status, called = await ahttp(notes, "POST", "/v1/call/put_folder", '[7101, "metrics", false]')
+    assert status == 200
+    await settled(notes, connections=0)
+    after = _metrics((await ahttp(notes, "GET", "/metrics"))[1])
+    assert after["syncd_applied_offset"] >= called["offset"] > before["syncd_applied_offset"]
+    assert after["syncd_published_offset"] >= called["offset"]
