@@ -28,3 +28,9 @@ bench:
 	$(PY) bench/journal.py
 	$(PY) bench/fanout.py
 	$(PY) bench/throughput.py
+	$(PY) bench/throughput.py --backend postgres
+	$(PY) bench/journal.py --postgres
+	$(PY) bench/redis_fanout.py
+	$(PY) bench/replicas.py
+	$(PY) bench/visibility.py
+	$(PY) bench/visibility_e2e.py
