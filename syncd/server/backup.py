@@ -7,10 +7,11 @@ mid-way). The result is a directory holding `journal.sqlite3` and `keys.sqlite3`
 itself a valid data directory.
 
 **Restore** puts a backup in place as a server's data directory (the server must be stopped:
-the journal's lock says so), and optionally rolls it back to a point in time: `--at-offset N`
-or `--at-time T` rebuild the state as of that transaction (latest snapshot at or before it,
-then the journal), then start a new log epoch from it (`Journal.start_epoch`). Clients that
-come back with a cursor of the old epoch get a fresh state.
+the journal's lock says so), optionally rolled back to a point in time (`--at-offset N` or
+`--at-time T`): it rebuilds the state as of that transaction (or the backup's last one) and
+starts a new log epoch from it (`Journal.start_epoch`). Always a new epoch: the server the
+backup came from went on past it, so clients that come back with a cursor of the old epoch
+must get a fresh state, never a "resume" onto offsets that now mean other transactions.
 
 With `--postgres`, the journal lives in Postgres: back it up with Postgres's own tools
 (`pg_dump`, or base backups with WAL archiving for point-in-time recovery); see
@@ -182,12 +183,14 @@ async def _roll_back(
     schema: Schema, data_dir: Path, at_offset: int | None, at_micros: int | None
 ) -> BackupInfo:
     async with SqliteJournal(data_dir / DEFAULT_FILENAME) as journal:
-        if at_offset is None and at_micros is None:
-            return BackupInfo(journal.epoch, await journal.latest_offset(), [])
-        target = at_offset
-        if target is None:
-            assert at_micros is not None
+        # Always a new epoch, even without a point: the server the backup came from went on
+        # past it, so its clients hold cursors whose offsets mean other transactions here.
+        if at_offset is not None:
+            target = at_offset
+        elif at_micros is not None:
             target = await offset_at_time(schema, journal, at_micros)
+        else:
+            target = await journal.latest_offset()
         store = await state_at(schema, journal, target)
         # The new epoch starts from this state at offset 0.
         snap = snapshot.take(store)
