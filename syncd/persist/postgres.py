@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -634,6 +635,30 @@ class PostgresJournal(GroupCommitJournal):
             return Offset(row["tx_offset"]), data
 
         return await self._read("reading the latest snapshot", latest)
+
+    async def database_id(self) -> str:
+        """A random id naming this database, created by whoever asks first (atomically).
+
+        Replicas scope their Redis channels and keys with it, so clusters on different
+        databases that share one Redis never see each other's transactions.
+
+        Raises:
+            JournalError: Postgres cannot be reached.
+        """
+        fresh = secrets.token_hex(8).encode()
+
+        async def get_or_create(conn: Any) -> bytes:
+            await conn.execute(
+                "INSERT INTO syncd_meta (key, value) VALUES ('database_id', $1) "
+                "ON CONFLICT (key) DO NOTHING",
+                fresh,
+            )
+            value: bytes = await conn.fetchval(
+                "SELECT value FROM syncd_meta WHERE key = 'database_id'"
+            )
+            return value
+
+        return (await self._read("reading the database id", get_or_create)).decode()
 
     async def _storage_get_meta(self, key: str) -> bytes | None:
         value: bytes | None = await self._read(

@@ -155,6 +155,8 @@ class Server:
         # Built by start(). `leader` is None on a replica that does not lead.
         self.leader: Leader | None = None
         self.cluster: Cluster | None = None
+        # Prefix of this database's Redis channels and keys (replicas with --redis).
+        self.redis_scope = "syncd:"
         self.writer: Writer
         self.replica: Replica
         self.authenticator: Authenticator
@@ -273,9 +275,16 @@ class Server:
         if cfg.redis_url:
             from syncd.fanout.redis import RedisBroker
 
+            # Channels and keys named after this database: clusters that share a Redis (any
+            # logical db number: pub/sub ignores it) never mix their transactions.
+            assert isinstance(journal, PostgresJournal)
+            self.redis_scope = f"syncd:{await journal.database_id()}:"
             schema = self.schema
             self.broker = RedisBroker(
-                cfg.redis_url, decode=lambda data: decode_tx(schema, data), instance=self.instance
+                cfg.redis_url,
+                decode=lambda data: decode_tx(schema, data),
+                instance=self.instance,
+                channel=f"{self.redis_scope}tx",
             )
         self.broker.subscribe(self.replica.on_tx)
         self.broker.subscribe(self._after_tx)
@@ -313,10 +322,11 @@ class Server:
 
         limits = self.config.limits
         qps = limits.queries_per_second
+        scope = self.redis_scope
         calls = RedisRateLimiter(
-            redis_url, limits.calls_per_second, limits.call_burst, prefix="syncd:rl:calls:"
+            redis_url, limits.calls_per_second, limits.call_burst, prefix=f"{scope}rl:calls:"
         )
-        queries = RedisRateLimiter(redis_url, qps, 2 * qps, prefix="syncd:rl:queries:")
+        queries = RedisRateLimiter(redis_url, qps, 2 * qps, prefix=f"{scope}rl:queries:")
         for name, shared in (("call_limiter", calls), ("query_limiter", queries)):
             limiter = SharedRateLimiter(getattr(self, name), shared)
             limiter.start()

@@ -455,3 +455,24 @@ async def test_a_frozen_leader_is_replaced_and_fenced(replicas_factory: Any) -> 
 
 async def _role_is(server: ServerProcess, role: str) -> bool:
     return bool((await ready(server))["role"] == role)
+
+
+async def test_clusters_sharing_one_redis_stay_apart(
+    replicas_factory: Any, postgres_server: PostgresServer
+) -> None:
+    """Two clusters (two databases) on one Redis: each replica applies only its own
+    database's transactions (channels are named after the database)."""
+    first = replicas_factory(2)
+    second = replicas_factory(2, dsn=postgres_server.create_database("second_cluster"))
+    await leader_of(list(first))
+    await leader_of(list(second))
+    async with client(first[1]) as a, client(second[1]) as b:
+        await a.subscribe(["SELECT * FROM message"])
+        await b.subscribe(["SELECT * FROM message"])
+        await call_until_done(a, "for the first cluster only")
+        await call_until_done(b, "for the second cluster only")
+        await asyncio.sleep(0.5)
+        assert [r["text"] for r in a.db["message"].rows()] == ["for the first cluster only"]
+        assert [r["text"] for r in b.db["message"].rows()] == ["for the second cluster only"]
+    await converged(list(first))
+    await converged(list(second))
