@@ -57,6 +57,8 @@ from syncd.server.leader import CallOutcome
 logger = logging.getLogger("syncd.forward")
 
 PATH = "/v1/internal"
+# The reply of a process that does not lead (any more): the replica looks the leader up again.
+NOT_LEADER = "this replica is not the leader"
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
@@ -161,7 +163,8 @@ class LeaderLink:
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._pending: dict[int, asyncio.Future[CallOutcome]] = {}
+        # request id -> (its future, the link it went out on)
+        self._pending: dict[int, tuple[asyncio.Future[CallOutcome], ClientConnection]] = {}
         self._next_id = 0
         self.address: str | None = None
         self.forwarded = 0
@@ -201,28 +204,31 @@ class LeaderLink:
                 if not isinstance(data, bytes):
                     continue
                 request_id, ok, offset, code, message = _decode(data)
-                fut = self._pending.pop(request_id, None)
-                if fut is None or fut.done():
+                entry = self._pending.pop(request_id, None)
+                if entry is None or entry[0].done():
                     continue
+                fut = entry[0]
                 if ok:
                     fut.set_result(CallOutcome(True, None if offset is None else Offset(offset)))
                 else:
-                    error = error_from_wire(code, message)
-                    fut.set_result(CallOutcome(False, error=error))
-                    if isinstance(error, BackendError):
-                        # The leader stepped down or its journal failed: find it anew.
-                        await ws.close()
+                    fut.set_result(CallOutcome(False, error=error_from_wire(code, message)))
+                    if message == NOT_LEADER:
+                        # It stepped down: find the leader anew. (Other failures, a journal
+                        # error say, concern that request only; the link stays.)
+                        self._drop(ws)
         except (websockets.ConnectionClosed, OSError, msgspec.DecodeError, ValueError):
             pass
         finally:
             if self._ws is ws:
                 self._ws = None
                 self.address = None
-            self._fail_pending("lost the connection to the leader; retry")
+            self._fail_pending("lost the connection to the leader; retry", ws)
 
-    def _fail_pending(self, message: str) -> None:
-        pending, self._pending = self._pending, {}
-        for fut in pending.values():
+    def _fail_pending(self, message: str, ws: ClientConnection | None = None) -> None:
+        """Fail the requests sent on `ws` (None: every request)."""
+        failed = [rid for rid, (_, on) in self._pending.items() if ws is None or on is ws]
+        for rid in failed:
+            fut = self._pending.pop(rid)[0]
             if not fut.done():
                 fut.set_result(CallOutcome(False, error=BackendError(message)))
 
@@ -250,7 +256,7 @@ class LeaderLink:
         request_id = self._next_id
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[CallOutcome] = loop.create_future()
-        self._pending[request_id] = fut
+        self._pending[request_id] = (fut, ws)
         try:
             await ws.send(_encode([request_id, *frame]))
         except (websockets.ConnectionClosed, OSError):
@@ -262,15 +268,16 @@ class LeaderLink:
         return fut
 
     def _expire(self, request_id: int) -> None:
-        fut = self._pending.pop(request_id, None)
-        if fut is not None and not fut.done():
-            fut.set_result(
-                CallOutcome(False, error=BackendError("the leader did not answer in time; retry"))
-            )
-            # A leader that does not answer may be frozen or cut off while its socket looks
-            # open: stop using this link.
-            if self._ws is not None:
-                self._drop(self._ws)
+        entry = self._pending.pop(request_id, None)
+        if entry is None or entry[0].done():
+            return
+        fut, sent_on = entry
+        fut.set_result(
+            CallOutcome(False, error=BackendError("the leader did not answer in time; retry"))
+        )
+        # A leader that does not answer may be frozen or cut off while its socket looks open:
+        # stop using the link the request went out on.
+        self._drop(sent_on)
 
     async def aclose(self) -> None:
         ws, self._ws = self._ws, None
@@ -376,7 +383,7 @@ async def serve_link(
                 outbox.put_nowait(
                     outcome_reply(
                         request_id,
-                        CallOutcome(False, error=BackendError("this replica is not the leader")),
+                        CallOutcome(False, error=BackendError(NOT_LEADER)),
                         code_of,
                     )
                 )
