@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from syncd.core.ids import Identity
-from syncd.errors import ConfigError, InvalidToken
+from syncd.errors import BackendError, ConfigError, InvalidToken
 
 PREFIX = "sk_"
 FILENAME = "keys.sqlite3"
@@ -202,8 +202,8 @@ class PostgresApiKeys:
     """The key store of a cluster: the `syncd_api_keys` table in the shared Postgres database.
 
     Same behaviour as `ApiKeys`; times are Unix seconds. The table is created on first use.
-    A database that cannot be reached makes `verify_async` raise `InvalidToken` saying so
-    (the client may retry), never hang: every statement has a timeout.
+    A database that cannot be reached makes `verify_async` raise `BackendError` (the server
+    answers UNAVAILABLE: retry), never hang: every statement has a timeout.
     """
 
     def __init__(self, dsn: str, *, timeout: float = 5.0) -> None:
@@ -282,10 +282,10 @@ class PostgresApiKeys:
                 timeout=self.timeout,
             )
         except (OSError, TimeoutError) as exc:
-            raise InvalidToken(f"the key store is unreachable ({exc}); retry") from None
+            raise BackendError(f"the key store is unreachable ({exc}); retry") from None
         except Exception as exc:  # asyncpg's errors share no base class with OSError
             if type(exc).__module__.startswith("asyncpg"):
-                raise InvalidToken("the key store is unreachable; retry") from None
+                raise BackendError("the key store is unreachable; retry") from None
             raise
         return _check(key_id, digest, row)
 

@@ -596,6 +596,8 @@ class Server:
             principal = await self._principal(request)
         except InvalidToken as exc:
             return _error(ErrorCode.UNAUTHORIZED, str(exc), 401)
+        except BackendError:
+            return _error(ErrorCode.UNAVAILABLE, "the key store is unavailable; retry", 503)
         body = await request.body()
         sql = body.decode("utf-8", "replace")
         if request.headers.get("content-type", "").startswith("application/json"):
@@ -628,6 +630,8 @@ class Server:
             principal = await self._principal(request)
         except InvalidToken as exc:
             return _error(ErrorCode.UNAUTHORIZED, str(exc), 401)
+        except BackendError:
+            return _error(ErrorCode.UNAVAILABLE, "the key store is unavailable; retry", 503)
         name = request.path_params["reducer"]
         if not self.call_limiter.allow(principal.identity, time.monotonic()):
             return _error(ErrorCode.RATE_LIMITED, "too many calls; retry after a backoff", 429)

@@ -233,6 +233,10 @@ class Connection:
         token = hello.token or bearer_token(self.websocket)
         try:
             self.principal = await server.authenticator.authenticate(token)
+        except BackendError:
+            # The key store (Postgres) is unreachable: a temporary refusal, not a bad token.
+            self._refuse(CloseCode.SHUTDOWN, ErrorCode.UNAVAILABLE, "try again later")
+            return False
         except InvalidToken as exc:
             self._refuse(CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, str(exc))
             return False
@@ -590,6 +594,11 @@ class Connection:
         assert self.principal is not None
         try:
             principal = await self.server.authenticator.authenticate(msg.token)
+        except BackendError:
+            # The key store is unreachable: keep the connection on its current token (it
+            # still expires as before); the client may send the Reauth again.
+            self.session.send(Error(code=ErrorCode.UNAVAILABLE, message="try again later"))
+            return
         except InvalidToken as exc:
             self._refuse(CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, str(exc))
             return

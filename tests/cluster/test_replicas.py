@@ -233,6 +233,16 @@ async def test_postgres_stopped_briefly_fails_fast_and_recovers(
     group = Replicas(tmp_path, dsn, redis_server.url, 2).start()
     try:
         await leader_of(list(group))
+        made = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "syncd", "keys", "--postgres", dsn, "create"]
+            + ["--name", "bot", "--role", "service"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        api_key = made.stdout.splitlines()[1]
         async with client(group[1]) as conn:
             await conn.subscribe(["SELECT * FROM message"])
             await call_until_done(conn, "before")
@@ -246,6 +256,10 @@ async def test_postgres_stopped_briefly_fails_fast_and_recovers(
             assert [r["text"] for r in conn.db["message"].rows()] == ["before"]
             async with await WireClient.open(group[1]) as newcomer:
                 code, _ = await newcomer.wait_closed()
+                assert code == CloseCode.SHUTDOWN
+            # An API key cannot be checked now: "retry" (4000), not "bad token" (4500).
+            async with await WireClient.open(group[1], hello=Hello(token=api_key)) as bot:
+                code, _ = await bot.wait_closed()
                 assert code == CloseCode.SHUTDOWN
 
             # /readyz tells the balancer: 503, the journal is unreachable.
