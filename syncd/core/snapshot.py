@@ -138,12 +138,17 @@ def state_hash(store: Store) -> str:
     and `1.0` in a JSON column, `0.0` and `-0.0`) count as different; replicas that applied the
     same transactions hold the very same values, so this does not matter for them.
     """
+    return snapshot_hash(store.schema, take(store))
+
+
+def snapshot_hash(schema: Schema, snapshot: Snapshot) -> str:
+    """`state_hash` of a snapshot's rows: take the snapshot on the event loop (cheap: it copies
+    row references), hash it in a thread."""
     digest = hashlib.sha256()
-    for name in sorted(store.tables):
-        tdef = store.schema.tables[name]
+    for name in sorted(snapshot.tables):
+        tdef = schema.tables[name]
         rows = sorted(
-            _hash_encoder.encode(row_to_state(tdef, row))
-            for row in store.tables[name].rows.values()
+            _hash_encoder.encode(row_to_state(tdef, row)) for row in snapshot.tables[name]
         )
         # MessagePack values delimit themselves, so concatenating them is unambiguous.
         digest.update(_hash_encoder.encode([name, len(rows)]))

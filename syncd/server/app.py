@@ -533,8 +533,12 @@ class Server:
             offset, digest, at = self._state_hash
             now = time.monotonic()
             if offset != self.replica.offset and now - at >= STATE_HASH_INTERVAL_S:
-                offset, digest = self.replica.offset, snapshot.state_hash(self.replica.store)
-                self._state_hash = (offset, digest, now)
+                self._state_hash = (offset, digest, now)  # one computation at a time
+                snap = snapshot.take(self.replica.store)
+                offset = snap.offset
+                # Hashed in a thread: the event loop (and the leader's lease) never waits.
+                digest = await asyncio.to_thread(snapshot.snapshot_hash, self.schema, snap)
+                self._state_hash = (offset, digest, time.monotonic())
             body["state_hash"] = digest
             body["state_offset"] = offset
         if cluster is not None:
@@ -568,12 +572,8 @@ class Server:
         if cluster is not None:
             gauge("lag", cluster.lag, "transactions in the journal not applied here yet")
             gauge("term", cluster.term or 0, "the fencing term while leading (0: not leading)")
-            gauge(
-                "journal_reachable", 1 if cluster.journal_reachable else 0, "Postgres answers"
-            )
-            gauge(
-                "forwarded_total", cluster.link.forwarded, "writes sent to the leader", "counter"
-            )
+            gauge("journal_reachable", 1 if cluster.journal_reachable else 0, "Postgres answers")
+            gauge("forwarded_total", cluster.link.forwarded, "writes sent to the leader", "counter")
         gauge("broker_connected", 1 if self.broker.connected else 0, "fan-out receives")
         for counter in ("published", "received", "dropped", "reconnects"):
             value = getattr(self.broker, counter, None)

@@ -37,7 +37,7 @@ from syncd.core.ids import ConnectionId, Identity
 from syncd.core.reducers import AuthInfo
 from syncd.core.store import Store
 from syncd.core.system import CONNECTION_TABLE
-from syncd.errors import BackendError, JournalError
+from syncd.errors import BackendError, CloseCode, JournalError
 from syncd.ports import Broker, Journal, LeaderLease
 from syncd.server.forward import LeaderLink
 from syncd.server.leader import CallOutcome, Leader
@@ -222,7 +222,7 @@ class Cluster:
                 if term is not None:
                     try:
                         await self._become_leader(term)
-                    except (JournalError, LookupError, OSError) as exc:
+                    except Exception as exc:  # whatever failed, give the lease back cleanly
                         logger.warning("taking over as leader (term %d) failed: %s", term, exc)
                         await self._step_down(f"take-over failed: {exc}")
             else:
@@ -264,9 +264,13 @@ class Cluster:
             now_us=self._now_us,
         )
         leader.start()
-        fresh = head == 0 and await writer.latest_snapshot() is None
-        if fresh:
-            await leader.run_init(self._server_identity)
+        try:
+            fresh = head == 0 and await writer.latest_snapshot() is None
+            if fresh:
+                await leader.run_init(self._server_identity)
+        except BaseException:
+            await leader.aclose()  # not leading after all: stop its publisher
+            raise
         self.leader = leader
         self.leader_address = self.address
         logger.warning(
@@ -366,10 +370,15 @@ class Cluster:
                     logger.warning("disconnecting %s failed: %s", connection_id, outcome.error)
 
     async def _reconcile(self) -> None:
-        """Rows of ours that match no live connection get disconnected (again)."""
+        """Rows of ours that match no live connection get disconnected (again); live
+        connections whose row is gone (the leader took this replica for dead during a long
+        pause) are closed with a resumable code, so their clients come back and register."""
         while True:
             await asyncio.sleep(max(2.0, 2 * self.config.heartbeat_s))
             rows = self.replica.store.tables[CONNECTION_TABLE].rows
+            for conn in list(self.replica.connections):
+                if conn.connection_id not in rows and conn.accepted:
+                    conn.close(CloseCode.LEADER_CHANGED, "this connection was dropped; resume")
             mine = [cid for cid, row in list(rows.items()) if row[2] == self.instance]
             if not mine:
                 continue

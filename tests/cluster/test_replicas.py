@@ -490,3 +490,28 @@ async def test_clusters_sharing_one_redis_stay_apart(
         assert [r["text"] for r in b.db["message"].rows()] == ["for the second cluster only"]
     await converged(list(first))
     await converged(list(second))
+
+
+async def test_a_replica_taken_for_dead_reregisters_its_clients(replicas_factory: Any) -> None:
+    """A replica paused past the heartbeat lapse loses its clients' presence rows (the leader
+    took it for dead); when it wakes it closes those connections with a resumable code, and
+    the clients come back and are present again."""
+    group = replicas_factory(3)
+    leader = await leader_of(list(group))
+    sleeper, awake = [s for s in group if s is not leader]
+    async with client(awake) as watcher, client(sleeper) as napper:
+        await watcher.subscribe(["SELECT * FROM syncd_connection"])
+        me = napper.identity
+
+        def present() -> bool:
+            return any(r["identity"] == me for r in watcher.db["syncd_connection"].rows())
+
+        await eventually(present, what="the napper present")
+        assert sleeper.proc is not None
+        sleeper.proc.send_signal(signal.SIGSTOP)
+        try:
+            await eventually(lambda: not present(), 15, what="taken for dead")
+        finally:
+            sleeper.proc.send_signal(signal.SIGCONT)
+        await eventually(present, 20, what="present again after waking")
+        await napper.call("send_message", "still here")
