@@ -27,6 +27,9 @@ from syncd.core.ids import Identity
 from syncd.errors import BackendError, ConfigError, InvalidToken
 
 PREFIX = "sk_"
+# Revocations are looked up this far before the last cursor: one that committed a little
+# after the time it was stamped with is still seen.
+REVOCATION_SLACK_S = 5.0
 FILENAME = "keys.sqlite3"
 
 _SCHEMA = """
@@ -68,8 +71,13 @@ class KeyStore(Protocol):
         """The live key a token proves. Raises InvalidToken."""
         ...
 
-    async def revoked_since_async(self, since: float) -> list[str]:
-        """Ids of keys revoked at or after `since` (Unix seconds)."""
+    async def revocations(self, cursor: float | None) -> tuple[list[str], float]:
+        """Ids of keys revoked since `cursor`, and the cursor for the next call.
+
+        Cursors are times on the store's own clock (so servers whose clocks differ from the
+        one that revoked agree); a call with None only starts the cursor. Overlapping answers
+        (a key reported twice) are possible and harmless.
+        """
         ...
 
 
@@ -182,8 +190,11 @@ class ApiKeys:
     async def verify_async(self, token: str) -> ApiKey:
         return await asyncio.to_thread(self.verify, token)
 
-    async def revoked_since_async(self, since: float) -> list[str]:
-        return await asyncio.to_thread(self.revoked_since, since)
+    async def revocations(self, cursor: float | None) -> tuple[list[str], float]:
+        now = time.time()  # one host: the CLI and the server share this clock
+        if cursor is None:
+            return [], now
+        return await asyncio.to_thread(self.revoked_since, cursor - REVOCATION_SLACK_S), now
 
 
 _PG_SCHEMA = """
@@ -259,17 +270,16 @@ class PostgresApiKeys:
         return [ApiKey(*row) for row in rows]
 
     async def revoke(self, key_id_or_name: str) -> list[ApiKey]:
-        when = time.time()
         pool = await self._acquire_pool()
+        # Stamped with the database's clock, which every replica's watcher reads too.
         rows = await pool.fetch(
-            "UPDATE syncd_api_keys SET revoked_at = $2"
+            "UPDATE syncd_api_keys SET revoked_at = extract(epoch from now())"
             " WHERE (key_id = $1 OR name = $1) AND revoked_at IS NULL"
-            " RETURNING key_id, name, role, created_at",
+            " RETURNING key_id, name, role, created_at, revoked_at",
             key_id_or_name,
-            when,
             timeout=self.timeout,
         )
-        return [ApiKey(row[0], row[1], row[2], row[3], when) for row in rows]
+        return [ApiKey(row[0], row[1], row[2], row[3], row[4]) for row in rows]
 
     async def verify_async(self, token: str) -> ApiKey:
         key_id, digest = _split(token)
@@ -289,9 +299,14 @@ class PostgresApiKeys:
             raise
         return _check(key_id, digest, row)
 
-    async def revoked_since_async(self, since: float) -> list[str]:
+    async def revocations(self, cursor: float | None) -> tuple[list[str], float]:
         pool = await self._acquire_pool()
+        now = float(await pool.fetchval("SELECT extract(epoch from now())", timeout=self.timeout))
+        if cursor is None:
+            return [], now
         rows = await pool.fetch(
-            "SELECT key_id FROM syncd_api_keys WHERE revoked_at >= $1", since, timeout=self.timeout
+            "SELECT key_id FROM syncd_api_keys WHERE revoked_at >= $1",
+            cursor - REVOCATION_SLACK_S,
+            timeout=self.timeout,
         )
-        return [row[0] for row in rows]
+        return [row[0] for row in rows], now

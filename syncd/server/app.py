@@ -339,22 +339,24 @@ class Server:
     async def _watch_revocations(self) -> None:
         """Close connections signed in with an API key as soon as (within a second) it is
         revoked, by `syncd keys revoke` from another process."""
-        since = time.time()
+        cursor: float | None = None
+        failing = False
         while True:
-            await asyncio.sleep(REVOCATION_POLL_S)
-            now = time.time()
             try:
-                revoked = set(await self.api_keys.revoked_since_async(since - 1))
-            except Exception:
-                logger.exception("reading revoked API keys failed")
-                continue
-            since = now
-            if not revoked:
-                continue  # the common case: no walk over every connection each poll
-            for conn in list(self.connections):
+                found, cursor = await self.api_keys.revocations(cursor)
+                failing = False
+            except Exception as exc:
+                if not failing:  # once per outage, not every poll
+                    logger.warning("reading revoked API keys failed: %s", exc)
+                failing = True
+                found = []
+            revoked = set(found)
+            # The common case is none: no walk over every connection each poll.
+            for conn in list(self.connections) if revoked else ():
                 principal = conn.principal
                 if principal is not None and principal.key_id in revoked:
                     conn.revoke("this API key was revoked")
+            await asyncio.sleep(REVOCATION_POLL_S)
 
     async def stop(self) -> None:
         """Close every connection (resumable), flush, and close the journal."""
