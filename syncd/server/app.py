@@ -53,6 +53,7 @@ from syncd.errors import (
     CloseCode,
     ErrorCode,
     InvalidToken,
+    JournalError,
     LimitExceeded,
     NoSuchReducer,
     SubscriptionError,
@@ -74,6 +75,8 @@ logger = logging.getLogger("syncd")
 SERVER_IDENTITY = Identity("syncd-server")
 # How often the server looks for API keys revoked from another process.
 REVOCATION_POLL_S = 0.5
+# Longest an HTTP call or a new connection waits for its transaction to reach this replica.
+APPLY_TIMEOUT_S = 10.0
 # Shortest time between two computations of /readyz?state=1's hash (it reads every row).
 STATE_HASH_INTERVAL_S = 0.5
 ANON_SECRET_KEY = "anonymous_token_secret"
@@ -464,11 +467,14 @@ class Server:
                 if scope["path"] == "/v1/ws":
                     await self.websocket(WebSocket(scope, receive, send))
                 elif scope["path"] == LINK_PATH and self.cluster is not None:
+                    link = WebSocket(scope, receive, send)
+                    try:
+                        secret = await self.cluster.secret()
+                    except JournalError:
+                        await send({"type": "websocket.close", "code": 1011})
+                        return
                     await serve_link(
-                        WebSocket(scope, receive, send),
-                        secret=await self.cluster.secret(),
-                        writer=lambda: self.leader,
-                        code_of=error_code,
+                        link, secret=secret, writer=lambda: self.leader, code_of=error_code
                     )
                 else:
                     await send({"type": "websocket.close", "code": 1008})
@@ -660,7 +666,13 @@ class Server:
         )
         if outcome.ok:
             if outcome.offset is not None:
-                await self.replica.wait_applied(outcome.offset)
+                try:
+                    async with asyncio.timeout(APPLY_TIMEOUT_S):
+                        await self.replica.wait_applied(outcome.offset)
+                except TimeoutError:
+                    # Durable, but this replica is behind (cut off from the journal and the
+                    # broker): answer anyway rather than hold the caller.
+                    logger.warning("offset %d not applied here yet; answering", outcome.offset)
             return _json_response({"ok": True, "offset": outcome.offset})
         error = outcome.error
         assert error is not None

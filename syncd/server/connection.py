@@ -66,6 +66,9 @@ from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
 if TYPE_CHECKING:
     from syncd.server.app import Server
 
+# Longest a new connection waits for its client_connected transaction to reach this replica.
+APPLY_TIMEOUT_S = 10.0
+
 logger = logging.getLogger("syncd.connection")
 
 # How long a client has to send Hello after the upgrade.
@@ -267,7 +270,14 @@ class Connection:
             return False
         self.accepted = True
         if outcome.offset is not None:
-            await server.replica.wait_applied(outcome.offset)
+            try:
+                async with asyncio.timeout(APPLY_TIMEOUT_S):
+                    await server.replica.wait_applied(outcome.offset)
+            except TimeoutError:
+                # This replica is behind (cut off from the journal and the broker): send the
+                # client elsewhere; its row goes when this connection's disconnect runs.
+                self._refuse(CloseCode.SHUTDOWN, ErrorCode.UNAVAILABLE, "try again later")
+                return False
         replica = server.replica
         replica.admit(self)
         self.session.send(
