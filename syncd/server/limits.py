@@ -111,5 +111,7 @@ class SharedRateLimiter:
                     self._strikes[key] = min(strikes + 1, 30)
                     block = min(MAX_BLOCK_S, (1 << strikes) / self.rate)
                     self._blocked[key] = max(self._blocked.get(key, 0.0), now + block)
+                    if len(self._blocked) > MAX_BACKLOG:  # bounded: forget lapsed blocks
+                        self._blocked = {k: t for k, t in self._blocked.items() if t > now}
             except Exception:  # the shared limiter never raises for network errors
                 logger.exception("reporting a rate-limited event failed")
