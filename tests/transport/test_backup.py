@@ -23,6 +23,16 @@ def syncd(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def backup(data_dir: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    return syncd("backup", "--data", str(data_dir), "--out", str(out))
+
+
+def restore(source: Path, data_dir: Path, *point: str) -> subprocess.CompletedProcess[str]:
+    return syncd(
+        "restore", str(source), "--data", str(data_dir), "--module", "schema/chat.py", *point
+    )
+
+
 async def send(server: ServerProcess, *texts: str) -> list[int]:
     offsets = []
     async with await WireClient.open(server) as client:
@@ -42,21 +52,14 @@ async def test_backup_while_serving_then_restore_everything(tmp_path: Path) -> N
     into a new directory, a server there serves the same messages, in a new epoch."""
     with serving("schema/chat.py", tmp_path / "data") as server:
         await send(server, "one", "two", "three")
-        done = syncd("backup", "--data", str(server.data_dir), "--out", str(tmp_path / "bk"))
+        done = backup(server.data_dir, tmp_path / "bk")
         assert done.returncode == 0, done.stderr
         info = json.loads(done.stdout)
         assert info["epoch"] == 1 and info["offset"] >= 3
         await send(server, "after the backup")
         before = await messages(server)
     assert "after the backup" in before
-    done = syncd(
-        "restore",
-        str(tmp_path / "bk"),
-        "--data",
-        str(tmp_path / "new"),
-        "--module",
-        "schema/chat.py",
-    )
+    done = restore(tmp_path / "bk", tmp_path / "new")
     assert done.returncode == 0, done.stderr
     with serving("schema/chat.py", tmp_path / "new") as restored:
         assert await messages(restored) == ["one", "three", "two"]
@@ -70,22 +73,8 @@ async def test_restore_at_an_offset_starts_a_new_epoch(tmp_path: Path) -> None:
     """--at-offset rolls the state back to that transaction and starts epoch 2 from it."""
     with serving("schema/chat.py", tmp_path / "data") as server:
         offsets = await send(server, "kept 1", "kept 2", "dropped 3", "dropped 4")
-        assert (
-            syncd(
-                "backup", "--data", str(server.data_dir), "--out", str(tmp_path / "bk")
-            ).returncode
-            == 0
-        )
-    done = syncd(
-        "restore",
-        str(tmp_path / "bk"),
-        "--data",
-        str(tmp_path / "new"),
-        "--module",
-        "schema/chat.py",
-        "--at-offset",
-        str(offsets[1]),
-    )
+        assert backup(server.data_dir, tmp_path / "bk").returncode == 0
+    done = restore(tmp_path / "bk", tmp_path / "new", "--at-offset", str(offsets[1]))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {
         "restored": str(tmp_path / "new"),
@@ -100,52 +89,6 @@ async def test_restore_at_an_offset_starts_a_new_epoch(tmp_path: Path) -> None:
         assert await messages(restored) == ["kept 1", "kept 2", "new epoch"]
 
 
-def test_bad_requests_are_refused_clearly(tmp_path: Path) -> None:
-    """No journal to back up, a non-empty target, restoring over a journal, a point beyond
-    the log, a time without a zone: one line each, exit 2, nothing written."""
-    missing = syncd("backup", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
-    assert missing.returncode == 2 and "holds no journal" in missing.stderr
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "x").write_text("x")
-    with serving("schema/chat.py", tmp_path / "data") as server:
-        taken = syncd("backup", "--data", str(server.data_dir), "--out", str(tmp_path / "bk"))
-        assert taken.returncode == 0, taken.stderr
-        busy = syncd("backup", "--data", str(server.data_dir), "--out", str(tmp_path / "full"))
-        assert busy.returncode == 2 and "not empty" in busy.stderr
-        over = syncd(
-            "restore",
-            str(tmp_path / "bk"),
-            "--data",
-            str(server.data_dir),
-            "--module",
-            "schema/chat.py",
-        )
-        assert over.returncode == 2 and "already holds a journal" in over.stderr
-    beyond = syncd(
-        "restore",
-        str(tmp_path / "bk"),
-        "--data",
-        str(tmp_path / "r1"),
-        "--module",
-        "schema/chat.py",
-        "--at-offset",
-        "999999",
-    )
-    assert beyond.returncode == 2 and "beyond" in beyond.stderr
-    assert not (tmp_path / "r1").exists()  # nothing half-restored
-    naive = syncd(
-        "restore",
-        str(tmp_path / "bk"),
-        "--data",
-        str(tmp_path / "r2"),
-        "--module",
-        "schema/chat.py",
-        "--at-time",
-        "2026-01-01T00:00:00",
-    )
-    assert naive.returncode == 2 and "time zone" in naive.stderr
-
-
 async def test_restore_at_a_time(tmp_path: Path) -> None:
     """--at-time keeps the transactions committed at or before that instant."""
     with serving("schema/chat.py", tmp_path / "data") as server:
@@ -154,22 +97,29 @@ async def test_restore_at_a_time(tmp_path: Path) -> None:
         cut = datetime.now(UTC).isoformat()
         await asyncio.sleep(0.2)
         await send(server, "late")
-        assert (
-            syncd(
-                "backup", "--data", str(server.data_dir), "--out", str(tmp_path / "bk")
-            ).returncode
-            == 0
-        )
-    done = syncd(
-        "restore",
-        str(tmp_path / "bk"),
-        "--data",
-        str(tmp_path / "new"),
-        "--module",
-        "schema/chat.py",
-        "--at-time",
-        cut,
-    )
+        assert backup(server.data_dir, tmp_path / "bk").returncode == 0
+    done = restore(tmp_path / "bk", tmp_path / "new", "--at-time", cut)
     assert done.returncode == 0, done.stderr
     with serving("schema/chat.py", tmp_path / "new") as restored:
         assert await messages(restored) == ["early"]
+
+
+def test_bad_requests_are_refused_clearly(tmp_path: Path) -> None:
+    """No journal to back up, a non-empty target, restoring over a journal, a point beyond
+    the log, a time without a zone: one line each, exit 2, nothing written."""
+    missing = backup(tmp_path / "nothing", tmp_path / "o")
+    assert missing.returncode == 2 and "holds no journal" in missing.stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with serving("schema/chat.py", tmp_path / "data") as server:
+        taken = backup(server.data_dir, tmp_path / "bk")
+        assert taken.returncode == 0, taken.stderr
+        busy = backup(server.data_dir, tmp_path / "full")
+        assert busy.returncode == 2 and "not empty" in busy.stderr
+        over = restore(tmp_path / "bk", server.data_dir)
+        assert over.returncode == 2 and "already holds a journal" in over.stderr
+    beyond = restore(tmp_path / "bk", tmp_path / "r1", "--at-offset", "999999")
+    assert beyond.returncode == 2 and "beyond" in beyond.stderr
+    assert not (tmp_path / "r1").exists()  # nothing half-restored
+    naive = restore(tmp_path / "bk", tmp_path / "r2", "--at-time", "2026-01-01T00:00:00")
+    assert naive.returncode == 2 and "time zone" in naive.stderr
