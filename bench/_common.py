@@ -1,9 +1,13 @@
-"""Helpers shared by the end-to-end benchmarks (`fanout.py`, `throughput.py`).
+"""Helpers shared by the end-to-end benchmarks (`fanout.py`, `throughput.py`, `visibility_e2e.py`).
 
 * `ServerProc`: a real `syncd serve` child process on a free loopback port, in a throwaway
   data directory (the same way `tests/server_proc.py` runs one).
 * `Client`: one WebSocket connection speaking the protocol with raw `websockets` and
   `syncd.core.protocol.codec.Codec` (no `syncd.client`): Hello/Welcome, Subscribe, calls.
+* `Caller`: a writer calling a reducer at a rate or saturated, timing the answers (a subclass
+  picks the reducer, its arguments and what an accepted call credits).
+* `start_workers` / `worker_window` / `stop_workers`: the subscriber processes and their side
+  of a window; `measure_window`: the writer's side (CPU counters, optional py-spy, results).
 * `cpu_seconds` / `rss_bytes`: another process's CPU time and memory, from `/proc`.
 * `Histogram`: latencies in fixed 50 µs buckets, so millions of samples cost no memory.
 * `machine`: the facts a result is quoted with (CPU, cores, commit).
@@ -18,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import multiprocessing.process
 import os
 import platform
 import re
@@ -27,7 +33,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -196,12 +204,15 @@ async def connect_many(
 
 
 class Caller:
-    """Calls `send_message` over some connections; counts the answers and times them.
+    """Calls a reducer (`send_message`) over some connections; counts the answers and times them.
 
     A call's latency is send -> `ReducerResult` (which the server sends once the transaction
     is durable and applied). Only answers arriving inside [`start`, `end`) (wall-clock µs) are
-    counted, so warm-up and drain stay out of the figures.
+    counted, so warm-up and drain stay out of the figures. A subclass chooses the reducer and
+    its arguments (`reducer`, `call_args`) and what an accepted call credits (`committed`).
     """
+
+    reducer = "send_message"
 
     def __init__(self, clients: list[Client], *, text_size: int = 64) -> None:
         self.clients = clients
@@ -210,10 +221,11 @@ class Caller:
         self.sent = 0
         self.ok = 0
         self.failed = 0
+        self.errors: list[str] = []  # the first few failed calls' messages
         self.window_ok = 0
         self.latency = Histogram()
-        # request id -> send time (ns), per client
-        self._pending: list[dict[int, int]] = [{} for _ in clients]
+        # request id -> (send time (ns), what `call_args` asked to keep), per client
+        self._pending: list[dict[int, tuple[int, Any]]] = [{} for _ in clients]
         self._slots: list[asyncio.Semaphore] | None = None
         self._readers: list[asyncio.Task[None]] = []
 
@@ -223,21 +235,29 @@ class Caller:
         self.window_ok = 0
         self.latency = Histogram()
 
-    def text(self) -> str:
+    def text(self, sent_ns: int) -> str:
         # The send time (19 digits of ns, for send -> receive), padded to `text_size` bytes.
-        return f"{time.time_ns()} ".ljust(self.text_size, "x")
+        return f"{sent_ns} ".ljust(self.text_size, "x")
+
+    def call_args(self, sent_ns: int) -> tuple[list[Any], Any]:
+        """The arguments of a call sent at `sent_ns`, and what to keep until it is answered
+        (handed to `committed` if it succeeds)."""
+        return [self.text(sent_ns)], None
+
+    def committed(self, kept: Any) -> None:
+        """A call was answered ok; `kept` is what its `call_args` asked to keep."""
 
     async def call(self, i: int) -> None:
         from syncd.core.protocol.messages import CallReducer
 
         client = self.clients[i]
         rid = client.request_id()
-        self._pending[i][rid] = time.time_ns()
+        sent = time.time_ns()
+        args, kept = self.call_args(sent)
+        self._pending[i][rid] = (sent, kept)
         self.sent += 1
         await client.ws.send(
-            client.codec.encode(
-                CallReducer(request_id=rid, reducer="send_message", args=[self.text()])
-            )
+            client.codec.encode(CallReducer(request_id=rid, reducer=self.reducer, args=args))
         )
 
     def start_reading(self) -> None:
@@ -261,15 +281,19 @@ class Caller:
                 for inner in msg.messages if type(msg) is Batch else (msg,):
                     if type(inner) is not ReducerResult:
                         continue
-                    started = pending.pop(inner.request_id, None)
-                    if started is None:
+                    entry = pending.pop(inner.request_id, None)
+                    if entry is None:
                         continue  # an answer to another Caller's call on this connection
                     if self._slots is not None:
                         self._slots[i].release()
                     if not inner.ok:
                         self.failed += 1
+                        if len(self.errors) < 3:
+                            self.errors.append(str(inner.message))
                         continue
                     self.ok += 1
+                    started, kept = entry
+                    self.committed(kept)
                     if self.start <= now // 1000 < self.end:
                         self.window_ok += 1
                         self.latency.add((now - started) // 1000)
@@ -306,6 +330,7 @@ class Caller:
         # Polled: a benchmark's epilogue, not a hot path worth an Event per answer.
         while self.outstanding and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+        self._slots = None  # a later run_saturated starts with fresh slots
 
     async def run_saturated(self, in_flight: int, until_us: int) -> None:
         """Keep `in_flight` calls outstanding on every connection until `until_us`."""
@@ -322,6 +347,149 @@ class Caller:
                 await self.call(i)
 
         await asyncio.gather(*(pump(i) for i in range(len(self.clients))))
+
+
+# -- one measured window --------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """What `measure_window` took over [`start`, `end`) (wall-clock µs)."""
+
+    start: int
+    end: int
+    server_cpu: float  # CPU seconds: the server's, this process's (the writer), the machine's
+    writer_cpu: float
+    busy_cpu: float
+    server_rss: int  # bytes, at the window's end
+    results: list[dict[str, Any]]  # each worker's answer to ("window", start, end, stop)
+    profile: str | None  # the py-spy file, if one was asked for
+
+    @property
+    def seconds(self) -> float:
+        return (self.end - self.start) / 1e6
+
+    def cpu_fields(self, rows: int) -> dict[str, float | None]:
+        """The CPU and memory fields of a result line; `rows` delivered in the window, and
+        the workers' CPU from their `cpu_s`."""
+        window = self.seconds
+        server_cpu, writer_cpu = self.server_cpu, self.writer_cpu
+        subscriber_cpu = sum(r["cpu_s"] for r in self.results)
+        other_cpu = self.busy_cpu - server_cpu - subscriber_cpu - writer_cpu
+        return {
+            "server_cpu_pct": round(100 * server_cpu / window),
+            # Server CPU per delivered row: robust to other programs taking the CPU; a full
+            # core would deliver about 1e6 / this many rows a second.
+            "server_us_per_row": round(1e6 * server_cpu / rows, 2) if rows else None,
+            "subscriber_cpu_pct": round(100 * subscriber_cpu / window),
+            "writer_cpu_pct": round(100 * writer_cpu / window),
+            "other_cpu_pct": round(100 * other_cpu / window),
+            "server_rss_mb": round(self.server_rss / 2**20, 1),
+        }
+
+
+async def sleep_until(us: int) -> None:
+    """Sleep until wall-clock `us` (µs, as `now_us`)."""
+    await asyncio.sleep(max(0.0, (us - now_us()) / 1e6))
+
+
+async def measure_window(
+    server: ServerProc,
+    pipes: list[Connection],
+    caller: Caller,
+    mode: str,
+    rate: float,
+    args: argparse.Namespace,
+    profile: str | None = None,
+) -> Window:
+    """One measured window of a writer and worker processes.
+
+    Tells the workers the window (`--warmup` from now, `--seconds` long, their answer due
+    `--drain` after it), has `caller` (already reading) write until its end, `rate` calls a
+    second (`mode` "rate") or `--in-flight` per connection ("saturated"), and takes the
+    server's, this process's and the machine's CPU time over it (py-spying the server into
+    `profile` if given). Then collects each worker's answer and drains the writer, so the next
+    window starts with none of this one's calls outstanding.
+    """
+    loop = asyncio.get_running_loop()
+    start = now_us() + int(args.warmup * 1e6)
+    end = start + int(args.seconds * 1e6)
+    stop = end + int(args.drain * 1e6)
+    for pipe in pipes:
+        pipe.send(("window", start, end, stop))
+    caller.reset(start, end)
+    if mode == "rate":
+        writing = loop.create_task(caller.run_rate(rate, end))
+    else:
+        writing = loop.create_task(caller.run_saturated(args.in_flight, end))
+
+    await sleep_until(start)
+    spy = profile_start(server.pid, args.seconds, profile) if profile else None
+    server_cpu0, my_cpu0, busy0 = cpu_seconds(server.pid), time.process_time(), busy_cpu_seconds()
+    await sleep_until(end)
+    server_cpu = cpu_seconds(server.pid) - server_cpu0
+    writer_cpu = time.process_time() - my_cpu0
+    busy = busy_cpu_seconds() - busy0
+    rss = rss_bytes(server.pid)
+    await writing
+    # The workers answer after the drain: the last messages of the window have arrived.
+    results = [await loop.run_in_executor(None, pipe.recv) for pipe in pipes]
+    await caller.drain()
+    if spy is not None:
+        await loop.run_in_executor(None, spy.wait)
+    return Window(start, end, server_cpu, writer_cpu, busy, rss, results, profile)
+
+
+# -- worker processes -----------------------------------------------------------------------
+
+
+def start_workers(
+    target: Callable[[str, int, argparse.Namespace, Connection], None],
+    url: str,
+    total: int,
+    args: argparse.Namespace,
+) -> tuple[list[Connection], list[multiprocessing.process.BaseProcess]]:
+    """Fork `--workers` processes (at most one per connection), each running
+    `target(url, n, args, pipe)` for its share `n` of `total` connections; their pipes and
+    processes."""
+    ctx = multiprocessing.get_context("fork")
+    pipes: list[Connection] = []
+    procs: list[multiprocessing.process.BaseProcess] = []
+    workers = max(1, min(args.workers, total))
+    for w in range(workers):
+        n = total // workers + (1 if w < total % workers else 0)
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=target, args=(url, n, args, there), daemon=True)
+        proc.start()
+        pipes.append(here)
+        procs.append(proc)
+    return pipes, procs
+
+
+def stop_workers(
+    pipes: list[Connection], procs: list[multiprocessing.process.BaseProcess], timeout: float
+) -> None:
+    """Tell the workers to quit; wait up to `timeout` s for each, then kill it."""
+    for pipe in pipes:
+        try:
+            pipe.send(("quit",))
+        except OSError:  # that worker has gone already
+            pass
+    for proc in procs:
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+
+
+async def worker_window(start: int, end: int, stop: int) -> float:
+    """In a worker: wait out the window [`start`, `end`), then until `stop` (by when the
+    window's last messages have arrived); this process's CPU seconds over the window."""
+    await sleep_until(start)
+    cpu0 = time.process_time()
+    await sleep_until(end)
+    cpu = time.process_time() - cpu0
+    await sleep_until(stop)
+    return cpu
 
 
 # -- statistics ------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
 import os
 import re
 import sys
@@ -50,16 +49,17 @@ from bench._common import (
     Client,
     Histogram,
     ServerProc,
-    busy_cpu_seconds,
     connect_many,
-    cpu_seconds,
     emit,
     machine,
+    measure_window,
     now_us,
     print_summary,
-    profile_start,
     rss_bytes,
+    start_workers,
+    stop_workers,
     summarize,
+    worker_window,
 )
 
 SQL = "SELECT * FROM message"
@@ -168,11 +168,7 @@ async def _subscribers(url: str, n: int, args: argparse.Namespace, pipe: Pipe) -
             break
         _, start, end, stop = command
         stats.reset(start, end)
-        await asyncio.sleep(max(0.0, (start - now_us()) / 1e6))
-        cpu0 = time.process_time()
-        await asyncio.sleep(max(0.0, (end - now_us()) / 1e6))
-        cpu = time.process_time() - cpu0
-        await asyncio.sleep(max(0.0, (stop - now_us()) / 1e6))
+        cpu = await worker_window(start, end, stop)
         pipe.send(
             {
                 "txs": stats.txs,
@@ -202,42 +198,15 @@ async def _run_mode(
     mode: str,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
     rate = args.rate or HALF_LOAD_ROWS / subscribers
-    t0 = now_us()
-    start = t0 + int(args.warmup * 1e6)
-    end = start + int(args.seconds * 1e6)
-    stop = end + int(args.drain * 1e6)
-    for pipe in pipes:
-        pipe.send(("window", start, end, stop))
     caller = Caller(writer_clients)
-    caller.reset(start, end)
     caller.start_reading()
-    if mode == "rate":
-        writing = loop.create_task(caller.run_rate(rate, end))
-    else:
-        writing = loop.create_task(caller.run_saturated(args.in_flight, end))
-
-    await asyncio.sleep(max(0.0, (start - now_us()) / 1e6))
-    spy = out = None
-    if args.profile:
-        out = str(Path(args.profile) / f"fanout-{subscribers}-{mode}.txt")
-        spy = profile_start(server.pid, args.seconds, out)
-    server_cpu0, my_cpu0, busy0 = cpu_seconds(server.pid), time.process_time(), busy_cpu_seconds()
-    await asyncio.sleep(max(0.0, (end - now_us()) / 1e6))
-    server_cpu = cpu_seconds(server.pid) - server_cpu0
-    writer_cpu = time.process_time() - my_cpu0
-    busy = busy_cpu_seconds() - busy0
-    rss = rss_bytes(server.pid)
-    await writing
-    # The workers answer after the drain: the last messages of the window have arrived.
-    results = [await loop.run_in_executor(None, pipe.recv) for pipe in pipes]
-    await caller.drain()  # so the next mode starts with no calls of this one outstanding
+    profile = str(Path(args.profile) / f"fanout-{subscribers}-{mode}.txt") if args.profile else None
+    measured = await measure_window(server, pipes, caller, mode, rate, args, profile)
     caller.stop_reading()
-    if spy is not None:
-        await loop.run_in_executor(None, spy.wait)
 
-    window = (end - start) / 1e6
+    window = measured.seconds
+    results = measured.results
     commit = Histogram()
     send = Histogram()
     for r in results:
@@ -246,7 +215,6 @@ async def _run_mode(
     rows = sum(r["rows"] for r in results)
     txs = sum(r["txs"] for r in results)
     messages = sum(r["messages"] for r in results)
-    subscriber_cpu = sum(r["cpu_s"] for r in results)
     committed = caller.window_ok
     line: dict[str, Any] = {
         "bench": "fanout",
@@ -268,20 +236,13 @@ async def _run_mode(
         **send.summary("send_to_recv"),
         **caller.latency.summary("call"),
         "latency_samples": commit.n,
-        "server_cpu_pct": round(100 * server_cpu / window),
-        # Server CPU per delivered row: robust to other programs taking the CPU; a full core
-        # would deliver about 1e6 / this many rows a second.
-        "server_us_per_row": round(1e6 * server_cpu / rows, 2) if rows else None,
-        "subscriber_cpu_pct": round(100 * subscriber_cpu / window),
-        "writer_cpu_pct": round(100 * writer_cpu / window),
-        "other_cpu_pct": round(100 * (busy - server_cpu - subscriber_cpu - writer_cpu) / window),
-        "server_rss_mb": round(rss / 2**20, 1),
+        **measured.cpu_fields(rows),
         "closed_subscribers": sum(r["closed"] for r in results),
         "failed_calls": caller.failed,
         "window_s": window,
     }
-    if out is not None:
-        line["profile"] = out
+    if profile is not None:
+        line["profile"] = profile
     return line
 
 
@@ -302,17 +263,7 @@ def run(subscribers: int, args: argparse.Namespace) -> None:
 
     extra = ["--snapshot-every", "0"]
     with ServerProc("schema/chat.py", *extra) as server:
-        ctx = mp.get_context("fork")
-        pipes: list[Pipe] = []
-        procs = []
-        workers = max(1, min(args.workers, subscribers))
-        for w in range(workers):
-            n = subscribers // workers + (1 if w < subscribers % workers else 0)
-            here, there = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(server.ws_url, n, args, there), daemon=True)
-            proc.start()
-            pipes.append(here)
-            procs.append(proc)
+        pipes, procs = start_workers(_worker, server.ws_url, subscribers, args)
         setup = time.monotonic()
         for pipe in pipes:
             if not pipe.poll(120):
@@ -327,12 +278,7 @@ def run(subscribers: int, args: argparse.Namespace) -> None:
         try:
             uvloop.run(_drive(server, pipes, subscribers, args))
         finally:
-            for pipe in pipes:
-                pipe.send(("quit",))
-            for proc in procs:
-                proc.join(15)
-                if proc.is_alive():
-                    proc.kill()
+            stop_workers(pipes, procs, 15)
 
 
 def main() -> None:

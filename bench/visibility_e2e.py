@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
 import os
 import random
 import resource
@@ -48,18 +47,19 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (
+    Caller,
     Client,
     Histogram,
     ServerProc,
-    busy_cpu_seconds,
-    cpu_seconds,
     emit,
     machine,
-    now_us,
+    measure_window,
     print_summary,
-    profile_start,
     rss_bytes,
+    start_workers,
+    stop_workers,
     summarize,
+    worker_window,
 )
 
 MODULE = "bench/modules/notes_visible.py"
@@ -188,11 +188,7 @@ async def _subscribers(url: str, n: int, args: argparse.Namespace, pipe: Pipe) -
             continue
         _, start, end, stop = command
         stats.reset(start, end)
-        await asyncio.sleep(max(0.0, (start - now_us()) / 1e6))
-        cpu0 = time.process_time()
-        await asyncio.sleep(max(0.0, (end - now_us()) / 1e6))
-        cpu = time.process_time() - cpu0
-        await asyncio.sleep(max(0.0, (stop - now_us()) / 1e6))
+        cpu = await worker_window(start, end, stop)
         pipe.send(
             {
                 "rows": stats.rows,
@@ -209,128 +205,27 @@ async def _subscribers(url: str, n: int, args: argparse.Namespace, pipe: Pipe) -
 # -- the writer -----------------------------------------------------------------------------
 
 
-class Writer:
-    """Calls `add_notes` over a few connections; credits each owner's rows when the call is
-    answered ok, and times the answers that arrive inside [`start`, `end`)."""
+class Writer(Caller):
+    """Calls `add_notes` over a few connections (the `Caller` machinery: rate or saturated,
+    answers timed inside [`start`, `end`)); credits each owner's rows when the call is
+    answered ok."""
+
+    reducer = "add_notes"
 
     def __init__(self, clients: list[Client], owners: list[str], args: argparse.Namespace) -> None:
-        self.clients = clients
+        super().__init__(clients, text_size=args.text_size)
         self.owners = owners
         self.per_call = min(args.per_call, len(owners))
         self.strangers = [f"stranger-{i}" for i in range(args.strangers)]
-        self.text_size = args.text_size
         self.rng = random.Random(1)
         self.inserted: Counter[str] = Counter()  # owner -> rows committed, whole run
-        self.ok = self.failed = 0
-        self.errors: list[str] = []
-        self.start = self.end = 1 << 62
-        self.window_ok = 0
-        self.latency = Histogram()
-        self._pending: list[dict[int, tuple[int, list[str]]]] = [{} for _ in clients]
-        self._slots: list[asyncio.Semaphore] | None = None
-        self._readers: list[asyncio.Task[None]] = []
 
-    def reset(self, start: int, end: int) -> None:
-        self.start, self.end = start, end
-        self.window_ok = 0
-        self.latency = Histogram()
-
-    @property
-    def outstanding(self) -> int:
-        return sum(len(p) for p in self._pending)
-
-    async def call(self, i: int) -> None:
-        from syncd.core.protocol.messages import CallReducer
-
-        client = self.clients[i]
+    def call_args(self, sent_ns: int) -> tuple[list[Any], list[str]]:
         owners = self.rng.sample(self.owners, self.per_call)
-        rid = client.request_id()
-        sent = time.time_ns()
-        self._pending[i][rid] = (sent, owners)
-        text = f"{sent} ".ljust(self.text_size, "x")
-        await client.ws.send(
-            client.codec.encode(
-                CallReducer(
-                    request_id=rid, reducer="add_notes", args=[owners + self.strangers, text]
-                )
-            )
-        )
+        return [owners + self.strangers, self.text(sent_ns)], owners
 
-    def start_reading(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._readers = [loop.create_task(self._read(i)) for i in range(len(self.clients))]
-
-    def stop_reading(self) -> None:
-        for task in self._readers:
-            task.cancel()
-
-    async def _read(self, i: int) -> None:
-        from syncd.core.protocol.messages import Batch, ReducerResult
-
-        client = self.clients[i]
-        pending = self._pending[i]
-        decode = client.codec.decode_server
-        try:
-            async for data in client.ws:
-                now = time.time_ns()
-                msg = decode(data)
-                for inner in msg.messages if type(msg) is Batch else (msg,):
-                    if type(inner) is not ReducerResult:
-                        continue
-                    sent, owners = pending.pop(inner.request_id, (0, []))
-                    if not sent:
-                        continue
-                    if self._slots is not None:
-                        self._slots[i].release()
-                    if not inner.ok:
-                        self.failed += 1
-                        if len(self.errors) < 3:
-                            self.errors.append(str(inner.message))
-                        continue
-                    self.ok += 1
-                    self.inserted.update(owners)
-                    if self.start <= now // 1000 < self.end:
-                        self.window_ok += 1
-                        self.latency.add((now - sent) // 1000)
-        except Exception:  # the connection closed: the run is over
-            pass
-
-    async def run_rate(self, calls_per_s: float, until_us: int) -> None:
-        """`calls_per_s` calls a second round-robin, in 1 ms steps; calls due while a second's
-        worth is outstanding are skipped (an overloaded server shows as a lower rate)."""
-        t0 = time.monotonic()
-        done = 0
-        cap = max(1, int(calls_per_s))
-        n = len(self.clients)
-        while now_us() < until_us:
-            due = int((time.monotonic() - t0) * calls_per_s)
-            while done < due:
-                done += 1
-                if self.outstanding < cap:
-                    await self.call(done % n)
-            await asyncio.sleep(0.001)
-
-    async def run_saturated(self, in_flight: int, until_us: int) -> None:
-        """Keep `in_flight` calls outstanding on every connection until `until_us`."""
-        self._slots = [asyncio.Semaphore(in_flight) for _ in self.clients]
-        slots = self._slots
-
-        async def pump(i: int) -> None:
-            while now_us() < until_us:
-                try:
-                    await asyncio.wait_for(slots[i].acquire(), 1.0)
-                except TimeoutError:
-                    continue
-                await self.call(i)
-
-        await asyncio.gather(*(pump(i) for i in range(len(self.clients))))
-
-    async def drain(self, seconds: float = 30.0) -> None:
-        """Wait (at most `seconds`) until every call sent has been answered."""
-        deadline = time.monotonic() + seconds
-        while self.outstanding and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        self._slots = None
+    def committed(self, kept: list[str]) -> None:
+        self.inserted.update(kept)
 
 
 # -- one run --------------------------------------------------------------------------------
@@ -383,46 +278,21 @@ async def _run_mode(
     mode: str,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
     load = round(os.getloadavg()[0], 2)
     calls_per_s = args.rate / writer.per_call
-    t0 = now_us()
-    start = t0 + int(args.warmup * 1e6)
-    end = start + int(args.seconds * 1e6)
-    stop = end + int(args.drain * 1e6)
-    for pipe in pipes:
-        pipe.send(("window", start, end, stop))
-    writer.reset(start, end)
-    if mode == "rate":
-        writing = loop.create_task(writer.run_rate(calls_per_s, end))
-    else:
-        writing = loop.create_task(writer.run_saturated(args.in_flight, end))
-
-    await asyncio.sleep(max(0.0, (start - now_us()) / 1e6))
-    spy = out = None
+    profile = None
     if args.profile:
-        out = str(Path(args.profile) / f"visibility-e2e-{subscribers}-{mode}.txt")
-        spy = profile_start(server.pid, args.seconds, out)
-    server_cpu0, my_cpu0, busy0 = cpu_seconds(server.pid), time.process_time(), busy_cpu_seconds()
-    await asyncio.sleep(max(0.0, (end - now_us()) / 1e6))
-    server_cpu = cpu_seconds(server.pid) - server_cpu0
-    writer_cpu = time.process_time() - my_cpu0
-    busy = busy_cpu_seconds() - busy0
-    rss = rss_bytes(server.pid)
-    await writing
-    results = [await loop.run_in_executor(None, pipe.recv) for pipe in pipes]
-    await writer.drain()
+        profile = str(Path(args.profile) / f"visibility-e2e-{subscribers}-{mode}.txt")
+    measured = await measure_window(server, pipes, writer, mode, calls_per_s, args, profile)
     check = await _check(pipes, writer, args.settle)
-    if spy is not None:
-        await loop.run_in_executor(None, spy.wait)
 
-    window = (end - start) / 1e6
+    window = measured.seconds
+    results = measured.results
     latency = Histogram()
     for r in results:
         latency.merge(r["latency"])
     rows = sum(r["rows"] for r in results)
     frames = sum(r["frames"] for r in results)
-    subscriber_cpu = sum(r["cpu_s"] for r in results)
     committed = writer.window_ok
     line: dict[str, Any] = {
         "bench": "visibility_e2e",
@@ -444,12 +314,7 @@ async def _run_mode(
         **latency.summary("send_to_recv"),
         **writer.latency.summary("call"),
         "latency_samples": latency.n,
-        "server_cpu_pct": round(100 * server_cpu / window),
-        "server_us_per_row": round(1e6 * server_cpu / rows, 2) if rows else None,
-        "subscriber_cpu_pct": round(100 * subscriber_cpu / window),
-        "writer_cpu_pct": round(100 * writer_cpu / window),
-        "other_cpu_pct": round(100 * (busy - server_cpu - subscriber_cpu - writer_cpu) / window),
-        "server_rss_mb": round(rss / 2**20, 1),
+        **measured.cpu_fields(rows),
         "failed_calls": writer.failed,
         **check,
         "window_s": window,
@@ -458,8 +323,8 @@ async def _run_mode(
         line["call_errors"] = writer.errors
     if not line["violation_examples"]:
         del line["violation_examples"]
-    if out is not None:
-        line["profile"] = out
+    if profile is not None:
+        line["profile"] = profile
     return line
 
 
@@ -488,17 +353,7 @@ def run(subscribers: int, args: argparse.Namespace) -> None:
 
     extra_args = ["--snapshot-every", "0", "--max-calls-per-second", "0"]
     with ServerProc(MODULE, *extra_args) as server:
-        ctx = mp.get_context("fork")
-        pipes: list[Pipe] = []
-        procs = []
-        workers = max(1, min(args.workers, subscribers))
-        for w in range(workers):
-            n = subscribers // workers + (1 if w < subscribers % workers else 0)
-            here, there = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(server.ws_url, n, args, there), daemon=True)
-            proc.start()
-            pipes.append(here)
-            procs.append(proc)
+        pipes, procs = start_workers(_worker, server.ws_url, subscribers, args)
         try:
             setup = time.monotonic()
             timeout = max(120.0, subscribers / 20)
@@ -526,15 +381,7 @@ def run(subscribers: int, args: argparse.Namespace) -> None:
             if owners:
                 uvloop.run(_drive(server, pipes, owners, subscribers, extra, args))
         finally:
-            for pipe in pipes:
-                try:
-                    pipe.send(("quit",))
-                except OSError:
-                    pass
-            for proc in procs:
-                proc.join(30)
-                if proc.is_alive():
-                    proc.kill()
+            stop_workers(pipes, procs, 30)
 
 
 def main() -> None:
