@@ -25,13 +25,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from syncd.core.hlc import HybridClock
+from syncd.core.hlc import HybridClock, Stamp
 from syncd.core.ids import ConnectionId, Identity, Offset, Timestamp
 from syncd.core.reducers import AuthInfo, merge_cell, run_reducer, run_system
 from syncd.core.schema import Schema
 from syncd.core.store import ChangeSet, Store, Transaction
 from syncd.core.system import CONNECTION_TABLE
 from syncd.core.tx import Tx, encode_tx
+from syncd.core.values import LwwCell, LwwType
 from syncd.errors import BackendError, JournalError, NoSuchReducer, SyncdError
 from syncd.ports import Journal
 
@@ -52,6 +53,21 @@ class CallOutcome:
     ok: bool
     offset: Offset | None = None
     error: SyncdError | None = None
+
+
+def latest_stamp(schema: Schema, store: Store) -> Stamp | None:
+    """The greatest HLC stamp in the state's last-writer-wins cells (None: there are none)."""
+    best: Stamp | None = None
+    for name, tdef in schema.tables.items():
+        positions = [c.position for c in tdef.columns if isinstance(c.type, LwwType)]
+        if not positions:
+            continue
+        for row in store.tables[name].rows.values():
+            for i in positions:
+                cell = row[i]
+                if isinstance(cell, LwwCell) and (best is None or cell.stamp > best):
+                    best = cell.stamp
+    return best
 
 
 def _scoped(sender: Identity, key: str | None) -> str | None:
@@ -87,8 +103,13 @@ class Leader:
         self.store = store
         self.journal = journal
         self.broker = broker
-        # Orders CRDT writes; one writer name per leader term.
+        # Orders CRDT writes; one writer name per leader term. It starts past every stamp the
+        # state holds, so a new leader (another machine, a clock set back) never writes a
+        # last-writer-wins value that loses to an older one.
         self.clock = HybridClock(writer)
+        latest = latest_stamp(schema, store)
+        if latest is not None:
+            self.clock.ms, self.clock.counter = latest.ms, latest.counter
         self._now_us = now_us
         # Transactions appended but not yet published, in offset order.
         self._queue: deque[tuple[Tx, bytes]] = deque()

@@ -193,3 +193,38 @@ async def test_snapshot_then_recovery_restores_the_same_state() -> None:
     assert server.replica.store.tables["message"].rows == messages
     assert snapshot.state_hash(server.replica.store) == snapshot.state_hash(server.leader.store)
     await server.stop()
+
+
+KLED = Path(__file__).resolve().parents[2] / "schema" / "kled.py"
+
+
+async def test_a_new_leader_stamps_past_every_stamp_it_inherits() -> None:
+    """A leader whose clock is behind the one before it (another machine, a clock set back)
+    still orders its last-writer-wins writes after the inherited ones: an offline merge
+    stamped between the two writes loses to the later write."""
+    schema = load_module_schema(KLED)
+    log = MemoryLog()
+    first_clock = Clock()
+    first = Server(
+        Config(module=KLED), schema=schema, journal=MemoryJournal(log), clock=first_clock
+    )
+    await first.start()
+    assert (await call(first, "set_preference", "theme", "dark")).ok
+    dark_ms = first_clock.now // 1000
+    await first.stop()
+
+    behind = Clock()
+    behind.now = first_clock.now - 3_600_000_000  # an hour earlier
+    second = Server(Config(module=KLED), schema=schema, journal=MemoryJournal(log), clock=behind)
+    await second.start()
+    try:
+        assert (await call(second, "set_preference", "theme", "light")).ok
+        # A merge made offline half an hour before "dark": older than both writes.
+        stale = ["stale", dark_ms - 1_800_000, 0, "offline-client"]
+        assert second.leader is not None
+        await (await second.leader.merge("preference", 1, "value", stale, sender=ANN))
+        row = second.replica.store.tables["preference"].rows[1]
+        value = row[schema.tables["preference"].positions["value"]]
+        assert value.value == "light"
+    finally:
+        await second.stop()
