@@ -61,6 +61,7 @@ from syncd.client.endpoint import Endpoint, describe_os_error
 from syncd.client.errors import (
     CallInterrupted,
     ConnectFailed,
+    InvalidURL,
     call_error,
     query_error,
 )
@@ -216,9 +217,13 @@ class Connection:
         open_timeout: float,
         max_message_size: int | None,
         get_token: TokenSource | None = None,
+        endpoints: Sequence[Endpoint] = (),
     ) -> None:
-        #: Where the server is.
+        #: Where the server is (the one of `endpoints` in use).
         self.endpoint = endpoint
+        #: Every replica this client may use, in order; a reconnect that fails moves to the
+        #: next one.
+        self.endpoints: list[Endpoint] = list(endpoints) or [endpoint]
         #: The server module's public tables and reducers, from ``/v1/schema``.
         self.schema = schema
         #: The bearer token sent in `Hello`: the one given to `connect`, else the anonymous token
@@ -739,10 +744,12 @@ class Connection:
                 ws = await self._open()
             except ConnectFailed as exc:
                 logger.info("reconnecting to %s: %s", self.endpoint.ws_url, exc)
+                self._next_endpoint()
                 continue
             except ConnectionClosed as exc:
                 if should_reconnect(exc.code):
                     logger.info("reconnecting to %s: %s", self.endpoint.ws_url, exc)
+                    self._next_endpoint()
                     continue
                 self._finish(exc.code, exc.reason)
                 return None
@@ -751,12 +758,19 @@ class Connection:
                 return None
             except OSError as exc:  # the socket failed in a way websockets did not wrap
                 logger.info("reconnecting to %s: %s", self.endpoint.ws_url, exc)
+                self._next_endpoint()
                 continue
             self.reconnects += 1
             for callback in list(self._on_reconnect):
                 _safely(callback)
             return ws
         return None
+
+    def _next_endpoint(self) -> None:
+        """Try the next replica on the next attempt (resuming works on any of them)."""
+        if len(self.endpoints) > 1:
+            i = self.endpoints.index(self.endpoint) if self.endpoint in self.endpoints else -1
+            self.endpoint = self.endpoints[(i + 1) % len(self.endpoints)]
 
     def _dropped(self, code: int, reason: str) -> None:
         """The socket is gone: settle what cannot survive it."""
@@ -1082,7 +1096,7 @@ async def _call_token_source(source: TokenSource) -> str:
 
 
 def connect(
-    url: str,
+    url: str | Sequence[str],
     *,
     token: str | None = None,
     get_token: TokenSource | None = None,
@@ -1096,7 +1110,9 @@ def connect(
 
     Args:
         url: ``ws://host:port/v1/ws``; ``ws://host:port``, ``http(s)://host:port`` and
-            ``wss://`` work too (see `Endpoint.parse`).
+            ``wss://`` work too (see `Endpoint.parse`). Or a list of such URLs, one per replica
+            of a cluster: the first that answers is used, and a reconnect that fails moves on
+            to the next (a client resumes on any replica).
         token: a bearer token (API key or JWT). None: connect anonymously; the token the server
             mints is kept in `Connection.token` and reused on reconnect, so the identity stays.
         get_token: called (sync or async) for a fresh token before connecting when `token` is
@@ -1124,12 +1140,12 @@ def connect(
     """
     if fmt not in ("msgpack", "json"):
         raise ValueError(f"fmt must be 'msgpack' or 'json', got {fmt!r}")
-    endpoint = Endpoint.parse(url)
+    urls = [url] if isinstance(url, str) else list(url)
+    if not urls:
+        raise InvalidURL("expected a URL like ws://127.0.0.1:3000, got an empty list")
+    endpoints = [Endpoint.parse(u) for u in urls]
 
-    async def make() -> Connection:
-        first = token
-        if first is None and get_token is not None:
-            first = await _call_token_source(get_token)
+    async def attempt(endpoint: Endpoint, first: str | None) -> Connection:
         try:
             async with asyncio.timeout(open_timeout):
                 schema = await endpoint.fetch_schema(token=first, http_timeout=open_timeout)
@@ -1147,8 +1163,20 @@ def connect(
             backoff=backoff or Backoff(),
             open_timeout=open_timeout,
             max_message_size=max_message_size,
+            endpoints=endpoints,
         )
         await conn._start()
         return conn
+
+    async def make() -> Connection:
+        first = token
+        if first is None and get_token is not None:
+            first = await _call_token_source(get_token)
+        for endpoint in endpoints[:-1]:
+            try:
+                return await attempt(endpoint, first)
+            except ConnectFailed as exc:
+                logger.info("%s; trying the next replica", exc)
+        return await attempt(endpoints[-1], first)
 
     return _Connect(make)

@@ -515,3 +515,42 @@ async def test_a_replica_taken_for_dead_reregisters_its_clients(replicas_factory
             sleeper.proc.send_signal(signal.SIGCONT)
         await eventually(present, 20, what="present again after waking")
         await napper.call("send_message", "still here")
+
+
+async def test_a_client_given_every_replica_moves_on_when_its_replica_dies(
+    replicas_factory: Any,
+) -> None:
+    """syncd.client.connect([url1, url2, url3]): the first that answers is used (a dead one
+    is skipped); when the replica in use dies, the client resumes on the next one with its
+    cache, and gets what was written meanwhile."""
+    group = replicas_factory(3)
+    leader = await leader_of(list(group))
+    doomed, survivor = [s for s in group if s is not leader]
+    urls = [doomed.ws_url, survivor.ws_url, leader.ws_url]
+    async with client(survivor) as writer:
+        conn = await syncd.client.connect(urls, backoff=quick_backoff())
+        try:
+            assert conn.endpoint.ws_url == doomed.ws_url
+            await conn.subscribe(["SELECT * FROM message"])
+            await call_until_done(writer, "before")
+            await eventually(lambda: len(conn.db["message"].rows()) == 1)
+            doomed.kill()
+            await call_until_done(writer, "while moving")
+            await eventually(
+                lambda: (
+                    sorted(r["text"] for r in conn.db["message"].rows())
+                    == ["before", "while moving"]
+                ),
+                15,
+                what="resumed on another replica",
+            )
+            assert conn.endpoint.ws_url != doomed.ws_url and conn.reconnects >= 1
+            await call_until_done(conn, "from the moved client")
+        finally:
+            await conn.close()
+    # A dead first URL is skipped at connect time.
+    late = await syncd.client.connect(urls, backoff=quick_backoff())
+    try:
+        assert late.endpoint.ws_url == survivor.ws_url
+    finally:
+        await late.close()
