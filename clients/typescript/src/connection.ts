@@ -126,7 +126,11 @@ class QuerySetState implements SubscriptionHandle {
 /** A connected client. Made by {@link connect}. */
 export class SyncdClient {
   private readonly options: ConnectOptions;
-  private readonly url: string;
+  /** Every replica's WebSocket URL, and which one attempts use now. */
+  private readonly urls: string[];
+  private urlIndex = 0;
+  /** URLs the first connection has tried (it rejects only once every one failed). */
+  private firstTried = 0;
   private readonly WebSocketImpl: WebSocketConstructor;
   private readonly codec: Codec;
   private readonly schema: ClientSchema;
@@ -189,7 +193,9 @@ export class SyncdClient {
   /** @internal Use {@link connect}. */
   constructor(options: ConnectOptions, schema: SchemaJson) {
     this.options = options;
-    this.url = wsUrl(options.url);
+    const given = Array.isArray(options.url) ? options.url : [options.url];
+    if (given.length === 0) throw new TypeError("connect({ url }) needs at least one URL");
+    this.urls = given.map(wsUrl);
     const WebSocketImpl = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
     if (WebSocketImpl === undefined) {
       throw new TypeError("no WebSocket: pass connect({ WebSocket }) (in Node 20, the `ws` package's WebSocket)");
@@ -537,6 +543,11 @@ export class SyncdClient {
   }
 
   /** @internal Open the first socket; resolves on its Welcome. */
+  /** The WebSocket URL attempts use now (one of the replicas given to `connect`). */
+  get url(): string {
+    return this.urls[this.urlIndex] ?? this.urls[0] ?? "";
+  }
+
   start(): Promise<void> {
     return new Promise<void>((resolve, reject) => {
       this.firstWelcome = { resolve, reject };
@@ -552,6 +563,7 @@ export class SyncdClient {
       const token = this.options.getToken ? await this.fetchToken() : this.tokenValue;
       if (this.closed) return;
       ws = new this.WebSocketImpl(this.url, [this.codec.subprotocol]) as WebSocketLike;
+      if (this.firstWelcome !== null) this.firstTried += 1;
       ws.binaryType = "arraybuffer";
       this.ws = ws;
       this.helloSent = false;
@@ -809,25 +821,32 @@ export class SyncdClient {
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     this.ws = null;
     this.helloSent = false;
+    const welcomed = this.socketEpoch !== null;
     this.socketEpoch = null;
     this.helloPending.clear();
     this.byRequestId.clear();
     for (const ping of this.pings.values()) ping.resolve(Number.NaN);
     this.pings.clear();
     this.clearSocketTimers();
-    this.afterClose(code, reason);
+    this.afterClose(code, reason, welcomed);
   }
 
-  private afterClose(code: number, reason: string): void {
+  private afterClose(code: number, reason: string, welcomed = false): void {
     const serverError = this.lastServerError;
     const why = serverError !== null ? serverError.message : reason || `closed with ${code}`;
     if (this.closedByUser) {
       this.finish(new ConnectionError("the client was closed", { closeCode: code, reason }));
       return;
     }
+    // An attempt that never got its Welcome moves on to the next replica's URL.
+    if (!welcomed && this.urls.length > 1) this.urlIndex = (this.urlIndex + 1) % this.urls.length;
     let again = false;
     if (this.firstWelcome !== null) {
-      // The first connection failed: connect() rejects; nothing to resume.
+      // The first connection failed: try the other replicas, then connect() rejects.
+      if (isResumableClose(code) && this.firstTried < this.urls.length) {
+        this.reconnectTimer = setTimeout(() => void this.openSocket(), 0);
+        return;
+      }
       again = false;
     } else if (!this.reconnectEnabled) {
       again = false;
@@ -937,15 +956,24 @@ export async function connect(options: ConnectOptions): Promise<SyncdClient> {
   if (schema === undefined) {
     const fetchImpl = options.fetch ?? (globalThis as { fetch?: ConnectOptions["fetch"] }).fetch;
     if (fetchImpl === undefined) throw new TypeError("no fetch to read the schema with: pass connect({ schema }) or connect({ fetch })");
-    const url = schemaUrl(options.url);
-    let response: Awaited<ReturnType<NonNullable<ConnectOptions["fetch"]>>>;
-    try {
-      response = await fetchImpl(url);
-    } catch (error) {
-      throw new ConnectionError(`could not read the schema from ${url}: ${error instanceof Error ? error.message : String(error)}`);
+    // From the first replica that answers.
+    const urls = Array.isArray(options.url) ? options.url : [options.url];
+    let failure: ConnectionError | null = null;
+    for (const given of urls) {
+      const url = schemaUrl(given);
+      try {
+        const response = await fetchImpl(url);
+        if (!response.ok) {
+          failure = new ConnectionError(`could not read the schema from ${url}: HTTP ${response.status}`);
+          continue;
+        }
+        schema = (await response.json()) as SchemaJson;
+        break;
+      } catch (error) {
+        failure = new ConnectionError(`could not read the schema from ${url}: ${error instanceof Error ? error.message : String(error)}`);
+      }
     }
-    if (!response.ok) throw new ConnectionError(`could not read the schema from ${url}: HTTP ${response.status}`);
-    schema = (await response.json()) as SchemaJson;
+    if (schema === undefined) throw failure ?? new ConnectionError("no URL to read the schema from");
   }
   const client = new SyncdClient(options, schema);
   await client.start();

@@ -55,8 +55,12 @@ export interface ConnectInfo {
 }
 
 export interface ConnectOptions {
-  /** `ws[s]://host:port/v1/ws`; `ws://host:port` and `http(s)://host:port` are accepted too. */
-  url: string;
+  /**
+   * `ws[s]://host:port/v1/ws`; `ws://host:port` and `http(s)://host:port` are accepted too. Or
+   * one URL per replica of a cluster: the first that answers is used, and an attempt that fails
+   * moves on to the next (the client resumes on any replica). Behind a load balancer, one URL.
+   */
+  url: string | string[];
   /** A bearer token: a Supabase JWT, an API key (`sk_...`) or an anonymous token minted earlier. */
   token?: string | null;
   /**

@@ -184,6 +184,37 @@ for (const format of ["msgpack", "json"] as const) {
   });
 }
 
+describe("several replica URLs", () => {
+  it("skips a URL that does not answer, for the schema and the connection", async () => {
+    // Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
+    const dead = "ws://127.0.0.1:9/v1/ws";
+    const gate = new Gate();
+    const c = await connect({
+      url: [dead, server.wsUrl],
+      WebSocket: gate.WebSocket,
+      reconnect: { baseMs: 20, capMs: 200 },
+    });
+    clients.push(c);
+    assert.ok(c.identity);
+    const sub = c.subscribe(["SELECT * FROM message"]);
+    await sub.applied;
+    await c.call("send_message", ["through the second URL"]);
+    assert.ok(c.table<Message>("message").rows().some((m) => m.text === "through the second URL"));
+  });
+
+  it("rejects when no URL answers", async () => {
+    await assert.rejects(
+      connect({
+        url: ["ws://127.0.0.1:9/v1/ws", "ws://127.0.0.1:9/v1/ws"],
+        schema,
+        WebSocket: new Gate().WebSocket,
+        reconnect: false,
+      }),
+      ConnectionError,
+    );
+  });
+});
+
 describe("tokens", () => {
   it("refreshes a JWT before it expires with Reauth, without dropping the connection", async () => {
     let issued = 0;
