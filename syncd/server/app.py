@@ -89,21 +89,10 @@ def now_us() -> int:
 
 async def recover(schema: Schema, journal: Journal) -> tuple[Store, Store]:
     """Rebuild the leader's and the replica's stores: latest snapshot, then the journal."""
-    stores = (Store(schema), Store(schema))
-    latest = await journal.latest_snapshot()
-    if latest is not None:
-        snap = await asyncio.to_thread(snapshot.decode, schema, latest[1])
-        for store in stores:
-            snapshot.restore(store, snap)
-    while True:
-        entries = await journal.read(Offset(stores[0].offset), 5_000)
-        if not entries:
-            break
-        for offset, payload in entries:
-            tx = decode_tx(schema, payload)
-            for store in stores:
-                store.apply(tx.changes, offset)
-    return stores
+    replica = await recover_store(schema, journal)
+    leader = Store(schema)
+    snapshot.restore(leader, snapshot.take(replica))
+    return leader, replica
 
 
 async def recover_store(schema: Schema, journal: Journal) -> Store:
@@ -160,7 +149,6 @@ class Server:
         self.cluster: Cluster | None = None
         # Prefix of this database's Redis channels and keys (replicas with --redis).
         self.redis_scope = "syncd:"
-        self.writer: Writer
         self.replica: Replica
         self.authenticator: Authenticator
         # Verifies Supabase tokens, when configured; its JWKS refresher runs while serving.
@@ -251,7 +239,7 @@ class Server:
             writer=f"{self.config.replica_id}:{journal.epoch}",
             now_us=self.clock,
         )
-        self.leader = self.writer = leader
+        self.leader = leader
         leader.start()
         fresh = leader_store.offset == 0 and await journal.latest_snapshot() is None
         if fresh:
@@ -313,7 +301,6 @@ class Server:
             meta_defaults={ANON_SECRET_KEY: new_secret},
         )
         cluster.on_leader_change = leader_changed
-        self.writer = cluster
         await cluster.beat()
         cluster.start()
         secret = await cluster.wait_for_meta(ANON_SECRET_KEY, within_s=60)
@@ -334,6 +321,14 @@ class Server:
             limiter = SharedRateLimiter(getattr(self, name), shared)
             limiter.start()
             setattr(self, name, limiter)
+
+    @property
+    def writer(self) -> Writer:
+        """Where writes go: the local leader, or (a replica that does not lead) the link."""
+        if self.cluster is not None:
+            return self.cluster.writer
+        assert self.leader is not None, "the server is not started"
+        return self.leader
 
     @property
     def role(self) -> str:

@@ -34,13 +34,12 @@ from typing import TYPE_CHECKING, Any
 from syncd.config import ClusterConfig
 from syncd.core import snapshot
 from syncd.core.ids import ConnectionId, Identity
-from syncd.core.reducers import AuthInfo
 from syncd.core.store import Store
 from syncd.core.system import CONNECTION_TABLE
 from syncd.errors import BackendError, CloseCode, JournalError
 from syncd.ports import Broker, Journal, LeaderLease
-from syncd.server.forward import LeaderLink
-from syncd.server.leader import CallOutcome, Leader
+from syncd.server.forward import LeaderLink, Writer
+from syncd.server.leader import Leader
 
 if TYPE_CHECKING:
     from syncd.server.replica import Replica
@@ -134,31 +133,10 @@ class Cluster:
 
     # -- writes: the local leader or the link ---------------------------------------------------
 
-    async def call(self, *args: Any, **kwargs: Any) -> asyncio.Future[CallOutcome]:
-        leader = self.leader
-        if leader is not None:
-            return await leader.call(*args, **kwargs)
-        return await self.link.call(*args, **kwargs)
-
-    async def merge(self, *args: Any, **kwargs: Any) -> asyncio.Future[CallOutcome]:
-        leader = self.leader
-        if leader is not None:
-            return await leader.merge(*args, **kwargs)
-        return await self.link.merge(*args, **kwargs)
-
-    async def connect(
-        self, identity: Identity, connection_id: ConnectionId, auth: AuthInfo, replica: str
-    ) -> asyncio.Future[CallOutcome]:
-        leader = self.leader
-        if leader is not None:
-            return await leader.connect(identity, connection_id, auth, replica)
-        return await self.link.connect(identity, connection_id, auth, replica)
-
-    async def disconnect(self, connection_id: ConnectionId) -> asyncio.Future[CallOutcome]:
-        leader = self.leader
-        if leader is not None:
-            return await leader.disconnect(connection_id)
-        return await self.link.disconnect(connection_id)
+    @property
+    def writer(self) -> Writer:
+        """Where writes go now: the local leader while this replica leads, else the link."""
+        return self.leader if self.leader is not None else self.link
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -389,4 +367,4 @@ class Cluster:
                 # Still present a moment later (not a disconnect already in flight)?
                 await asyncio.sleep(0.5)
                 if connection_id in rows and connection_id not in self._live_connections():
-                    await self.disconnect(ConnectionId(connection_id))
+                    await self.writer.disconnect(ConnectionId(connection_id))
