@@ -10,6 +10,9 @@ A test module subclasses `JournalContract` and provides two things:
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
@@ -18,6 +21,7 @@ import pytest
 from syncd.core.ids import Offset
 from syncd.errors import JournalError
 from syncd.ports import Journal
+from tests.utils import MS, ROOT
 
 
 class CountingJournal(Journal, Protocol):
@@ -433,3 +437,39 @@ class JournalContract:
         with pytest.raises(JournalError):
             await journal.aclose()
         await journal.aclose()  # and it stays closed
+
+
+async def run_and_kill(script: str, arg: str, kill_after: float) -> list[int]:
+    """Run a writer child (`python -c script arg`) that prints each offset it knows is durable,
+    kill -9 it `kill_after` seconds after its first line, and return every offset it printed.
+
+    The first line says the journal is open and the child is about to append.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        arg,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    printed: list[int] = []
+
+    async def collect() -> None:
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            printed.append(int(line))
+
+    try:
+        printed.append(int(await asyncio.wait_for(proc.stdout.readline(), 10_000 * MS)))
+        collector = asyncio.ensure_future(collect())
+        await asyncio.sleep(kill_after)  # the random moment of the crash, not a condition
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+        await collector  # the lines it printed before dying are still in the pipe
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return printed

@@ -26,6 +26,7 @@ from tests.contracts.journal import (
     OpenJournal,
     append_range,
     payload,
+    run_and_kill,
 )
 from tests.services.postgres import PostgresServer
 from tests.utils import MS, ROOT
@@ -390,45 +391,13 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
-async def run_and_kill(dsn: str, kill_after: float) -> list[int]:
-    """Run the writer child; kill -9 it `kill_after` seconds after it started appending."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        WRITER,
-        dsn,
-        stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert proc.stdout is not None
-    printed: list[int] = []
-
-    async def collect() -> None:
-        assert proc.stdout is not None
-        async for line in proc.stdout:
-            printed.append(int(line))
-
-    try:
-        printed.append(int(await asyncio.wait_for(proc.stdout.readline(), 10_000 * MS)))
-        collector = asyncio.ensure_future(collect())
-        await asyncio.sleep(kill_after)  # the random moment of the crash, not a condition
-        proc.send_signal(signal.SIGKILL)
-        assert await proc.wait() == -signal.SIGKILL
-        await collector
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return printed
-
-
 async def test_kill_9_of_the_writer_loses_no_acknowledged_transaction(pg_dsn: str) -> None:
     """After kill -9 of the writer at random moments, every offset it reported durable is in
     a gapless log, and the next writer (a new term) continues from what survived."""
     rng = random.Random()
     acknowledged = 0
     for round_ in range(3):
-        printed = await run_and_kill(pg_dsn, kill_after=rng.uniform(0.1, 0.4))
+        printed = await run_and_kill(WRITER, pg_dsn, kill_after=rng.uniform(0.1, 0.4))
         assert printed[0] == acknowledged
         acknowledged = max(printed)
         async with PostgresJournal(pg_dsn) as journal:

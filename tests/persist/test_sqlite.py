@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,8 +14,13 @@ from syncd.core.ids import Offset
 from syncd.errors import JournalError
 from syncd.persist import sqlite as sqlite_module
 from syncd.persist.sqlite import DEFAULT_FILENAME, SCHEMA_VERSION, SqliteJournal
-from tests.contracts.journal import CountingJournal, JournalContract, OpenJournal, append_range
-from tests.utils import MS, ROOT
+from tests.contracts.journal import (
+    CountingJournal,
+    JournalContract,
+    OpenJournal,
+    append_range,
+    run_and_kill,
+)
 
 
 class TestSqliteJournal(JournalContract):
@@ -70,46 +72,13 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
-async def run_and_kill(path: Path, kill_after: float) -> list[int]:
-    """Run the child, kill -9 it `kill_after` seconds after it started appending."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CHILD,
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert proc.stdout is not None
-    printed: list[int] = []
-
-    async def collect() -> None:
-        assert proc.stdout is not None
-        async for line in proc.stdout:
-            printed.append(int(line))
-
-    try:
-        # The first line says the journal is open and the child is about to append.
-        printed.append(int(await asyncio.wait_for(proc.stdout.readline(), 10_000 * MS)))
-        collector = asyncio.ensure_future(collect())
-        await asyncio.sleep(kill_after)  # the random moment of the crash, not a condition
-        proc.send_signal(signal.SIGKILL)
-        assert await proc.wait() == -signal.SIGKILL
-        await collector  # the lines it printed before dying are still in the pipe
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return printed
-
-
 async def test_kill_9_loses_no_acknowledged_transaction(tmp_path: Path) -> None:
     """After kill -9 at random moments, every offset reported durable is in a gapless log."""
     rng = random.Random()
     path = tmp_path / "crash.sqlite3"
     acknowledged = 0
     for round_ in range(3):
-        printed = await run_and_kill(path, kill_after=rng.uniform(0.0, 0.25))
+        printed = await run_and_kill(CHILD, str(path), kill_after=rng.uniform(0.0, 0.25))
         assert printed[0] == acknowledged or round_ == 0 and printed[0] == 0
         acknowledged = max(printed)
         async with SqliteJournal(path) as journal:
