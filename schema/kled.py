@@ -9,6 +9,17 @@ across every device and every open window:
 * `preference`: per-user key/value settings (theme, language...), one row per user and key.
 * `device`: the devices a user has signed in from.
 * `app_state`: per device and workspace, the window layout and focused item.
+
+Who sees and writes what (enforced by the server, not by clients):
+
+* a workspace is visible to its members; its LWW/Counter cells (`name`, `edits`) may be merged
+  directly (`MergeCrdt`) by members whose role is owner or editor (a semijoin on `member`);
+* a member row is visible to the member themself (the engine cannot join `member` to itself,
+  so "everyone in the same workspace" is not expressible as a rule; `list_members`-style
+  reducers or a per-workspace table would be the way to show a roster);
+* preferences, devices and app state are visible to, and mergeable by, their owner only;
+* presence (`syncd_connection`) keeps the server's default: each client sees its own
+  connections.
 """
 
 from __future__ import annotations
@@ -25,7 +36,15 @@ class Role(enum.Enum):
     VIEWER = "viewer"
 
 
-@syncd.table(public=True)
+#: A workspace's rows reach the members of that workspace (`:sender` is the caller).
+MEMBERS = "JOIN member ON workspace.id = member.workspace_id WHERE member.identity = :sender"
+#: ... and its cells may be merged by the members who may edit it.
+EDITORS = MEMBERS + " AND member.role IN ('owner', 'editor')"
+#: Rows that belong to one identity.
+OWNER = "owner = :sender"
+
+
+@syncd.table(public=True, visible=MEMBERS, merge=EDITORS)
 class Workspace:
     id: int = syncd.primary_key(auto_inc=True)
     owner: Identity = syncd.index()
@@ -35,7 +54,11 @@ class Workspace:
     edits: Counter = 0
 
 
-@syncd.table(public=True, indexes=[syncd.Index("workspace_id", "identity", unique=True)])
+@syncd.table(
+    public=True,
+    indexes=[syncd.Index("workspace_id", "identity", unique=True)],
+    visible="identity = :sender",
+)
 class Member:
     id: int = syncd.primary_key(auto_inc=True)
     workspace_id: int = syncd.index()
@@ -44,7 +67,12 @@ class Member:
     joined: Timestamp
 
 
-@syncd.table(public=True, indexes=[syncd.Index("identity", "key", unique=True)])
+@syncd.table(
+    public=True,
+    indexes=[syncd.Index("identity", "key", unique=True)],
+    visible="identity = :sender",
+    merge="identity = :sender",
+)
 class Preference:
     id: int = syncd.primary_key(auto_inc=True)
     identity: Identity = syncd.index()
@@ -52,7 +80,7 @@ class Preference:
     value: LWW[Json]
 
 
-@syncd.table(public=True)
+@syncd.table(public=True, visible=OWNER)
 class Device:
     id: str = syncd.primary_key()
     owner: Identity = syncd.index()
@@ -61,7 +89,12 @@ class Device:
     last_seen: Timestamp = syncd.index("ordered")
 
 
-@syncd.table(public=True, indexes=[syncd.Index("device_id", "workspace_id", unique=True)])
+@syncd.table(
+    public=True,
+    indexes=[syncd.Index("device_id", "workspace_id", unique=True)],
+    visible=OWNER,
+    merge=OWNER,
+)
 class AppState:
     id: int = syncd.primary_key(auto_inc=True)
     device_id: str = syncd.index()

@@ -6,9 +6,19 @@ and call reducers, which run as serializable transactions.
 
 from __future__ import annotations
 
+from syncd.core.access import MergeContext
 from syncd.core.ids import ConnectionId, Identity, Timestamp
 from syncd.core.reducers import AuthInfo, Range, ReducerContext
-from syncd.core.schema import Index, column, index, primary_key, reducer, table, unique
+from syncd.core.schema import (
+    Index,
+    column,
+    index,
+    presence,
+    primary_key,
+    reducer,
+    table,
+    unique,
+)
 from syncd.core.values import LWW, Counter, Json
 from syncd.errors import (
     ArgumentError,
@@ -34,6 +44,7 @@ __all__ = [
     "Identity",
     "Index",
     "Json",
+    "MergeContext",
     "NoSuchReducer",
     "Range",
     "ReducerContext",
@@ -44,6 +55,7 @@ __all__ = [
     "Timestamp",
     "column",
     "index",
+    "presence",
     "primary_key",
     "reducer",
     "table",

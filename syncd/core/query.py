@@ -1177,13 +1177,24 @@ def _compile_compare(cond: Compare) -> Pred:
 # Row-visibility rules
 
 
+_JOIN_RULE = re.compile(r"^(inner\s+)?join\b", re.IGNORECASE)
+
+
 def compile_rule(table: str, rule: str, schema: Schema) -> Query:
-    """Compile a table's visibility rule (an SQL condition over its row) as a query.
+    """Compile a table's visibility or merge rule as a query over the table.
+
+    A rule is an SQL condition over the row (`owner = :sender`), or a semijoin
+    `JOIN u ON t.a = u.b [WHERE cond]`: the row passes when some row of `u` joined to it
+    makes `cond` true (the join columns must be indexed, as in a subscription).
 
     Raises:
         SubscriptionError: the rule does not compile (the message names the problem).
     """
-    return compile_query(f"SELECT * FROM {_name_sql(table)} WHERE {rule}", schema)
+    text = rule.strip()
+    t = _name_sql(table)
+    if _JOIN_RULE.match(text):
+        return compile_query(f"SELECT {t}.* FROM {t} {text}", schema)
+    return compile_query(f"SELECT * FROM {t} WHERE {text}", schema)
 
 
 def with_visibility(query: Query, schema: Schema) -> Query:
@@ -1192,12 +1203,17 @@ def with_visibility(query: Query, schema: Schema) -> Query:
     The rules become conjuncts of the WHERE condition, so they are evaluated, indexed and
     routed like any other filter (a rule `owner = :sender` files each subscriber's query
     under its own identity). For a semijoin, the joined table's rule restricts the partners.
+    A rule that is itself a semijoin makes a single-table query a semijoin (routed through
+    the join like any other).
 
     Raises:
-        SubscriptionError: a rule does not compile.
+        SubscriptionError: a rule does not compile, or two joins would be needed: the query
+            is a semijoin and the result table's rule joins too (unless both join the same
+            way), or the joined table's rule is a semijoin.
     """
     terms: list[Cond] = []
     params = set(query.params)
+    join = query.join
     for side, table in enumerate((query.table, query.join.table if query.join else None)):
         if table is None:
             continue
@@ -1205,17 +1221,29 @@ def with_visibility(query: Query, schema: Schema) -> Query:
         if not rule:
             continue
         compiled = compile_rule(table, rule, schema)
+        if compiled.join is not None:
+            if side == 1:
+                raise SubscriptionError(
+                    f"table {table} is visible through a join ({rule!r}), so it cannot be the "
+                    f"joined table of a query: subscribe to it on its own"
+                )
+            if join is not None and join != compiled.join:
+                raise SubscriptionError(
+                    f"table {table} is visible through a join with {compiled.join.table}, so "
+                    f"a query on it cannot join {join.table}: subscribe without the join"
+                )
+            join = compiled.join
         if compiled.where is not None:
             terms.append(_on_side(compiled.where, side))
             params |= compiled.params
-    if not terms:
+    if not terms and join is query.join:
         return query
     if query.where is not None:
         terms.append(query.where)
-    where = terms[0] if len(terms) == 1 else And(tuple(terms))
+    where = None if not terms else terms[0] if len(terms) == 1 else And(tuple(terms))
     return Query(
         table=query.table,
-        join=query.join,
+        join=join,
         where=where,
         params=frozenset(params),
         key=QueryKey(f"{query.key} /* visible */"),

@@ -22,10 +22,15 @@ from syncd.errors import SchemaError
 
 IndexKind = Literal["hash", "ordered"]
 Lifecycle = Literal["init", "client_connected", "client_disconnected"]
+
+#: A merge rule: an SQL rule (like a visibility rule), a Python check called with a
+#: `MergeContext` (`syncd.core.access`), or False for "reducers only" (overrides a table default).
+MergeRule = str | Callable[[Any], bool] | Literal[False]
 LIFECYCLES: tuple[Lifecycle, ...] = ("init", "client_connected", "client_disconnected")
 
 _SPEC = "__syncd_table__"
 _REDUCER = "__syncd_reducer__"
+_PRESENCE = "__syncd_presence__"
 _META = "syncd"
 
 C = TypeVar("C", bound=type)
@@ -50,6 +55,7 @@ class _ColumnOptions:
     auto_inc: bool = False
     unique: bool = False
     index: IndexKind | None = None
+    merge: MergeRule | None = None
 
 
 def column(
@@ -60,6 +66,7 @@ def column(
     index: IndexKind | bool = False,
     default: Any = _MISSING,
     default_factory: Callable[[], Any] = _MISSING,
+    merge: MergeRule | None = None,
 ) -> Any:
     """Declare a column's options. Use as a class attribute's value in a `@table` class.
 
@@ -70,6 +77,12 @@ def column(
         index: True or "hash" for equality lookups, "ordered" for ranges too.
         default: the value when the constructor omits it.
         default_factory: called for each row when the constructor omits the value.
+        merge: who may merge into this CRDT cell with `MergeCrdt` (docs/protocol.md): an SQL
+            rule in the language of visibility rules (`"owner = :sender"`, or a semijoin
+            `"JOIN member ON t.ws = member.ws WHERE member.identity = :sender"`), a Python
+            check `fn(ctx: MergeContext) -> bool` run by the writer, or False (reducers only,
+            overriding the table's `merge`). None: the table's `merge`; if that is None too,
+            only reducers write the cell.
     """
     kind: IndexKind | None = None
     if index is True or index == "hash":
@@ -80,7 +93,7 @@ def column(
         kind = index  # reported by load_schema
     if auto_inc and default is _MISSING and default_factory is _MISSING:
         default = 0
-    options = _ColumnOptions(primary_key, auto_inc, unique, kind)
+    options = _ColumnOptions(primary_key, auto_inc, unique, kind, merge)
     return field(default=default, default_factory=default_factory, metadata={_META: options})
 
 
@@ -123,6 +136,7 @@ class _TableSpec:
     public: bool
     indexes: tuple[Index, ...]
     visible: str | None
+    merge: MergeRule | None
     problems: tuple[str, ...]
 
 
@@ -133,6 +147,7 @@ def table(
     public: bool = False,
     indexes: Iterable[Index] = (),
     visible: str | None = None,
+    merge: MergeRule | None = None,
 ) -> Any:
     """Declare a table. Use bare (`@table`) or with options (`@table(public=True)`).
 
@@ -140,7 +155,11 @@ def table(
         name: the table's name in `ctx.db` and SQL; defaults to the class name in snake_case.
         public: clients may subscribe to it. Tables are private by default.
         indexes: extra (multi-column) indexes.
-        visible: a row-visibility rule, an SQL condition over the row (enforced by the server).
+        visible: a row-visibility rule, enforced by the server: an SQL condition over the row
+            (`"owner = :sender"`), or a semijoin `"JOIN u ON t.a = u.b WHERE cond"` (the row
+            is visible when some row of `u` joined to it makes `cond` true). None: every row.
+        merge: the default merge rule of the table's CRDT columns (see `column(merge=...)`).
+            None: clients may not merge into them (only reducers write them).
 
     The class becomes a keyword-only dataclass, so rows are built as `Message(text="hi")`.
     """
@@ -151,11 +170,33 @@ def table(
             klass = typing.cast(C, dataclasses.dataclass(kw_only=True, eq=True)(klass))
         except (TypeError, ValueError) as exc:
             problems.append(f"table {klass.__name__}: {exc}")
-        spec = _TableSpec(name, public, tuple(indexes), visible, tuple(problems))
+        spec = _TableSpec(name, public, tuple(indexes), visible, merge, tuple(problems))
         setattr(klass, _SPEC, spec)
         return klass
 
     return wrap(cls) if cls is not None else wrap
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """What `presence(...)` returns: keep it in a module-level variable."""
+
+    visible: str
+
+
+def presence(*, visible: str) -> Presence:
+    """Choose who sees the rows of the presence table `syncd_connection` (one per connection:
+    identity, replica, since, role).
+
+    Without it, each client sees only its own connections (`identity = :sender`): no other
+    identity, role or claim is exposed. Assign the result to a module-level name::
+
+        PRESENCE = syncd.presence(visible="TRUE")  # everyone sees who is online, with roles
+
+    Args:
+        visible: a visibility rule over `syncd_connection` (see `table(visible=...)`).
+    """
+    return Presence(visible)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +244,9 @@ class ColumnDef:
     type: ColumnType
     default: Any = NO_DEFAULT  # NO_DEFAULT: the constructor requires it
     default_factory: Callable[[], Any] | None = None
+    #: Who may merge into it (CRDT columns only): a rule, a check, or None (reducers only).
+    #: Resolved: the table's default is already applied and False became None.
+    merge: str | Callable[[Any], bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +386,9 @@ class Schema:
     tables: dict[str, TableDef]
     reducers: dict[str, ReducerDef]
     module_name: str = ""
+    #: The module's visibility rule for the presence table (`presence(visible=...)`); None:
+    #: the server's default (each client sees its own connections only).
+    presence: str | None = None
 
     def lifecycle(self, kind: Lifecycle) -> ReducerDef | None:
         for r in self.reducers.values():
@@ -386,12 +433,17 @@ def load_schema(module: ModuleType | dict[str, Any], *, name: str = "") -> Schem
     problems: list[str] = []
     tables: dict[str, TableDef] = {}
     reducers: dict[str, ReducerDef] = {}
+    presences: list[Presence] = []
     seen: set[int] = set()
     for obj in list(namespace.values()):
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        if isinstance(obj, type) and isinstance(obj.__dict__.get(_SPEC), _TableSpec):
+        if isinstance(obj, Presence):
+            presences.append(obj)
+            if not isinstance(obj.visible, str) or not obj.visible.strip():
+                problems.append("presence(visible=...) needs a rule (an SQL condition)")
+        elif isinstance(obj, type) and isinstance(obj.__dict__.get(_SPEC), _TableSpec):
             tdef = _check_table(obj, namespace, problems)
             if tdef is None:
                 continue
@@ -414,9 +466,12 @@ def load_schema(module: ModuleType | dict[str, Any], *, name: str = "") -> Schem
         named = [r.name for r in reducers.values() if r.lifecycle == kind]
         if len(named) > 1:
             problems.append(f"more than one {kind} reducer: {', '.join(named)}")
+    if len(presences) > 1:
+        problems.append(f"more than one presence(...) declaration ({len(presences)})")
     if problems:
         raise SchemaError(problems)
-    return Schema(tables, reducers, module_name)
+    chosen = presences[0].visible if presences else None
+    return Schema(tables, reducers, module_name, chosen)
 
 
 def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> TableDef | None:
@@ -449,7 +504,8 @@ def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> T
             continue
         default = NO_DEFAULT if f.default is _MISSING else f.default
         factory = None if f.default_factory is _MISSING else typing.cast(Any, f.default_factory)
-        columns.append(ColumnDef(f.name, pos, ctype, default, factory))
+        merge = _merge_rule(where, f.name, ctype, options.merge, spec, problems)
+        columns.append(ColumnDef(f.name, pos, ctype, default, factory, merge))
         if options.primary_key:
             pks.append(pos)
             if isinstance(ctype, CrdtType | OptionalType):
@@ -467,6 +523,10 @@ def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> T
                 problems.append(f"{where}.{f.name}: CRDT columns can't be indexed")
             kind: IndexKind = options.index or "hash"
             indexes.append(IndexDef(f.name, (f.name,), (pos,), kind, options.unique))
+    if spec.merge is not None:
+        _merge_rule(where, "", None, spec.merge, spec, problems)
+        if not any(c.type.is_crdt for c in columns):
+            problems.append(f"{where}: merge= needs a CRDT column (LWW, Counter) to apply to")
     if len(pks) != 1:
         problems.append(
             f"{where}: needs exactly one primary key, found {len(pks)}"
@@ -505,6 +565,36 @@ def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> T
         public=spec.public,
         visible=spec.visible,
     )
+
+
+def _merge_rule(
+    where: str,
+    column: str,
+    ctype: ColumnType | None,
+    declared: Any,
+    spec: _TableSpec,
+    problems: list[str],
+) -> str | Callable[[Any], bool] | None:
+    """A column's effective merge rule (None: reducers only), or the table's when `ctype` is
+    None; reports a rule that can never apply."""
+    at = f"{where}.{column}" if column else where
+    if declared is not None and not (
+        declared is False or (isinstance(declared, str) and declared.strip()) or callable(declared)
+    ):
+        problems.append(f"{at}: merge= must be an SQL rule, a callable or False, not {declared!r}")
+        return None
+    if declared is not None and declared is not False and not spec.public:
+        problems.append(f"{at}: merge= needs public=True (clients cannot reach private tables)")
+        return None
+    if ctype is None:
+        return None
+    if declared is not None and not ctype.is_crdt:
+        problems.append(f"{at}: merge= is only for CRDT columns (LWW, Counter), not {ctype}")
+        return None
+    if not ctype.is_crdt:
+        return None
+    rule = spec.merge if declared is None else declared
+    return None if rule is False or rule is None or not spec.public else rule
 
 
 def _check_reducer(

@@ -431,7 +431,7 @@ class Connection:
                     CallOutcome(False, error=ConstraintError(f"{msg.column}: {exc}"))
                 )
         pending = await self.server.writer.merge(
-            msg.table, pk, msg.column, op, sender=self.principal.identity
+            msg.table, pk, msg.column, op, sender=self.principal.identity, auth=self.principal.auth
         )
         return msg.request_id, pending
 

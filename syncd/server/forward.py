@@ -13,7 +13,8 @@ closed socket rather than as a timeout. Bench figures are in bench/README.md ("R
 Frames are MessagePack arrays:
 
 * request: `[request_id, kind, ...]` with kind `call` (name, args, sender, connection_id,
-  [role, claims], idempotency_key), `merge` (table, pk, column, op, sender, idempotency_key),
+  [role, claims], idempotency_key), `merge` (table, pk, column, op, sender, [role, claims],
+  idempotency_key: the leader authorizes the merge with the caller's auth),
   `connect` (identity, connection_id, [role, claims], replica), `disconnect` (connection_id);
 * reply: `[request_id, ok, offset, error_code, message]`.
 
@@ -85,6 +86,7 @@ class Writer(Protocol):
         op: Any,
         *,
         sender: Identity,
+        auth: AuthInfo,
         idempotency_key: str | None = None,
     ) -> asyncio.Future[CallOutcome]: ...
 
@@ -323,9 +325,21 @@ class LeaderLink:
         op: Any,
         *,
         sender: Identity,
+        auth: AuthInfo,
         idempotency_key: str | None = None,
     ) -> asyncio.Future[CallOutcome]:
-        return await self.request(["merge", table, pk, column, op, sender, idempotency_key])
+        return await self.request(
+            [
+                "merge",
+                table,
+                pk,
+                column,
+                op,
+                sender,
+                [auth.role, dict(auth.claims)],
+                idempotency_key,
+            ]
+        )
 
     async def connect(
         self, identity: Identity, connection_id: ConnectionId, auth: AuthInfo, replica: str
@@ -416,9 +430,10 @@ async def _dispatch(leader: Writer, kind: str, rest: list[Any]) -> asyncio.Futur
             idempotency_key=key,
         )
     if kind == "merge":
-        table, pk, column, op, sender, key = rest
+        table, pk, column, op, sender, (role, claims), key = rest
+        auth = AuthInfo(role=role, claims=claims)
         return await leader.merge(
-            table, pk, column, op, sender=Identity(sender), idempotency_key=key
+            table, pk, column, op, sender=Identity(sender), auth=auth, idempotency_key=key
         )
     if kind == "connect":
         identity, connection_id, (role, claims), replica = rest

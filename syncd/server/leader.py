@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from syncd.core.access import MergePolicy
 from syncd.core.hlc import HybridClock, Stamp
 from syncd.core.ids import ConnectionId, Identity, Offset, Timestamp
 from syncd.core.reducers import AuthInfo, merge_cell, run_reducer, run_system
@@ -99,6 +100,8 @@ class Leader:
         now_us: Callable[[], int],
     ) -> None:
         self.schema = schema
+        # Who may merge into which CRDT cell (the module's rules, compiled once).
+        self.merge_policy = MergePolicy(schema)
         # The leader's own store: durable state plus the batch being committed.
         self.store = store
         self.journal = journal
@@ -206,14 +209,21 @@ class Leader:
         op: Any,
         *,
         sender: Identity,
+        auth: AuthInfo,
         idempotency_key: str | None = None,
     ) -> asyncio.Future[CallOutcome]:
-        """Apply a client's CRDT operation as its own transaction (see `call`)."""
+        """Apply a client's CRDT operation as its own transaction (see `call`), if the
+        module's merge rules allow `sender` with `auth` to (`MergePolicy.authorize`: a
+        missing, invisible or unmergeable row all answer `ConstraintError(NO_ROW)`)."""
         key, early = await self._admit(sender, idempotency_key)
         if early is not None:
             return early
         timestamp, stamp = self._timing()
         try:
+            # No await between the check and the merge: both see the same state.
+            self.merge_policy.authorize(
+                self.store, table, pk, column, sender=sender, auth=auth, stamp=stamp
+            )
             changes = merge_cell(self.store, self.schema, table, pk, column, op, stamp)
         except SyncdError as exc:
             return _done(CallOutcome(False, error=exc))

@@ -43,13 +43,22 @@ def load_module_schema(path: Path | str) -> Schema:
 
 
 def check_rules(schema: Schema) -> None:
-    """Compile every table's visibility rule now, so a bad one fails at start-up.
+    """Compile every table's visibility rule and every column's SQL merge rule now, so a bad
+    one fails at start-up.
 
     Raises:
         SchemaError: listing every rule that does not compile, or that sits on a private table.
     """
     problems: list[str] = []
     for tdef in schema.tables.values():
+        for col in tdef.columns:
+            if isinstance(col.merge, str):
+                try:
+                    compile_rule(tdef.name, col.merge, schema)
+                except SubscriptionError as exc:
+                    problems.append(
+                        f"table {tdef.name}.{col.name}: merge rule {col.merge!r}: {exc}"
+                    )
         if not tdef.visible:
             continue
         if not tdef.public:

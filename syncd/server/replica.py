@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from syncd.auth.principal import Principal
 from syncd.config import Limits
 from syncd.core import snapshot
+from syncd.core.access import rule_params
 from syncd.core.ids import Epoch, Offset, QuerySetId
 from syncd.core.protocol.codec import Codec, Format
 from syncd.core.protocol.messages import QueryUpdate
@@ -331,7 +332,7 @@ class Replica:
         """
         auth = principal.auth
         restricted = auth.role not in BYPASS_ROLES
-        params = {"sender": principal.identity, "role": auth.role or "", "email": auth.email or ""}
+        params = rule_params(principal.identity, auth)
         bound: list[BoundQuery] = []
         for i, sql in enumerate(sqls):
             try:

@@ -1,0 +1,197 @@
+"""Write authorization for client merges: who may merge into which CRDT cell.
+
+Clients write through reducers (which check what they like) and through `MergeCrdt` into CRDT
+cells. A merge is allowed only when the module says so, next to the column
+(`column(merge=...)`) or for the whole table (`table(merge=...)`):
+
+* an SQL rule in the language of visibility rules, over the row, with `:sender`, `:role` and
+  `:email` (a semijoin `JOIN u ON t.a = u.b WHERE ...` may look at another table), or
+* a Python check, `fn(ctx: MergeContext) -> bool`, run by the writer just before the merge.
+
+No rule: only reducers write the cell. The writer (leader) evaluates, on its own state, the
+table's visibility rule AND the merge rule, then the check; `service`/`service_role` bypass the
+rules and checks (as they bypass visibility) but not a column that has none.
+
+No existence oracle: a merge into a missing row, a row the caller cannot see, and a row it may
+not merge get the same error (`ConstraintError(NO_ROW)`, the same text whatever the pk), after
+the same work (both rules are bound and evaluated whether or not the row exists).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from syncd.core.hlc import Stamp
+from syncd.core.ids import Identity
+from syncd.core.query import BoundQuery, Query, StoreView, compile_rule
+from syncd.core.reducers import SERVICE_ROLES, AuthInfo, Database, row_to_instance
+from syncd.core.schema import Schema, TableDef
+from syncd.core.store import Row, Store
+from syncd.errors import ConstraintError, Forbidden, ReducerError, SyncdError
+
+__all__ = ["NO_ROW", "MergeContext", "MergePolicy", "rule_params"]
+
+#: The one answer for a missing row, a row the caller cannot see and one it may not merge.
+NO_ROW = "no such row to merge into (or it is not yours to merge)"
+
+
+def rule_params(identity: Identity, auth: AuthInfo) -> dict[str, object]:
+    """The parameters visibility and merge rules are bound with for one caller."""
+    return {"sender": identity, "role": auth.role or "", "email": auth.email or ""}
+
+
+@dataclass(frozen=True, slots=True)
+class MergeContext:
+    """What a Python merge check gets.
+
+    Attributes:
+        sender: who merges.
+        auth: their verified role and claims.
+        table: the table's name.
+        column: the CRDT column merged into.
+        row: the current row (an instance of the table's class, python-form values).
+        db: the tables, to read (`find`, `filter`); anything written is rolled back.
+    """
+
+    sender: Identity
+    auth: AuthInfo
+    table: str
+    column: str
+    row: Any
+    db: Database
+
+
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    visible: Query | None  # the table's visibility rule
+    merge: Query | None  # the column's SQL merge rule
+    check: Callable[[Any], bool] | None  # the column's Python check
+
+
+class MergePolicy:
+    """The module's merge rules, compiled once; `authorize` is called by the writer per merge.
+
+    Pure: it reads the store it is given and never writes it.
+    """
+
+    def __init__(self, schema: Schema) -> None:
+        """Compile every visibility and merge rule.
+
+        Raises:
+            SubscriptionError: a rule does not compile (`check_rules` reports it at start-up).
+        """
+        self.schema = schema
+        # (table, column) -> its rules; absent: the column is not mergeable by clients
+        self._rules: dict[tuple[str, str], _Rules] = {}
+        for tdef in schema.tables.values():
+            visible = compile_rule(tdef.name, tdef.visible, schema) if tdef.visible else None
+            for col in tdef.columns:
+                if col.merge is None:
+                    continue
+                if isinstance(col.merge, str):
+                    rules = _Rules(visible, compile_rule(tdef.name, col.merge, schema), None)
+                else:
+                    rules = _Rules(visible, None, col.merge)
+                self._rules[(tdef.name, col.name)] = rules
+
+    def mergeable(self, table: str, column: str) -> bool:
+        """True when some caller may merge into `table.column` (it has a rule or a check)."""
+        return (table, column) in self._rules
+
+    def authorize(
+        self,
+        store: Store,
+        table: str,
+        pk: Any,
+        column: str,
+        *,
+        sender: Identity,
+        auth: AuthInfo,
+        stamp: Stamp,
+    ) -> None:
+        """Allow the merge, or raise. Call it on the writer's store, just before the merge,
+        with no await in between (the writer runs one write at a time).
+
+        Args:
+            stamp: the merge's stamp (a Python check reads inside a transaction of its own).
+
+        Raises:
+            ConstraintError: unknown or private table, or not a CRDT column (the schema is
+                public: no oracle); `NO_ROW` for a missing, invisible or unmergeable row.
+            Forbidden: the column is never mergeable by clients (no rule: reducers only).
+            SyncdError: the Python check raised one (its message is the module's choice);
+                any other exception from it becomes a ReducerError.
+        """
+        tdef = self.schema.tables.get(table)
+        if tdef is None or not tdef.public:
+            raise ConstraintError(f"no public table {table!r}")
+        col = tdef.column(column)
+        if col is None or not col.type.is_crdt:
+            raise ConstraintError(f"{table}.{column} is not a CRDT column")
+        rules = self._rules.get((table, column))
+        if rules is None:
+            raise Forbidden(f"{table}.{column} is not mergeable by clients: only reducers write it")
+        if auth.role in SERVICE_ROLES:
+            return
+        # Same work whatever the row: bind both rules, look the row up, evaluate both rules
+        # (on a stand-in when it is missing), and only then decide.
+        params = rule_params(sender, auth)
+        visible = rules.visible.bind(params) if rules.visible is not None else None
+        merge = rules.merge.bind(params) if rules.merge is not None else None
+        row = _row(tdef, pk, store)
+        view = StoreView(store)
+        probe = row if row is not None else _stand_in(tdef, store)
+        seen = probe is not None and _passes(visible, probe, view)
+        allowed = probe is not None and _passes(merge, probe, view)
+        if row is None or not seen or not allowed:
+            raise ConstraintError(NO_ROW)
+        if rules.check is not None:
+            ctx = (sender, auth, tdef, column, row)
+            if not self._check(rules.check, store, stamp, *ctx):
+                raise ConstraintError(NO_ROW)
+
+    def _check(
+        self,
+        check: Callable[[Any], bool],
+        store: Store,
+        stamp: Stamp,
+        sender: Identity,
+        auth: AuthInfo,
+        tdef: TableDef,
+        column: str,
+        row: Row,
+    ) -> bool:
+        # A transaction of its own, always rolled back: a check reads, it never writes.
+        tx = store.begin(stamp)
+        try:
+            instance = row_to_instance(tdef, row)
+            verdict = check(MergeContext(sender, auth, tdef.name, column, instance, Database(tx)))
+            return verdict is True
+        except SyncdError:
+            raise
+        except Exception as exc:
+            name = f"{tdef.name}.{column}"
+            raise ReducerError(f"merge check {name}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            tx.rollback()
+
+
+def _row(tdef: TableDef, pk: Any, store: Store) -> Row | None:
+    try:
+        key = tdef.pk_column.type.check(pk)
+    except (ValueError, TypeError):
+        return None  # a pk of the wrong type names no row: the same answer as a missing one
+    return store.tables[tdef.name].get(key)
+
+
+def _stand_in(tdef: TableDef, store: Store) -> Row | None:
+    # Any row of the table, so a missing pk costs the same evaluation as an existing one.
+    for row in store.tables[tdef.name].rows.values():
+        return row
+    return None
+
+
+def _passes(rule: BoundQuery | None, row: Row, view: StoreView) -> bool:
+    return rule is None or rule.contains(row, view)
