@@ -26,9 +26,9 @@ from typing import Any
 from syncd.core.hlc import Stamp
 from syncd.core.ids import Identity
 from syncd.core.query import BoundQuery, Query, StoreView, compile_rule
-from syncd.core.reducers import SERVICE_ROLES, AuthInfo, Database, row_to_instance
+from syncd.core.reducers import SERVICE_ROLES, AuthInfo, Database, merge_cell, row_to_instance
 from syncd.core.schema import Schema, TableDef
-from syncd.core.store import Row, Store
+from syncd.core.store import ChangeSet, Row, Store
 from syncd.errors import ConstraintError, Forbidden, ReducerError, SyncdError
 
 __all__ = ["NO_ROW", "MergeContext", "MergePolicy", "rule_params"]
@@ -95,6 +95,26 @@ class MergePolicy:
                 else:
                     rules = _Rules(visible, None, col.merge)
                 self._rules[(tdef.name, col.name)] = rules
+
+    def merge(
+        self,
+        store: Store,
+        table: str,
+        pk: Any,
+        column: str,
+        op: Any,
+        *,
+        sender: Identity,
+        auth: AuthInfo,
+        stamp: Stamp,
+    ) -> ChangeSet:
+        """A client's merge: `authorize`, then `merge_cell`, as one step on the writer's store.
+
+        Raises:
+            Everything `authorize` and `merge_cell` raise; the store is then unchanged.
+        """
+        self.authorize(store, table, pk, column, sender=sender, auth=auth, stamp=stamp)
+        return merge_cell(store, self.schema, table, pk, column, op, stamp)
 
     def mergeable(self, table: str, column: str) -> bool:
         """True when some caller may merge into `table.column` (it has a rule or a check)."""

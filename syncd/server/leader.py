@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from syncd.core.access import MergePolicy
 from syncd.core.hlc import HybridClock, Stamp
 from syncd.core.ids import ConnectionId, Identity, Offset, Timestamp
-from syncd.core.reducers import AuthInfo, merge_cell, run_reducer, run_system
+from syncd.core.reducers import AuthInfo, run_reducer, run_system
 from syncd.core.schema import Schema
 from syncd.core.store import ChangeSet, Store, Transaction
 from syncd.core.system import CONNECTION_TABLE
@@ -220,11 +220,10 @@ class Leader:
             return early
         timestamp, stamp = self._timing()
         try:
-            # No await between the check and the merge: both see the same state.
-            self.merge_policy.authorize(
-                self.store, table, pk, column, sender=sender, auth=auth, stamp=stamp
+            # Synchronous: the check and the merge see the same state.
+            changes = self.merge_policy.merge(
+                self.store, table, pk, column, op, sender=sender, auth=auth, stamp=stamp
             )
-            changes = merge_cell(self.store, self.schema, table, pk, column, op, stamp)
         except SyncdError as exc:
             return _done(CallOutcome(False, error=exc))
         return self._finish(changes, timestamp, "", sender, key, None)

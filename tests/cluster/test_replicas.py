@@ -34,16 +34,24 @@ from tests.transport.wire import WireClient, ahttp, sql
 
 pytestmark = pytest.mark.integration
 
+# chat.py with presence visible to everyone, for the tests that watch others' connections.
+CHAT_PRESENCE = "tests/cluster/modules/chat_presence.py"
+
 
 @pytest.fixture
 def replicas_factory(tmp_path: Path, pg_dsn: str, redis_server: RedisServer) -> Iterator[Any]:
     made: list[Replicas] = []
 
     def make(
-        n: int, *, redis: bool = True, dsn: str | None = None, extra: tuple[str, ...] = ()
+        n: int,
+        *,
+        redis: bool = True,
+        dsn: str | None = None,
+        extra: tuple[str, ...] = (),
+        module: str = "schema/chat.py",
     ) -> Replicas:
         group = Replicas(
-            tmp_path, dsn or pg_dsn, redis_server.url if redis else None, n, extra=extra
+            tmp_path, dsn or pg_dsn, redis_server.url if redis else None, n, module, extra
         )
         made.append(group)
         return group.start()
@@ -85,7 +93,7 @@ async def test_a_call_on_any_replica_reaches_subscribers_on_every_replica(
 ) -> None:
     """Three replicas: each one's client sends a message; every client sees all three (the
     two forwarded calls too), and the replicas end in the same state."""
-    group = replicas_factory(3)
+    group = replicas_factory(3, module=CHAT_PRESENCE)
     leader = await leader_of(list(group))
     roles = sorted([(await ready(s))["role"] for s in group])
     assert roles == ["leader", "replica", "replica"]
@@ -300,7 +308,7 @@ async def test_a_dead_replicas_connections_are_removed_once(replicas_factory: An
     """kill -9 a replica holding a client: once its heartbeat lapses the leader removes its
     connection rows and runs client_disconnected for each, exactly once (the user goes
     offline); a client on another replica sees it happen."""
-    group = replicas_factory(3)
+    group = replicas_factory(3, module=CHAT_PRESENCE)
     leader = await leader_of(list(group))
     doomed, survivor = [s for s in group if s is not leader]
     async with client(survivor) as watcher:
@@ -496,7 +504,7 @@ async def test_a_replica_taken_for_dead_reregisters_its_clients(replicas_factory
     """A replica paused past the heartbeat lapse loses its clients' presence rows (the leader
     took it for dead); when it wakes it closes those connections with a resumable code, and
     the clients come back and are present again."""
-    group = replicas_factory(3)
+    group = replicas_factory(3, module=CHAT_PRESENCE)
     leader = await leader_of(list(group))
     sleeper, awake = [s for s in group if s is not leader]
     async with client(awake) as watcher, client(sleeper) as napper:

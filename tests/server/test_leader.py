@@ -222,7 +222,10 @@ async def test_a_new_leader_stamps_past_every_stamp_it_inherits() -> None:
         # A merge made offline half an hour before "dark": older than both writes.
         stale = ["stale", dark_ms - 1_800_000, 0, "offline-client"]
         assert second.leader is not None
-        await (await second.leader.merge("preference", 1, "value", stale, sender=ANN))
+        merged = await second.leader.merge(
+            "preference", 1, "value", stale, sender=ANN, auth=AuthInfo(role="authenticated")
+        )
+        assert (await merged).ok
         row = second.replica.store.tables["preference"].rows[1]
         value = row[schema.tables["preference"].positions["value"]]
         assert value.value == "light"

@@ -1,8 +1,9 @@
 """Vault: a test module for the client's edge cases.
 
 Bytes primary keys and columns (base64 in the JSON subprotocol), Counter and LWW[bytes] columns
-for CRDT merges, a reducer only an admin may call (FORBIDDEN), and a `client_connected` that
-refuses identities that banned themselves (close code 4502 REJECTED).
+for CRDT merges (mergeable by any client: `merge="TRUE"`), a reducer only an admin may call
+(FORBIDDEN), and a `client_connected` that refuses identities that banned themselves (close
+code 4502 REJECTED).
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import syncd
 from syncd import LWW, Counter, Identity, ReducerContext
 
 
-@syncd.table(public=True)
+@syncd.table(public=True, merge="TRUE")
 class Blob:
     key: bytes = syncd.primary_key()
     data: bytes | None = None
     hits: Counter = 0
 
 
-@syncd.table(public=True)
+@syncd.table(public=True, merge="TRUE")
 class Label:
     id: int = syncd.primary_key()
     value: LWW[bytes]
