@@ -23,8 +23,16 @@ import pytest
 
 import syncd.client
 from syncd.client import Connection
-from syncd.core.protocol.messages import Cursor, Hello, QuerySet, SubscribeApplied
-from syncd.errors import BackendError, CloseCode
+from syncd.core.access import NO_ROW
+from syncd.core.protocol.messages import (
+    Cursor,
+    Hello,
+    MergeCrdt,
+    QuerySet,
+    ReducerResult,
+    SubscribeApplied,
+)
+from syncd.errors import BackendError, CloseCode, ErrorCode
 from tests.client.helpers import eventually, quick_backoff
 from tests.cluster.harness import Replicas, converged, leader_of, ready
 from tests.server_proc import ServerProcess
@@ -562,3 +570,31 @@ async def test_a_client_given_every_replica_moves_on_when_its_replica_dies(
         assert late.endpoint.ws_url == survivor.ws_url
     finally:
         await late.close()
+
+
+async def test_a_merge_forwarded_by_a_follower_is_authorized_by_the_leader(
+    replicas_factory: Any,
+) -> None:
+    """A follower forwards the caller's role and claims with a merge: the leader applies
+    kled's merge rule to them, so an outsider's merge into a workspace gets the no-row answer
+    and the owner's goes through, both sent to the follower."""
+    group = replicas_factory(2, module="schema/kled.py")
+    leader = await leader_of(list(group))
+    follower = next(s for s in group if s is not leader)
+    async with await WireClient.open(follower) as ann, await WireClient.open(follower) as eve:
+        assert (await ann.call("create_workspace", "Team")).ok
+
+        async def merge(client: WireClient, name: str) -> ReducerResult:
+            rid = client.request_id()
+            op = [name, 4_000_000_000_000, 0, "w"]
+            await client.send(
+                MergeCrdt(request_id=rid, table="workspace", pk=1, column="name", op=op)
+            )
+            return await client.result(rid)
+
+        denied = await merge(eve, "Eve's")
+        assert (denied.ok, denied.code, denied.message) == (False, ErrorCode.CONSTRAINT, NO_ROW)
+        assert (await merge(ann, "Renamed")).ok
+        result = await ann.query("SELECT * FROM workspace")
+        assert result.ok and [r[2] for r in result.rows] == ["Renamed"]
+        assert (await eve.query("SELECT * FROM workspace")).rows == []
