@@ -29,7 +29,7 @@ from syncd.core.query import BoundQuery, Query, StoreView, compile_rule
 from syncd.core.reducers import SERVICE_ROLES, AuthInfo, Database, merge_cell, row_to_instance
 from syncd.core.schema import Schema, TableDef
 from syncd.core.store import ChangeSet, Row, Store
-from syncd.errors import ConstraintError, Forbidden, ReducerError, SyncdError
+from syncd.errors import ConstraintError, Forbidden, ReducerError, SubscriptionError, SyncdError
 
 __all__ = ["NO_ROW", "MergeContext", "MergePolicy", "rule_params"]
 
@@ -158,13 +158,13 @@ class MergePolicy:
         # Same work whatever the row: bind both rules, look the row up, evaluate both rules
         # (on a stand-in when it is missing), and only then decide.
         params = rule_params(sender, auth)
-        visible = rules.visible.bind(params) if rules.visible is not None else None
-        merge = rules.merge.bind(params) if rules.merge is not None else None
+        visible, visible_ok = _bind(rules.visible, params)
+        merge, merge_ok = _bind(rules.merge, params)
         row = _row(tdef, pk, store)
         view = StoreView(store)
         probe = row if row is not None else _stand_in(tdef, store)
-        seen = probe is not None and _passes(visible, probe, view)
-        allowed = probe is not None and _passes(merge, probe, view)
+        seen = probe is not None and visible_ok and _passes(visible, probe, view)
+        allowed = probe is not None and merge_ok and _passes(merge, probe, view)
         if row is None or not seen or not allowed:
             raise ConstraintError(NO_ROW)
         if rules.check is not None:
@@ -211,6 +211,17 @@ def _stand_in(tdef: TableDef, store: Store) -> Row | None:
     for row in store.tables[tdef.name].rows.values():
         return row
     return None
+
+
+def _bind(rule: Query | None, params: dict[str, object]) -> tuple[BoundQuery | None, bool]:
+    # A rule this caller's parameters do not fit (say `:email` against an int column) lets
+    # nothing through for them: refused like any row they may not merge, for every row alike.
+    if rule is None:
+        return None, True
+    try:
+        return rule.bind(params), True
+    except SubscriptionError:
+        return None, False
 
 
 def _passes(rule: BoundQuery | None, row: Row, view: StoreView) -> bool:

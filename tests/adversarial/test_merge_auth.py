@@ -227,3 +227,35 @@ async def test_presence_shows_no_other_identity_or_role(
         )
         assert status == 200 and {r[1] for r in body["rows"]} == {anon.identity}, body
     await assert_responsive(bystander)
+
+
+async def test_hostile_pks_ops_and_names_change_nothing(
+    kled: ServerProcess, fmt: Format, bystander: WireClient
+) -> None:
+    """Keys of every wrong type and at the edges of the int range, malformed operations
+    aimed at another user's row, and unknown names: each gets its exact answer (the no-row
+    answer wherever a row is named, since authorization comes before decoding the op)."""
+    async with await user(kled, fmt) as ann, await user(kled, fmt) as eve:
+        ws = await workspace(ann)
+        before = await row(ann, "workspace", ws)
+        for pk in (2**63 - 1, -(2**63), 2**64 - 1, 0, -1, 1.5, True, None, "", [ws], {"id": ws}):
+            refused(await merge(eve, "workspace", pk, "name", ["x", FAR, 0, "e"]))
+        for op in (None, [], ["x"], ["x", -1, 0, "e"], ["x", FAR, 0, ""], {"v": 1}, "x" * 5000):
+            refused(await merge(eve, "workspace", ws, "name", op))
+            refused(await merge(eve, "workspace", ws, "edits", op))
+        unknown = await merge(eve, "nope", ws, "name", ["x", FAR, 0, "e"])
+        assert (unknown.ok, unknown.code, unknown.message) == (
+            False,
+            ErrorCode.CONSTRAINT,
+            "no public table 'nope'",
+        )
+        column = await merge(eve, "workspace", ws, "owner", ["x", FAR, 0, "e"])
+        assert (column.code, column.message) == (
+            ErrorCode.CONSTRAINT,
+            "workspace.owner is not a CRDT column",
+        )
+        bad_op = await merge(ann, "workspace", ws, "name", ["x", -1, 0, "a"])
+        assert (bad_op.ok, bad_op.code) == (False, ErrorCode.CONSTRAINT)  # the owner: its op
+        assert bad_op.message != NO_ROW
+        assert await row(ann, "workspace", ws) == before
+    await assert_responsive(bystander)
