@@ -116,10 +116,6 @@ class MergePolicy:
         self.authorize(store, table, pk, column, sender=sender, auth=auth, stamp=stamp)
         return merge_cell(store, self.schema, table, pk, column, op, stamp)
 
-    def mergeable(self, table: str, column: str) -> bool:
-        """True when some caller may merge into `table.column` (it has a rule or a check)."""
-        return (table, column) in self._rules
-
     def authorize(
         self,
         store: Store,

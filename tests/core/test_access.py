@@ -235,6 +235,7 @@ def test_declarations_that_can_never_apply_are_schema_errors() -> None:
                 "D": D,
                 "p1": syncd.presence(visible="TRUE"),
                 "p2": syncd.presence(visible="FALSE"),
+                "p3": syncd.presence(visible=" "),
             }
         )
     text = "\n".join(caught.value.problems)
@@ -243,6 +244,7 @@ def test_declarations_that_can_never_apply_are_schema_errors() -> None:
     assert "table C: merge= needs public=True" in text
     assert "table D.n: merge= must be an SQL rule, a callable or False" in text
     assert "more than one presence(...)" in text
+    assert "presence(visible=...) needs a rule" in text
 
     @syncd.table(public=True)
     class E:
@@ -418,3 +420,25 @@ def test_no_merge_changes_a_row_its_author_may_not_merge(
                 if before[t].get(k) != after[t].get(k)
             }
             assert changed <= {(table, pk)}
+
+
+def test_a_rule_the_callers_parameters_do_not_fit_refuses() -> None:
+    """`:email` compared with an int column cannot bind for a caller without an email: that
+    caller is refused with the no-row answer, and the service role is not affected."""
+
+    @syncd.table(public=True, merge="level = :email")
+    class Doc:
+        id: int = syncd.primary_key()
+        level: int = 0
+        hits: syncd.Counter = 0
+
+    @syncd.reducer
+    def add(ctx: syncd.ReducerContext, id: int) -> None:
+        ctx.db.doc.insert(Doc(id=id))
+
+    w = World(load_schema({"Doc": Doc, "add": add}))
+    w.call("ann", "add", 1)
+    with pytest.raises(ConstraintError) as caught:
+        w.merge("ann", "doc", 1, "hits", [["x", 1, 0]])
+    assert str(caught.value) == NO_ROW
+    assert w.merge("ops", "doc", 1, "hits", [["x", 1, 0]], SERVICE)
