@@ -19,6 +19,7 @@ the same work (both rules are bound and evaluated whether or not the row exists)
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,9 @@ from syncd.core.store import ChangeSet, Row, Store
 from syncd.errors import ConstraintError, Forbidden, ReducerError, SubscriptionError, SyncdError
 
 __all__ = ["NO_ROW", "MergeContext", "MergePolicy", "rule_params"]
+
+# Rules bound per caller kept by MergePolicy (most recently used).
+BOUND_CACHE = 4096
 
 #: The one answer for a missing row, a row the caller cannot see and one it may not merge.
 NO_ROW = "no such row to merge into (or it is not yours to merge)"
@@ -85,6 +89,10 @@ class MergePolicy:
         self.schema = schema
         # (table, column) -> its rules; absent: the column is not mergeable by clients
         self._rules: dict[tuple[str, str], _Rules] = {}
+        # (rule key, parameter values) -> the rule bound for that caller (LRU): binding a
+        # semijoin rule costs more than evaluating it, and a caller merges again and again.
+        # A hit depends only on the caller's own past merges, never on which rows exist.
+        self._bound: OrderedDict[tuple[str, tuple[object, ...]], BoundQuery | None] = OrderedDict()
         for tdef in schema.tables.values():
             visible = compile_rule(tdef.name, tdef.visible, schema) if tdef.visible else None
             for col in tdef.columns:
@@ -154,8 +162,8 @@ class MergePolicy:
         # Same work whatever the row: bind both rules, look the row up, evaluate both rules
         # (on a stand-in when it is missing), and only then decide.
         params = rule_params(sender, auth)
-        visible, visible_ok = _bind(rules.visible, params)
-        merge, merge_ok = _bind(rules.merge, params)
+        visible, visible_ok = self._bind(rules.visible, params)
+        merge, merge_ok = self._bind(rules.merge, params)
         row = _row(tdef, pk, store)
         view = StoreView(store)
         probe = row if row is not None else _stand_in(tdef, store)
@@ -167,6 +175,29 @@ class MergePolicy:
             ctx = (sender, auth, tdef, column, row)
             if not self._check(rules.check, store, stamp, *ctx):
                 raise ConstraintError(NO_ROW)
+
+    def _bind(
+        self, rule: Query | None, params: dict[str, object]
+    ) -> tuple[BoundQuery | None, bool]:
+        # A rule this caller's parameters do not fit (say `:email` against an int column)
+        # lets nothing through for them: refused like any row they may not merge, alike for
+        # every row. Returns (the bound rule, whether it bound).
+        if rule is None:
+            return None, True
+        key = (rule.key, tuple(params.values()))
+        cache = self._bound
+        if key in cache:
+            cache.move_to_end(key)
+            bound = cache[key]
+        else:
+            try:
+                bound = rule.bind(params)
+            except SubscriptionError:
+                bound = None
+            cache[key] = bound
+            if len(cache) > BOUND_CACHE:
+                cache.popitem(last=False)
+        return bound, bound is not None
 
     def _check(
         self,
@@ -207,17 +238,6 @@ def _stand_in(tdef: TableDef, store: Store) -> Row | None:
     for row in store.tables[tdef.name].rows.values():
         return row
     return None
-
-
-def _bind(rule: Query | None, params: dict[str, object]) -> tuple[BoundQuery | None, bool]:
-    # A rule this caller's parameters do not fit (say `:email` against an int column) lets
-    # nothing through for them: refused like any row they may not merge, for every row alike.
-    if rule is None:
-        return None, True
-    try:
-        return rule.bind(params), True
-    except SubscriptionError:
-        return None, False
 
 
 def _passes(rule: BoundQuery | None, row: Row, view: StoreView) -> bool:

@@ -442,3 +442,21 @@ def test_a_rule_the_callers_parameters_do_not_fit_refuses() -> None:
         w.merge("ann", "doc", 1, "hits", [["x", 1, 0]])
     assert str(caught.value) == NO_ROW
     assert w.merge("ops", "doc", 1, "hits", [["x", 1, 0]], SERVICE)
+
+
+def test_bound_rules_are_cached_per_caller_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rules bound for one caller are reused and the cache stays within its bound; answers
+    are the same with a cold or a warm cache."""
+    import syncd.core.access as access
+
+    monkeypatch.setattr(access, "BOUND_CACHE", 3)
+    w = World()
+    w.call("ann", "create_workspace", "T")
+    for _ in range(2):
+        for who in ("ann", "bob", "cy", "eve"):
+            if who == "ann":
+                assert w.merge(who, "workspace", 1, "edits", [["ann", w.now, 0]]) is not None
+            else:
+                with pytest.raises(ConstraintError, match="no such row"):
+                    w.merge(who, "workspace", 1, "edits", [["x", 1, 0]])
+    assert len(w.policy._bound) == 3
