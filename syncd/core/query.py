@@ -1229,8 +1229,9 @@ def with_visibility(query: Query, schema: Schema) -> Query:
                 )
             if join is not None and join != compiled.join:
                 raise SubscriptionError(
-                    f"table {table} is visible through a join with {compiled.join.table}, so "
-                    f"a query on it cannot join {join.table}: subscribe without the join"
+                    f"table {table} is visible through a join ({_join_sql(table, compiled.join)}"
+                    f"), so a query on it cannot join otherwise ({_join_sql(table, join)}): "
+                    "subscribe without the join, or join as the rule does"
                 )
             join = compiled.join
         if compiled.where is not None:
@@ -1248,6 +1249,14 @@ def with_visibility(query: Query, schema: Schema) -> Query:
         params=frozenset(params),
         key=QueryKey(f"{query.key} /* visible */"),
         schema=query.schema,
+    )
+
+
+def _join_sql(table: str, join: Join) -> str:
+    u = _name_sql(join.table)
+    return (
+        f"JOIN {u} ON {_name_sql(table)}.{_name_sql(join.column)} = "
+        f"{u}.{_name_sql(join.other_column)}"
     )
 
 

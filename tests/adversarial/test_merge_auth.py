@@ -16,7 +16,13 @@ import pytest
 
 from syncd.core.access import NO_ROW
 from syncd.core.protocol.codec import Format
-from syncd.core.protocol.messages import Hello, MergeCrdt, ReducerResult, SubscribeApplied
+from syncd.core.protocol.messages import (
+    Hello,
+    MergeCrdt,
+    ReducerResult,
+    SubscribeApplied,
+    SubscriptionFailed,
+)
 from syncd.errors import ErrorCode
 from syncd.server.loader import load_module_schema
 from tests.adversarial.conftest import assert_responsive, start, stop
@@ -258,4 +264,41 @@ async def test_hostile_pks_ops_and_names_change_nothing(
         assert (bad_op.ok, bad_op.code) == (False, ErrorCode.CONSTRAINT)  # the owner: its op
         assert bad_op.message != NO_ROW
         assert await row(ann, "workspace", ws) == before
+    await assert_responsive(bystander)
+
+
+async def test_joins_do_not_reach_hidden_rows(
+    kled: ServerProcess, fmt: Format, bystander: WireClient
+) -> None:
+    """Semijoins aimed at rows the rules hide: joining through another path than the
+    workspace's rule, or onto the workspace as the joined side, is refused (BAD_QUERY); joins
+    whose sides both carry owner rules return nothing of another user's."""
+    async with await user(kled, fmt) as ann, await user(kled, fmt) as eve:
+        ws = await workspace(ann)
+        assert (await ann.call("set_preference", "theme", "dark")).ok
+        refused_queries = [
+            "SELECT workspace.* FROM workspace JOIN member ON workspace.owner = member.identity",
+            "SELECT member.* FROM member JOIN workspace ON member.workspace_id = workspace.id",
+            "SELECT app_state.* FROM app_state JOIN workspace "
+            "ON app_state.workspace_id = workspace.id",
+        ]
+        for i, sql in enumerate(refused_queries):
+            failed = await eve.subscribe([sql], 20 + i)
+            assert isinstance(failed, SubscriptionFailed), sql
+            assert failed.code == ErrorCode.BAD_QUERY and "visible through a join" in failed.message
+        empty_queries = [
+            "SELECT member.* FROM member JOIN preference ON member.identity = preference.identity",
+            "SELECT preference.* FROM preference JOIN member "
+            "ON preference.identity = member.identity WHERE member.workspace_id = " + str(ws),
+            "SELECT workspace.* FROM workspace JOIN member ON workspace.id = member.workspace_id "
+            "WHERE member.role = 'owner'",
+        ]
+        for i, sql in enumerate(empty_queries):
+            applied = await eve.subscribe([sql], 30 + i)
+            assert isinstance(applied, SubscribeApplied), (sql, applied)
+            assert eve.cache.query_set(30 + i) == [{}], sql
+        assert (await ann.call("rename_workspace", ws, "Still hidden")).ok
+        assert (await ann.call("set_preference", "theme", "light")).ok
+        await assert_responsive(eve)
+        assert all(eve.cache.query_set(30 + i) == [{}] for i in range(len(empty_queries)))
     await assert_responsive(bystander)
