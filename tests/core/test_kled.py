@@ -109,3 +109,26 @@ def test_offline_renames_converge_and_counters_add_up() -> None:
         (ws,) = k.visible("workspace")
         results.append((ws["name"], ws["edits"]))
     assert results == [("From laptop", 5), ("From laptop", 5)]
+
+
+def test_each_table_shows_its_rows_to_whom_the_module_says() -> None:
+    """Workspaces to their members; member rows, preferences, devices and app state to
+    their own identity; presence to its own identity (the server's default)."""
+    from syncd.core.query import compile_query, with_visibility
+
+    k = Kled()
+    k.call("ann", "create_workspace", "Team")
+    k.call("ann", "add_member", 1, "bob", "viewer")
+    k.call("ann", "set_preference", "theme", "dark")
+    k.call("ann", "register_device", "laptop-1", "Laptop", "macos")
+    k.call("ann", "save_app_state", "laptop-1", 1, {"panes": 2}, None)
+    k.store.tables["syncd_connection"].put("c1", None, ("c1", "ann", "r1", 1, "authenticated"))
+
+    def seen(table: str, who: str) -> int:
+        query = with_visibility(compile_query(f"SELECT * FROM {table}", SCHEMA), SCHEMA)
+        return len(query.bind({"sender": who}).initial_rows(k.store))
+
+    tables = ["workspace", "member", "preference", "device", "app_state", "syncd_connection"]
+    assert [seen(t, "ann") for t in tables] == [1, 1, 1, 1, 1, 1]
+    assert [seen(t, "bob") for t in tables] == [1, 1, 0, 0, 0, 0]
+    assert [seen(t, "eve") for t in tables] == [0, 0, 0, 0, 0, 0]
