@@ -22,14 +22,18 @@ Exception tree::
 
 Wire errors are codes, not class names (`ErrorCode`); close codes follow the convention
 that 4000-4499 means "reconnect and resume" and 4500-4999 means "do not reconnect"
-(RFC 6455 §7.4.2 reserves 4000-4999 for applications).
+(RFC 6455 §7.4.2 reserves 4000-4999 for applications). Every error message sent to a client
+(WebSocket or HTTP) is cut to `MAX_ERROR_MESSAGE` bytes by `truncate_message`.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Final
 
 __all__ = [
+    "MAX_ERROR_MESSAGE",
+    "TRUNCATED_MARKER",
     "ArgumentError",
     "AuthError",
     "BackendError",
@@ -50,7 +54,32 @@ __all__ = [
     "SubscriptionError",
     "SyncdError",
     "should_reconnect",
+    "truncate_message",
 ]
+
+#: The most bytes (UTF-8) of an error message that reach a client, the marker included: a
+#: reducer's error, a refused token, a bad query, on the WebSocket and over HTTP.
+MAX_ERROR_MESSAGE: Final = 1024
+#: Ends a message that `truncate_message` cut.
+TRUNCATED_MARKER: Final = "… (truncated)"
+
+
+def truncate_message(message: str, limit: int = MAX_ERROR_MESSAGE) -> str:
+    """`message` if it fits in `limit` bytes of UTF-8, else its longest prefix that fits with
+    `TRUNCATED_MARKER` appended (cut at a character boundary, never inside one).
+
+    Never raises. Cheap for short messages: one of at most `limit // 4` characters is returned
+    as it is (UTF-8 takes at most 4 bytes a character); a longer one is encoded to be
+    measured, and a lone surrogate in it (which UTF-8 cannot carry) becomes "?".
+    """
+    if len(message) * 4 <= limit:
+        return message
+    # `limit + 1` characters are at least `limit + 1` bytes: a 20 MiB message is never copied.
+    encoded = message[: limit + 1].encode("utf-8", "replace")
+    if len(encoded) <= limit:
+        return encoded.decode("utf-8")
+    room = max(0, limit - len(TRUNCATED_MARKER.encode()))
+    return encoded[:room].decode("utf-8", "ignore") + TRUNCATED_MARKER
 
 
 class ErrorCode(IntEnum):

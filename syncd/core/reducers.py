@@ -17,7 +17,14 @@ from syncd.core.ids import ConnectionId, Identity, Timestamp
 from syncd.core.schema import NO_DEFAULT, ReducerDef, Schema, TableDef
 from syncd.core.store import ChangeSet, OrderedIndex, Row, Store, TableState, Transaction
 from syncd.core.values import CrdtType
-from syncd.errors import ArgumentError, ConstraintError, Forbidden, ReducerError
+from syncd.errors import (
+    MAX_ERROR_MESSAGE,
+    ArgumentError,
+    ConstraintError,
+    Forbidden,
+    ReducerError,
+    truncate_message,
+)
 
 R = TypeVar("R")
 
@@ -400,7 +407,9 @@ def run_reducer(
         ArgumentError: bad arguments (nothing ran).
         Forbidden: the caller lacks the reducer's role (nothing ran).
         ReducerError: the reducer raised; the store is exactly as before. Any other exception
-            from user code is wrapped in a ReducerError carrying its type and message.
+            from user code is wrapped in a ReducerError carrying its type and message. The
+            message is cut to `MAX_ERROR_MESSAGE` bytes (it goes to the caller, maybe through
+            another replica: a reducer's 20 MiB message must not travel).
     """
     auth = auth or AuthInfo()
     check_role(rdef, auth)
@@ -414,12 +423,13 @@ def run_reducer(
             if close is not None:
                 close()
             raise ReducerError(f"reducer {rdef.name} must not be async")
-    except ReducerError:
+    except ReducerError as exc:
         tx.rollback()
+        _bound_message(exc)
         raise
     except Exception as exc:
         tx.rollback()
-        raise ReducerError(f"{type(exc).__name__}: {exc}") from exc
+        raise ReducerError(truncate_message(f"{type(exc).__name__}: {exc}")) from exc
     except BaseException:
         tx.rollback()
         raise
@@ -430,6 +440,13 @@ def run_reducer(
             tx.rollback()
             raise
     return tx.commit()
+
+
+def _bound_message(exc: ReducerError) -> None:
+    """Cut a reducer's own error message to `MAX_ERROR_MESSAGE` bytes, in place."""
+    text = str(exc)
+    if len(text) * 4 > MAX_ERROR_MESSAGE:
+        exc.args = (truncate_message(text),)
 
 
 def run_system(store: Store, stamp: Stamp, writes: Callable[[Transaction], None]) -> ChangeSet:

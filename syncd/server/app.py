@@ -57,6 +57,7 @@ from syncd.errors import (
     LimitExceeded,
     NoSuchReducer,
     SubscriptionError,
+    truncate_message,
 )
 from syncd.fanout.memory import MemoryBroker
 from syncd.persist.sqlite import SqliteJournal
@@ -690,7 +691,9 @@ def _json_response(body: Any, status: int = 200) -> Response:
 
 
 def _error(code: ErrorCode, message: str, status: int) -> Response:
-    return _json_response({"ok": False, "code": int(code), "message": message}, status)
+    """An HTTP error body; `message` is cut to `MAX_ERROR_MESSAGE` bytes, as on the WebSocket."""
+    body = {"ok": False, "code": int(code), "message": truncate_message(message)}
+    return _json_response(body, status)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -706,6 +709,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def run(config: Config, *, log_level: str = "info") -> None:
     """Serve until interrupted. Prints `syncd listening on http://HOST:PORT` once bound."""
     import uvicorn
+
+    from syncd.server.websocket import SyncdWebSocketProtocol
 
     server = Server(config)
     sock = bind_socket(config.host, config.port)
@@ -726,11 +731,14 @@ def run(config: Config, *, log_level: str = "info") -> None:
     limits = config.limits
     uv_config = uvicorn.Config(
         server.app(),
-        ws="websockets-sansio",
+        # uvicorn's "websockets-sansio", with syncd's Error before a 1009 and 4000 on SIGTERM.
+        ws=SyncdWebSocketProtocol,
         http="httptools",
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         lifespan="on",
-        ws_max_size=limits.max_message_size * 2 + 4096,
+        # The WebSocket layer enforces --max-message-size itself: it refuses a frame from its
+        # header, so a client announcing a huge one is never buffered (see server.websocket).
+        ws_max_size=limits.max_message_size,
         # Compression would deflate each fan-out message once per connection, undoing
         # encode-once; syncd's messages are compact already.
         ws_per_message_deflate=False,

@@ -780,7 +780,8 @@ def _raw_protocol(websocket: WebSocket) -> Any:
     to its transport directly: it is that class, with its `writable` flag and transport, and
     no extension (compression) was negotiated. Otherwise None."""
     protocol = getattr(websocket._send, "__self__", None)
-    if type(protocol).__name__ != "WebSocketsSansIOProtocol":
+    # By name: uvicorn's class, or syncd's subclass of it (`server.websocket`).
+    if not any(c.__name__ == "WebSocketsSansIOProtocol" for c in type(protocol).__mro__):
         return None
     if not isinstance(getattr(protocol, "writable", None), asyncio.Event):
         return None

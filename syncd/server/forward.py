@@ -52,6 +52,7 @@ from syncd.errors import (
     NoSuchReducer,
     ReducerError,
     SyncdError,
+    truncate_message,
 )
 from syncd.server.leader import CallOutcome
 
@@ -130,7 +131,8 @@ def outcome_reply(request_id: int, outcome: CallOutcome, code_of: Callable[[Any]
     if outcome.ok:
         return _encode([request_id, True, outcome.offset, 0, ""])
     error = outcome.error or SyncdError("failed")
-    return _encode([request_id, False, None, int(code_of(error)), str(error)])
+    # Bounded here too: the replica relays it to its client (docs/protocol.md §9.1).
+    return _encode([request_id, False, None, int(code_of(error)), truncate_message(str(error))])
 
 
 # -- the replica's side -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from syncd.core.reducers import AuthInfo, merge_cell, run_reducer
 from syncd.core.schema import Schema, load_schema
 from syncd.core.store import ChangeSet, Store
 from syncd.core.system import with_system_tables
+from syncd.errors import MAX_ERROR_MESSAGE, TRUNCATED_MARKER
 
 
 class Mood(enum.Enum):
@@ -84,7 +85,14 @@ PROBES: dict[str, Any] = {
     "meta_copy": lambda ctx: ctx.db.post.find(1).meta,
     "no_index": lambda ctx: ctx.db.post.filter(mood="sad"),
     "bad_table": lambda ctx: ctx.db.nope,
+    "loud_refusal": lambda ctx: _raise(syncd.ReducerError("🙂" * 100_000)),
+    "loud_bug": lambda ctx: _raise(ValueError("x" * 100_000)),
 }
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
 
 SCHEMA: Schema = load_schema(
     {
@@ -269,3 +277,17 @@ def test_chat_semantics() -> None:
     assert users == {"alice": ("alice", "Alice", False)}
     (message,) = h.store.tables["message"].rows.values()
     assert message[1:] == ("alice", 3_000_000, "hello")
+
+
+@pytest.mark.parametrize(
+    ("probe", "start"), [("loud_refusal", "🙂🙂"), ("loud_bug", "ValueError: x")]
+)
+def test_a_huge_error_message_is_cut_where_the_reducer_raised_it(
+    h: Harness, probe: str, start: str
+) -> None:
+    """A reducer's own (or a bug's) message leaves run_reducer within MAX_ERROR_MESSAGE."""
+    with pytest.raises(syncd.ReducerError) as raised:
+        h.call("probe", probe)
+    message = str(raised.value)
+    assert len(message.encode()) <= MAX_ERROR_MESSAGE
+    assert message.startswith(start) and message.endswith(TRUNCATED_MARKER)

@@ -16,11 +16,13 @@ from syncd.core.protocol.messages import (
     Hello,
     Ping,
     Pong,
+    QueryResult,
     QuerySet,
     QueryUpdate,
     ReducerResult,
     Subscribe,
     SubscribeApplied,
+    SubscriptionFailed,
     TransactionUpdate,
     Unsubscribe,
     Welcome,
@@ -31,7 +33,13 @@ from syncd.core.protocol.session import (
     SessionState,
     truncate_reason,
 )
-from syncd.errors import CloseCode, ErrorCode
+from syncd.errors import (
+    MAX_ERROR_MESSAGE,
+    TRUNCATED_MARKER,
+    CloseCode,
+    ErrorCode,
+    truncate_message,
+)
 from tests.core.protocol_strategies import client_messages, json_view
 
 FORMATS: list[Format] = ["msgpack", "json"]
@@ -316,3 +324,30 @@ def test_valid_messages_after_hello_are_all_events(msgs: list[Any]) -> None:
 def test_repr() -> None:
     """The repr names the format and state (for logs)."""
     assert repr(Session("json")) == "<Session json CONNECTING>"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_error_message_sent_is_cut_to_the_bound(fmt: Format) -> None:
+    """Error, ReducerResult, SubscriptionFailed and QueryResult messages longer than
+    MAX_ERROR_MESSAGE bytes are cut (marked) whoever built them; shorter ones pass whole."""
+    session = opened(fmt)
+    huge = "🙂" * 10_000
+    session.send(Error(code=ErrorCode.INTERNAL, message=huge))
+    session.send(ReducerResult(RequestId(1), ok=False, code=ErrorCode.REDUCER_FAILED, message=huge))
+    session.send(SubscriptionFailed(RequestId(2), QuerySetId(1), ErrorCode.BAD_QUERY, huge))
+    session.send(QueryResult(RequestId(3), ok=False, code=ErrorCode.BAD_QUERY, message=huge))
+    session.send(ReducerResult(RequestId(4), ok=False, message="x" * MAX_ERROR_MESSAGE))
+    session.send(ReducerResult(RequestId(5), ok=True, offset=Offset(1)))
+    *cut, whole, ok = sent(session)
+    assert [m.message for m in cut] == [truncate_message(huge)] * 4
+    assert all(m.message.endswith(TRUNCATED_MARKER) for m in cut)
+    assert whole.message == "x" * MAX_ERROR_MESSAGE
+    assert ok == ReducerResult(RequestId(5), ok=True, offset=Offset(1))
+
+
+def test_a_protocol_error_names_at_most_the_bound() -> None:
+    """The Error for a malformed message quotes at most MAX_ERROR_MESSAGE bytes of it."""
+    session = opened("json")
+    session.receive_data('{"type": "' + "x" * 50_000 + '"}')
+    (error,) = sent(session)
+    assert len(error.message.encode()) <= MAX_ERROR_MESSAGE

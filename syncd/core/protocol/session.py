@@ -25,12 +25,17 @@ What the session checks, and what it leaves to the server:
 On bad input the session never raises: it records `protocol_exc`, queues an `Error` and a
 close (`PROTOCOL_ERROR`, or `MESSAGE_TOO_BIG` for oversized input), and ignores everything the
 peer sends afterwards.
+
+Every error message the session sends (`Error`, `ReducerResult`, `SubscriptionFailed`,
+`QueryResult`) is cut to `MAX_ERROR_MESSAGE` bytes of UTF-8, whoever built it.
 """
 
 from __future__ import annotations
 
 import enum
 from typing import Final
+
+import msgspec
 
 from syncd.core.protocol.codec import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -43,10 +48,13 @@ from syncd.core.protocol.messages import (
     ClientMessage,
     Error,
     Hello,
+    QueryResult,
+    ReducerResult,
     ServerMessage,
+    SubscriptionFailed,
     Welcome,
 )
-from syncd.errors import CloseCode, ErrorCode, ProtocolError
+from syncd.errors import MAX_ERROR_MESSAGE, CloseCode, ErrorCode, ProtocolError, truncate_message
 
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
@@ -190,7 +198,8 @@ class Session:
 
         Before `Welcome` only `Welcome` and `Error` may be sent; sending `Welcome` opens the
         session. A `Batch` is queued as its messages. After a close, this does nothing: the
-        peer is going away and late responses are dropped.
+        peer is going away and late responses are dropped. A `message` longer than
+        `MAX_ERROR_MESSAGE` bytes is cut (`truncate_message`).
 
         Raises:
             RuntimeError: a message other than `Welcome` or `Error` before `Welcome`, or a
@@ -211,6 +220,11 @@ class Session:
             self.state = SessionState.OPEN
         elif kind is not Error and self.state is SessionState.CONNECTING:
             raise RuntimeError(f"{kind.__name__} sent before Welcome")
+        if isinstance(msg, Error | ReducerResult | SubscriptionFailed | QueryResult):
+            message = msg.message
+            # The bound of every error message on the wire (an 'ok' result has none).
+            if message is not None and len(message) * 4 > MAX_ERROR_MESSAGE:
+                msg = msgspec.structs.replace(msg, message=truncate_message(message))
         self._queue(self.codec.encode(msg))
 
     def send_raw(self, data: bytes) -> None:
@@ -277,5 +291,5 @@ class Session:
     def _fail(self, exc: ProtocolError, error: ErrorCode, close: CloseCode) -> None:
         # Events decoded before the bad message stay queued: they were valid, in order.
         self.protocol_exc = exc
-        self._queue(self.codec.encode(Error(code=error, message=truncate_reason(str(exc), 1000))))
+        self._queue(self.codec.encode(Error(code=error, message=truncate_message(str(exc)))))
         self.close(close, str(exc))

@@ -1,0 +1,75 @@
+"""uvicorn's sans-I/O WebSocket protocol, changed where the WebSocket layer closes a
+connection by itself, so that the client hears what docs/protocol.md says.
+
+- **A message over the size limit.** The `websockets` parser refuses a frame as soon as its
+  header announces more than `--max-message-size` bytes (or a fragment takes the message past
+  it), so a huge frame is never buffered; it then closes with 1009. The protocol (§9.1, §10)
+  puts `Error` (`MESSAGE_TOO_LARGE`) before that close: this class writes it, in the
+  connection's subprotocol, just ahead of the close frame, and then lingers (reading and
+  discarding) so that the client reads both before the TCP connection goes.
+
+Everything else is uvicorn's `WebSocketsSansIOProtocol` (`ws="websockets-sansio"`), which
+`Connection._push` writes frames to directly: keep the two in step.
+"""
+
+from __future__ import annotations
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import PayloadTooBig
+
+from syncd.core.protocol.codec import Codec, format_for_subprotocol
+from syncd.core.protocol.messages import Error
+from syncd.errors import ErrorCode
+from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
+
+__all__ = ["SyncdWebSocketProtocol"]
+
+#: Longest a connection refused for a too-large message stays open, reading and discarding
+#: what the client still sends, so that it reads the Error and the close frame.
+LINGER_S = 2.0
+
+
+class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
+    """The WebSocket protocol `syncd serve` gives uvicorn (`uvicorn.Config(ws=...)`)."""
+
+    # True once a too-large message was answered: the rest of the input is discarded.
+    _refused_too_large = False
+
+    def handle_parser_exception(self) -> None:
+        if self._refused_too_large:
+            return  # called again for each chunk read while lingering: nothing more to say
+        exc = self.conn.parser_exc
+        close = self.conn.close_sent
+        if not (
+            isinstance(exc, PayloadTooBig)
+            and self.handshake_complete
+            and not self.close_sent
+            and close is not None
+        ):
+            super().handle_parser_exception()
+            return
+        self._refused_too_large = True
+        self.queue.put_nowait(
+            {"type": "websocket.disconnect", "code": close.code, "reason": close.reason}
+        )
+        # The Error, then the close frame and the EOF the parser queued (b"" marks the EOF).
+        self.transport.write(self._too_large_error(exc) + b"".join(self.conn.data_to_send()))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.close_sent = True
+        # Linger instead of closing now: closing a socket with unread input (the rest of
+        # the message the client is still sending) resets the connection, and a reset can
+        # destroy the Error and the close frame before the client reads them. The parser
+        # discards what arrives meanwhile (nothing is buffered); the client's EOF, or
+        # LINGER_S, ends it.
+        self.close_timer = self.loop.call_later(LINGER_S, self.transport.close)
+
+    def _too_large_error(self, exc: PayloadTooBig) -> bytes:
+        chosen = self.response.headers.get("Sec-WebSocket-Protocol")
+        fmt = format_for_subprotocol(chosen) or "msgpack"
+        limit = self.config.ws_max_size
+        size = (getattr(exc, "size", None) or 0) + (getattr(exc, "current_size", None) or 0)
+        seen = f"of {size} bytes" if size > limit else "of more bytes"
+        message = f"message {seen} is larger than the limit of {limit}"
+        data = Codec(fmt).encode(Error(code=ErrorCode.MESSAGE_TOO_LARGE, message=message))
+        return ws_frame(data, OP_TEXT if fmt == "json" else OP_BINARY)
