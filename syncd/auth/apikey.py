@@ -56,7 +56,8 @@ class ApiKey:
 
     @property
     def identity(self) -> Identity:
-        """The identity a key signs in as: stable for the key's life."""
+        """The identity a key signs in as: stable for the key's life. The digest of
+        ``"apikey|<key id>"``, a namespace no JWT may use (`syncd.auth.jwt.check_issuer`)."""
         return Identity(hashlib.sha256(f"apikey|{self.key_id}".encode()).hexdigest())
 
 

@@ -16,6 +16,8 @@ So an HS256 token "signed" with the RSA public key's PEM is refused: the PEM is 
 
 Claims checked (RFC 7519 §4.1): ``exp`` (required), ``nbf``, ``iat``, ``iss`` (when an issuer is
 configured or derived), ``aud``; ``sub`` is required because the identity is derived from it.
+``iss`` is required too, and never one of syncd's own namespaces or containing ``|``
+(`check_issuer`), so a token cannot mint an API key's identity.
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ from syncd.core.ids import Identity
 from syncd.core.reducers import AuthInfo
 from syncd.errors import ConfigError, InvalidToken
 
-__all__ = ["Claims", "JwtConfig", "JwtVerifier", "identity_for", "principal_from_claims"]
+__all__ = [
+    "RESERVED_ISSUERS",
+    "Claims",
+    "JwtConfig",
+    "JwtVerifier",
+    "check_issuer",
+    "identity_for",
+    "principal_from_claims",
+]
 
 logger = logging.getLogger("syncd.auth.jwt")
 
@@ -89,6 +99,12 @@ class JwtConfig:
             raise ConfigError("JWT auth needs a Supabase URL, a JWKS URL or a JWT secret")
         if self.jwt_secret == "":
             raise ConfigError("the JWT secret is empty")
+        issuer = self.effective_issuer
+        if issuer is not None:
+            try:
+                check_issuer(issuer)
+            except InvalidToken as exc:
+                raise ConfigError(f"unusable JWT issuer: {exc}") from None
         url = self.effective_jwks_url
         if url is not None and not url.startswith(("https://", "http://")):
             raise ConfigError(f"the JWKS URL must be http(s): {url!r}")
@@ -112,11 +128,35 @@ class JwtConfig:
         return None
 
 
+#: Issuers a JWT may not carry: syncd's own credential kinds derive identities in these
+#: namespaces (an API key's identity is the digest of ``"apikey|<key id>"``), so a token
+#: claiming one of them could take over an identity it was never given.
+RESERVED_ISSUERS = frozenset({"apikey", "anon", "syncd"})
+
+
+def check_issuer(issuer: str) -> None:
+    """Refuse an ``iss`` whose identities could collide with another credential kind's.
+
+    The identity is the digest of ``f"{issuer}|{subject}"``, so an issuer with ``|`` in it
+    makes two (issuer, subject) pairs read the same (``"a|b", "c"`` and ``"a", "b|c"``), and a
+    reserved one (`RESERVED_ISSUERS`) names an API key. Supabase's issuer is a URL
+    (``https://<ref>.supabase.co/auth/v1``), which is neither: every genuine user keeps the
+    identity stored rows already hold.
+
+    Raises:
+        InvalidToken: a reserved issuer, or one containing ``|``.
+    """
+    if issuer in RESERVED_ISSUERS or "|" in issuer:
+        raise InvalidToken(f"token issuer {issuer!r} is reserved or contains '|'")
+
+
 def identity_for(issuer: str, subject: str) -> Identity:
     """The identity of a token subject: the SHA-256 hex digest of ``f"{issuer}|{subject}"``.
 
     Stable across tokens, sessions and servers for the same issuer and ``sub``; distinct for
-    different subjects or issuers. 64 lowercase hex characters, like anonymous identities.
+    different subjects or issuers, and from every API key's and anonymous identity, for the
+    issuers `check_issuer` accepts. 64 lowercase hex characters, like anonymous identities
+    (which are random, so no token can choose to be one).
     """
     return Identity(hashlib.sha256(f"{issuer}|{subject}".encode()).hexdigest())
 
@@ -443,6 +483,9 @@ class JwtVerifier:
         issuer, subject, role = claims["iss"], claims["sub"], claims.get("role", "authenticated")
         if not isinstance(issuer, str) or not isinstance(subject, str) or not subject:
             raise InvalidToken("token 'iss' and 'sub' must be non-empty strings")
+        # Only reachable with no configured issuer (a JWT secret and no Supabase URL): a
+        # configured one passed check_issuer at start-up and `jwt.decode` required it.
+        check_issuer(issuer)
         if not isinstance(role, str):
             raise InvalidToken("token 'role' must be a string")
         return Claims(

@@ -18,7 +18,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from syncd.auth.jwt import JwtConfig, JwtVerifier, identity_for, principal_from_claims
+from syncd.auth.jwt import (
+    JwtConfig,
+    JwtVerifier,
+    check_issuer,
+    identity_for,
+    principal_from_claims,
+)
 from syncd.errors import ConfigError, InvalidToken
 from tests.utils import MS
 
@@ -423,3 +429,24 @@ def test_config_errors(kwargs: dict[str, Any]) -> None:
     """No key source, an empty secret or a non-HTTP JWKS URL is a startup error."""
     with pytest.raises(ConfigError):
         JwtConfig(**kwargs)
+
+
+@pytest.mark.parametrize("issuer", ["apikey", "anon", "syncd", "apikey|x", "https://a|b"])
+def test_issuers_in_syncds_namespaces_are_refused(issuer: str) -> None:
+    """With only a secret (any issuer accepted), a token whose iss could name another kind of
+    identity (an API key's is sha256("apikey|<id>")) or read two ways ("|") is refused; as a
+    configured issuer, it is a startup error."""
+    verifier = JwtVerifier(JwtConfig(jwt_secret=SECRET))
+    with pytest.raises(InvalidToken, match="issuer"):
+        verifier.verify(sign(claims_for(issuer, sub="0123456789abcdef"), "HS256"))
+    with pytest.raises(ConfigError, match="issuer"):
+        JwtConfig(jwt_secret=SECRET, issuer=issuer)
+
+
+def test_a_supabase_issuer_keeps_its_identity() -> None:
+    """Identities stored for genuine users do not move: sha256 of "<iss>|<sub>"."""
+    verifier = JwtVerifier(JwtConfig(jwt_secret=SECRET))
+    issuer = "https://abc.supabase.co/auth/v1"
+    claims = verifier.verify(sign(claims_for(issuer, sub="u-1"), "HS256"))
+    assert claims.identity == hashlib.sha256(f"{issuer}|u-1".encode()).hexdigest()
+    check_issuer(issuer)
