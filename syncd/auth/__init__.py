@@ -45,13 +45,19 @@ class Authenticator:
         self.api_keys = api_keys
 
     async def authenticate(self, token: str | None) -> Principal:
-        """Verify `token`, or mint an anonymous identity when there is none.
+        """Verify `token`, or mint an anonymous identity when there is none (None).
+
+        Identities never collide across credential kinds: an API key's, a JWT's and an
+        anonymous one live in separate namespaces (`syncd.auth.jwt.identity_for`).
 
         Raises:
-            InvalidToken: the token is forged, malformed, expired or for another audience, or
-                none was given (or an anonymous one) and anonymous access is off.
+            InvalidToken: the token is empty, forged, malformed, expired or for another
+                audience, or none was given (or an anonymous one) and anonymous access is off.
         """
-        if not token:
+        if token == "":
+            # Present but empty: a client bug, never a way to sign in anonymously.
+            raise InvalidToken("the token is empty (send none to sign in without one)")
+        if token is None:
             if not self.allow_anonymous:
                 raise InvalidToken("a token is required")
             identity, minted = self.anonymous.mint()

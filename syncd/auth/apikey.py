@@ -14,6 +14,7 @@ either while servers run. The server reads them through the async `KeyStore` sea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -170,14 +171,19 @@ class ApiKeys:
 
         Raises:
             InvalidToken: malformed, unknown, wrong secret, or revoked.
+            BackendError: the key file cannot be opened or read (missing directory, locked
+                for longer than the timeout, corrupt): retry later. Never a bare sqlite3 error.
         """
         key_id, digest = _split(token)
-        with self._connect() as conn:
-            row = conn.execute(
-                "SELECT name, role, secret_sha256, created_at, revoked_at FROM api_keys"
-                " WHERE key_id = ?",
-                (key_id,),
-            ).fetchone()
+        try:
+            with contextlib.closing(self._connect()) as conn, conn:
+                row = conn.execute(
+                    "SELECT name, role, secret_sha256, created_at, revoked_at FROM api_keys"
+                    " WHERE key_id = ?",
+                    (key_id,),
+                ).fetchone()
+        except (sqlite3.Error, OSError) as exc:
+            raise BackendError(f"the key store is unreachable ({exc}); retry") from None
         return _check(key_id, digest, row)
 
     def revoked_since(self, since: float) -> list[str]:

@@ -170,6 +170,10 @@ class Server:
         self._snapshot_task: asyncio.Task[None] | None = None
         # Closes connections whose API key gets revoked.
         self._revocations: asyncio.Task[None] | None = None
+        # Ids of the API keys this process has seen revoked (a revocation is forever; the set
+        # grows only with revocations made while it runs). A key being verified while it is
+        # revoked is checked against it once verified (`Connection._signed_in_with`).
+        self.revoked_keys: set[str] = set()
         self._last_snapshot = 0
         # /readyz?state=1: (offset, hash of the state at it, when computed).
         self._state_hash: tuple[int, str, float] = (-1, "", float("-inf"))
@@ -337,7 +341,9 @@ class Server:
 
     async def _watch_revocations(self) -> None:
         """Close connections signed in with an API key as soon as (within a second) it is
-        revoked, by `syncd keys revoke` from another process."""
+        revoked, by `syncd keys revoke` from another process (or, with Postgres, on another
+        replica's host: every replica polls the shared table). A connection is closed when
+        any key it ever signed in with is revoked: at Hello or in any later Reauth."""
         cursor: float | None = None
         failing = False
         while True:
@@ -350,10 +356,10 @@ class Server:
                 failing = True
                 found = []
             revoked = set(found)
+            self.revoked_keys |= revoked
             # The common case is none: no walk over every connection each poll.
             for conn in list(self.connections) if revoked else ():
-                principal = conn.principal
-                if principal is not None and principal.key_id in revoked:
+                if not conn.key_ids.isdisjoint(revoked):
                     conn.revoke("this API key was revoked")
             await asyncio.sleep(REVOCATION_POLL_S)
 

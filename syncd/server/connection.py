@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import secrets
@@ -48,6 +49,7 @@ from syncd.core.protocol.session import Session, SessionState
 from syncd.core.query import BoundQuery
 from syncd.core.values import BytesType, LwwType, OptionalType
 from syncd.errors import (
+    ArgumentError,
     AuthError,
     BackendError,
     CloseCode,
@@ -118,6 +120,9 @@ class Connection:
         self.session = Session(fmt, server.config.limits.max_message_size)
         self.connection_id = ConnectionId(secrets.token_hex(16))
         self.principal: Principal | None = None
+        # Every API key this connection signed in with (Hello and each Reauth): revoking any
+        # of them closes it, not only revoking the current one.
+        self.key_ids: set[str] = set()
         # Query sets this connection holds: id -> bound queries in their order.
         self.query_sets: dict[QuerySetId, list[BoundQuery]] = {}
         self.query_count = 0
@@ -233,15 +238,18 @@ class Connection:
 
     async def _handshake(self, hello: Hello) -> bool:
         server = self.server
-        token = hello.token or bearer_token(self.websocket)
+        # Hello.token wins when it is not null, even "" (which is then refused, docs §1).
+        token = hello.token if hello.token is not None else bearer_token(self.websocket)
         try:
-            self.principal = await server.authenticator.authenticate(token)
+            self.principal = principal = await server.authenticator.authenticate(token)
         except BackendError:
-            # The key store (Postgres) is unreachable: a temporary refusal, not a bad token.
+            # The key store is unreachable: a temporary refusal, not a bad token.
             self._refuse(CloseCode.SHUTDOWN, ErrorCode.UNAVAILABLE, "try again later")
             return False
         except InvalidToken as exc:
             self._refuse(CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, str(exc))
+            return False
+        if not self._signed_in_with(principal):
             return False
         limit = server.config.limits.max_connections_per_identity
         open_now = server.replica.per_identity.get(self.principal.identity, 0)
@@ -448,7 +456,8 @@ class Connection:
                 try:
                     out[i] = self.session.codec.bytes_value(value)
                 except ValueError as exc:
-                    raise ReducerError(f"{reducer}: argument {param.name!r}: {exc}") from None
+                    # BAD_ARGUMENTS, as msgpack's type check answers a bytes parameter.
+                    raise ArgumentError(f"{reducer}: argument {param.name!r}: {exc}") from None
         return out
 
     def _on_outcome(self, request_id: RequestId, pending: asyncio.Future[CallOutcome]) -> None:
@@ -613,15 +622,34 @@ class Connection:
             self._refuse(CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED, str(exc))
             return
         if principal.identity != self.principal.identity:
+            # Identities are namespaced by credential kind (auth.jwt.identity_for), so this
+            # also refuses switching between an API key, a JWT and an anonymous token.
             self._refuse(
                 CloseCode.UNAUTHORIZED,
                 ErrorCode.UNAUTHORIZED,
                 "the new token is for another identity",
             )
             return
+        if not self._signed_in_with(principal):
+            return
         # Calls from now on see the new claims; the connection lives until the new expiry.
-        self.principal = Principal(principal.identity, principal.auth, None, principal.expires_at)
+        # The key id stays with it: a later revocation of that key must still find it.
+        self.principal = dataclasses.replace(principal, minted_token=None)
         self._watch_expiry()
+
+    def _signed_in_with(self, principal: Principal) -> bool:
+        """Remember the API key `principal` came from; False (and closed) if the server has
+        already seen it revoked. Call in the same tick as adopting `principal`: the revocation
+        watcher then either finds the key in `key_ids` or has put it in `revoked_keys`, so a
+        key revoked while it was being verified cannot slip through."""
+        key_id = principal.key_id
+        if key_id is None:
+            return True
+        self.key_ids.add(key_id)
+        if key_id in self.server.revoked_keys:
+            self.revoke("this API key was revoked")
+            return False
+        return True
 
     def revoke(self, reason: str) -> None:
         """The credentials were revoked: tell the client and close with UNAUTHORIZED (4500)."""

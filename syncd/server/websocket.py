@@ -7,6 +7,8 @@ connection by itself, so that the client hears what docs/protocol.md says.
   puts `Error` (`MESSAGE_TOO_LARGE`) before that close: this class writes it, in the
   connection's subprotocol, just ahead of the close frame, and then lingers (reading and
   discarding) so that the client reads both before the TCP connection goes.
+- **Shutdown.** On SIGTERM uvicorn closes every WebSocket with 1012 before the application
+  hears of it; syncd's close is 4000 (`SHUTDOWN`, §9.2: reconnect and resume).
 
 Everything else is uvicorn's `WebSocketsSansIOProtocol` (`ws="websockets-sansio"`), which
 `Connection._push` writes frames to directly: keep the two in step.
@@ -16,14 +18,16 @@ from __future__ import annotations
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import PayloadTooBig
+from websockets.protocol import State
 
 from syncd.core.protocol.codec import Codec, format_for_subprotocol
 from syncd.core.protocol.messages import Error
-from syncd.errors import ErrorCode
+from syncd.errors import CloseCode, ErrorCode
 from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
 
-__all__ = ["SyncdWebSocketProtocol"]
+__all__ = ["SHUTDOWN_REASON", "SyncdWebSocketProtocol"]
 
+SHUTDOWN_REASON = "server shutting down"
 #: Longest a connection refused for a too-large message stays open, reading and discarding
 #: what the client still sends, so that it reads the Error and the close frame.
 LINGER_S = 2.0
@@ -73,3 +77,26 @@ class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
         message = f"message {seen} is larger than the limit of {limit}"
         data = Codec(fmt).encode(Error(code=ErrorCode.MESSAGE_TOO_LARGE, message=message))
         return ws_frame(data, OP_TEXT if fmt == "json" else OP_BINARY)
+
+    def shutdown(self) -> None:
+        if (
+            self.handshake_complete
+            and not self.close_sent
+            and self.initial_response is None
+            and self.conn.state is State.OPEN
+            and not self.transport.is_closing()
+        ):
+            # An open WebSocket: what uvicorn does, with 4000 instead of 1012.
+            self.stop_keepalive()
+            self.queue.put_nowait(
+                {
+                    "type": "websocket.disconnect",
+                    "code": CloseCode.SHUTDOWN,
+                    "reason": SHUTDOWN_REASON,
+                }
+            )
+            self.conn.send_close(CloseCode.SHUTDOWN, SHUTDOWN_REASON)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+            return
+        super().shutdown()

@@ -3,13 +3,14 @@ revocable."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from syncd.auth.apikey import FILENAME, ApiKeys
-from syncd.errors import InvalidToken
+from syncd.errors import BackendError, InvalidToken
 
 
 def test_create_then_verify(tmp_path: Path) -> None:
@@ -67,3 +68,16 @@ def test_revoke_by_id_or_name(tmp_path: Path) -> None:
     assert store.revoke(key.key_id) == []  # already revoked
     listed = {k.name: k.revoked_at for k in store.all()}
     assert listed == {"k": 100.0, "keep": None}
+
+
+def test_an_unreadable_store_is_unavailable_not_a_crash(tmp_path: Path) -> None:
+    """A key file that cannot be opened answers BackendError (retry), never a sqlite3 error,
+    and never InvalidToken (the key may be fine)."""
+    store = ApiKeys(tmp_path)
+    _, secret = store.create("k", "service")
+    (tmp_path / FILENAME).rename(tmp_path / "aside")
+    (tmp_path / FILENAME).mkdir()
+    with pytest.raises(BackendError, match="unreachable"):
+        store.verify(secret)
+    with pytest.raises(BackendError):
+        asyncio.run(store.verify_async(secret))

@@ -136,6 +136,7 @@ class Hello(_Message, frozen=True, tag="hello"):
     Attributes:
         token: a bearer token, used instead of one given in the upgrade request; null for the
             token of the upgrade request, or to connect anonymously (if the server allows it).
+            "" is not null: it is used, and refused (4500) like any invalid token.
         cursor: where the client's cached rows stand, when resuming; null for a fresh client.
         query_sets: the query sets to subscribe again (resume); each is answered as a
             `Subscribe` would be, with `resumed` telling whether only changes since `cursor`
@@ -239,8 +240,11 @@ class OneOffQuery(_Message, frozen=True, tag="query"):
 class Reauth(_Message, frozen=True, tag="reauth"):
     """Replace the connection's token before it expires.
 
-    Response: none on success. A token that is invalid, or for another identity, closes the
-    connection with `UNAUTHORIZED` (4500).
+    Response: none on success. A token that is invalid, or for another identity (which any
+    token of another kind is), closes the connection with `UNAUTHORIZED` (4500). If the server
+    cannot check it now (its API key store is unreachable), `Error` `UNAVAILABLE` and the
+    connection stays open on the old token. An API key accepted here is remembered: revoking
+    it closes the connection, like revoking the key of `Hello`.
 
     Attributes:
         token: the fresh bearer token.
