@@ -7,6 +7,9 @@ connection by itself, so that the client hears what docs/protocol.md says.
   puts `Error` (`MESSAGE_TOO_LARGE`) before that close: this class writes it, in the
   connection's subprotocol, just ahead of the close frame, and then lingers (reading and
   discarding) so that the client reads both before the TCP connection goes.
+- **The replicas' link.** `--max-message-size` is for clients. The link between replicas
+  (`forward.PATH`) carries a client's message plus its envelope (the caller's claims), so its
+  frames may be up to `link_max_size(limit)`.
 - **Shutdown.** On SIGTERM uvicorn closes every WebSocket with 1012 before the application
   hears of it; syncd's close is 4000 (`SHUTDOWN`, §9.2: reconnect and resume).
 
@@ -18,14 +21,16 @@ from __future__ import annotations
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import PayloadTooBig
+from websockets.http11 import Request
 from websockets.protocol import State
 
 from syncd.core.protocol.codec import Codec, format_for_subprotocol
 from syncd.core.protocol.messages import Error
 from syncd.errors import CloseCode, ErrorCode
+from syncd.server.forward import PATH as LINK_PATH
 from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
 
-__all__ = ["SHUTDOWN_REASON", "SyncdWebSocketProtocol"]
+__all__ = ["SHUTDOWN_REASON", "SyncdWebSocketProtocol", "link_max_size"]
 
 SHUTDOWN_REASON = "server shutting down"
 #: Longest a connection refused for a too-large message stays open, reading and discarding
@@ -33,11 +38,28 @@ SHUTDOWN_REASON = "server shutting down"
 LINGER_S = 2.0
 
 
+def link_max_size(max_message_size: int) -> int:
+    """The largest frame the link between replicas accepts: a forwarded client message of
+    up to `max_message_size` bytes (re-encoded: JSON's base64 becomes bytes, so no larger),
+    plus its envelope (ids, and the caller's claims from a token of at most 16 KiB)."""
+    return 2 * max_message_size + (64 << 10)
+
+
 class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
     """The WebSocket protocol `syncd serve` gives uvicorn (`uvicorn.Config(ws=...)`)."""
 
     # True once a too-large message was answered: the rest of the input is discarded.
     _refused_too_large = False
+    # True on the link between replicas: no client Error there, and a larger size limit.
+    _is_link = False
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # set only when the upgrade goes ahead
+        if scope is not None and scope["path"] == LINK_PATH:
+            self._is_link = True
+            # Read by the websockets parser before each frame.
+            self.conn.max_message_size = link_max_size(self.config.ws_max_size)
 
     def handle_parser_exception(self) -> None:
         if self._refused_too_large:
@@ -46,6 +68,7 @@ class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
         close = self.conn.close_sent
         if not (
             isinstance(exc, PayloadTooBig)
+            and not self._is_link
             and self.handshake_complete
             and not self.close_sent
             and close is not None

@@ -41,6 +41,8 @@ pytestmark = pytest.mark.integration
 
 #: The server's --max-queries-per-second (bursts of twice that).
 QPS = 5
+#: The replicas' --max-message-size.
+LIMIT = 64 << 10
 
 
 @pytest.fixture(scope="module")
@@ -146,25 +148,34 @@ async def test_credentials_of_another_kind_cannot_be_swapped_in(
 async def test_revoking_on_the_shared_store_closes_a_reauthed_connection_on_another_replica(
     tmp_path: Path, pg_dsn: str
 ) -> None:
-    """Two replicas: a connection on the second signs in with a key and Reauths with it; the
-    key is revoked in the shared Postgres store (`syncd keys --postgres revoke`); the second
-    replica closes it with 4500, and the first refuses the key."""
-    group = Replicas(tmp_path, pg_dsn, None, 2, module="tests/modules/vault.py").start()
+    """Two replicas: a connection on the follower signs in with a key and Reauths with it; the
+    key is revoked in the shared Postgres store (`syncd keys --postgres revoke`); the follower
+    closes it with 4500, and the leader refuses the key. (On the way: a call of nearly the
+    message limit is forwarded to the leader, envelope and all.)"""
+    extra = ("--max-message-size", str(LIMIT))
+    group = Replicas(tmp_path, pg_dsn, None, 2, module="tests/modules/vault.py", extra=extra)
+    group.start()
     store = PostgresApiKeys(pg_dsn)
     try:
-        await leader_of(list(group))
+        leader = await leader_of(list(group))
+        follower = group[1] if leader is group[0] else group[0]
         key, secret = await store.create("cluster-bot", "service_role")
         async with (
-            await WireClient.open(group[1], hello=Hello(token=secret)) as attacker,
-            await WireClient.open(group[1]) as bystander,
+            await WireClient.open(follower, hello=Hello(token=secret)) as attacker,
+            await WireClient.open(follower) as bystander,
         ):
             assert attacker.welcome is not None
             await attacker.send(Reauth(token=secret))
-            assert (await attacker.call("admin_note", "on replica 2")).ok
+            assert (await attacker.call("admin_note", "on the follower")).ok
+            # A message of the limit less its string header's growth (2 bytes).
+            empty = CallReducer(request_id=9, reducer="note", args=[""])
+            overhead = len(attacker.codec.encode(empty))
+            big = await attacker.call("note", "x" * (LIMIT - overhead - 2))
+            assert big.ok, big
             assert await store.revoke(key.key_id)
             await refused(attacker, CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED)
             await assert_responsive(bystander)
-        async with await WireClient.open(group[0], hello=Hello(token=secret)) as elsewhere:
+        async with await WireClient.open(leader, hello=Hello(token=secret)) as elsewhere:
             await refused(elsewhere, CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED)
     finally:
         await store.aclose()
