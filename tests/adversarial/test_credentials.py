@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from syncd.auth.apikey import FILENAME, ApiKey, ApiKeys, PostgresApiKeys
@@ -180,6 +181,40 @@ async def test_revoking_on_the_shared_store_closes_a_reauthed_connection_on_anot
     finally:
         await store.aclose()
         group.kill_all()
+
+
+@pytest.mark.parametrize(
+    ("token", "close", "code"),
+    [
+        ("", CloseCode.PROTOCOL_ERROR, ErrorCode.PROTOCOL),
+        (12345, CloseCode.PROTOCOL_ERROR, ErrorCode.PROTOCOL),
+        (None, CloseCode.PROTOCOL_ERROR, ErrorCode.PROTOCOL),
+        ("x" * 20_000, CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED),
+        ("sk_", CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED),
+        ("sk_0123456789abcdef_wrong", CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED),
+        ("anon." + "0" * 64 + ".forged", CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED),
+        ("a.b.c", CloseCode.UNAUTHORIZED, ErrorCode.UNAUTHORIZED),
+    ],
+    ids=["empty", "int", "null", "20k", "sk_", "wrong-secret", "forged-anon", "not-a-jwt"],
+)
+async def test_a_bad_reauth_token_closes_and_keeps_nothing(
+    vault: ServerProcess, bystander: WireClient, fmt: Format, token: Any, close: int, code: int
+) -> None:
+    """Reauth with a token of the wrong type, empty, past the 16 KiB token limit, malformed or
+    forged: the exact close, one Error (message within the bound), and the key's connection
+    does not act afterwards."""
+    _, secret = new_key(vault)
+    before = await logged(vault)
+    async with await WireClient.open(vault, fmt=fmt, hello=Hello(token=secret)) as attacker:
+        assert attacker.welcome is not None
+        raw = {"type": "reauth", "token": token}
+        data = msgspec.json.encode(raw) if fmt == "json" else msgspec.msgpack.encode(raw)
+        await attacker.send_raw(data)
+        await attacker.send(CallReducer(request_id=1, reducer="admin_note", args=["after"]))
+        message = await refused(attacker, CloseCode(close), ErrorCode(code))
+        assert len(message.encode()) <= 1024
+    assert await logged(vault) == before
+    await assert_responsive(bystander)
 
 
 # -- item 15: identities never collide across credential kinds --------------------------------
