@@ -34,6 +34,10 @@ def _serve(args: argparse.Namespace) -> int:
         calls_per_second=args.max_calls_per_second,
         call_burst=args.call_burst,
         queries_per_second=args.max_queries_per_second,
+        max_header_bytes=args.max_header_bytes,
+        header_timeout_s=args.header_timeout,
+        max_query_bytes=args.max_query_bytes,
+        max_query_cost=args.max_query_cost,
     )
     config = Config(
         module=Path(args.module),
@@ -224,6 +228,35 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queries", type=int, default=_LIMITS.max_queries_per_connection)
     serve.add_argument("--max-initial-rows", type=int, default=_LIMITS.max_initial_rows)
     serve.add_argument("--max-query-terms", type=int, default=_LIMITS.max_query_terms)
+    serve.add_argument(
+        "--max-query-bytes",
+        type=int,
+        default=_LIMITS.max_query_bytes,
+        metavar="BYTES",
+        help="longest SQL text of one query (checked before parsing)",
+    )
+    serve.add_argument(
+        "--max-query-cost",
+        type=int,
+        default=_LIMITS.max_query_cost,
+        metavar="ROWS",
+        help="most rows (times join partners) a subscription may examine initially or per "
+        "transaction; more fails it with LIMIT_EXCEEDED (0: no limit)",
+    )
+    serve.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=_LIMITS.max_header_bytes,
+        metavar="BYTES",
+        help="largest HTTP request head (request line + headers); more gets 431 or 414",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=_LIMITS.header_timeout_s,
+        metavar="SECONDS",
+        help="longest time an HTTP request head (or a /v1 request body) may take; then 408",
+    )
     serve.add_argument(
         "--max-connections-per-identity",
         type=int,

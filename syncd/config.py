@@ -35,6 +35,19 @@ class Limits:
     #: Ping, Unsubscribe and Reauth messages one connection may send per second on average
     #: (bursts of twice that); more closes it with 4503.
     control_per_second: float = 50.0
+    #: Most bytes of one HTTP request head (request line and headers, WebSocket upgrades
+    #: included); more is answered 431 (414 for a request target over 8 KiB) and closed.
+    max_header_bytes: int = 16 << 10
+    #: Longest time (seconds) an HTTP request head may take to arrive, and a request body to
+    #: `/v1/sql` or `/v1/call`; slower is answered 408 and closed.
+    header_timeout_s: float = 10.0
+    #: Longest SQL text (bytes, UTF-8) of one query; checked before parsing.
+    max_query_bytes: int = 16 << 10
+    #: Most work one query may cost: rows its initial result examines (times the join
+    #: partners each is checked against), and, per transaction, the same for the rows a
+    #: change makes it re-check. Over it a subscribe is refused, and a live subscription
+    #: fails (both LIMIT_EXCEEDED). 0: no limit.
+    max_query_cost: int = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)

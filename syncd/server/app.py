@@ -66,6 +66,7 @@ from syncd.server.cluster import Cluster
 from syncd.server.connection import Connection, bearer_token, error_code
 from syncd.server.forward import PATH as LINK_PATH
 from syncd.server.forward import Writer, serve_link
+from syncd.server.http_limits import limited_http_protocol
 from syncd.server.leader import Leader
 from syncd.server.limits import Limiter, SharedRateLimiter
 from syncd.server.loader import load_module_schema
@@ -608,7 +609,9 @@ class Server:
             return _error(ErrorCode.UNAUTHORIZED, str(exc), 401)
         except BackendError:
             return _error(ErrorCode.UNAVAILABLE, "the key store is unavailable; retry", 503)
-        body = await request.body()
+        body = await self._read_body(request)
+        if isinstance(body, Response):
+            return body
         sql = body.decode("utf-8", "replace")
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
@@ -635,6 +638,35 @@ class Server:
             }
         )
 
+    async def _read_body(self, request: Request) -> bytes | Response:
+        """The request body, or the response refusing it: 413 past `--max-message-size` (the
+        same limit as a WebSocket message), judged by Content-Length before reading anything
+        and counted while reading a chunked body; 408 if it takes over `--header-timeout`.
+        Both close the connection (the rest of the body is never read)."""
+        limits = self.config.limits
+        limit = limits.max_message_size
+        too_large = _error(
+            ErrorCode.MESSAGE_TOO_LARGE, f"the body is over the limit of {limit} bytes", 413
+        )
+        too_large.headers["connection"] = "close"
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return too_large
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(limits.header_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        return too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            slow = _error(ErrorCode.PROTOCOL, "the body took too long to arrive", 408)
+            slow.headers["connection"] = "close"
+            return slow
+        return b"".join(chunks)
+
     async def call(self, request: Request) -> Response:
         try:
             principal = await self._principal(request)
@@ -645,7 +677,9 @@ class Server:
         name = request.path_params["reducer"]
         if not self.call_limiter.allow(principal.identity, time.monotonic()):
             return _error(ErrorCode.RATE_LIMITED, "too many calls; retry after a backoff", 429)
-        body = await request.body()
+        body = await self._read_body(request)
+        if isinstance(body, Response):
+            return body
         args: Any = []
         if body.strip():
             try:
@@ -739,7 +773,10 @@ def run(config: Config, *, log_level: str = "info") -> None:
         server.app(),
         # uvicorn's "websockets-sansio", with syncd's Error before a 1009 and 4000 on SIGTERM.
         ws=SyncdWebSocketProtocol,
-        http="httptools",
+        # uvicorn's httptools protocol with bounded request heads (431/414/408).
+        http=limited_http_protocol(
+            max_header_bytes=limits.max_header_bytes, header_timeout_s=limits.header_timeout_s
+        ),
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         lifespan="on",
         # The WebSocket layer enforces --max-message-size itself: it refuses a frame from its
