@@ -54,7 +54,7 @@ from syncd.core.values import (
     StrType,
     TimestampType,
 )
-from syncd.errors import SubscriptionError
+from syncd.errors import LimitExceeded, SubscriptionError
 
 __all__ = [
     "SENDER",
@@ -76,6 +76,8 @@ __all__ = [
     "StoreView",
     "Truth",
     "compile_query",
+    "prescan",
+    "query_cost",
 ]
 
 #: The canonical SQL of a bound query: equal keys mean the same rows at every state.
@@ -325,6 +327,12 @@ class BoundQuery:
         return f"BoundQuery({self.key!r})"
 
     @property
+    def reads_partners(self) -> bool:
+        """True for a semijoin whose condition reads the joined table: checking a row then
+        reads each of its partners, not just whether one exists."""
+        return self._pair is not None
+
+    @property
     def tables(self) -> tuple[str, ...]:
         """Every table the result depends on: the result table, then the joined one."""
         return (self.table,) if self.join is None else (self.table, self.join.table)
@@ -443,6 +451,79 @@ class BoundQuery:
         return list(found.values())
 
 
+def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
+    """What computing `query.initial_rows(store)` costs, estimated from index sizes without
+    evaluating any condition: the rows it examines, each counting one plus, for a semijoin
+    whose condition reads the joined table, the partners it is checked against.
+
+    For `t JOIN u ON t.a = u.b` the partners of a row are the `u` rows with `b` equal to its
+    `a`, so the cost is the sum over candidate rows of `1 + |u where b = a|` (index counts).
+    Candidates are chosen as `initial_rows` chooses them (an index on `t`, then one on `u`
+    through the join, else every row of `t`).
+
+    Args:
+        limit: stop counting once the cost is past it (0: count everything); the result is
+            then some value above `limit`.
+
+    Returns:
+        The estimated number of row checks (0 for an empty result table).
+    """
+    tdef = query._tdef
+    state = store.tables[tdef.name]
+    join = query.join
+    pairs = join is not None and query.reads_partners
+    values: dict[object, int] | None = None  # join value -> candidates holding it
+    rows: Iterable[Row] | None = None
+    count = 0
+    for position, found in sorted(query.equalities(0), key=lambda e: len(e[1])):
+        name = tdef.columns[position].name
+        if _serves_lookup(tdef, name):
+            keys = dict.fromkeys(found)
+            count = sum(state.count(name, value) for value in keys)
+            if pairs:
+                rows = (row for value in keys for row in state.lookup(name, value))
+            break
+    else:
+        if join is not None and (partners := query._lookup_rows(1, store)) is not None:
+            values = {}
+            for partner in partners:
+                value = partner[join.other_position]
+                if value is not None and value not in values:
+                    values[value] = state.count(join.column, value)
+            count = sum(values.values())
+        else:
+            count = len(state.rows)
+            if pairs and count <= (limit or count):
+                assert join is not None
+                index = next(
+                    (ix for ix in state.indexes.values() if ix.idef.columns == (join.column,)),
+                    None,
+                )
+                if index is not None:  # one entry per distinct value, not per row
+                    values = {v: len(pks) for v, pks in index.entries.items() if v is not None}
+                else:
+                    rows = state.rows.values()
+    if not pairs or (limit and count > limit):
+        return count
+    assert join is not None
+    other = store.tables[join.table]
+    if values is None:
+        values = {}
+        assert rows is not None
+        for row in rows:
+            value = row[join.position]
+            if value is not None:
+                values[value] = values.get(value, 0) + 1
+                if limit and len(values) > limit:
+                    break
+    cost = count
+    for value, holders in values.items():
+        cost += holders * other.count(join.other_column, value)
+        if limit and cost > limit:
+            break
+    return cost
+
+
 # ---------------------------------------------------------------------------------------------
 # Compiling
 
@@ -462,7 +543,83 @@ def compile_query(sql: str, schema: Schema) -> Query:
             column, compares values of the wrong type, or uses anything not supported. The
             message names the offending part; `position` is its character offset when known.
     """
-    return _Compiler(sql, schema).compile()
+    try:
+        return _Compiler(sql, schema).compile()
+    except RecursionError:
+        # A backstop: `prescan` bounds nesting well below Python's recursion limit.
+        raise SubscriptionError("the query is nested too deeply") from None
+
+
+#: Deepest nesting of parentheses in a query (sqlglot recurses once per level, and fails with
+#: RecursionError at about 50).
+MAX_NESTING = 32
+#: Most tokens (words, literals, punctuation) in a query. This bounds the parser's work: the
+#: slowest queries `prescan` accepts (2,048 tokens: thirty 30-deep parenthesised groups, or a
+#: 1,000-term arithmetic chain) take 20-35 ms to parse and compile on the 2-core machine of
+#: bench/README.md with sqlglot 30 (typical queries: 1-4 ms), so compiling runs on the event
+#: loop; failed compiles are not cached, but they are rate limited like every query.
+MAX_TOKENS = 2048
+# A token: a quoted literal or identifier (possibly unterminated), a word, or one character.
+_TOKEN = re.compile(r"'(?:[^']|'')*'?|\"(?:[^\"]|\"\")*\"?|\w+|\S")
+_COMPARISON_PREFIX = frozenset("<>!")
+
+
+def prescan(sql: str, *, max_bytes: int, max_terms: int) -> None:
+    """Cheap checks of a query's text before it is parsed, so that no text can make the
+    parser slow, deep or big: its size, its nesting, its number of tokens, and a lower bound
+    on its conditions (`term_count` is checked exactly after compiling).
+
+    One pass over the text, linear in its length, stopping at the first limit passed.
+
+    Args:
+        sql: the query text, as the client sent it.
+        max_bytes: most bytes of UTF-8 text.
+        max_terms: most conditions (each IN item counts one), as in `Limits.max_query_terms`.
+
+    Raises:
+        LimitExceeded: the text is longer than `max_bytes` or `MAX_TOKENS` tokens, or certainly
+            holds more than `max_terms` conditions (IN items, comparisons, AND/OR operands).
+        SubscriptionError: parentheses nested deeper than `MAX_NESTING`, or more NOTs than
+            `max_terms` (as BAD_QUERY: no useful query looks like that).
+    """
+    size = len(sql) if sql.isascii() else len(sql.encode("utf-8", "replace"))
+    if size > max_bytes:
+        raise LimitExceeded(f"the query is {size} bytes; the limit is {max_bytes}")
+    depth = tokens = commas = comparisons = connectives = nots = 0
+    previous = ""
+    for match in _TOKEN.finditer(sql):
+        token = match.group()
+        tokens += 1
+        if token == "(":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise SubscriptionError(
+                    f"parentheses nested more than {MAX_NESTING} deep", position=match.start()
+                )
+        elif token == ")":
+            depth -= 1
+        elif token == ",":
+            commas += 1
+        elif token in ("=", "<", ">"):
+            comparisons += previous not in _COMPARISON_PREFIX
+        elif len(token) in (2, 3):
+            word = token.upper()
+            if word in ("OR", "AND"):
+                connectives += 1
+            elif word == "NOT":
+                nots += 1
+                if nots > max_terms:
+                    raise SubscriptionError(f"the query has more than {max_terms} NOT operators")
+        previous = token
+        # Each IN item counts one; each comparison is a condition (one of them may be the
+        # JOIN's ON); AND/OR join operands holding at least one condition each.
+        if max(commas + 1, comparisons - 1, connectives + 1) > max_terms:
+            raise LimitExceeded(
+                f"the query has more than {max_terms} conditions (IN list items count one "
+                f"each); the limit is {max_terms}"
+            )
+        if tokens > MAX_TOKENS:
+            raise LimitExceeded(f"the query has more than {MAX_TOKENS} tokens")
 
 
 # Select clauses and what to call them in an error.

@@ -229,6 +229,22 @@ class TableState:
                 return [self.rows[pk] for pk in pks]
         raise KeyError(f"no index on {self.tdef.name}.{column}")
 
+    def count(self, column: str, value: Any) -> int:
+        """How many rows `lookup(column, value)` returns, without building them.
+
+        Raises:
+            KeyError: no index serves equality on `column` alone.
+        """
+        if column == self.tdef.pk_column.name:
+            return 1 if value in self.rows else 0
+        for ix in self._all:
+            if ix.idef.columns == (column,):
+                return len(ix.entries.get(value, ()))
+        for ix in self._all:
+            if isinstance(ix, OrderedIndex) and ix.idef.columns[0] == column:
+                return sum(1 for _ in ix.range((value,), (value,), include_hi=True))
+        raise KeyError(f"no index on {self.tdef.name}.{column}")
+
     def can_lookup(self, column: str) -> bool:
         """True when `lookup(column, ...)` is served by the primary key or an index."""
         return column == self.tdef.pk_column.name or any(

@@ -57,6 +57,8 @@ class RouteStats:
     candidates: int = 0
     #: Row membership checks (each evaluates the query's condition on one row version).
     checks: int = 0
+    #: Queries whose delta was not computed: it would have cost more than the budget.
+    over_budget: tuple[QueryKey, ...] = ()
 
 
 # (own join column, own join position, other table, other join column, other equality position):
@@ -237,12 +239,21 @@ class SubscriptionIndex:
         self._scan.setdefault(table, {})[query.key] = None
         return ("scan", table, None, ())
 
-    def route(self, changes: ChangeSet, store: Store) -> dict[QueryKey, QueryDelta]:
+    def route(
+        self, changes: ChangeSet, store: Store, *, budget: int = 0
+    ) -> dict[QueryKey, QueryDelta]:
         """The delta of every held query that `changes` alters.
 
         Call after `store` has applied `changes` (its state is the state after them); the
         state before is rebuilt from the change set's old rows. Read-only: neither the store
         nor the index changes.
+
+        Args:
+            budget: most work one query may cost for this change set: two checks per row it
+                re-checks, plus, for a semijoin whose condition reads the joined table, the
+                partners each check reads (index counts, known before evaluating). A query
+                over it gets no delta and is listed in `last_stats.over_budget`: its result
+                can no longer be kept, and the caller must fail its subscriptions. 0: none.
 
         Returns:
             Query key -> non-empty delta; queries whose result did not change are absent.
@@ -293,12 +304,16 @@ class SubscriptionIndex:
                     touch(key, table, pk, change)
 
         checks = 0
+        over: list[QueryKey] = []
         deltas: dict[QueryKey, QueryDelta] = {}
         entries = self._entries
         for key, pks in dirty.items():
             query = entries[key].query
             table_changes = changes.tables.get(query.table, {})
             current = store.tables[query.table].rows
+            if budget and _cost(query, pks, table_changes, current, before, after, budget):
+                over.append(key)
+                continue
             delta: QueryDelta | None = None
             for pk in pks:
                 changed = table_changes.get(pk)
@@ -315,7 +330,7 @@ class SubscriptionIndex:
                     if delta is None:
                         delta = deltas[key] = QueryDelta()
                     delta.deletes.append(pk)
-        self.last_stats = RouteStats(candidates=len(dirty), checks=checks)
+        self.last_stats = RouteStats(candidates=len(dirty), checks=checks, over_budget=tuple(over))
         return deltas
 
     def _route_via(
@@ -344,6 +359,35 @@ class SubscriptionIndex:
                         # The changed row is either the result row itself or its partner.
                         result_pk = pk if query.table == table else partner[other_pk]
                         dirty.setdefault(key, {})[result_pk] = None
+
+
+def _cost(
+    query: BoundQuery,
+    pks: dict[Any, None],
+    table_changes: dict[Any, Change],
+    current: dict[Any, Row],
+    before: _Before,
+    after: StoreView,
+    budget: int,
+) -> bool:
+    # True when re-checking `pks` would cost `query` more than `budget` (see `route`).
+    cost = 2 * len(pks)
+    if cost > budget:
+        return True
+    join = query.join
+    if join is None or not query.reads_partners:
+        return False
+    position, table, column = join.position, join.table, join.other_column
+    for pk in pks:
+        changed = table_changes.get(pk)
+        old, new = changed if changed is not None else (current.get(pk),) * 2
+        if old is not None and old[position] is not None:
+            cost += len(before.lookup(table, column, old[position]))
+        if new is not None and new[position] is not None:
+            cost += len(after.lookup(table, column, new[position]))
+        if cost > budget:
+            return True
+    return False
 
 
 def _joined(

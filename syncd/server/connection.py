@@ -78,6 +78,8 @@ HELLO_TIMEOUT = 10.0
 TOO_MANY_QUERIES = "too many subscribes and queries from this identity; retry after a backoff"
 # Messages handled from one client before letting other connections run.
 FAIR_SHARE = 16
+# Longest a connection compiles queries before letting other connections run.
+COMPILE_SLICE_S = 0.005
 # How long to wait for a close frame to go out before dropping the transport.
 CLOSE_TIMEOUT = 1.0
 
@@ -238,6 +240,18 @@ class Connection:
 
     async def _handshake(self, hello: Hello) -> bool:
         server = self.server
+        # A client resumes at most the queries it may hold, and each set holds at least one:
+        # more sets is not a client to serve (each would cost a compile), so refuse before
+        # any other work. (Fewer sets over the query limit fail one by one, below.)
+        limit = server.config.limits.max_queries_per_connection
+        if len(hello.query_sets) > limit:
+            self._refuse(
+                CloseCode.BAD_REQUEST,
+                ErrorCode.LIMIT_EXCEEDED,
+                f"Hello resumes {len(hello.query_sets)} query sets; a connection holds at most "
+                f"{limit} queries",
+            )
+            return False
         # Hello.token wins when it is not null, even "" (which is then refused, docs §1).
         token = hello.token if hello.token is not None else bearer_token(self.websocket)
         try:
@@ -297,8 +311,14 @@ class Connection:
                 token=self.principal.minted_token,
             )
         )
+        slice_started = time.monotonic()
         for query_set in hello.query_sets:
             await self._resubscribe(hello, query_set)
+            if self.session.state is not SessionState.OPEN:
+                return False
+            if time.monotonic() - slice_started > COMPILE_SLICE_S:
+                await asyncio.sleep(0)  # compiling held the loop: let others run
+                slice_started = time.monotonic()
         self._dirty()
         return True
 
@@ -310,6 +330,7 @@ class Connection:
     # -- events ------------------------------------------------------------------------------
 
     async def _dispatch(self, events: list[ClientMessage]) -> None:
+        slice_started = time.monotonic()
         for event in events:
             match event:
                 case CallReducer():
@@ -317,7 +338,7 @@ class Connection:
                         self._started(*await self._call(event))
                 case Subscribe():
                     if self._queries_allowed():
-                        self._subscribe(event)
+                        await self._subscribe(event)
                     else:
                         self._sub_failed(
                             event.request_id,
@@ -350,6 +371,10 @@ class Connection:
                     if self._control_allowed():
                         await self._reauth(event)
             self._dirty()
+            if time.monotonic() - slice_started > COMPILE_SLICE_S:
+                # Compiling queries (tens of ms at worst each) held the loop: let others run.
+                await asyncio.sleep(0)
+                slice_started = time.monotonic()
 
     def _control_allowed(self) -> bool:
         """Pings, unsubscribes and re-authentications share a per-connection bucket: a client
@@ -503,7 +528,32 @@ class Connection:
                 f"the limit is {limit}"
             )
 
-    def _subscribe(self, msg: Subscribe) -> None:
+    async def _bind(self, sqls: list[str]) -> list[BoundQuery]:
+        """`Replica.bind`, one query at a time, letting other connections run whenever
+        compiling has held the loop for COMPILE_SLICE_S: a set of many queries that each
+        compile slowly (tens of ms at worst, see `query.prescan`) cannot stall everyone.
+        Queries already compiled cost microseconds and never yield.
+
+        Raises:
+            SubscriptionError, LimitExceeded: naming the failing query (`query i: ...`).
+        """
+        replica = self.server.replica
+        principal = self._principal()
+        if len(sqls) == 1:
+            return replica.bind(sqls, principal)  # _dispatch yields after it if it was slow
+        bound: list[BoundQuery] = []
+        started = time.monotonic()
+        for i, sql in enumerate(sqls):
+            try:
+                bound.extend(replica.bind([sql], principal))
+            except (SubscriptionError, LimitExceeded) as exc:
+                raise type(exc)(f"query {i}: {exc}") from None
+            if time.monotonic() - started > COMPILE_SLICE_S:
+                await asyncio.sleep(0)
+                started = time.monotonic()
+        return bound
+
+    async def _subscribe(self, msg: Subscribe) -> None:
         replica = self.server.replica
         if msg.query_set_id in self.query_sets:
             self._sub_failed(
@@ -515,7 +565,8 @@ class Connection:
             return
         try:
             self._check_query_budget(len(msg.queries))
-            queries = replica.bind(msg.queries, self._principal())
+            queries = await self._bind(msg.queries)
+            # No await from here on: the rows, the subscription and the offset agree.
             initial = [replica.initial_update(q) for q in queries]
         except (LimitExceeded, SubscriptionError) as exc:
             self._sub_failed(msg.request_id, msg.query_set_id, error_code(exc), str(exc))
@@ -525,9 +576,13 @@ class Connection:
     async def _resubscribe(self, hello: Hello, query_set: QuerySet) -> None:
         replica = self.server.replica
         qs_id = query_set.query_set_id
+        if not self._queries_allowed():
+            # The same budget as Subscribe: each query set of a Hello takes one token.
+            self._sub_failed(None, qs_id, ErrorCode.RATE_LIMITED, TOO_MANY_QUERIES)
+            return
         try:
             self._check_query_budget(len(query_set.queries))
-            queries = replica.bind(query_set.queries, self._principal())
+            queries = await self._bind(query_set.queries)
         except (LimitExceeded, SubscriptionError) as exc:
             self._sub_failed(None, qs_id, error_code(exc), str(exc))
             return
@@ -579,6 +634,18 @@ class Connection:
                 request_id=request_id, query_set_id=qs_id, code=code, message=message
             )
         )
+
+    def fail_query_set(self, qs_id: QuerySetId, message: str) -> None:
+        """Drop a live query set the server can no longer serve within its limits, and tell
+        the client: `SubscriptionFailed` (LIMIT_EXCEEDED) with `request_id` null, after which
+        it drops the set's rows. Nothing happens if the set is not held."""
+        queries = self.query_sets.pop(qs_id, None)
+        if queries is None:
+            return
+        self.query_count -= len(queries)
+        self.server.replica.unsubscribe(self, qs_id, queries)
+        self._sub_failed(None, qs_id, ErrorCode.LIMIT_EXCEEDED, message)
+        self._dirty()
 
     def _unsubscribe(self, msg: Unsubscribe) -> None:
         queries = self.query_sets.pop(msg.query_set_id, None)

@@ -32,6 +32,8 @@ from syncd.core.query import (
     QueryKey,
     StoreView,
     compile_query,
+    prescan,
+    query_cost,
     term_count,
     with_visibility,
 )
@@ -52,8 +54,11 @@ logger = logging.getLogger("syncd.replica")
 #: Roles that see every row of public tables, whatever their visibility rules.
 BYPASS_ROLES = SERVICE_ROLES
 
-# Compiled queries kept by SQL text (compiling is the slow part of subscribing).
+# Compiled queries kept by SQL text (compiling is the slow part of subscribing): at most this
+# many, holding at most COMPILED_CACHE_BYTES of text (a client sending unique texts only
+# evicts older entries).
 COMPILED_CACHE = 4096
+COMPILED_CACHE_BYTES = 8 << 20
 # Journal entries read per round while filling a gap or resuming.
 READ_CHUNK = 2_000
 
@@ -126,6 +131,8 @@ class Replica:
         self._flush_scheduled = False
         # (SQL text, visibility rules applied) -> compiled query (LRU).
         self._compiled: OrderedDict[tuple[str, bool], Query] = OrderedDict()
+        # Characters of SQL text held as keys of `_compiled`.
+        self._compiled_bytes = 0
         # Every open connection (welcomed), and how many each identity has.
         self.connections: set[Connection] = set()
         self.per_identity: dict[str, int] = {}
@@ -198,7 +205,12 @@ class Replica:
         self.window.append(tx)
         if self._key_groups:
             try:
-                self._fan_out(tx, self.index.route(tx.changes, self.store))
+                index = self.index
+                self._fan_out(
+                    tx, index.route(tx.changes, self.store, budget=self.limits.max_query_cost)
+                )
+                if index.last_stats.over_budget:
+                    self._fail_over_budget(tx, index.last_stats.over_budget)
             except Exception:
                 # The state is right but some subscribers may have missed this delta: close
                 # them with a resumable code, so they resume from their cursor and catch up.
@@ -240,6 +252,32 @@ class Replica:
             else:
                 entry.append((tx.offset, parts))
         self._schedule_flush()
+
+    def _fail_over_budget(self, tx: Tx, keys: tuple[QueryKey, ...]) -> None:
+        # Queries whose routing would cost more than max_query_cost for one transaction:
+        # their subscriptions fail (SubscriptionFailed, LIMIT_EXCEEDED) rather than making
+        # every later write to the tables they read stall the loop.
+        limit = self.limits.max_query_cost
+        targets: dict[tuple[Connection, QuerySetId], None] = {}
+        for key in keys:
+            for group in list(self._key_groups.get(key, {}).values()):
+                for conn in list(group.conns):
+                    for qs_id, _ in group.by_key[key]:
+                        targets[(conn, qs_id)] = None
+        logger.warning(
+            "offset %d: %d queries over the query cost limit (%d); failing %d query sets",
+            tx.offset,
+            len(keys),
+            limit,
+            len(targets),
+        )
+        message = (
+            f"a change made this query examine over {limit} rows (counting each join "
+            f"partner checked), more than the query cost limit (max_query_cost {limit}); "
+            "filter it by an indexed column"
+        )
+        for conn, qs_id in targets:
+            conn.fail_query_set(qs_id, message)
 
     def index_table(self, key: QueryKey) -> str:
         query = self.index.get(key)
@@ -307,6 +345,9 @@ class Replica:
         key = (sql, restricted)
         query = self._compiled.get(key)
         if query is None:
+            limits = self.limits
+            # Before parsing: no text can make the parser slow or deep (see `prescan`).
+            prescan(sql, max_bytes=limits.max_query_bytes, max_terms=limits.max_query_terms)
             query = compile_query(sql, self.schema)
             if restricted:
                 query = with_visibility(query, self.schema)
@@ -317,8 +358,12 @@ class Replica:
                     f"the limit is {self.limits.max_query_terms}"
                 )
             self._compiled[key] = query
-            if len(self._compiled) > COMPILED_CACHE:
-                self._compiled.popitem(last=False)
+            self._compiled_bytes += len(sql)
+            while len(self._compiled) > COMPILED_CACHE or (
+                self._compiled_bytes > COMPILED_CACHE_BYTES
+            ):
+                (old_sql, _), _ = self._compiled.popitem(last=False)
+                self._compiled_bytes -= len(old_sql)
         else:
             self._compiled.move_to_end(key)
         return query
@@ -343,7 +388,22 @@ class Replica:
         return bound
 
     def initial_rows(self, query: BoundQuery) -> list[Row]:
-        """The query's rows now. Raises LimitExceeded past the initial-rows limit."""
+        """The query's rows now.
+
+        Raises:
+            LimitExceeded: computing them would cost more than `max_query_cost` (estimated
+                from index sizes first, see `query_cost`), or they are more than
+                `max_initial_rows`.
+        """
+        limit = self.limits.max_query_cost
+        if limit:
+            cost = query_cost(query, self.store, limit=limit)
+            if cost > limit:
+                raise LimitExceeded(
+                    f"the query would examine over {limit} rows (counting each join partner "
+                    f"checked), more than the query cost limit (max_query_cost {limit}); "
+                    "filter it by an indexed column"
+                )
         rows = query.initial_rows(self.store)
         if len(rows) > self.limits.max_initial_rows:
             raise LimitExceeded(
