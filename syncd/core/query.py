@@ -512,10 +512,8 @@ def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
         assert rows is not None
         for row in rows:
             value = row[join.position]
-            if value is not None:
+            if value is not None:  # at most `count` (<= limit) rows
                 values[value] = values.get(value, 0) + 1
-                if limit and len(values) > limit:
-                    break
     cost = count
     for value, holders in values.items():
         cost += holders * other.count(join.other_column, value)

@@ -593,6 +593,8 @@ class Connection:
         # No await from here on: the rows, the subscription and the offset agree.
         try:
             if txs is not None:
+                for query in queries:  # as costly to hold as to subscribe afresh
+                    replica.check_cost(query)
                 updates = [replica.resume_update(q, txs) for q in queries]
             else:
                 updates = [replica.initial_update(q) for q in queries]

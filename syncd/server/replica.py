@@ -395,15 +395,7 @@ class Replica:
                 from index sizes first, see `query_cost`), or they are more than
                 `max_initial_rows`.
         """
-        limit = self.limits.max_query_cost
-        if limit:
-            cost = query_cost(query, self.store, limit=limit)
-            if cost > limit:
-                raise LimitExceeded(
-                    f"the query would examine over {limit} rows (counting each join partner "
-                    f"checked), more than the query cost limit (max_query_cost {limit}); "
-                    "filter it by an indexed column"
-                )
+        self.check_cost(query)
         rows = query.initial_rows(self.store)
         if len(rows) > self.limits.max_initial_rows:
             raise LimitExceeded(
@@ -411,6 +403,17 @@ class Replica:
                 f"{self.limits.max_initial_rows}; narrow it with a WHERE clause"
             )
         return rows
+
+    def check_cost(self, query: BoundQuery) -> None:
+        """Refuse a query whose initial rows would cost more than `max_query_cost` (estimated
+        from index sizes, see `query_cost`). Raises LimitExceeded."""
+        limit = self.limits.max_query_cost
+        if limit and query_cost(query, self.store, limit=limit) > limit:
+            raise LimitExceeded(
+                f"the query would examine over {limit} rows (counting each join partner "
+                f"checked), more than the query cost limit (max_query_cost {limit}); "
+                "filter it by an indexed column"
+            )
 
     def subscribe(self, conn: Connection, qs_id: QuerySetId, queries: list[BoundQuery]) -> None:
         """Start routing `queries` to `conn` under `qs_id`. Call it in the same tick as reading

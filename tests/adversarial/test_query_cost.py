@@ -22,6 +22,7 @@ import pytest
 
 from syncd.core.protocol.codec import Format
 from syncd.core.protocol.messages import (
+    Cursor,
     Error,
     Hello,
     QuerySet,
@@ -246,4 +247,26 @@ async def test_hello_query_sets_take_the_query_rate_limit(
         assert len(applied) + len(limited) == 4 * QPS
         assert all(m.code == ErrorCode.RATE_LIMITED for m in limited)
         assert [m.query_set_id for m in applied] == list(range(len(applied)))
+        await assert_responsive(bystander)
+
+
+async def test_hello_resuming_an_expensive_semijoin_is_refused(
+    crowd: ServerProcess, bystander: WireClient, fmt: Format
+) -> None:
+    """A Hello that resumes (or freshly subscribes) an over-cost semijoin gets SubscriptionFailed
+    LIMIT_EXCEEDED for that set, as a Subscribe would; the other set is served."""
+    assert bystander.welcome is not None
+    cursor = Cursor(epoch=bystander.epoch, offset=bystander.welcome.offset)
+    for hello_cursor in (cursor, None):
+        sets = [
+            QuerySet(query_set_id=1, queries=[EXPENSIVE]),
+            QuerySet(query_set_id=2, queries=["SELECT * FROM item WHERE id = 3"]),
+        ]
+        hello = Hello(cursor=hello_cursor, query_sets=sets)
+        async with await WireClient.open(crowd, fmt=fmt, hello=hello) as client:
+            failed = await client.wait_for(lambda m: isinstance(m, SubscriptionFailed))
+            assert isinstance(failed, SubscriptionFailed)
+            assert (failed.query_set_id, failed.code) == (1, ErrorCode.LIMIT_EXCEEDED)
+            applied = await client.wait_for(lambda m: isinstance(m, SubscribeApplied))
+            assert isinstance(applied, SubscribeApplied) and applied.query_set_id == 2
         await assert_responsive(bystander)
