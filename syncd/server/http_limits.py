@@ -40,7 +40,7 @@ __all__ = ["MAX_HEADERS", "MAX_LINE_BYTES", "limited_http_protocol"]
 MAX_LINE_BYTES = 8192
 #: How long a refused connection keeps discarding input before it is closed.
 LINGER_S = 1.0
-#: ...and at most this many bytes of it.
+#: ...and at most this many bytes of it (then it stops reading until the close).
 LINGER_BYTES = 1 << 20
 #: Most header fields in one request (websockets refuses more than 128 on the upgrade path).
 MAX_HEADERS = 100
@@ -86,10 +86,12 @@ def limited_http_protocol(
         def data_received(self, data: bytes) -> None:
             # uvicorn's own data_received, with the head counted and a refusal stopping it.
             if self._refused:
-                # Lingering: discard, up to a bound.
+                # Lingering: discard, up to a bound; then stop reading (TCP pushes back on the
+                # client) until the close. Closing now could reset the connection before the
+                # client has read the answer.
                 self._head_bytes += len(data)
                 if self._head_bytes > LINGER_BYTES:
-                    self.transport.close()
+                    self.transport.pause_reading()
                 return
             self._unset_keepalive_if_required()
             if self._in_head:
