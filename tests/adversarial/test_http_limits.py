@@ -203,6 +203,36 @@ async def test_slowloris_sockets_are_answered_408_and_closed(
     await assert_responsive(bystander)
 
 
+async def test_slowloris_after_a_first_request_gets_408(
+    server: ServerProcess, bystander: WireClient
+) -> None:
+    """On a kept-alive connection, the next request's head has the same deadline, from its
+    first byte: trickling it gets 408 and the close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(TIMEOUT):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+        assert status_of(head) == 200
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        received = bytearray()
+        reading = asyncio.create_task(
+            read_all(reader, HEADER_TIMEOUT * MS * 1000 + TIMEOUT, into=received)
+        )
+        while not reading.done():
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"X")
+            await asyncio.wait({reading}, timeout=0.1)
+        answer = await reading
+    finally:
+        writer.close()
+    assert status_of(answer) == 408
+    assert closes(answer)
+    await assert_responsive(bystander)
+
+
 # -- bodies (item 8) ------------------------------------------------------------------------
 
 

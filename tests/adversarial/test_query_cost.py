@@ -158,6 +158,8 @@ async def test_deep_parentheses_are_bad_query(
     [
         # An IN list far past --max-query-terms (64): refused before parsing.
         ("SELECT * FROM item WHERE id IN (" + ",".join(["1"] * 5_000) + ")", "conditions"),
+        # The IN list, as large as a message allows (~800 KB): refused by size, at once.
+        ("SELECT * FROM item WHERE id IN (" + ",".join(["1"] * 400_000) + ")", "bytes"),
         # A ~900 KB OR chain (inside the 1 MiB message limit): over --max-query-bytes.
         (
             "SELECT * FROM item WHERE " + " OR ".join(f"id = {i}" for i in range(60_000)),
@@ -166,7 +168,7 @@ async def test_deep_parentheses_are_bad_query(
         # Many tokens in few bytes.
         ("SELECT * FROM item WHERE id = " + "+".join(["1"] * 5_000), "tokens"),
     ],
-    ids=["in-list", "or-chain", "tokens"],
+    ids=["in-list", "huge-in-list", "or-chain", "tokens"],
 )
 async def test_oversized_query_text_is_refused_before_parsing(
     crowd: ServerProcess, bystander: WireClient, fmt: Format, sql: str, names: str
