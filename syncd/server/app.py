@@ -603,15 +603,17 @@ class Server:
         return await self.authenticator.authenticate(bearer_token(request))
 
     async def sql(self, request: Request) -> Response:
+        # The body first (bounded): a refused caller's body would otherwise be read and
+        # discarded by the HTTP layer, however long it is.
+        body = await self._read_body(request)
+        if isinstance(body, Response):
+            return body
         try:
             principal = await self._principal(request)
         except InvalidToken as exc:
             return _error(ErrorCode.UNAUTHORIZED, str(exc), 401)
         except BackendError:
             return _error(ErrorCode.UNAVAILABLE, "the key store is unavailable; retry", 503)
-        body = await self._read_body(request)
-        if isinstance(body, Response):
-            return body
         sql = body.decode("utf-8", "replace")
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
@@ -668,6 +670,9 @@ class Server:
         return b"".join(chunks)
 
     async def call(self, request: Request) -> Response:
+        body = await self._read_body(request)  # first, as in `sql`
+        if isinstance(body, Response):
+            return body
         try:
             principal = await self._principal(request)
         except InvalidToken as exc:
@@ -677,9 +682,6 @@ class Server:
         name = request.path_params["reducer"]
         if not self.call_limiter.allow(principal.identity, time.monotonic()):
             return _error(ErrorCode.RATE_LIMITED, "too many calls; retry after a backoff", 429)
-        body = await self._read_body(request)
-        if isinstance(body, Response):
-            return body
         args: Any = []
         if body.strip():
             try:

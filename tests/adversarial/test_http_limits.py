@@ -241,10 +241,11 @@ async def test_declared_body_over_the_limit_gets_413_unread(
     server: ServerProcess, bystander: WireClient, path: str
 ) -> None:
     """A Content-Length over --max-message-size gets 413 with a JSON error before any of the
-    body is sent (600 MiB declared, none sent), and the connection closes."""
+    body is sent (600 MiB declared, none sent), before authentication (a bad token), and the
+    connection closes."""
     request = (
         f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {600 << 20}\r\n\r\n"
+        f"Authorization: Bearer not-a-token\r\nContent-Length: {600 << 20}\r\n\r\n"
     ).encode()
     answer = await exchange(server, request)
     assert status_of(answer) == 413
