@@ -249,11 +249,13 @@ class SubscriptionIndex:
         nor the index changes.
 
         Args:
-            budget: most work one query may cost for this change set: two checks per row it
-                re-checks, plus, for a semijoin whose condition reads the joined table, the
-                partners each check reads (index counts, known before evaluating). A query
-                over it gets no delta and is listed in `last_stats.over_budget`: its result
-                can no longer be kept, and the caller must fail its subscriptions. 0: none.
+            budget: most work a semijoin may cost for this change set beyond the rows the
+                transaction changed itself (those are the writer's own work): two checks per
+                result row it re-checks because a partner changed, plus, when its condition
+                reads the joined table, the partners each check reads (index counts, known
+                before evaluating). A query over it gets no delta and is listed in
+                `last_stats.over_budget`: its result can no longer be kept, and the caller
+                must fail its subscriptions. 0: no budget.
 
         Returns:
             Query key -> non-empty delta; queries whose result did not change are absent.
@@ -371,20 +373,24 @@ def _cost(
     budget: int,
 ) -> bool:
     # True when re-checking `pks` would cost `query` more than `budget` (see `route`).
-    cost = 2 * len(pks)
-    if cost > budget:
-        return True
     join = query.join
-    if join is None or not query.reads_partners:
-        return False
+    if join is None:
+        return False  # it re-checks only rows the transaction changed: the writer's own work
+    reads = query.reads_partners
     position, table, column = join.position, join.table, join.other_column
+    cost = 0
     for pk in pks:
         changed = table_changes.get(pk)
-        old, new = changed if changed is not None else (current.get(pk),) * 2
-        if old is not None and old[position] is not None:
-            cost += len(before.lookup(table, column, old[position]))
-        if new is not None and new[position] is not None:
-            cost += len(after.lookup(table, column, new[position]))
+        if changed is None:  # reached through a changed partner
+            cost += 2
+            old = new = current.get(pk)
+        else:
+            old, new = changed
+        if reads:
+            if old is not None and old[position] is not None:
+                cost += len(before.lookup(table, column, old[position]))
+            if new is not None and new[position] is not None:
+                cost += len(after.lookup(table, column, new[position]))
         if cost > budget:
             return True
     return False
