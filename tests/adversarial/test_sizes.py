@@ -148,9 +148,10 @@ async def test_a_reducers_20_mib_error_is_cut_over_http(
 async def test_a_bad_query_naming_a_huge_table_is_cut(
     vault: ServerProcess, bystander: WireClient, fmt: Format
 ) -> None:
-    """A query of nearly the message limit naming a table that does not exist: BAD_QUERY in
-    QueryResult, SubscriptionFailed and over HTTP, each message within the bound."""
-    sql = "SELECT * FROM " + "t" * (LIMIT - 200)
+    """A query naming a table that does not exist, its name 8x the error bound (and within the
+    query text limit, so it is parsed): BAD_QUERY in QueryResult, SubscriptionFailed and over
+    HTTP, each message within the bound."""
+    sql = "SELECT * FROM " + "t" * (8 * MAX_ERROR_MESSAGE)
     async with await WireClient.open(vault, fmt=fmt) as attacker:
         await attacker.send(OneOffQuery(request_id=1, sql=sql))
         await attacker.send(Subscribe(request_id=2, query_set_id=1, queries=[sql]))
