@@ -22,6 +22,7 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from syncd.auth import Principal
+from syncd.core.access import NO_ROW
 from syncd.core.ids import ConnectionId, QuerySetId, RequestId
 from syncd.core.protocol.codec import Format
 from syncd.core.protocol.messages import (
@@ -442,10 +443,9 @@ class Connection:
         if tdef is not None and self.fmt == "json" and _is_bytes(tdef.pk_column.type):
             try:
                 pk = self.session.codec.bytes_value(pk)
-            except ValueError as exc:
-                return msg.request_id, _resolved(
-                    CallOutcome(False, error=ReducerError(f"primary key: {exc}"))
-                )
+            except ValueError:
+                # A key that is not even base64 names no row: the no-row answer (§4.5).
+                return msg.request_id, _resolved(CallOutcome(False, error=ConstraintError(NO_ROW)))
         op = msg.op
         column = tdef.column(msg.column) if tdef is not None else None
         if (
