@@ -115,14 +115,17 @@ class MergePolicy:
         sender: Identity,
         auth: AuthInfo,
         stamp: Stamp,
+        now_ms: int | None = None,
     ) -> ChangeSet:
         """A client's merge: `authorize`, then `merge_cell`, as one step on the writer's store.
+
+        `now_ms`: the writer's physical clock, which bounds LWW stamps (see `merge_cell`).
 
         Raises:
             Everything `authorize` and `merge_cell` raise; the store is then unchanged.
         """
         self.authorize(store, table, pk, column, sender=sender, auth=auth, stamp=stamp)
-        return merge_cell(store, self.schema, table, pk, column, op, stamp)
+        return merge_cell(store, self.schema, table, pk, column, op, stamp, now_ms=now_ms)
 
     def authorize(
         self,

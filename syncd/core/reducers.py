@@ -16,7 +16,7 @@ from syncd.core.hlc import Stamp
 from syncd.core.ids import ConnectionId, Identity, Timestamp
 from syncd.core.schema import NO_DEFAULT, ReducerDef, Schema, TableDef
 from syncd.core.store import ChangeSet, OrderedIndex, Row, Store, TableState, Transaction
-from syncd.core.values import CrdtType
+from syncd.core.values import CrdtType, RangeError
 from syncd.errors import (
     MAX_ERROR_MESSAGE,
     ArgumentError,
@@ -148,16 +148,26 @@ class TableHandle(Generic[R]):
         """Merge a CRDT operation (wire form, see docs) into one cell; returns the row.
 
         Raises:
-            ConstraintError: no such row, not a CRDT column, or a malformed operation.
+            ConstraintError: no such row, not a CRDT column, or a malformed operation, or one
+                out of range: a Counter total outside 64 bits, an LWW stamp more than
+                `MAX_DRIFT_MS` ahead of the transaction's clock.
         """
+        return self._merge(pk, column, op, ConstraintError)
+
+    def _merge(self, pk: Any, column: str, op: Any, out_of_range: type[ReducerError]) -> R:
+        # `out_of_range`: what a well-formed op with a number out of range (a Counter total
+        # past 64 bits, an LWW stamp past the drift bound) raises: for a client's own merge
+        # that is a bad argument; inside a reducer, a constraint like any bad column value.
         col = self._tdef.column(column)
         if col is None or not isinstance(col.type, CrdtType):
             raise ConstraintError(f"{self._tdef.name}.{column} is not a CRDT column")
         try:
-            decoded = col.type.decode_op(op)
+            decoded = col.type.decode_op(op, now_ms=self._tx.now_ms)
+            stored = self._tx.merge(self._tdef.name, self._pk(pk), column, decoded)
+        except RangeError as exc:
+            raise out_of_range(f"{self._tdef.name}.{column}: {exc}") from None
         except ValueError as exc:
             raise ConstraintError(f"{self._tdef.name}.{column}: {exc}") from None
-        stored = self._tx.merge(self._tdef.name, self._pk(pk), column, decoded)
         return row_to_instance(self._tdef, stored)  # type: ignore[no-any-return]
 
     def find(self, pk: Any = NO_DEFAULT, **unique: Any) -> R | None:
@@ -414,7 +424,7 @@ def run_reducer(
     auth = auth or AuthInfo()
     check_role(rdef, auth)
     bound = bind_args(rdef, args)
-    tx = store.begin(stamp)
+    tx = store.begin(stamp, now_ms=timestamp // 1000)
     ctx = ReducerContext(sender, connection_id, timestamp, Database(tx), auth)
     try:
         result = rdef.fn(ctx, *bound)
@@ -461,20 +471,33 @@ def run_system(store: Store, stamp: Stamp, writes: Callable[[Transaction], None]
 
 
 def merge_cell(
-    store: Store, schema: Schema, table: str, pk: Any, column: str, op: Any, stamp: Stamp
+    store: Store,
+    schema: Schema,
+    table: str,
+    pk: Any,
+    column: str,
+    op: Any,
+    stamp: Stamp,
+    *,
+    now_ms: int | None = None,
 ) -> ChangeSet:
     """Apply a client's CRDT merge operation as its own transaction.
 
+    `now_ms` is the server's physical clock (None: `stamp.ms`): an LWW operation stamped more
+    than `MAX_DRIFT_MS` past it is refused.
+
     Raises:
+        ArgumentError: a well-formed op out of range: a Counter whose total would leave the
+            64-bit signed range, an LWW stamp past the drift bound. The store is unchanged.
         ConstraintError: unknown or private table, unknown or non-CRDT column, malformed op,
             or no such row. The store is unchanged.
     """
     tdef = schema.tables.get(table)
     if tdef is None or not tdef.public:
         raise ConstraintError(f"no public table {table!r}")
-    tx = store.begin(stamp)
+    tx = store.begin(stamp, now_ms=now_ms)
     try:
-        TableHandle[Any](tx, store.tables[table]).merge(pk, column, op)
+        TableHandle[Any](tx, store.tables[table])._merge(pk, column, op, ArgumentError)
     except BaseException:
         tx.rollback()
         raise

@@ -270,11 +270,15 @@ class Store:
     def table(self, name: str) -> TableState:
         return self.tables[name]
 
-    def begin(self, stamp: Stamp) -> Transaction:
-        """Open a transaction. `stamp` orders this transaction's CRDT writes."""
+    def begin(self, stamp: Stamp, *, now_ms: int | None = None) -> Transaction:
+        """Open a transaction. `stamp` orders this transaction's CRDT writes.
+
+        `now_ms` is the writer's physical clock: merge operations stamped more than
+        `MAX_DRIFT_MS` past it are refused (None: `stamp.ms`, for tests and trusted writes).
+        """
         if self.current is not None:
             raise RuntimeError("a transaction is already open: the store has a single writer")
-        self.current = Transaction(self, stamp)
+        self.current = Transaction(self, stamp, stamp.ms if now_ms is None else now_ms)
         return self.current
 
     def apply(self, changes: ChangeSet, offset: int) -> None:
@@ -321,9 +325,11 @@ class Store:
 class Transaction:
     """Writes into the store with an undo log. Use exactly once: commit() or rollback()."""
 
-    def __init__(self, store: Store, stamp: Stamp) -> None:
+    def __init__(self, store: Store, stamp: Stamp, now_ms: int) -> None:
         self.store = store
         self.stamp = stamp
+        # The writer's physical clock, which bounds the stamps of merged operations.
+        self.now_ms = now_ms
         # (table, pk) -> the row before this transaction first touched it (None: absent)
         self._before: dict[tuple[str, Any], Row | None] = {}
         # table -> next_id before this transaction first touched it
@@ -389,6 +395,7 @@ class Transaction:
 
         Raises:
             ConstraintError: no such row, or the column is not a CRDT column.
+            RangeError: the merged cell is out of range (`CrdtType.merge`); nothing changed.
         """
         self._check_open()
         state = self._state(table)

@@ -25,11 +25,37 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
-from syncd.core.hlc import Stamp
+from syncd.core.hlc import MAX_DRIFT_MS, Stamp
 from syncd.core.ids import Identity, Timestamp
 
 I64_MIN = -(2**63)
 I64_MAX = 2**63 - 1
+
+
+class RangeError(ValueError):
+    """A well-formed value outside what syncd can store and send to every client.
+
+    Every stored value must encode in both subprotocols (MessagePack ints are 64-bit, JSON has
+    no infinities, UTF-8 has no lone surrogates), so such values are refused when written, never
+    discovered later while a delta is encoded for subscribers.
+    """
+
+
+def check_text(value: str) -> str:
+    """Return `value` unless it holds a lone surrogate (not encodable as UTF-8).
+
+    Raises:
+        RangeError: naming the first position that cannot be encoded.
+    """
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RangeError(
+                f"str holds a lone surrogate at position {exc.start}, which UTF-8 cannot encode"
+            ) from None
+    return value
+
 
 T = TypeVar("T")
 
@@ -106,7 +132,7 @@ class IntType(ColumnType):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected int, got {type(value).__name__}")
         if not I64_MIN <= value <= I64_MAX:
-            raise ValueError(f"int {value} is out of the 64-bit signed range")
+            raise RangeError(f"int {value} is out of the 64-bit signed range")
         return int(value)
 
 
@@ -121,6 +147,9 @@ class FloatType(ColumnType):
         if math.isnan(result):
             # NaN != NaN would break primary keys, indexes and change detection.
             raise ValueError("NaN is not a valid column value")
+        if math.isinf(result):
+            # JSON has no infinities: a JSON subscriber would silently receive null.
+            raise RangeError(f"{result} is not a valid column value: floats must be finite")
         return result
 
 
@@ -131,7 +160,7 @@ class StrType(ColumnType):
     def check(self, value: object) -> object:
         if not isinstance(value, str):
             raise ValueError(f"expected str, got {type(value).__name__}")
-        return value
+        return check_text(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +182,7 @@ class IdentityType(ColumnType):
     def check(self, value: object) -> object:
         if not isinstance(value, str) or not value:
             raise ValueError(f"expected an identity (non-empty str), got {type(value).__name__}")
-        return value
+        return check_text(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,22 +195,25 @@ class TimestampType(ColumnType):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected a timestamp (int microseconds), got {type(value).__name__}")
         if not I64_MIN <= value <= I64_MAX:
-            raise ValueError(f"timestamp {value} is out of range")
+            raise RangeError(f"timestamp {value} is out of the 64-bit signed range")
         return value
 
 
 def _check_json(value: object, depth: int = 0) -> None:
     if depth > 64:
         raise ValueError("JSON value is nested too deeply")
-    if value is None or isinstance(value, bool | str):
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        check_text(value)
         return
     if isinstance(value, int):
         if not I64_MIN <= value <= I64_MAX:
-            raise ValueError(f"JSON int {value} is out of the 64-bit range")
+            raise RangeError(f"JSON int {value} is out of the 64-bit signed range")
         return
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ValueError("JSON numbers must be finite")
+            raise RangeError("JSON numbers must be finite")
         return
     if isinstance(value, list | tuple):
         for item in value:
@@ -191,6 +223,7 @@ def _check_json(value: object, depth: int = 0) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ValueError(f"JSON object keys must be str, got {type(key).__name__}")
+            check_text(key)
             _check_json(item, depth + 1)
         return
     raise ValueError(f"{type(value).__name__} is not a JSON value")
@@ -324,12 +357,27 @@ class CrdtType(ColumnType):
         """
         raise NotImplementedError
 
-    def decode_op(self, op: object) -> object:
-        """Validate a merge operation received from a client. Raises ValueError."""
+    def decode_op(self, op: object, *, now_ms: int | None = None) -> object:
+        """Validate a merge operation received from a client.
+
+        Args:
+            op: the operation in its wire form.
+            now_ms: the receiver's physical clock (ms since the epoch): an operation stamped
+                more than `MAX_DRIFT_MS` past it is refused. None: no bound (trusted input).
+
+        Raises:
+            RangeError: well-formed, but a number is out of range (see `RangeError`).
+            ValueError: malformed.
+        """
         raise NotImplementedError
 
     def merge(self, cell: object | None, op: object) -> object:
-        """Apply a decoded operation to a cell (None when the row has no cell yet)."""
+        """Apply a decoded operation to a cell (None when the row has no cell yet).
+
+        Raises:
+            RangeError: the merged cell could not be stored (a Counter's total out of the
+                64-bit signed range); nothing is changed.
+        """
         raise NotImplementedError
 
     def op_of(self, cell: object) -> object:
@@ -354,16 +402,25 @@ class LwwType(CrdtType):
             return cell  # writing the same value is not a new write: keeps merges stable
         return LwwCell(stored, stamp)
 
-    def decode_op(self, op: object) -> object:
+    def decode_op(self, op: object, *, now_ms: int | None = None) -> object:
         if not isinstance(op, list | tuple) or len(op) != 4:
             raise ValueError("an LWW operation is [value, ms, counter, writer]")
         value, ms, counter, writer = op
         for name, part in (("ms", ms), ("counter", counter)):
-            if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part <= I64_MAX:
+            if isinstance(part, bool) or not isinstance(part, int) or part < 0:
                 raise ValueError(f"LWW operation {name} must be a non-negative int")
+            if part > I64_MAX:
+                raise RangeError(f"LWW operation {name} must be a non-negative 64-bit int")
+        if now_ms is not None and ms > now_ms + MAX_DRIFT_MS:
+            # A stamp from the future would win every race until then, and moving our clock
+            # there would make every later write (ours and other clients') carry it too.
+            raise RangeError(
+                f"LWW operation ms {ms} is more than {MAX_DRIFT_MS} ms ahead of the server's "
+                f"clock ({now_ms} ms): the writer's clock is wrong"
+            )
         if not isinstance(writer, str) or not writer:
             raise ValueError("LWW operation writer must be a non-empty str")
-        return LwwCell(self.inner.check(value), Stamp(int(ms), int(counter), writer))
+        return LwwCell(self.inner.check(value), Stamp(int(ms), int(counter), check_text(writer)))
 
     def merge(self, cell: object | None, op: object) -> object:
         assert isinstance(op, LwwCell)
@@ -429,9 +486,15 @@ class CounterType(CrdtType):
             return current
         p, n = current.slot(stamp.writer)
         p, n = (p + delta, n) if delta > 0 else (p, n - delta)
+        if p > I64_MAX or n > I64_MAX:
+            # Each writer's running totals travel as 64-bit ints (journal, merge operations).
+            raise RangeError(
+                f"counter value {value}: writer {stamp.writer!r}'s running total of "
+                f"{'increments' if delta > 0 else 'decrements'} would leave the 64-bit range"
+            )
         return self.merge(current, CounterCell(((stamp.writer, p, n),)))
 
-    def decode_op(self, op: object) -> object:
+    def decode_op(self, op: object, *, now_ms: int | None = None) -> object:
         if not isinstance(op, list | tuple) or not op:
             raise ValueError("a Counter operation is a non-empty list of [writer, p, n]")
         merged: dict[str, tuple[int, int]] = {}
@@ -441,22 +504,27 @@ class CounterType(CrdtType):
             writer, p, n = entry
             if not isinstance(writer, str) or not writer:
                 raise ValueError("Counter writer must be a non-empty str")
+            check_text(writer)
             for part in (p, n):
-                if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part <= I64_MAX:
+                if isinstance(part, bool) or not isinstance(part, int) or part < 0:
                     raise ValueError("Counter totals must be non-negative 64-bit ints")
+                if part > I64_MAX:
+                    raise RangeError(f"Counter total {part} is not a non-negative 64-bit int")
             op_p, op_n = merged.get(writer, (0, 0))
             merged[writer] = (max(op_p, p), max(op_n, n))
-        return CounterCell(tuple((w, p, n) for w, (p, n) in sorted(merged.items())))
+        result = CounterCell(tuple((w, p, n) for w, (p, n) in sorted(merged.items())))
+        _check_total(result)
+        return result
 
     def merge(self, cell: object | None, op: object) -> object:
         assert isinstance(op, CounterCell)
         if not isinstance(cell, CounterCell):
-            return op
+            return _check_total(op)
         slots = {w: (p, n) for w, p, n in cell.entries}
         for w, p, n in op.entries:
             old_p, old_n = slots.get(w, (0, 0))
             slots[w] = (max(old_p, p), max(old_n, n))
-        return CounterCell(tuple((w, p, n) for w, (p, n) in sorted(slots.items())))
+        return _check_total(CounterCell(tuple((w, p, n) for w, (p, n) in sorted(slots.items()))))
 
     def op_of(self, cell: object) -> object:
         assert isinstance(cell, CounterCell)
@@ -476,6 +544,14 @@ class CounterType(CrdtType):
 
     def from_state(self, state: object) -> object:
         return CounterCell(tuple((w, p, n) for w, p, n in typing.cast(list[Any], state)))
+
+
+def _check_total(cell: CounterCell) -> CounterCell:
+    # The total is what subscribers receive: it must be a 64-bit signed int in both formats.
+    total = cell.total
+    if not I64_MIN <= total <= I64_MAX:
+        raise RangeError(f"the counter's total would be {total}, outside the 64-bit signed range")
+    return cell
 
 
 _SIMPLE: dict[object, ColumnType] = {

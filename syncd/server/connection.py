@@ -24,7 +24,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from syncd.auth import Principal
 from syncd.core.access import NO_ROW
 from syncd.core.ids import ConnectionId, QuerySetId, RequestId
-from syncd.core.protocol.codec import Format
+from syncd.core.protocol.codec import ENCODE_ERRORS, Format
 from syncd.core.protocol.messages import (
     CallReducer,
     ClientMessage,
@@ -64,6 +64,7 @@ from syncd.errors import (
     SyncdError,
 )
 from syncd.server.leader import CallOutcome
+from syncd.server.replica import UNENCODABLE
 from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
 
 if TYPE_CHECKING:
@@ -615,18 +616,37 @@ class Connection:
         # Call in the same tick as computing `updates`: no transaction can fall between the
         # rows sent and the subscription that routes the next ones.
         replica = self.server.replica
+        # Updates already routed to this connection go out before the SubscribeApplied.
+        replica.emit_pending()
+        try:
+            self.session.send(
+                SubscribeApplied(
+                    request_id=request_id,
+                    query_set_id=qs_id,
+                    offset=replica.offset,
+                    queries=updates,
+                    resumed=resumed,
+                )
+            )
+        except ENCODE_ERRORS:
+            # Old data (stored before values were range-checked) or a bug: fail this set only.
+            logger.exception("the rows of query set %d could not be encoded", qs_id)
+            self._sub_failed(request_id, qs_id, ErrorCode.INTERNAL, UNENCODABLE)
+            return
         self.query_sets[qs_id] = queries
         self.query_count += len(queries)
         replica.subscribe(self, qs_id, queries)
-        self.session.send(
-            SubscribeApplied(
-                request_id=request_id,
-                query_set_id=qs_id,
-                offset=replica.offset,
-                queries=updates,
-                resumed=resumed,
-            )
-        )
+
+    def fail_query_set(self, qs_id: QuerySetId, code: ErrorCode, message: str) -> None:
+        """End a live query set from the server's side: `SubscriptionFailed` with `request_id`
+        null (after every update already routed to it), and no more updates for it."""
+        queries = self.query_sets.pop(qs_id, None)
+        if queries is None:
+            return
+        self.query_count -= len(queries)
+        self.server.replica.unsubscribe(self, qs_id, queries)
+        self._sub_failed(None, qs_id, code, message)
+        self._dirty()
 
     def _sub_failed(
         self, request_id: RequestId | None, qs_id: QuerySetId, code: ErrorCode, message: str
@@ -668,15 +688,27 @@ class Connection:
                 )
             )
             return
-        self.session.send(
-            QueryResult(
-                request_id=msg.request_id,
-                ok=True,
-                table=query.table,
-                rows=rows,
-                offset=replica.offset,
+        try:
+            self.session.send(
+                QueryResult(
+                    request_id=msg.request_id,
+                    ok=True,
+                    table=query.table,
+                    rows=rows,
+                    offset=replica.offset,
+                )
             )
-        )
+        except ENCODE_ERRORS:
+            logger.exception("the rows of a one-off query could not be encoded")
+            self.session.send(
+                QueryResult(
+                    request_id=msg.request_id,
+                    ok=False,
+                    code=ErrorCode.INTERNAL,
+                    message="a row of the result could not be encoded for this subprotocol "
+                    "(the server logged why)",
+                )
+            )
 
     async def _reauth(self, msg: Reauth) -> None:
         assert self.principal is not None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from syncd.core.access import MergePolicy
-from syncd.core.hlc import HybridClock, Stamp
+from syncd.core.hlc import MAX_DRIFT_MS, HybridClock, Stamp
 from syncd.core.ids import ConnectionId, Identity, Offset, Timestamp
 from syncd.core.reducers import AuthInfo, run_reducer, run_system
 from syncd.core.schema import Schema
@@ -56,19 +56,29 @@ class CallOutcome:
     error: SyncdError | None = None
 
 
-def latest_stamp(schema: Schema, store: Store) -> Stamp | None:
-    """The greatest HLC stamp in the state's last-writer-wins cells (None: there are none)."""
+def latest_stamp(
+    schema: Schema, store: Store, *, max_ms: int | None = None
+) -> tuple[Stamp | None, list[tuple[str, Any, str, Stamp]]]:
+    """The greatest HLC stamp in the state's last-writer-wins cells (None: there are none),
+    leaving out the cells stamped past `max_ms` (if given); and those cells, as (table,
+    primary key, column, stamp)."""
     best: Stamp | None = None
+    beyond: list[tuple[str, Any, str, Stamp]] = []
     for name, tdef in schema.tables.items():
-        positions = [c.position for c in tdef.columns if isinstance(c.type, LwwType)]
-        if not positions:
+        columns = [(c.position, c.name) for c in tdef.columns if isinstance(c.type, LwwType)]
+        if not columns:
             continue
-        for row in store.tables[name].rows.values():
-            for i in positions:
+        state = store.tables[name]
+        for row in state.rows.values():
+            for i, column in columns:
                 cell = row[i]
-                if isinstance(cell, LwwCell) and (best is None or cell.stamp > best):
+                if not isinstance(cell, LwwCell):
+                    continue
+                if max_ms is not None and cell.stamp.ms > max_ms:
+                    beyond.append((name, state.pk_of(row), column, cell.stamp))
+                elif best is None or cell.stamp > best:
                     best = cell.stamp
-    return best
+    return best, beyond
 
 
 def _scoped(sender: Identity, key: str | None) -> str | None:
@@ -109,8 +119,28 @@ class Leader:
         # Orders CRDT writes; one writer name per leader term. It starts past every stamp the
         # state holds, so a new leader (another machine, a clock set back) never writes a
         # last-writer-wins value that loses to an older one.
+        # It never runs more than MAX_DRIFT_MS ahead of physical time: it observes only stamps
+        # within that bound (client merges past it are refused, see `merge`). A cell stamped
+        # further ahead (written before stamps were checked, or this machine's clock is far
+        # behind the last leader's) is logged and left out: following it would stamp every
+        # later write in that future (and starting at the bound would still let reducer
+        # writes beat correct clients' merges for MAX_DRIFT_MS after every start).
         self.clock = HybridClock(writer)
-        latest = latest_stamp(schema, store)
+        bound = now_us() // 1000 + MAX_DRIFT_MS
+        latest, beyond = latest_stamp(schema, store, max_ms=bound)
+        for table, pk, column, far in beyond[:10]:
+            logger.warning(
+                "%s %r column %s is stamped %d ms ahead of this server's clock, more than the "
+                "drift bound (%d ms): the clock does not follow it; client merges into that "
+                "cell lose until a reducer writes it",
+                table,
+                pk,
+                column,
+                far.ms - bound + MAX_DRIFT_MS,
+                MAX_DRIFT_MS,
+            )
+        if len(beyond) > 10:
+            logger.warning("%d more cells are stamped past the drift bound", len(beyond) - 10)
         if latest is not None:
             self.clock.ms, self.clock.counter = latest.ms, latest.counter
         self._now_us = now_us
@@ -219,14 +249,39 @@ class Leader:
         if early is not None:
             return early
         timestamp, stamp = self._timing()
+        now_ms = timestamp // 1000
         try:
             # Synchronous: the check and the merge see the same state.
             changes = self.merge_policy.merge(
-                self.store, table, pk, column, op, sender=sender, auth=auth, stamp=stamp
+                self.store,
+                table,
+                pk,
+                column,
+                op,
+                sender=sender,
+                auth=auth,
+                stamp=stamp,
+                now_ms=now_ms,
             )
         except SyncdError as exc:
             return _done(CallOutcome(False, error=exc))
+        self._observe(changes, table, column, now_ms)
         return self._finish(changes, timestamp, "", sender, key, None)
+
+    def _observe(self, changes: ChangeSet, table: str, column: str, now_ms: int) -> None:
+        """Move the clock past an accepted LWW operation's stamp, so later writes order after
+        it (merge_cell has checked it is within the drift bound of `now_ms`)."""
+        tdef = self.schema.tables[table]
+        col = tdef.column(column)
+        if col is None or not isinstance(col.type, LwwType):
+            return
+        for _old, new in changes.tables.get(table, {}).values():
+            cell = None if new is None else new[col.position]
+            if isinstance(cell, LwwCell):
+                try:
+                    self.clock.observe(cell.stamp, now_ms)
+                except ValueError:  # pragma: no cover - merge_cell refused those already
+                    logger.exception("an accepted stamp is past the drift bound")
 
     async def connect(
         self,

@@ -24,7 +24,7 @@ from syncd.config import Limits
 from syncd.core import snapshot
 from syncd.core.access import rule_params
 from syncd.core.ids import Epoch, Offset, QuerySetId
-from syncd.core.protocol.codec import Codec, Format
+from syncd.core.protocol.codec import ENCODE_ERRORS, Codec, Format
 from syncd.core.protocol.messages import QueryUpdate
 from syncd.core.query import (
     BoundQuery,
@@ -42,7 +42,7 @@ from syncd.core.schema import Schema
 from syncd.core.store import Row, Store
 from syncd.core.subscriptions import QueryDelta, SubscriptionIndex
 from syncd.core.tx import Tx, decode_tx
-from syncd.errors import CloseCode, JournalError, LimitExceeded, SubscriptionError
+from syncd.errors import CloseCode, ErrorCode, JournalError, LimitExceeded, SubscriptionError
 from syncd.ports import Journal
 from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
 
@@ -61,6 +61,12 @@ COMPILED_CACHE = 4096
 COMPILED_CACHE_BYTES = 8 << 20
 # Journal entries read per round while filling a gap or resuming.
 READ_CHUNK = 2_000
+
+#: Why a query set failed whose rows or update could not be encoded (the log says more).
+UNENCODABLE = (
+    "a row of this query set could not be encoded for this subprotocol (the server logged "
+    "why); its rows are dropped: subscribe again later, or with the other subprotocol"
+)
 
 # Largest shared frame built from one tick's updates (a single larger message goes alone).
 MAX_FRAME = 1 << 20
@@ -223,35 +229,64 @@ class Replica:
         # Each query's delta is encoded once per format; each group collects its parts. The
         # messages themselves are built at the end of the tick, once per group (emit_pending).
         touched: dict[_Group, Parts] = {}
+        # (query key, format) whose delta did not encode: only their subscribers are told.
+        failed: list[tuple[QueryKey, Format]] = []
         for key, delta in deltas.items():
             groups = self._key_groups.get(key)
             if not groups:
                 continue
-            encoded: dict[Format, bytes] = {}
+            encoded: dict[Format, bytes | None] = {}
             table = ""
             for group in groups.values():
                 fmt = group.fmt
-                data = encoded.get(fmt)
-                if data is None:
+                if fmt in encoded:
+                    data = encoded[fmt]
+                else:
                     table = table or self.index_table(key)
-                    data = encoded[fmt] = CODECS[fmt].encode_query_update(
-                        self.query_update(table, delta)
-                    )
+                    data = encoded[fmt] = self._encode_delta(tx, key, fmt, table, delta)
+                    if data is None:
+                        failed.append((key, fmt))
+                if data is None:
+                    continue
                 parts = touched.get(group)
                 if parts is None:
                     parts = touched[group] = []
                 for qs_id, index in group.by_key[key]:
                     parts.append((qs_id, index, data))
-        if not touched:
-            return
-        pending = self._pending
-        for group, parts in touched.items():
-            entry = pending.get(group)
-            if entry is None:
-                pending[group] = [(tx.offset, parts)]
-            else:
-                entry.append((tx.offset, parts))
-        self._schedule_flush()
+        if touched:
+            pending = self._pending
+            for group, parts in touched.items():
+                entry = pending.get(group)
+                if entry is None:
+                    pending[group] = [(tx.offset, parts)]
+                else:
+                    entry.append((tx.offset, parts))
+            self._schedule_flush()
+        for key, fmt in failed:
+            self._fail_query(key, fmt)
+
+    def _encode_delta(
+        self, tx: Tx, key: QueryKey, fmt: Format, table: str, delta: QueryDelta
+    ) -> bytes | None:
+        """The delta encoded in `fmt`, or None (logged) when a value in it cannot be."""
+        try:
+            return CODECS[fmt].encode_query_update(self.query_update(table, delta))
+        except ENCODE_ERRORS:
+            logger.exception(
+                "offset %d: the %s delta of a query on %s failed", tx.offset, fmt, table
+            )
+            return None
+
+    def _fail_query(self, key: QueryKey, fmt: Format) -> None:
+        """End every query set that holds `key` on connections in `fmt`: they missed an update
+        (SubscriptionFailed, `INTERNAL`); other sets and connections are not affected."""
+        for group in list(self._key_groups.get(key, {}).values()):
+            if group.fmt != fmt:
+                continue
+            qs_ids = sorted({qs_id for qs_id, _ in group.by_key[key]})
+            for conn in list(group.conns):
+                for qs_id in qs_ids:
+                    conn.fail_query_set(qs_id, ErrorCode.INTERNAL, UNENCODABLE)
 
     def _fail_over_budget(self, tx: Tx, keys: tuple[QueryKey, ...]) -> None:
         # Queries whose routing would cost more than max_query_cost for one transaction:

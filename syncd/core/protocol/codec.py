@@ -49,6 +49,7 @@ from syncd.errors import ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "ENCODE_ERRORS",
     "SUBPROTOCOLS",
     "Codec",
     "Format",
@@ -63,6 +64,12 @@ Format: TypeAlias = Literal["msgpack", "json"]
 
 #: An already encoded message or delta, as `bytes` or as a `msgspec.Raw` wrapping them.
 Piece: TypeAlias = bytes | Raw
+
+#: What encoding a value msgspec cannot encode raises: ints past 64 bits in MessagePack
+#: (OverflowError), strs with lone surrogates (UnicodeEncodeError), unsupported types
+#: (TypeError), nesting past its limit (RecursionError). The store refuses such values when
+#: they are written, so these mean old data or a bug; they must fail one message, never more.
+ENCODE_ERRORS: Final = (OverflowError, ValueError, TypeError, RecursionError)
 
 #: Default largest message a client may send, in bytes (1 MiB).
 DEFAULT_MAX_MESSAGE_SIZE: Final = 1 << 20
