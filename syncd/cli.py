@@ -20,6 +20,16 @@ _LIMITS = Limits()
 _CLUSTER = ClusterConfig()
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     from syncd.server.app import run
 
@@ -38,6 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
         header_timeout_s=args.header_timeout,
         max_query_bytes=args.max_query_bytes,
         max_query_cost=args.max_query_cost,
+        reducer_budget_ms=args.reducer_budget_ms,
     )
     config = Config(
         module=Path(args.module),
@@ -288,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=_LIMITS.queries_per_second,
         metavar="N",
         help="subscribes and one-off queries per second per identity (bursts of 2N; 0: none)",
+    )
+    serve.add_argument(
+        "--reducer-budget-ms",
+        type=_non_negative_int,
+        default=_LIMITS.reducer_budget_ms,
+        metavar="MS",
+        help="longest a reducer may run before it is interrupted and rolled back, answered "
+        "REDUCER_TIMEOUT (0: no limit)",
     )
     serve.add_argument(
         "--resume-window",

@@ -48,6 +48,10 @@ class Limits:
     #: change makes it re-check. Over it a subscribe is refused, and a live subscription
     #: fails (both LIMIT_EXCEEDED). 0: no limit.
     max_query_cost: int = 1_000_000
+    #: Longest a reducer's own code may run (ms) before it is interrupted, rolled back and
+    #: answered REDUCER_TIMEOUT (0: no limit). Reducers run on the leader's event loop, so
+    #: this bounds how long one call can stall every client of that process.
+    reducer_budget_ms: int = 250
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ Exception tree::
     ├── ReducerError                a reducer failed and rolled back; the caller is told
     │   ├── ArgumentError           wrong, missing or extra reducer argument; nothing ran
     │   ├── NoSuchReducer           unknown reducer name; nothing ran
-    │   └── ConstraintError         unique or primary key violation, bad column value
+    │   ├── ConstraintError         unique or primary key violation, bad column value
+    │   └── ReducerTimeout          the reducer ran past its time budget; interrupted, rolled back
     ├── LimitExceeded               a configured limit (message size, queries, rows) was hit
     ├── BackendError (temporary)    infrastructure unavailable
     │   ├── JournalError
@@ -50,6 +51,7 @@ __all__ = [
     "NoSuchReducer",
     "ProtocolError",
     "ReducerError",
+    "ReducerTimeout",
     "SchemaError",
     "SubscriptionError",
     "SyncdError",
@@ -101,6 +103,7 @@ class ErrorCode(IntEnum):
     BAD_ARGUMENTS = 3001
     NO_SUCH_REDUCER = 3002
     CONSTRAINT = 3003
+    REDUCER_TIMEOUT = 3004
     BAD_QUERY = 3100
     INTERNAL = 5000
     UNAVAILABLE = 5001
@@ -213,6 +216,12 @@ class ConstraintError(ReducerError):
     """A write broke a constraint: duplicate primary key or unique value, or a bad column value."""
 
     code = ErrorCode.CONSTRAINT
+
+
+class ReducerTimeout(ReducerError):
+    """A reducer ran past its time budget: it was interrupted and its transaction rolled back."""
+
+    code = ErrorCode.REDUCER_TIMEOUT
 
 
 class LimitExceeded(SyncdError):

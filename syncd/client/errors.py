@@ -29,6 +29,7 @@ from syncd.errors import (
     LimitExceeded,
     NoSuchReducer,
     ReducerError,
+    ReducerTimeout,
     SubscriptionError,
     SyncdError,
 )
@@ -118,6 +119,7 @@ _REDUCER_ERRORS: dict[int, type[ReducerError]] = {
     ErrorCode.BAD_ARGUMENTS: ArgumentError,
     ErrorCode.NO_SUCH_REDUCER: NoSuchReducer,
     ErrorCode.CONSTRAINT: ConstraintError,
+    ErrorCode.REDUCER_TIMEOUT: ReducerTimeout,
     ErrorCode.FORBIDDEN: CallForbidden,
 }
 

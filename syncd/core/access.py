@@ -27,10 +27,25 @@ from typing import Any
 from syncd.core.hlc import Stamp
 from syncd.core.ids import Identity
 from syncd.core.query import BoundQuery, Query, StoreView, compile_rule
-from syncd.core.reducers import SERVICE_ROLES, AuthInfo, Database, merge_cell, row_to_instance
+from syncd.core.reducers import (
+    SERVICE_ROLES,
+    AuthInfo,
+    Database,
+    Interrupted,
+    RunUser,
+    merge_cell,
+    row_to_instance,
+)
 from syncd.core.schema import Schema, TableDef
 from syncd.core.store import ChangeSet, Row, Store
-from syncd.errors import ConstraintError, Forbidden, ReducerError, SubscriptionError, SyncdError
+from syncd.errors import (
+    ConstraintError,
+    Forbidden,
+    ReducerError,
+    ReducerTimeout,
+    SubscriptionError,
+    SyncdError,
+)
 
 __all__ = ["NO_ROW", "MergeContext", "MergePolicy", "rule_params"]
 
@@ -116,15 +131,19 @@ class MergePolicy:
         auth: AuthInfo,
         stamp: Stamp,
         now_ms: int | None = None,
+        run_user: RunUser | None = None,
     ) -> ChangeSet:
         """A client's merge: `authorize`, then `merge_cell`, as one step on the writer's store.
 
         `now_ms`: the writer's physical clock, which bounds LWW stamps (see `merge_cell`).
+        `run_user`: runs a Python merge check (the leader's time budget, see `run_reducer`).
 
         Raises:
             Everything `authorize` and `merge_cell` raise; the store is then unchanged.
         """
-        self.authorize(store, table, pk, column, sender=sender, auth=auth, stamp=stamp)
+        self.authorize(
+            store, table, pk, column, sender=sender, auth=auth, stamp=stamp, run_user=run_user
+        )
         return merge_cell(store, self.schema, table, pk, column, op, stamp, now_ms=now_ms)
 
     def authorize(
@@ -137,19 +156,22 @@ class MergePolicy:
         sender: Identity,
         auth: AuthInfo,
         stamp: Stamp,
+        run_user: RunUser | None = None,
     ) -> None:
         """Allow the merge, or raise. Call it on the writer's store, just before the merge,
         with no await in between (the writer runs one write at a time).
 
         Args:
             stamp: the merge's stamp (a Python check reads inside a transaction of its own).
+            run_user: runs a Python check's code (a time budget may interrupt it).
 
         Raises:
             ConstraintError: unknown or private table, or not a CRDT column (the schema is
                 public: no oracle); `NO_ROW` for a missing, invisible or unmergeable row.
             Forbidden: the column is never mergeable by clients (no rule: reducers only).
             SyncdError: the Python check raised one (its message is the module's choice);
-                any other exception from it becomes a ReducerError.
+                any other exception from it becomes a ReducerError, and an interruption by
+                `run_user` (over the time budget) a ReducerTimeout.
         """
         tdef = self.schema.tables.get(table)
         if tdef is None or not tdef.public:
@@ -176,7 +198,7 @@ class MergePolicy:
             raise ConstraintError(NO_ROW)
         if rules.check is not None:
             ctx = (sender, auth, tdef, column, row)
-            if not self._check(rules.check, store, stamp, *ctx):
+            if not self._check(rules.check, store, stamp, run_user, *ctx):
                 raise ConstraintError(NO_ROW)
 
     def _bind(
@@ -207,6 +229,7 @@ class MergePolicy:
         check: Callable[[Any], bool],
         store: Store,
         stamp: Stamp,
+        run_user: RunUser | None,
         sender: Identity,
         auth: AuthInfo,
         tdef: TableDef,
@@ -217,10 +240,16 @@ class MergePolicy:
         tx = store.begin(stamp)
         try:
             instance = row_to_instance(tdef, row)
-            verdict = check(MergeContext(sender, auth, tdef.name, column, instance, Database(tx)))
+            mctx = MergeContext(sender, auth, tdef.name, column, instance, Database(tx))
+            verdict = check(mctx) if run_user is None else run_user(check, mctx)
             return verdict is True
         except SyncdError:
             raise
+        except Interrupted as exc:
+            raise ReducerTimeout(
+                f"merge check {tdef.name}.{column} ran past its time budget of "
+                f"{exc.budget_ms} ms: it was interrupted"
+            ) from None
         except Exception as exc:
             name = f"{tdef.name}.{column}"
             raise ReducerError(f"merge check {name}: {type(exc).__name__}: {exc}") from exc

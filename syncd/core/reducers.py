@@ -23,10 +23,28 @@ from syncd.errors import (
     ConstraintError,
     Forbidden,
     ReducerError,
+    ReducerTimeout,
     truncate_message,
 )
 
 R = TypeVar("R")
+
+
+class Interrupted(BaseException):
+    """Raised into a reducer's own code to stop it: its time budget (`budget_ms`) ran out.
+
+    A `BaseException`, so a reducer's `except Exception` does not swallow it. `run_reducer`
+    turns it into `ReducerTimeout` after rolling back; it never escapes `run_reducer`.
+    """
+
+    def __init__(self, budget_ms: int) -> None:
+        super().__init__(budget_ms)
+        self.budget_ms = budget_ms
+
+
+#: Runs a reducer's own code: `run_user(fn, *args)` returns `fn(*args)`, and may raise
+#: `Interrupted` instead (the leader's time budget, `SignalBudget`).
+RunUser = Callable[..., Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,11 +422,14 @@ def run_reducer(
     stamp: Stamp,
     auth: AuthInfo | None = None,
     before_commit: Callable[[Transaction], None] | None = None,
+    run_user: RunUser | None = None,
 ) -> ChangeSet:
     """Run one reducer as one transaction.
 
     `before_commit`, if given, runs inside the same transaction after the reducer returned
     (the server uses it to record system rows atomically with lifecycle reducers).
+    `run_user`, if given, calls the reducer's function (`run_user(fn, ctx, *args)`); it may
+    stop it by raising `Interrupted` (the leader's time budget).
 
     Returns:
         The committed change set (possibly empty).
@@ -420,6 +441,7 @@ def run_reducer(
             from user code is wrapped in a ReducerError carrying its type and message. The
             message is cut to `MAX_ERROR_MESSAGE` bytes (it goes to the caller, maybe through
             another replica: a reducer's 20 MiB message must not travel).
+        ReducerTimeout: `run_user` interrupted the reducer; the store is exactly as before.
     """
     auth = auth or AuthInfo()
     check_role(rdef, auth)
@@ -427,7 +449,7 @@ def run_reducer(
     tx = store.begin(stamp, now_ms=timestamp // 1000)
     ctx = ReducerContext(sender, connection_id, timestamp, Database(tx), auth)
     try:
-        result = rdef.fn(ctx, *bound)
+        result = rdef.fn(ctx, *bound) if run_user is None else run_user(rdef.fn, ctx, *bound)
         if result is not None and inspect.isawaitable(result):
             close = getattr(result, "close", None)
             if close is not None:
@@ -440,6 +462,13 @@ def run_reducer(
     except Exception as exc:
         tx.rollback()
         raise ReducerError(truncate_message(f"{type(exc).__name__}: {exc}")) from exc
+    except Interrupted as exc:
+        tx.rollback()
+        which = rdef.name if rdef.lifecycle is None else f"{rdef.name} ({rdef.lifecycle})"
+        raise ReducerTimeout(
+            f"reducer {which} ran past its time budget of {exc.budget_ms} ms: it was "
+            "interrupted and rolled back"
+        ) from None
     except BaseException:
         tx.rollback()
         raise

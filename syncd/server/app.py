@@ -244,6 +244,7 @@ class Server:
             self.broker,
             writer=f"{self.config.replica_id}:{journal.epoch}",
             now_us=self.clock,
+            reducer_budget_ms=self.config.limits.reducer_budget_ms,
         )
         self.leader = leader
         leader.start()

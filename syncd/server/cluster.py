@@ -240,6 +240,7 @@ class Cluster:
             self.broker,
             writer=f"{self.instance}:{term}",
             now_us=self._now_us,
+            reducer_budget_ms=self.replica.limits.reducer_budget_ms,
         )
         leader.start()
         try:

@@ -60,6 +60,7 @@ from syncd.errors import (
     InvalidToken,
     LimitExceeded,
     ReducerError,
+    ReducerTimeout,
     SubscriptionError,
     SyncdError,
 )
@@ -289,6 +290,10 @@ class Connection:
             error = outcome.error
             if isinstance(error, BackendError):
                 self._refuse(CloseCode.SHUTDOWN, ErrorCode.UNAVAILABLE, "try again later")
+            elif isinstance(error, ReducerTimeout):
+                # client_connected ran past the reducer budget: refused, and the Error says
+                # why (REDUCER_TIMEOUT), not that the application refused this identity.
+                self._refuse(CloseCode.REJECTED, ErrorCode.REDUCER_TIMEOUT, str(error))
             else:
                 self._refuse(CloseCode.REJECTED, ErrorCode.FORBIDDEN, str(error))
             return False
@@ -637,17 +642,6 @@ class Connection:
         self.query_count += len(queries)
         replica.subscribe(self, qs_id, queries)
 
-    def fail_query_set(self, qs_id: QuerySetId, code: ErrorCode, message: str) -> None:
-        """End a live query set from the server's side: `SubscriptionFailed` with `request_id`
-        null (after every update already routed to it), and no more updates for it."""
-        queries = self.query_sets.pop(qs_id, None)
-        if queries is None:
-            return
-        self.query_count -= len(queries)
-        self.server.replica.unsubscribe(self, qs_id, queries)
-        self._sub_failed(None, qs_id, code, message)
-        self._dirty()
-
     def _sub_failed(
         self, request_id: RequestId | None, qs_id: QuerySetId, code: ErrorCode, message: str
     ) -> None:
@@ -657,16 +651,19 @@ class Connection:
             )
         )
 
-    def fail_query_set(self, qs_id: QuerySetId, message: str) -> None:
-        """Drop a live query set the server can no longer serve within its limits, and tell
-        the client: `SubscriptionFailed` (LIMIT_EXCEEDED) with `request_id` null, after which
-        it drops the set's rows. Nothing happens if the set is not held."""
+    def fail_query_set(
+        self, qs_id: QuerySetId, message: str, code: ErrorCode = ErrorCode.LIMIT_EXCEEDED
+    ) -> None:
+        """Drop a live query set the server can no longer serve (within its limits, or in
+        this subprotocol: `INTERNAL`), and tell the client: `SubscriptionFailed` (`code`) with
+        `request_id` null, after every update already routed to it, after which it drops the
+        set's rows. Nothing happens if the set is not held."""
         queries = self.query_sets.pop(qs_id, None)
         if queries is None:
             return
         self.query_count -= len(queries)
         self.server.replica.unsubscribe(self, qs_id, queries)
-        self._sub_failed(None, qs_id, ErrorCode.LIMIT_EXCEEDED, message)
+        self._sub_failed(None, qs_id, code, message)
         self._dirty()
 
     def _unsubscribe(self, msg: Unsubscribe) -> None:

@@ -51,6 +51,7 @@ from syncd.errors import (
     LimitExceeded,
     NoSuchReducer,
     ReducerError,
+    ReducerTimeout,
     SyncdError,
     truncate_message,
 )
@@ -115,6 +116,7 @@ _BY_CODE: dict[int, Callable[[str], SyncdError]] = {
     ErrorCode.BAD_ARGUMENTS: ArgumentError,
     ErrorCode.NO_SUCH_REDUCER: NoSuchReducer,
     ErrorCode.CONSTRAINT: ConstraintError,
+    ErrorCode.REDUCER_TIMEOUT: ReducerTimeout,
     ErrorCode.FORBIDDEN: Forbidden,
     ErrorCode.UNAUTHORIZED: InvalidToken,
     ErrorCode.LIMIT_EXCEEDED: LimitExceeded,

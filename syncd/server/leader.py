@@ -28,14 +28,22 @@ from typing import Any, Protocol
 from syncd.core.access import MergePolicy
 from syncd.core.hlc import MAX_DRIFT_MS, HybridClock, Stamp
 from syncd.core.ids import ConnectionId, Identity, Offset, Timestamp
-from syncd.core.reducers import AuthInfo, run_reducer, run_system
+from syncd.core.reducers import AuthInfo, RunUser, run_reducer, run_system
 from syncd.core.schema import Schema
 from syncd.core.store import ChangeSet, Store, Transaction
 from syncd.core.system import CONNECTION_TABLE
 from syncd.core.tx import Tx, encode_tx
 from syncd.core.values import LwwCell, LwwType
-from syncd.errors import BackendError, JournalError, NoSuchReducer, SyncdError
+from syncd.errors import (
+    BackendError,
+    ConfigError,
+    JournalError,
+    NoSuchReducer,
+    ReducerTimeout,
+    SyncdError,
+)
 from syncd.ports import Journal
+from syncd.server.budget import SignalBudget
 
 logger = logging.getLogger("syncd.leader")
 
@@ -108,6 +116,7 @@ class Leader:
         *,
         writer: str,
         now_us: Callable[[], int],
+        reducer_budget_ms: int = 0,
     ) -> None:
         self.schema = schema
         # Who may merge into which CRDT cell (the module's rules, compiled once).
@@ -160,12 +169,21 @@ class Leader:
         # Set once the journal failed: the store is ahead of the log and must not be used.
         self.failed: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
+        # Interrupts reducers running past the budget (installed by `start`), and the hook
+        # that runs reducer code under it (None: unbounded).
+        self.budget = SignalBudget(reducer_budget_ms)
+        self._run_user: RunUser | None = None
 
     def start(self) -> None:
+        """Start publishing, and bound reducers by the budget (call on the main thread)."""
+        if self.budget.install():
+            self._run_user = self.budget.run
         self._task = asyncio.get_running_loop().create_task(self._publish_loop(), name="publish")
 
     async def aclose(self) -> None:
         """Stop after publishing what is durable. Pending callers get a BackendError."""
+        self.budget.uninstall()
+        self._run_user = None
         if self._task is not None:
             if self._queue and self.failed is None:
                 try:
@@ -226,6 +244,7 @@ class Leader:
                 timestamp=timestamp,
                 stamp=stamp,
                 auth=auth,
+                run_user=self._run_user,
             )
         except SyncdError as exc:
             return _done(CallOutcome(False, error=exc))
@@ -262,6 +281,7 @@ class Leader:
                 auth=auth,
                 stamp=stamp,
                 now_ms=now_ms,
+                run_user=self._run_user,
             )
         except SyncdError as exc:
             return _done(CallOutcome(False, error=exc))
@@ -364,6 +384,7 @@ class Leader:
             stamp=stamp,
             auth=auth,
             before_commit=extra,
+            run_user=self._run_user,
         )
 
     async def run_init(self, sender: Identity) -> None:
@@ -372,16 +393,22 @@ class Leader:
         if rdef is None:
             return
         timestamp, stamp = self._timing()
-        changes = run_reducer(
-            self.store,
-            rdef,
-            [],
-            sender=sender,
-            connection_id=None,
-            timestamp=timestamp,
-            stamp=stamp,
-            auth=AuthInfo(role="service"),
-        )
+        try:
+            changes = run_reducer(
+                self.store,
+                rdef,
+                [],
+                sender=sender,
+                connection_id=None,
+                timestamp=timestamp,
+                stamp=stamp,
+                auth=AuthInfo(role="service"),
+                run_user=self._run_user,
+            )
+        except ReducerTimeout as exc:
+            raise ConfigError(
+                f"{exc} (raise --reducer-budget-ms, or seed the data in smaller steps)"
+            ) from None
         outcome = await self._finish(changes, timestamp, "init", sender, None, None)
         if outcome.error is not None:
             raise outcome.error

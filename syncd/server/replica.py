@@ -286,7 +286,7 @@ class Replica:
             qs_ids = sorted({qs_id for qs_id, _ in group.by_key[key]})
             for conn in list(group.conns):
                 for qs_id in qs_ids:
-                    conn.fail_query_set(qs_id, ErrorCode.INTERNAL, UNENCODABLE)
+                    conn.fail_query_set(qs_id, UNENCODABLE, ErrorCode.INTERNAL)
 
     def _fail_over_budget(self, tx: Tx, keys: tuple[QueryKey, ...]) -> None:
         # Queries whose routing would cost more than max_query_cost for one transaction:

@@ -22,6 +22,7 @@ from syncd.errors import BackendError, ConnectionClosed, ErrorCode, LimitExceede
         (ErrorCode.BAD_ARGUMENTS, syncd.ArgumentError),
         (ErrorCode.NO_SUCH_REDUCER, syncd.NoSuchReducer),
         (ErrorCode.CONSTRAINT, syncd.ConstraintError),
+        (ErrorCode.REDUCER_TIMEOUT, syncd.ReducerTimeout),
         (ErrorCode.FORBIDDEN, CallForbidden),
         (ErrorCode.UNAVAILABLE, BackendError),
         (ErrorCode.INTERNAL, BackendError),

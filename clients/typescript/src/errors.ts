@@ -29,6 +29,7 @@ export const ErrorCode = {
   BAD_ARGUMENTS: 3001,
   NO_SUCH_REDUCER: 3002,
   CONSTRAINT: 3003,
+  REDUCER_TIMEOUT: 3004,
   BAD_QUERY: 3100,
   INTERNAL: 5000,
   UNAVAILABLE: 5001,
@@ -95,7 +96,7 @@ export class SyncdError extends Error {
 /**
  * A reducer call or merge that the server refused or whose reducer raised: nothing was committed.
  * `code` is the server's code (`REDUCER_FAILED` 3000, `BAD_ARGUMENTS` 3001, `NO_SUCH_REDUCER`
- * 3002, `CONSTRAINT` 3003, `FORBIDDEN` 2001, `RATE_LIMITED` 2002, ...) and `message` the server's
+ * 3002, `CONSTRAINT` 3003, `REDUCER_TIMEOUT` 3004, `FORBIDDEN` 2001, `RATE_LIMITED` 2002, ...) and `message` the server's
  * message (the reducer's own for `REDUCER_FAILED`).
  */
 export class ReducerError extends SyncdError {
