@@ -133,9 +133,17 @@ def db() -> Db:
     ],
 )
 def test_counter_op_whose_total_leaves_64_bits_is_refused(op: list[Any]) -> None:
-    """One op that sums past the signed 64-bit range is a RangeError before it is merged."""
+    """Merging an op that sums past the signed 64-bit range is a RangeError."""
     with pytest.raises(RangeError, match="64-bit signed range"):
-        COUNTER.decode_op(op)
+        COUNTER.merge(None, COUNTER.decode_op(op))
+
+
+def test_counter_op_out_of_range_alone_but_not_once_merged_is_accepted() -> None:
+    """Only the merged total counts: an op whose own total is past 64 bits merges into a cell
+    whose other writers bring the total back in range."""
+    cell = COUNTER.merge(None, COUNTER.decode_op([["x", 0, I64_MAX]]))
+    merged = COUNTER.merge(cell, COUNTER.decode_op([["a", I64_MAX, 0], ["b", 1, 0]]))
+    assert isinstance(merged, CounterCell) and merged.total == 1
 
 
 def test_counter_merge_past_64_bits_is_refused_at_the_edge() -> None:
