@@ -128,12 +128,14 @@ class Leader:
         # Orders CRDT writes; one writer name per leader term. It starts past every stamp the
         # state holds, so a new leader (another machine, a clock set back) never writes a
         # last-writer-wins value that loses to an older one.
-        # It never runs more than MAX_DRIFT_MS ahead of physical time: it observes only stamps
-        # within that bound (client merges past it are refused, see `merge`). A cell stamped
+        # Client stamps never move it while it runs: a client with a fast clock (merges up to
+        # MAX_DRIFT_MS ahead are accepted) would otherwise drag every reducer write ahead with
+        # it, and correct clients' merges into those cells would silently lose. A reducer
+        # write replaces a cell whatever its stamp, so it needs no stamp past the client's.
+        # At start it resumes after the latest stamp within the drift bound; a cell stamped
         # further ahead (written before stamps were checked, or this machine's clock is far
         # behind the last leader's) is logged and left out: following it would stamp every
-        # later write in that future (and starting at the bound would still let reducer
-        # writes beat correct clients' merges for MAX_DRIFT_MS after every start).
+        # later write in that future.
         self.clock = HybridClock(writer)
         bound = now_us() // 1000 + MAX_DRIFT_MS
         latest, beyond = latest_stamp(schema, store, max_ms=bound)
@@ -285,23 +287,7 @@ class Leader:
             )
         except SyncdError as exc:
             return _done(CallOutcome(False, error=exc))
-        self._observe(changes, table, column, now_ms)
         return self._finish(changes, timestamp, "", sender, key, None)
-
-    def _observe(self, changes: ChangeSet, table: str, column: str, now_ms: int) -> None:
-        """Move the clock past an accepted LWW operation's stamp, so later writes order after
-        it (merge_cell has checked it is within the drift bound of `now_ms`)."""
-        tdef = self.schema.tables[table]
-        col = tdef.column(column)
-        if col is None or not isinstance(col.type, LwwType):
-            return
-        for _old, new in changes.tables.get(table, {}).values():
-            cell = None if new is None else new[col.position]
-            if isinstance(cell, LwwCell):
-                try:
-                    self.clock.observe(cell.stamp, now_ms)
-                except ValueError:  # pragma: no cover - merge_cell refused those already
-                    logger.exception("an accepted stamp is past the drift bound")
 
     async def connect(
         self,

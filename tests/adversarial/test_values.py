@@ -148,16 +148,27 @@ async def test_lww_merge_from_the_future_is_refused(
         await assert_responsive(bystander)
 
 
-async def test_lww_merge_just_within_the_drift_bound_is_accepted(
+async def test_lww_merge_just_within_the_drift_bound_is_accepted_but_moves_no_clock(
     kled: ServerProcess, bystander: WireClient
 ) -> None:
-    """A client whose clock runs a little fast (within the bound) still merges."""
-    async with await WireClient.open(kled, fmt="json") as client:
-        pk = await workspace(client, "lww-fast-clock")
-        ms = now_ms() + MAX_DRIFT_MS - 5_000
-        result = await merge(client, "workspace", pk, "name", ["fast", ms, 0, "fast-device"])
+    """A client whose clock runs a little fast (within the bound) still merges; its stamp does
+    not drag the leader's clock along, so a correct client's merge after a reducer write to
+    another cell still wins there."""
+    async with (
+        await WireClient.open(kled, fmt="json") as fast,
+        await WireClient.open(kled) as honest,
+    ):
+        pk = await workspace(fast, "lww-fast-clock")
+        other = await workspace(honest, "lww-honest")
+        for _ in range(3):
+            ms = now_ms() + MAX_DRIFT_MS - 1_000
+            result = await merge(fast, "workspace", pk, "name", ["fast", ms, 0, "fast-device"])
+            assert result.ok, result
+        assert (await row_of(fast, pk))[NAME] == "fast"
+        assert (await honest.call("rename_workspace", other, "by-reducer")).ok
+        result = await merge(honest, "workspace", other, "name", ["mine", now_ms() + 1, 0, "d"])
         assert result.ok and result.offset is not None, result
-        assert (await row_of(client, pk))[NAME] == "fast"
+        assert (await row_of(honest, other))[NAME] == "mine"
         await assert_responsive(bystander)
 
 
