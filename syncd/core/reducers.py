@@ -512,7 +512,7 @@ def merge_cell(
 ) -> ChangeSet:
     """Apply a client's CRDT merge operation as its own transaction.
 
-    `now_ms` is the server's physical clock (None: `stamp.ms`): an LWW operation stamped more
+    `now_ms` is the server's physical clock (None: no bound): an LWW operation stamped more
     than `MAX_DRIFT_MS` past it is refused.
 
     Raises:

@@ -274,11 +274,12 @@ class Store:
         """Open a transaction. `stamp` orders this transaction's CRDT writes.
 
         `now_ms` is the writer's physical clock: merge operations stamped more than
-        `MAX_DRIFT_MS` past it are refused (None: `stamp.ms`, for tests and trusted writes).
+        `MAX_DRIFT_MS` past it are refused. None: no bound (pure tests, trusted writes); the
+        leader always passes its clock.
         """
         if self.current is not None:
             raise RuntimeError("a transaction is already open: the store has a single writer")
-        self.current = Transaction(self, stamp, stamp.ms if now_ms is None else now_ms)
+        self.current = Transaction(self, stamp, now_ms)
         return self.current
 
     def apply(self, changes: ChangeSet, offset: int) -> None:
@@ -325,10 +326,11 @@ class Store:
 class Transaction:
     """Writes into the store with an undo log. Use exactly once: commit() or rollback()."""
 
-    def __init__(self, store: Store, stamp: Stamp, now_ms: int) -> None:
+    def __init__(self, store: Store, stamp: Stamp, now_ms: int | None = None) -> None:
         self.store = store
         self.stamp = stamp
-        # The writer's physical clock, which bounds the stamps of merged operations.
+        # The writer's physical clock, which bounds the stamps of merged operations (None: no
+        # bound).
         self.now_ms = now_ms
         # (table, pk) -> the row before this transaction first touched it (None: absent)
         self._before: dict[tuple[str, Any], Row | None] = {}

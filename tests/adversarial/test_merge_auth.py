@@ -9,12 +9,14 @@ bystander stays responsive.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from syncd.core.access import NO_ROW
+from syncd.core.hlc import MAX_DRIFT_MS
 from syncd.core.protocol.codec import Format
 from syncd.core.protocol.messages import (
     Hello,
@@ -32,7 +34,12 @@ from tests.transport.wire import WireClient, ahttp
 
 pytestmark = pytest.mark.integration
 
-FAR = 4_000_000_000_000  # an LWW stamp (ms) later than anything the server wrote
+
+def far() -> int:
+    """An LWW stamp (ms) later than anything the server wrote, within its drift bound."""
+    return time.time_ns() // 1_000_000 + MAX_DRIFT_MS // 2
+
+
 SCHEMA = load_module_schema("schema/kled.py")
 
 
@@ -110,7 +117,7 @@ async def test_outsiders_cannot_rename_a_workspace_by_merge(
         before = await row(ann, "workspace", ws)
         for name in ("", None):
             async with await user(kled, fmt, name) as outsider:
-                refused(await merge(outsider, "workspace", ws, "name", ["Mine", FAR, 0, "x"]))
+                refused(await merge(outsider, "workspace", ws, "name", ["Mine", far(), 0, "x"]))
                 refused(await merge(outsider, "workspace", ws, "edits", [["x", 10**6, 0]]))
                 denied = await outsider.call("rename_workspace", ws, "Mine")
                 assert not denied.ok and denied.code == ErrorCode.REDUCER_FAILED
@@ -131,10 +138,10 @@ async def test_viewers_cannot_merge_workspace_cells_editors_and_owners_can(
         assert (await ann.call("add_member", ws, viewer.identity, "viewer")).ok
         assert (await ann.call("add_member", ws, editor.identity, "editor")).ok
         before = await row(viewer, "workspace", ws)  # a viewer sees the workspace...
-        refused(await merge(viewer, "workspace", ws, "name", ["Viewer's", FAR, 0, "v"]))
+        refused(await merge(viewer, "workspace", ws, "name", ["Viewer's", far(), 0, "v"]))
         refused(await merge(viewer, "workspace", ws, "edits", [["v", 99, 0]]))
         assert await row(ann, "workspace", ws) == before  # ...but cannot write it
-        assert (await merge(editor, "workspace", ws, "name", ["Edited", FAR, 0, "e"])).ok
+        assert (await merge(editor, "workspace", ws, "name", ["Edited", far(), 0, "e"])).ok
         assert (await merge(ann, "workspace", ws, "edits", [["ann-phone", 2, 0]])).ok
         after = await row(ann, "workspace", ws)
         assert after["name"] == "Edited" and after["edits"] == before["edits"] + 2
@@ -158,16 +165,16 @@ async def test_others_preferences_devices_and_app_state_are_out_of_reach(
         before = await rows(ann, "preference"), await rows(ann, "app_state")
         for name in ("", None):
             async with await user(kled, fmt, name) as mallory:
-                refused(await merge(mallory, "preference", pref_id, "value", ["x", FAR, 0, "m"]))
-                refused(await merge(mallory, "app_state", app_id, "layout", [{}, FAR, 0, "m"]))
-                refused(await merge(mallory, "app_state", app_id, "focused", ["x", FAR, 0, "m"]))
-                bad = await merge(mallory, "device", device, "name", ["x", FAR, 0, "m"])
+                refused(await merge(mallory, "preference", pref_id, "value", ["x", far(), 0, "m"]))
+                refused(await merge(mallory, "app_state", app_id, "layout", [{}, far(), 0, "m"]))
+                refused(await merge(mallory, "app_state", app_id, "focused", ["x", far(), 0, "m"]))
+                bad = await merge(mallory, "device", device, "name", ["x", far(), 0, "m"])
                 assert (bad.ok, bad.code) == (False, ErrorCode.CONSTRAINT)
                 assert bad.message == "device.name is not a CRDT column"
                 for table in ("preference", "app_state", "device", "workspace", "member"):
                     assert await rows(mallory, table) == [], table
         assert (await rows(ann, "preference"), await rows(ann, "app_state")) == before
-        assert (await merge(ann, "preference", pref_id, "value", ["light", FAR, 0, "a"])).ok
+        assert (await merge(ann, "preference", pref_id, "value", ["light", far(), 0, "a"])).ok
         assert (await row(ann, "preference", pref_id))["value"] == "light"
     await assert_responsive(bystander)
 
@@ -184,7 +191,7 @@ async def test_missing_invisible_and_unmergeable_rows_get_identical_answers(
         assert (await ann.call("add_member", shown, eve.identity, "viewer")).ok
         answers: list[bytes] = []
         for pk in (10**9, "not-an-id", hidden, shown):
-            result = await merge(eve, "workspace", pk, "name", ["x", FAR, 0, "e"], request_id=7)
+            result = await merge(eve, "workspace", pk, "name", ["x", far(), 0, "e"], request_id=7)
             refused(result)
             answers.append(eve.codec.encode(result))
         assert len(set(answers)) == 1, answers
@@ -208,7 +215,7 @@ async def test_visibility_follows_membership_live(
         assert set(bob.cache.query_set(1)[0]) == {ws}
         assert (await ann.call("remove_member", ws, bob.identity)).ok
         await bob.wait_for(lambda m: not bob.cache.query_set(1)[0])
-        refused(await merge(bob, "workspace", ws, "name", ["Gone", FAR, 0, "b"]))
+        refused(await merge(bob, "workspace", ws, "name", ["Gone", far(), 0, "b"]))
     await assert_responsive(bystander)
 
 
@@ -245,17 +252,17 @@ async def test_hostile_pks_ops_and_names_change_nothing(
         ws = await workspace(ann)
         before = await row(ann, "workspace", ws)
         for pk in (2**63 - 1, -(2**63), 2**64 - 1, 0, -1, 1.5, True, None, "", [ws], {"id": ws}):
-            refused(await merge(eve, "workspace", pk, "name", ["x", FAR, 0, "e"]))
-        for op in (None, [], ["x"], ["x", -1, 0, "e"], ["x", FAR, 0, ""], {"v": 1}, "x" * 5000):
+            refused(await merge(eve, "workspace", pk, "name", ["x", far(), 0, "e"]))
+        for op in (None, [], ["x"], ["x", -1, 0, "e"], ["x", far(), 0, ""], {"v": 1}, "x" * 5000):
             refused(await merge(eve, "workspace", ws, "name", op))
             refused(await merge(eve, "workspace", ws, "edits", op))
-        unknown = await merge(eve, "nope", ws, "name", ["x", FAR, 0, "e"])
+        unknown = await merge(eve, "nope", ws, "name", ["x", far(), 0, "e"])
         assert (unknown.ok, unknown.code, unknown.message) == (
             False,
             ErrorCode.CONSTRAINT,
             "no public table 'nope'",
         )
-        column = await merge(eve, "workspace", ws, "owner", ["x", FAR, 0, "e"])
+        column = await merge(eve, "workspace", ws, "owner", ["x", far(), 0, "e"])
         assert (column.code, column.message) == (
             ErrorCode.CONSTRAINT,
             "workspace.owner is not a CRDT column",

@@ -61,6 +61,13 @@ async def row_of(client: WireClient, pk: int) -> tuple[Any, ...]:
     return tuple(row)
 
 
+async def again(server: ServerProcess, client: WireClient, fmt: Format) -> WireClient:
+    """Another connection of `client`'s identity (its token), in `fmt`."""
+    other = await WireClient.open(server, fmt=fmt, query=f"?token={client.token}")
+    assert other.welcome is not None and other.identity == client.identity
+    return other
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -80,12 +87,11 @@ async def test_counter_merge_past_64_bits_is_refused_and_subscribers_stay(
 ) -> None:
     """The merge gets BAD_ARGUMENTS naming the range, the counter is unchanged, and every
     subscriber (msgpack and JSON) stays connected and can subscribe to the row again."""
-    async with (
-        await WireClient.open(kled, fmt=fmt) as attacker,
-        await WireClient.open(kled, fmt="msgpack") as watcher,
-        await WireClient.open(kled, fmt="json") as json_watcher,
-    ):
+    async with await WireClient.open(kled, fmt=fmt) as attacker:
         pk = await workspace(attacker, f"ctr-{fmt}-{len(op)}-{op[0][1]}-{op[-1][2]}")
+        # The attacker's own other devices: workspaces are visible to their members only.
+        watcher = await again(kled, attacker, "msgpack")
+        json_watcher = await again(kled, attacker, "json")
         for client in (watcher, json_watcher):
             assert isinstance(
                 await client.subscribe(["SELECT * FROM workspace"], 1), SubscribeApplied
@@ -100,17 +106,17 @@ async def test_counter_merge_past_64_bits_is_refused_and_subscribers_stay(
             await assert_responsive(client)
             assert not client.closed.is_set()
         assert isinstance(await watcher.subscribe(["SELECT * FROM workspace"], 2), SubscribeApplied)
+        await watcher.aclose()
+        await json_watcher.aclose()
 
 
 async def test_counter_merge_to_exactly_the_64_bit_edge_is_delivered(
     kled: ServerProcess, bystander: WireClient
 ) -> None:
     """A total of exactly 2**63 - 1 is accepted and delivered in both subprotocols."""
-    async with (
-        await WireClient.open(kled) as owner,
-        await WireClient.open(kled, fmt="json") as json_watcher,
-    ):
+    async with await WireClient.open(kled) as owner:
         pk = await workspace(owner, "ctr-edge")
+        json_watcher = await again(kled, owner, "json")
         for client in (owner, json_watcher):
             query = f"SELECT * FROM workspace WHERE id = {pk}"
             assert isinstance(await client.subscribe([query], 1), SubscribeApplied)
@@ -123,6 +129,7 @@ async def test_counter_merge_to_exactly_the_64_bit_edge_is_delivered(
         result = await merge(owner, "workspace", pk, "edits", [["c", 1, 0]])
         assert result.code == ErrorCode.BAD_ARGUMENTS, result
         await assert_responsive(bystander)
+        await json_watcher.aclose()
 
 
 @pytest.mark.parametrize("ahead", [MAX_DRIFT_MS + 5_000, 10 * 365 * 86_400_000, None])
@@ -207,8 +214,8 @@ async def test_data_stored_before_the_checks_fails_one_query_set_not_the_server(
         server.start()
         assert f"workspace {ids[1]!r} column name is stamped" in server.log()
         async with (
-            await WireClient.open(server) as msgpack_client,
-            await WireClient.open(server, fmt="json") as json_client,
+            await WireClient.open(server, query=f"?token={token}") as msgpack_client,
+            await WireClient.open(server, fmt="json", query=f"?token={token}") as json_client,
             await WireClient.open(server) as bystander,
             await WireClient.open(server, query=f"?token={token}") as owner,
         ):
@@ -257,3 +264,29 @@ async def test_data_stored_before_the_checks_fails_one_query_set_not_the_server(
             assert (await row_of(owner, ids[2]))[NAME] == "by-merge"
     finally:
         stop(server)
+
+
+async def test_out_of_range_merges_into_others_rows_reveal_nothing(
+    kled: ServerProcess, bystander: WireClient, fmt: Format
+) -> None:
+    """Ranges are checked after authorization: an out-of-range op into a row the caller may
+    not merge gets the same no-row answer as any op (no oracle), and changes nothing."""
+    async with (
+        await WireClient.open(kled) as owner,
+        await WireClient.open(kled, fmt=fmt) as outsider,
+    ):
+        pk = await workspace(owner, f"others-{fmt}")
+        before = await row_of(owner, pk)
+        answers = set()
+        for column, op in [
+            ("edits", [["a", I64_MAX, 0], ["b", I64_MAX, 0]]),
+            ("name", ["x", I64_MAX, 0, "w"]),
+            ("name", ["x", now_ms(), 0, "w"]),
+        ]:
+            for target in (pk, 10**9):
+                result = await merge(outsider, "workspace", target, column, op)
+                assert not result.ok and result.code == ErrorCode.CONSTRAINT, result
+                answers.add(result.message)
+        assert len(answers) == 1, answers
+        assert await row_of(owner, pk) == before
+        await assert_responsive(bystander)

@@ -161,3 +161,49 @@ def test_interrupted_reducer_leaves_store_and_indexes_as_they_were(budget: Signa
     call("add", "s0")  # the slug the interrupted reducer inserted first is free again
     assert sorted(r[1] for r in state.rows.values()) == ["kept", "s0"]
     assert [r[1] for r in state.lookup("group", 0)] == ["kept", "s0"]
+
+
+def test_a_python_merge_check_over_budget_is_a_timeout(budget: SignalBudget) -> None:
+    """A module's merge check that loops is interrupted: ReducerTimeout, nothing merged."""
+    from syncd.core.access import MergeContext, MergePolicy
+
+    def check(ctx: MergeContext) -> bool:
+        while True:
+            ctx.db.doc.find(ctx.row.id)
+
+    @syncd.table(public=True)
+    class Doc:
+        id: int = syncd.primary_key()
+        title: syncd.LWW[str] = syncd.column(merge=check)
+
+    @syncd.reducer
+    def make(ctx: ReducerContext) -> None:
+        ctx.db.doc.insert(Doc(id=1, title="t"))
+
+    schema = load_schema({"Doc": Doc, "make": make})
+    store = Store(schema)
+    clock = HybridClock("w")
+    run_reducer(
+        store,
+        schema.reducers["make"],
+        [],
+        sender=syncd.Identity("ann"),
+        connection_id=None,
+        timestamp=syncd.Timestamp(1_000_000),
+        stamp=clock.tick(1000),
+    )
+    before = store.dump()
+    with pytest.raises(syncd.ReducerTimeout, match="merge check doc.title ran past"):
+        MergePolicy(schema).merge(
+            store,
+            "doc",
+            1,
+            "title",
+            ["x", 1001, 0, "w"],
+            sender=syncd.Identity("ann"),
+            auth=AuthInfo(role="authenticated"),
+            stamp=clock.tick(1001),
+            now_ms=1001,
+            run_user=budget.run,
+        )
+    assert store.dump() == before and store.current is None

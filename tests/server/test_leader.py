@@ -9,6 +9,7 @@ from typing import Any
 import syncd
 from syncd.config import Config
 from syncd.core import snapshot
+from syncd.core.hlc import MAX_DRIFT_MS
 from syncd.core.ids import ConnectionId, Identity
 from syncd.core.reducers import AuthInfo
 from syncd.core.schema import Schema, load_schema
@@ -199,9 +200,10 @@ KLED = Path(__file__).resolve().parents[2] / "schema" / "kled.py"
 
 
 async def test_a_new_leader_stamps_past_every_stamp_it_inherits() -> None:
-    """A leader whose clock is behind the one before it (another machine, a clock set back)
-    still orders its last-writer-wins writes after the inherited ones: an offline merge
-    stamped between the two writes loses to the later write."""
+    """A leader whose clock is behind the one before it (another machine, a clock set back),
+    by less than the drift bound, still orders its last-writer-wins writes after the
+    inherited ones: an offline merge stamped between the two writes loses to the later write.
+    Behind by more than the bound, it refuses merges stamped past its own clock."""
     schema = load_module_schema(KLED)
     log = MemoryLog()
     first_clock = Clock()
@@ -213,21 +215,25 @@ async def test_a_new_leader_stamps_past_every_stamp_it_inherits() -> None:
     dark_ms = first_clock.now // 1000
     await first.stop()
 
-    behind = Clock()
-    behind.now = first_clock.now - 3_600_000_000  # an hour earlier
-    second = Server(Config(module=KLED), schema=schema, journal=MemoryJournal(log), clock=behind)
-    await second.start()
-    try:
-        assert (await call(second, "set_preference", "theme", "light")).ok
-        # A merge made offline half an hour before "dark": older than both writes.
-        stale = ["stale", dark_ms - 1_800_000, 0, "offline-client"]
-        assert second.leader is not None
-        merged = await second.leader.merge(
-            "preference", 1, "value", stale, sender=ANN, auth=AuthInfo(role="authenticated")
+    for behind_ms, accepted in [(MAX_DRIFT_MS - 10_000, True), (3_600_000, False)]:
+        behind = Clock()
+        behind.now = first_clock.now - behind_ms * 1000
+        second = Server(
+            Config(module=KLED), schema=schema, journal=MemoryJournal(log), clock=behind
         )
-        assert (await merged).ok
-        row = second.replica.store.tables["preference"].rows[1]
-        value = row[schema.tables["preference"].positions["value"]]
-        assert value.value == "light"
-    finally:
-        await second.stop()
+        await second.start()
+        try:
+            assert (await call(second, "set_preference", "theme", "light")).ok
+            # A merge made offline a little before "dark": older than both writes.
+            stale = ["stale", dark_ms - 5_000, 0, "offline-client"]
+            assert second.leader is not None
+            merged = await second.leader.merge(
+                "preference", 1, "value", stale, sender=ANN, auth=AuthInfo(role="authenticated")
+            )
+            outcome = await merged
+            assert outcome.ok is accepted, outcome
+            row = second.replica.store.tables["preference"].rows[1]
+            value = row[schema.tables["preference"].positions["value"]]
+            assert value.value == "light"
+        finally:
+            await second.stop()
