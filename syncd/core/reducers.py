@@ -461,7 +461,9 @@ def run_reducer(
         raise
     except Exception as exc:
         tx.rollback()
-        raise ReducerError(truncate_message(f"{type(exc).__name__}: {exc}")) from exc
+        error = ReducerError(truncate_message(f"{type(exc).__name__}: {exc}"))
+        _bound_message(error)
+        raise error from exc
     except Interrupted as exc:
         tx.rollback()
         which = rdef.name if rdef.lifecycle is None else f"{rdef.name} ({rdef.lifecycle})"
@@ -482,10 +484,17 @@ def run_reducer(
 
 
 def _bound_message(exc: ReducerError) -> None:
-    """Cut a reducer's own error message to `MAX_ERROR_MESSAGE` bytes, in place."""
+    """Cut a reducer's own error message to `MAX_ERROR_MESSAGE` bytes, and replace what UTF-8
+    cannot carry (lone surrogates, which would fail the caller's answer in both subprotocols)
+    by "?", in place."""
     text = str(exc)
     if len(text) * 4 > MAX_ERROR_MESSAGE:
         exc.args = (truncate_message(text),)
+    elif not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            exc.args = (text.encode("utf-8", "replace").decode("utf-8"),)
 
 
 def run_system(store: Store, stamp: Stamp, writes: Callable[[Transaction], None]) -> ChangeSet:

@@ -145,3 +145,22 @@ def test_a_bad_budget_flag_is_refused(tmp_path: Path, value: str) -> None:
     with pytest.raises(RuntimeError, match="reducer-budget-ms"):
         server.start()
     stop(server)
+
+
+async def test_a_reducer_error_no_subprotocol_can_carry_fails_that_call_alone(
+    slow: ServerProcess, bystander_slow: WireClient, fmt: Format
+) -> None:
+    """A reducer failing with a lone surrogate in its message (UTF-8 cannot encode it) used to
+    crash the caller's connection (1011) and answer HTTP 500: now the caller gets its
+    REDUCER_FAILED with the surrogate replaced, over WebSocket and HTTP, and nothing else."""
+    name = f"odd-{fmt}"
+    async with await WireClient.open(slow, fmt=fmt) as caller:
+        result = await caller.call("fail_oddly", name)
+        assert not result.ok and result.code == ErrorCode.REDUCER_FAILED, result
+        assert result.message == "bad ? message"
+        assert not caller.closed.is_set()
+        await assert_responsive(caller)
+    status, body = await ahttp(slow, "POST", "/v1/call/fail_oddly", f'["{name}-http"]')
+    assert status == 409 and body == {"ok": False, "code": 3000, "message": "bad ? message"}
+    assert await tally(slow, name) == [] and await tally(slow, f"{name}-http") == []
+    await assert_responsive(bystander_slow)

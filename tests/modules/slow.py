@@ -1,4 +1,4 @@
-"""Slow: a test-only module whose reducers run too long, for the reducer time budget.
+"""Slow: a test-only module whose reducers run too long (the reducer time budget), or fail oddly.
 
 Each slow reducer first writes a row (so a test can see it rolled back), then runs past any
 budget in its own way: a busy loop, a loop of short sleeps, catching the interruption. `bump`
@@ -114,3 +114,10 @@ def on_connect(ctx: ReducerContext) -> None:
     if ctx.db.slow_connect.find(ctx.sender) is not None:
         while True:
             pass
+
+
+@syncd.reducer
+def fail_oddly(ctx: ReducerContext, name: str) -> None:
+    """Count one, then fail with a message UTF-8 cannot encode (a lone surrogate)."""
+    _touch(ctx, name)
+    raise syncd.ReducerError("bad \ud800 message")
