@@ -273,7 +273,7 @@ class Replica:
             return CODECS[fmt].encode_query_update(self.query_update(table, delta))
         except ENCODE_ERRORS:
             logger.exception(
-                "offset %d: the %s delta of a query on %s failed", tx.offset, fmt, table
+                "offset %d: encoding the %s delta of a query on %s failed", tx.offset, fmt, table
             )
             return None
 
