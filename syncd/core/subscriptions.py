@@ -29,7 +29,7 @@ from typing import Any
 from syncd.core.query import BoundQuery, QueryKey, RowSource, StoreView
 from syncd.core.store import Change, ChangeSet, Row, Store
 
-__all__ = ["QueryDelta", "RouteStats", "SubscriptionIndex"]
+__all__ = ["QueryDelta", "RouteStats", "StateBefore", "SubscriptionIndex"]
 
 
 @dataclass(slots=True)
@@ -85,8 +85,9 @@ class _Entry:
     slots: list[tuple[str, str, Any, tuple[object, ...]]]
 
 
-class _Before:
-    """The state before the transaction, read as the store patched back with the old rows."""
+class StateBefore:
+    """The state before `changes` (a transaction's, or several merged: pk -> (first old row,
+    last new row)), read as the store patched back with the old rows: a `RowSource`."""
 
     def __init__(self, store: Store, changes: ChangeSet) -> None:
         self._store = store
@@ -260,7 +261,7 @@ class SubscriptionIndex:
         Returns:
             Query key -> non-empty delta; queries whose result did not change are absent.
         """
-        before = _Before(store, changes)
+        before = StateBefore(store, changes)
         after = StoreView(store)
         # query key -> primary keys of its table to re-check (an ordered set)
         dirty: dict[QueryKey, dict[Any, None]] = {}
@@ -342,7 +343,7 @@ class SubscriptionIndex:
         by_value: dict[object, _Keys],
         rows: dict[Any, Change],
         store: Store,
-        before: _Before,
+        before: StateBefore,
         after: StoreView,
         dirty: dict[QueryKey, dict[Any, None]],
     ) -> None:
@@ -368,7 +369,7 @@ def _cost(
     pks: dict[Any, None],
     table_changes: dict[Any, Change],
     current: dict[Any, Row],
-    before: _Before,
+    before: StateBefore,
     after: StoreView,
     budget: int,
 ) -> bool:
@@ -397,7 +398,7 @@ def _cost(
 
 
 def _joined(
-    query: BoundQuery, change: Change, store: Store, before: _Before, after: StoreView
+    query: BoundQuery, change: Change, store: Store, before: StateBefore, after: StoreView
 ) -> list[Any]:
     # Primary keys of the query's table joined to a changed row of the joined table, in the
     # state before (to its old version) and after (to its new version).

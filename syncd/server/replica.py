@@ -39,8 +39,8 @@ from syncd.core.query import (
 )
 from syncd.core.reducers import SERVICE_ROLES
 from syncd.core.schema import Schema
-from syncd.core.store import Row, Store
-from syncd.core.subscriptions import QueryDelta, SubscriptionIndex
+from syncd.core.store import Change, ChangeSet, Row, Store
+from syncd.core.subscriptions import QueryDelta, StateBefore, SubscriptionIndex
 from syncd.core.tx import Tx, decode_tx
 from syncd.errors import CloseCode, ErrorCode, JournalError, LimitExceeded, SubscriptionError
 from syncd.ports import Journal
@@ -541,41 +541,49 @@ class Replica:
         cursor): current rows of keys that may have changed, as updates, and deletes for keys
         that left the result.
 
-        A delete is sent only for a key whose row could have been in the result at the cursor
-        (it existed and passed the query's conditions on its own table), so a resuming client
-        learns nothing about rows its queries never selected.
+        A delete is sent only for a key whose row was in the result at the cursor (evaluated
+        on the state then, join partners included), so a resuming client learns nothing
+        about rows its queries never selected: not even, for a table visible through a
+        semijoin (kled's workspaces), which of them changed while it was away.
         """
         state = self.store.tables[query.table]
-        # pk -> the row as it was at the cursor (None: absent), for keys changed since
-        at_cursor: dict[Any, Row | None] = {}
         join = query.join
-        partner_values: dict[Any, None] = {}
+        # table -> pk -> (row at the cursor, row now), for the tables the query reads
+        merged: dict[str, dict[Any, Change]] = {}
         for tx in txs:
-            changed = tx.changes.tables.get(query.table)
-            if changed:
-                for pk, (old, _new) in changed.items():
-                    at_cursor.setdefault(pk, old)
-            if join is not None:
-                for old, new in tx.changes.tables.get(join.table, {}).values():
-                    for row in (old, new):
-                        if row is not None and row[join.other_position] is not None:
-                            partner_values[row[join.other_position]] = None
-        candidates: dict[Any, Row | None] = dict(at_cursor)
+            for table in query.tables:
+                changed = tx.changes.tables.get(table)
+                if not changed:
+                    continue
+                into = merged.setdefault(table, {})
+                for pk, (old, new) in changed.items():
+                    first = into.get(pk)
+                    into[pk] = (old if first is None else first[0], new)
+        # pk -> the row as it was at the cursor (None: absent), for keys that may have moved
+        candidates: dict[Any, Row | None] = {
+            pk: old for pk, (old, _new) in merged.get(query.table, {}).items()
+        }
         if join is not None:
             # A result row whose own values did not change can only enter or leave the result
-            # through a partner that changed; its join value is in partner_values.
+            # through a partner that changed; its join value is the partner's, then or now.
+            partner_values: dict[Any, None] = {}
+            for old, new in merged.get(join.table, {}).values():
+                for row in (old, new):
+                    if row is not None and row[join.other_position] is not None:
+                        partner_values[row[join.other_position]] = None
             for value in partner_values:
                 for row in state.lookup(join.column, value):
                     candidates.setdefault(state.pk_of(row), row)
         visible = self.schema.tables[query.table].visible_row
         updates: list[Any] = []
         deletes: list[Any] = []
-        view = StoreView(self.store)
-        for pk, then in candidates.items():
+        now = StoreView(self.store)
+        then = StateBefore(self.store, ChangeSet(merged))
+        for pk, was in candidates.items():
             row = state.get(pk)
-            if row is not None and query.contains(row, view):
+            if row is not None and query.contains(row, now):
                 updates.append(visible(row))
-            elif then is not None and query.may_contain(then):
+            elif was is not None and query.contains(was, then):
                 deletes.append(pk)
         return QueryUpdate(query.table, updates=updates, deletes=deletes)
 

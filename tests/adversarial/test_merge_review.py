@@ -1,0 +1,118 @@
+"""A hostile client against merge authorization and semijoin visibility: the review's findings.
+
+Each test reproduces a hole found in review against a real kled server (both subprotocols),
+then checks the exact answer, that nothing of another identity's rows reached the attacker,
+and that a bystander stays responsive.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from syncd.core.protocol.codec import Format
+from syncd.core.protocol.messages import Cursor, Hello, QuerySet, SubscribeApplied
+from tests.adversarial.conftest import assert_responsive, start, stop
+from tests.adversarial.test_merge_auth import rows, workspace
+from tests.server_proc import ServerProcess
+from tests.tokens import SECRET, hs256_token
+from tests.transport.wire import WireClient
+
+pytestmark = pytest.mark.integration
+
+WORKSPACES = "SELECT * FROM workspace"
+
+
+@pytest.fixture(scope="module")
+def kled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """kled with signed-in users (Supabase HS256 tokens) and anonymous sign-in both on."""
+    server = start(
+        tmp_path_factory.mktemp("kled-review"),
+        "schema/kled.py",
+        "--jwt-secret",
+        SECRET,
+        "--allow-anonymous",
+    )
+    try:
+        yield server
+    finally:
+        stop(server)
+
+
+class Away:
+    """A signed-in client that subscribed, then dropped its connection; it can come back."""
+
+    def __init__(self, sub: str, epoch: int, offset: int, fmt: Format) -> None:
+        self.sub, self.epoch, self.offset, self.fmt = sub, epoch, offset, fmt
+
+    @classmethod
+    async def leave(cls, kled: ServerProcess, fmt: Format, sql: str) -> tuple[Away, str]:
+        """Connect as a fresh user, subscribe to `sql` (query set 1), and drop the TCP
+        connection. Returns the absent client and its identity."""
+        sub = f"u-{secrets.token_hex(6)}"
+        client = await WireClient.open(kled, fmt=fmt, hello=Hello(token=hs256_token(sub)))
+        applied = await client.subscribe([sql], 1)
+        assert isinstance(applied, SubscribeApplied), applied
+        away = cls(sub, client.epoch, applied.offset, fmt)
+        identity = client.identity
+        client.abort()
+        await client.aborted()
+        return away, identity
+
+    async def resume(self, kled: ServerProcess, sql: str) -> SubscribeApplied:
+        """Reconnect with the cursor and the query set; the resumed `SubscribeApplied`."""
+        hello = Hello(
+            token=hs256_token(self.sub),
+            cursor=Cursor(epoch=self.epoch, offset=self.offset),
+            query_sets=[QuerySet(query_set_id=1, queries=[sql])],
+        )
+        async with await WireClient.open(kled, fmt=self.fmt, hello=hello) as client:
+            msg = await client.wait_for(lambda m: isinstance(m, SubscribeApplied))
+            assert isinstance(msg, SubscribeApplied) and msg.resumed, msg
+            return msg
+
+
+def keys(update: Any) -> tuple[list[Any], list[Any], list[Any]]:
+    return (
+        [r[0] for r in update.inserts],
+        [r[0] for r in update.updates],
+        list(update.deletes),
+    )
+
+
+async def test_resume_tells_nothing_of_workspaces_the_client_never_saw(
+    kled: ServerProcess, fmt: Format, bystander: WireClient
+) -> None:
+    """Finding: a resumed semijoin-visible query sent a delete for every workspace that
+    changed (renamed, a member added or removed) while the client was away, whether or not
+    the client could ever see it, so resuming with a recent cursor told an outsider which
+    private workspaces had activity. Now a delete goes only to a client whose query held the
+    row at its cursor: an ex-member still loses the workspace, a new member gains it, and an
+    outsider gets nothing."""
+    async with await WireClient.open(kled, fmt=fmt, hello=Hello(token=hs256_token())) as ann:
+        secret = await workspace(ann, "Secret")
+        later = await workspace(ann, "Later")
+        bob, bob_identity = await Away.leave(kled, fmt, WORKSPACES)
+        assert (await ann.call("add_member", secret, bob_identity, "editor")).ok
+        eve, eve_identity = await Away.leave(kled, fmt, WORKSPACES)
+        # bob's cursor must be where he holds the workspace: back once, then away again
+        bob_hello = Hello(token=hs256_token(bob.sub))
+        async with await WireClient.open(kled, fmt=fmt, hello=bob_hello) as back:
+            applied = await back.subscribe([WORKSPACES], 1)
+            assert isinstance(applied, SubscribeApplied)
+            assert keys(applied.queries[0])[0] == [secret]
+            bob.offset = applied.offset
+        # while both are away: activity on the secret workspace, and eve joins the other
+        assert (await ann.call("rename_workspace", secret, "Secret, renamed")).ok
+        assert (await ann.call("remove_member", secret, bob_identity)).ok
+        assert (await ann.call("add_member", later, eve_identity, "viewer")).ok
+        assert {r["id"] for r in await rows(ann, "workspace")} >= {secret, later}
+        eve_back = await eve.resume(kled, WORKSPACES)
+        assert keys(eve_back.queries[0]) == ([], [later], [])
+        assert "Secret" not in repr(eve_back)
+        bob_back = await bob.resume(kled, WORKSPACES)
+        assert keys(bob_back.queries[0]) == ([], [], [secret])
+    await assert_responsive(bystander)
