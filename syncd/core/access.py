@@ -57,8 +57,12 @@ NO_ROW = "no such row to merge into (or it is not yours to merge)"
 
 
 def rule_params(identity: Identity, auth: AuthInfo) -> dict[str, object]:
-    """The parameters visibility and merge rules are bound with for one caller."""
-    return {"sender": identity, "role": auth.role or "", "email": auth.email or ""}
+    """The parameters visibility and merge rules are bound with for one caller.
+
+    A role or email the caller does not have is NULL (never ''), so `email = :email` and
+    `NOT (email = :email)` are unknown for them and let nothing through.
+    """
+    return {"sender": identity, "role": auth.role, "email": auth.email}
 
 
 @dataclass(frozen=True, slots=True)

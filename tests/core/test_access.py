@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import schema.kled as kled
 import syncd
 from syncd import Identity
-from syncd.core.access import NO_ROW, MergeContext, MergePolicy
+from syncd.core.access import NO_ROW, MergeContext, MergePolicy, rule_params
 from syncd.core.hlc import HybridClock
 from syncd.core.ids import Timestamp
 from syncd.core.query import compile_query, with_visibility
@@ -460,3 +460,48 @@ def test_bound_rules_are_cached_per_caller_within_a_bound(monkeypatch: pytest.Mo
                 with pytest.raises(ConstraintError, match="no such row"):
                     w.merge(who, "workspace", 1, "edits", [["x", 1, 0]])
     assert len(w.policy._bound) == 3
+
+
+def test_a_caller_without_an_email_matches_no_rows_by_email() -> None:
+    """Finding: `:email` (and `:role`) was bound to '' for a caller without one (anonymous,
+    API keys), so a rule `email = :email` showed and let merge every row whose email was ''
+    (an invite not sent yet, a row written by an anonymous user). A missing claim is NULL:
+    `email = :email` and `NOT (email = :email)` are unknown, so nothing passes for them."""
+
+    @syncd.table(public=True, visible="email = :email", merge="email = :email")
+    class Invite:
+        id: int = syncd.primary_key()
+        email: str = syncd.index()
+        note: syncd.LWW[str] = ""
+
+    @syncd.table(public=True, visible="NOT (email = :email)", merge="NOT (email = :email)")
+    class Shared:
+        id: int = syncd.primary_key()
+        email: str = syncd.index()
+        note: syncd.LWW[str] = ""
+
+    @syncd.reducer
+    def add(ctx: syncd.ReducerContext, id: int, email: str) -> None:
+        ctx.db.invite.insert(Invite(id=id, email=email))
+        ctx.db.shared.insert(Shared(id=id, email=email))
+
+    schema = load_schema({"Invite": Invite, "Shared": Shared, "add": add})
+    w = World(schema)
+    w.call("ann", "add", 1, "")
+    w.call("ann", "add", 2, "ann@example.com")
+    anonymous = AuthInfo(role="anonymous")
+    ann = AuthInfo(role="authenticated", claims={"email": "ann@example.com"})
+
+    def seen(table: str, who: str, auth: AuthInfo) -> list[Any]:
+        query = with_visibility(compile_query(f"SELECT * FROM {table}", schema), schema)
+        bound = query.bind(rule_params(Identity(who), auth))
+        return sorted(r[0] for r in bound.initial_rows(w.store))
+
+    assert seen("invite", "eve", anonymous) == [] and seen("shared", "eve", anonymous) == []
+    assert seen("invite", "ann", ann) == [2] and seen("shared", "ann", ann) == [1]
+    for table, pk in (("invite", 1), ("shared", 1), ("shared", 2)):
+        with pytest.raises(ConstraintError) as caught:
+            w.merge("eve", table, pk, "note", lww("mine"), anonymous)
+        assert str(caught.value) == NO_ROW
+    assert w.merge("ann", "invite", 2, "note", lww("ok"), ann)
+    assert w.row("invite", 1)[2].value == "" and w.row("shared", 2)[2].value == ""
