@@ -199,6 +199,11 @@ class RowSource(Protocol):
         """
         ...
 
+    def count(self, table: str, column: str, value: object) -> int:
+        """About how many rows `lookup` would return (used only to pick the cheaper of two
+        exact ways to find join partners, so an estimate will do)."""
+        ...
+
 
 class StoreView:
     """The store's current state as a `RowSource`, memoising lookups.
@@ -217,6 +222,10 @@ class StoreView:
         if rows is None:
             rows = self._memo[key] = self._tables[table].lookup(column, value)
         return rows
+
+    def count(self, table: str, column: str, value: object) -> int:
+        rows = self._memo.get((table, column, value))
+        return len(rows) if rows is not None else self._tables[table].count(column, value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +288,7 @@ class BoundQuery:
     """
 
     __slots__ = (
+        "_narrow",
         "_pair",
         "_pre",
         "_t_plain",
@@ -316,6 +326,21 @@ class BoundQuery:
         rest = [t for t in terms if not _sides(t) <= {0}]
         self._pre = _predicate(own)
         self._pair = _predicate(rest) if rest else None
+        # The joined table's indexed equality conjunct with the fewest values, (column,
+        # values): every partner that can make the condition true holds one of the values, so
+        # partners can be found through it instead of through the join value. A semijoin
+        # rule's `member.identity = :sender` then costs the caller's own member rows, not the
+        # target row's partners (which would time how many members a hidden workspace has).
+        self._narrow: tuple[str, tuple[object, ...]] | None = None
+        udef = self._udef
+        if udef is not None and rest:
+            served = [
+                (udef.columns[position].name, tuple(dict.fromkeys(values)))
+                for position, values in self.equalities(1)
+                if _serves_lookup(udef, udef.columns[position].name)
+            ]
+            if served:
+                self._narrow = min(served, key=lambda e: len(e[1]))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, BoundQuery) and other.key == self.key
@@ -397,7 +422,7 @@ class BoundQuery:
         if value is None:
             return False
         assert state is not None and self._udef is not None
-        partners = state.lookup(join.table, join.other_column, value)
+        partners = self._partners(state, join, value)
         pair = self._pair
         if pair is None:
             return bool(partners)
@@ -406,6 +431,25 @@ class BoundQuery:
             if pair((seen, partner if udef is None else udef.visible_row(partner))) is True:
                 return True
         return False
+
+    def _partners(self, state: RowSource, join: Join, value: object) -> Sequence[Row]:
+        # The joined rows with `value` in the join column that may satisfy the condition:
+        # through the join column, or through `_narrow` when that finds fewer rows.
+        narrow = self._narrow
+        if narrow is not None:
+            column, values = narrow
+            if not values:
+                return ()  # `u.c = NULL` and the like: no partner can make it true
+            narrowed = sum(state.count(join.table, column, v) for v in values)
+            if narrowed < state.count(join.table, join.other_column, value):
+                position = join.other_position
+                return [
+                    partner
+                    for v in values
+                    for partner in state.lookup(join.table, column, v)
+                    if partner[position] == value
+                ]
+        return state.lookup(join.table, join.other_column, value)
 
     def initial_rows(self, store: Store) -> list[Row]:
         """The rows in the result at the store's current state (stored form, unordered).

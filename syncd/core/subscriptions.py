@@ -114,6 +114,10 @@ class StateBefore:
         self._memo[key] = rows
         return rows
 
+    def count(self, table: str, column: str, value: object) -> int:
+        # An estimate (the state now): it only picks how partners are looked up.
+        return self._store.tables[table].count(column, value)
+
     def _old_rows(
         self, table: str, column: str, changed: dict[Any, Change]
     ) -> dict[object, list[Row]]:

@@ -15,7 +15,7 @@ from syncd import Identity
 from syncd.core.access import NO_ROW, MergeContext, MergePolicy, rule_params
 from syncd.core.hlc import HybridClock
 from syncd.core.ids import Timestamp
-from syncd.core.query import compile_query, with_visibility
+from syncd.core.query import StoreView, compile_query, with_visibility
 from syncd.core.reducers import AuthInfo, run_reducer
 from syncd.core.schema import Schema, load_schema
 from syncd.core.store import Store
@@ -505,3 +505,45 @@ def test_a_caller_without_an_email_matches_no_rows_by_email() -> None:
         assert str(caught.value) == NO_ROW
     assert w.merge("ann", "invite", 2, "note", lww("ok"), ann)
     assert w.row("invite", 1)[2].value == "" and w.row("shared", 2)[2].value == ""
+
+
+def test_refusing_a_hidden_workspace_reads_no_more_than_a_missing_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Finding: the semijoin rule walked every member of the target workspace looking for the
+    caller, so refusing a hidden workspace with 2,000 members took ~50x as long as refusing a
+    missing pk (an existence and size oracle, and 0.5 ms of the single writer per hostile
+    merge). Partners are now found through the rule's `member.identity = :sender` when that
+    finds fewer rows: the rows read (and so the work) are the same for a missing pk, a small
+    and a big hidden workspace, and the answers too."""
+    import syncd.core.access as access
+
+    read: list[int] = []
+
+    class Counting(StoreView):
+        def lookup(self, table: str, column: str, value: object) -> Any:
+            rows = super().lookup(table, column, value)
+            read.append(len(rows))
+            return rows
+
+    monkeypatch.setattr(access, "StoreView", Counting)
+    w = World()
+    w.call("ann", "create_workspace", "small")
+    w.call("ann", "create_workspace", "big")
+    for i in range(2000):
+        w.call("ann", "add_member", 2, f"m{i}", "viewer")
+    w.call("ann", "add_member", 1, "eve", "viewer")  # eve sees (but may not edit) the small one
+    costs = {}
+    for pk in (10**6, 1, 2):
+        read.clear()
+        with pytest.raises(ConstraintError) as caught:
+            w.merge("eve", "workspace", pk, "name", lww("mine"))
+        assert str(caught.value) == NO_ROW
+        costs[pk] = sum(read)
+    # eve's one member row (read by each rule), whatever the target
+    assert costs == {10**6: 2, 1: 2, 2: 2}
+    read.clear()
+    with pytest.raises(ConstraintError):
+        w.merge("m7", "workspace", 2, "edits", [["m7", 1, 0]])  # a viewer of the big one
+    assert sum(read) == 2
+    assert w.merge("ann", "workspace", 2, "edits", [["ann", 1, 0]])  # the owner still may

@@ -216,3 +216,31 @@ def test_replica_apply_reproduces_leader_state() -> None:
     assert replica.offset == 4
     with pytest.raises(ValueError, match="expected offset 5, got 7"):
         replica.apply(changes, 7)
+
+
+def test_count_is_the_length_of_lookup() -> None:
+    """`TableState.count` answers how many rows `lookup` returns, by pk, hash and ordered
+    index (and an ordered index's first column), without building them."""
+    store = Store(SCHEMA)
+    clock = HybridClock("t")
+    for i, (owner, score, tag) in enumerate([("ann", 1, "t1"), ("ann", 2, None), ("bob", 1, None)]):
+        run_reducer(
+            store,
+            SCHEMA.reducers["add"],
+            [owner, score, tag, ""],
+            sender=Identity("x"),
+            connection_id=None,
+            timestamp=Timestamp(i),
+            stamp=clock.tick(i),
+        )
+    items = store.tables["item"]
+    for column, values in (
+        ("id", (1, 3, 9)),
+        ("owner", ("ann", "bob", "cy")),
+        ("score", (1, 2, 7)),
+        ("tag", ("t1", None, "t9")),
+    ):
+        for value in values:
+            assert items.count(column, value) == len(items.lookup(column, value)), (column, value)
+    with pytest.raises(KeyError):
+        items.count("note", "")
