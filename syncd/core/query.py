@@ -224,8 +224,7 @@ class StoreView:
         return rows
 
     def count(self, table: str, column: str, value: object) -> int:
-        rows = self._memo.get((table, column, value))
-        return len(rows) if rows is not None else self._tables[table].count(column, value)
+        return self._tables[table].count(column, value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +332,7 @@ class BoundQuery:
         # target row's partners (which would time how many members a hidden workspace has).
         self._narrow: tuple[str, tuple[object, ...]] | None = None
         udef = self._udef
-        if udef is not None and rest:
+        if udef is not None and rest and not _at_most_one(udef, query.join):
             served = [
                 (udef.columns[position].name, tuple(dict.fromkeys(values)))
                 for position, values in self.equalities(1)
@@ -434,22 +433,27 @@ class BoundQuery:
 
     def _partners(self, state: RowSource, join: Join, value: object) -> Sequence[Row]:
         # The joined rows with `value` in the join column that may satisfy the condition:
-        # through the join column, or through `_narrow` when that finds fewer rows.
+        # through `_narrow` when that finds few rows (or fewer than the join), else the join.
         narrow = self._narrow
-        if narrow is not None:
-            column, values = narrow
-            if not values:
-                return ()  # `u.c = NULL` and the like: no partner can make it true
-            narrowed = sum(state.count(join.table, column, v) for v in values)
-            if narrowed < state.count(join.table, join.other_column, value):
-                position = join.other_position
-                return [
-                    partner
-                    for v in values
-                    for partner in state.lookup(join.table, column, v)
-                    if partner[position] == value
-                ]
-        return state.lookup(join.table, join.other_column, value)
+        if narrow is None:
+            return state.lookup(join.table, join.other_column, value)
+        column, values = narrow
+        if not values:
+            return ()  # `u.c = NULL` and the like: no partner can make it true
+        table = join.table
+        if len(values) == 1:
+            narrowed = state.count(table, column, values[0])
+        else:
+            narrowed = sum(state.count(table, column, v) for v in values)
+        if narrowed > NARROW_ANYWAY and narrowed >= state.count(table, join.other_column, value):
+            return state.lookup(table, join.other_column, value)
+        position = join.other_position
+        return [
+            partner
+            for v in values
+            for partner in state.lookup(table, column, v)
+            if partner[position] == value
+        ]
 
     def initial_rows(self, store: Store) -> list[Row]:
         """The rows in the result at the store's current state (stored form, unordered).
@@ -564,6 +568,20 @@ def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
         if limit and cost > limit:
             break
     return cost
+
+
+# A semijoin looks partners up through the joined table's equality (`_narrow`) when it finds
+# at most this many rows, without counting the join's.
+NARROW_ANYWAY = 8
+
+
+def _at_most_one(udef: TableDef, join: Join | None) -> bool:
+    # True when the joined column is the joined table's pk or a unique index: one partner.
+    assert join is not None
+    column = join.other_column
+    return column == udef.pk_column.name or any(
+        ix.unique and ix.columns == (column,) for ix in udef.indexes
+    )
 
 
 # ---------------------------------------------------------------------------------------------

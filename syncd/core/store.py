@@ -179,6 +179,11 @@ class TableState:
         self._pk = tdef.primary_key
         self._unique = [ix for ix in self.indexes.values() if ix.idef.unique]
         self._all = list(self.indexes.values())
+        # column -> the first single-column index on it, for `count`
+        self._single: dict[str, HashIndex] = {}
+        for ix in self._all:
+            if len(ix.idef.columns) == 1:
+                self._single.setdefault(ix.idef.columns[0], ix)
 
     def pk_of(self, row: Row) -> Any:
         return row[self._pk]
@@ -235,14 +240,14 @@ class TableState:
         Raises:
             KeyError: no index serves equality on `column` alone.
         """
+        ix = self._single.get(column)
+        if ix is not None:
+            return len(ix.entries.get(value, ()))
         if column == self.tdef.pk_column.name:
             return 1 if value in self.rows else 0
-        for ix in self._all:
-            if ix.idef.columns == (column,):
-                return len(ix.entries.get(value, ()))
-        for ix in self._all:
-            if isinstance(ix, OrderedIndex) and ix.idef.columns[0] == column:
-                return sum(1 for _ in ix.range((value,), (value,), include_hi=True))
+        for ordered in self._all:
+            if isinstance(ordered, OrderedIndex) and ordered.idef.columns[0] == column:
+                return sum(1 for _ in ordered.range((value,), (value,), include_hi=True))
         raise KeyError(f"no index on {self.tdef.name}.{column}")
 
     def can_lookup(self, column: str) -> bool:
