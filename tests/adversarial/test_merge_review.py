@@ -15,8 +15,9 @@ import pytest
 
 from syncd.core.protocol.codec import Format
 from syncd.core.protocol.messages import Cursor, Hello, QuerySet, SubscribeApplied
+from syncd.errors import ErrorCode
 from tests.adversarial.conftest import assert_responsive, start, stop
-from tests.adversarial.test_merge_auth import rows, workspace
+from tests.adversarial.test_merge_auth import far, merge, refused, rows, workspace
 from tests.server_proc import ServerProcess
 from tests.tokens import SECRET, hs256_token
 from tests.transport.wire import WireClient
@@ -116,3 +117,35 @@ async def test_resume_tells_nothing_of_workspaces_the_client_never_saw(
         bob_back = await bob.resume(kled, WORKSPACES)
         assert keys(bob_back.queries[0]) == ([], [], [secret])
     await assert_responsive(bystander)
+
+
+@pytest.fixture(scope="module")
+def locker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The locker module (bytes keys), anonymous sign-in."""
+    server = start(tmp_path_factory.mktemp("locker"), "tests/modules/locker.py")
+    try:
+        yield server
+    finally:
+        stop(server)
+
+
+async def test_a_private_table_answers_like_an_unknown_one_in_json(locker: ServerProcess) -> None:
+    """Finding: over JSON, a merge naming a private table with a bytes key (or LWW[bytes]
+    cell) had its pk and op decoded from base64 first, so a bad key got the no-row answer
+    (before: "primary key: ...") and a bad op "secret: expected a base64 string" where an
+    unknown table answers "no public table": the private table's name, and its key and
+    column types, leaked. Private tables are now unknown to that step; the public table's bytes
+    key still decodes, and another owner's locker gets the no-row answer."""
+    async with await WireClient.open(locker, fmt="json") as ann:
+        assert (await ann.call("rent", "AAEC")).ok  # base64 of b"\x00\x01\x02"
+        async with await WireClient.open(locker, fmt="json") as eve:
+            answers = []
+            for table in ("vault", "nope"):
+                for pk, op in (("%%%", ["QQ==", far(), 0, "e"]), ("AAEC", ["%%%", far(), 0, "e"])):
+                    column = "secret" if table == "vault" else "note"
+                    got = await merge(eve, table, pk, column, op)
+                    answers.append((got.ok, got.code, got.message.replace(table, "T")))
+            assert answers == [(False, ErrorCode.CONSTRAINT, "no public table 'T'")] * 4, answers
+            refused(await merge(eve, "locker", "AAEC", "note", ["QQ==", far(), 0, "e"]))
+            mine = await merge(ann, "locker", "AAEC", "note", ["QQ==", far(), 0, "a"])
+            assert mine.ok, mine
