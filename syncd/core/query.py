@@ -325,21 +325,20 @@ class BoundQuery:
         rest = [t for t in terms if not _sides(t) <= {0}]
         self._pre = _predicate(own)
         self._pair = _predicate(rest) if rest else None
-        # The joined table's indexed equality conjunct with the fewest values, (column,
-        # values): every partner that can make the condition true holds one of the values, so
-        # partners can be found through it instead of through the join value. A semijoin
-        # rule's `member.identity = :sender` then costs the caller's own member rows, not the
-        # target row's partners (which would time how many members a hidden workspace has).
-        self._narrow: tuple[str, tuple[object, ...]] | None = None
+        # The joined table's indexed equality conjuncts, (column, values): every partner that
+        # can make the condition true holds one of the values of each, so partners can be
+        # found through the one that finds the fewest rows instead of through the join value.
+        # A semijoin rule's `member.identity = :sender` then bounds the cost by the caller's
+        # own member rows, not the target row's partners (which would time how many members a
+        # hidden workspace has), whatever other equalities the caller's query adds.
+        self._narrow: tuple[tuple[str, tuple[object, ...]], ...] = ()
         udef = self._udef
         if udef is not None and rest and not _at_most_one(udef, query.join):
-            served = [
+            self._narrow = tuple(
                 (udef.columns[position].name, tuple(dict.fromkeys(values)))
                 for position, values in self.equalities(1)
                 if _serves_lookup(udef, udef.columns[position].name)
-            ]
-            if served:
-                self._narrow = min(served, key=lambda e: len(e[1]))
+            )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, BoundQuery) and other.key == self.key
@@ -433,20 +432,27 @@ class BoundQuery:
 
     def _partners(self, state: RowSource, join: Join, value: object) -> Sequence[Row]:
         # The joined rows with `value` in the join column that may satisfy the condition:
-        # through `_narrow` when that finds few rows (or fewer than the join), else the join.
-        narrow = self._narrow
-        if narrow is None:
-            return state.lookup(join.table, join.other_column, value)
-        column, values = narrow
-        if not values:
-            return ()  # `u.c = NULL` and the like: no partner can make it true
+        # through the `_narrow` equality that finds the fewest rows, when that is few (or
+        # fewer than the join finds), else through the join.
         table = join.table
-        if len(values) == 1:
-            narrowed = state.count(table, column, values[0])
-        else:
-            narrowed = sum(state.count(table, column, v) for v in values)
-        if narrowed > NARROW_ANYWAY and narrowed >= state.count(table, join.other_column, value):
+        best: tuple[str, tuple[object, ...]] | None = None
+        fewest = 0
+        for column, values in self._narrow:
+            if not values:
+                return ()  # `u.c = NULL` and the like: no partner can make it true
+            # Counts only choose the way (a state before a change may estimate them); the
+            # rows are then looked up exactly.
+            if len(values) == 1:
+                found = state.count(table, column, values[0])
+            else:
+                found = sum(state.count(table, column, v) for v in values)
+            if best is None or found < fewest:
+                best, fewest = (column, values), found
+        if best is None or (
+            fewest > NARROW_ANYWAY and fewest >= state.count(table, join.other_column, value)
+        ):
             return state.lookup(table, join.other_column, value)
+        column, values = best
         position = join.other_position
         return [
             partner
@@ -571,7 +577,7 @@ def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
 
 
 # A semijoin looks partners up through the joined table's equality (`_narrow`) when it finds
-# at most this many rows, without counting the join's.
+# at most this many rows, without counting the join's (the cost stays the caller's rows').
 NARROW_ANYWAY = 8
 
 

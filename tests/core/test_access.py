@@ -547,3 +547,18 @@ def test_refusing_a_hidden_workspace_reads_no_more_than_a_missing_one(
         w.merge("m7", "workspace", 2, "edits", [["m7", 1, 0]])  # a viewer of the big one
     assert sum(read) == 2
     assert w.merge("ann", "workspace", 2, "edits", [["ann", 1, 0]])  # the owner still may
+    # A query that adds its own equality on member (here the join column) cannot steer the
+    # lookup onto the big workspace's members: the fewest-rows equality is used.
+    import syncd.core.query as query_module
+
+    monkeypatch.setattr(query_module, "StoreView", Counting)
+    sql = (
+        "SELECT workspace.* FROM workspace JOIN member ON workspace.id = member.workspace_id "
+        "WHERE workspace.id = {0} AND member.workspace_id = {0}"
+    )
+    for pk in (1, 2):
+        read.clear()
+        query = with_visibility(compile_query(sql.format(pk), KLED), KLED)
+        rows = query.bind(rule_params(Identity("eve"), USER)).initial_rows(w.store)
+        assert [r[0] for r in rows] == ([1] if pk == 1 else [])
+        assert sum(read) <= 1, (pk, read)

@@ -636,3 +636,32 @@ def test_count_through_an_ordered_index_prefix() -> None:
     messages = store.tables["message"]
     for room_id in (1, 2, 3, 9):
         assert messages.count("room_id", room_id) == len(messages.lookup("room_id", room_id))
+
+
+def test_semijoin_partners_come_through_the_equality_that_finds_fewest() -> None:
+    """With several indexed equalities on the joined table, partners are looked up through
+    the one that finds the fewest rows, whatever their order: a query adding
+    `seat.team_id = 1` to `seat.who = :sender` reads the caller's seats, not the team's."""
+
+    class Counting(StoreView):
+        read = 0
+
+        def lookup(self, table: str, column: str, value: object) -> Any:
+            rows = super().lookup(table, column, value)
+            Counting.read += len(rows)
+            return rows
+
+    store = Store(TEAMS)
+    tx = store.begin(STAMP)
+    tx.insert("team", (1, "big"))
+    for i in range(50):
+        tx.insert("seat", (i + 1, 1, f"m{i}", "dev"))
+    tx.insert("seat", (100, 1, "eve", "dev"))
+    tx.commit()
+    for where in ("seat.team_id = 1 AND seat.who = :sender", "seat.who = :sender"):
+        sql = f"SELECT team.* FROM team JOIN seat ON team.id = seat.team_id WHERE {where}"
+        query = compile_query(sql, TEAMS)
+        for who, found in (("eve", True), ("bob", False)):
+            Counting.read = 0
+            assert query.bind({"sender": who}).matches((1, "big"), Counting(store)) is found
+            assert Counting.read == int(found), (where, who, Counting.read)
