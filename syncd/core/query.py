@@ -398,15 +398,6 @@ class BoundQuery:
             raise ValueError(f"{self.key}: a join query needs the state to match a row")
         return self.contains(row, state)
 
-    def may_contain(self, row: Row) -> bool:
-        """True when `row` passes the conditions on its own table.
-
-        For a single-table query this is `matches`; for a join it is necessary but not
-        sufficient (a partner must exist too), so False means "certainly not in the result".
-        """
-        seen = row if self._t_plain else self._tdef.visible_row(row)
-        return self._pre((seen,)) is True
-
     def contains(self, row: Row, state: RowSource | None) -> bool:
         """Like `matches`, without the argument check (the router's hot path)."""
         seen = row if self._t_plain else self._tdef.visible_row(row)
