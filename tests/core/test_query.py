@@ -592,6 +592,7 @@ TEAMS = load_schema(dict(Team=Team, Seat=Seat))
         ),
         ("seat.who = NULL", lambda s: False),
         ("seat.who = 'm0'", lambda s: s["who"] == "m0"),  # 13 seats: through the join
+        ("seat.team_id = 3 AND seat.who = 'm0'", lambda s: s["team_id"] == 3 and s["who"] == "m0"),
         (
             "seat.who IN ('m0', 'm1', 'm2', 'm3', 'eve')",
             lambda s: s["who"] in ("m0", "m1", "m2", "m3", "eve"),
