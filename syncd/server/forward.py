@@ -38,7 +38,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
+from syncd.core.access import NO_ROW
 from syncd.core.ids import ConnectionId, Identity, Offset
+from syncd.core.protocol.codec import ENCODE_ERRORS
 from syncd.core.reducers import AuthInfo
 from syncd.errors import (
     ArgumentError,
@@ -245,7 +247,22 @@ class LeaderLink:
             self.address = None
         ws.transport.abort()
 
-    async def request(self, frame: list[Any]) -> asyncio.Future[CallOutcome]:
+    async def request(
+        self, frame: list[Any], unencodable: SyncdError | None = None
+    ) -> asyncio.Future[CallOutcome]:
+        """Send `frame` to the leader; its outcome once the leader answers (or the link fails).
+
+        Args:
+            unencodable: the answer when the frame does not fit MessagePack (a client's JSON
+                integer beyond 64 bits, say): what the leader would answer for such a value.
+        """
+        self._next_id += 1
+        request_id = self._next_id
+        try:
+            data = _encode([request_id, *frame])
+        except ENCODE_ERRORS:
+            error = unencodable or ArgumentError("the request has a value that does not fit")
+            return _done(CallOutcome(False, error=error))
         current, believed = self._ws, self._hint()
         if current is not None and believed is not None and believed != self.address:
             logger.info("the leader moved to %s; relinking", believed)
@@ -258,13 +275,11 @@ class LeaderLink:
         except (BackendError, JournalError) as exc:
             logger.warning("cannot forward to the leader: %s", exc)
             return _unavailable(f"{exc}; retry")
-        self._next_id += 1
-        request_id = self._next_id
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[CallOutcome] = loop.create_future()
         self._pending[request_id] = (fut, ws)
         try:
-            await ws.send(_encode([request_id, *frame]))
+            await ws.send(data)
         except (websockets.ConnectionClosed, OSError):
             self._pending.pop(request_id, None)
             return _unavailable("lost the connection to the leader; retry")
@@ -318,7 +333,8 @@ class LeaderLink:
                 connection_id,
                 [auth.role, dict(auth.claims)],
                 idempotency_key,
-            ]
+            ],
+            ArgumentError(f"{name}: an argument is out of range (integers are 64-bit)"),
         )
 
     async def merge(
@@ -342,7 +358,10 @@ class LeaderLink:
                 sender,
                 [auth.role, dict(auth.claims)],
                 idempotency_key,
-            ]
+            ],
+            # The leader answers NO_ROW for such a pk; for such an op on a row the caller may
+            # merge it would name the op, but the follower cannot know that: no-row it is.
+            ConstraintError(NO_ROW),
         )
 
     async def connect(
