@@ -152,6 +152,12 @@ class OrderedIndex(HashIndex):
             return _sort_key(value)
         return tuple(_sort_key(v) for v in value)
 
+    def count_prefix(self, value: Any) -> int:
+        """How many entries of this multi-column index start with `value` (O(log n))."""
+        key = (_sort_key(value),)
+        s = self.sorted
+        return bisect_right(s, key, key=_first) - bisect_left(s, key, key=_first)
+
     def _after(self, key: Any) -> int:
         # First position whose sort key is greater than `key` (or, for a tuple prefix, does not
         # start with it): bisect on the key alone, skipping entries equal to it.
@@ -161,6 +167,11 @@ class OrderedIndex(HashIndex):
         while i < len(s) and (s[i][0] == key or (n is not None and s[i][0][:n] == key)):
             i += 1
         return i
+
+
+def _first(entry: tuple[Any, Any]) -> Any:
+    # An ordered index entry's sort key cut to its first column.
+    return entry[0][:1]
 
 
 class TableState:
@@ -247,7 +258,7 @@ class TableState:
             return 1 if value in self.rows else 0
         for ordered in self._all:
             if isinstance(ordered, OrderedIndex) and ordered.idef.columns[0] == column:
-                return sum(1 for _ in ordered.range((value,), (value,), include_hi=True))
+                return ordered.count_prefix(value)
         raise KeyError(f"no index on {self.tdef.name}.{column}")
 
     def can_lookup(self, column: str) -> bool:
