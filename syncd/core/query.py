@@ -421,6 +421,25 @@ class BoundQuery:
                 return True
         return False
 
+    def partner_reads(self, state: RowSource, value: object) -> int:
+        """About how many joined rows checking a row whose join value is `value` reads (the
+        same choice as `contains`, from index counts): the cost model of `query_cost` and of
+        routing budgets. 0 for a query that is not a semijoin.
+        """
+        join = self.join
+        if join is None:
+            return 0
+        table = join.table
+        fewest: int | None = None
+        for column, values in self._narrow:
+            found = sum(state.count(table, column, v) for v in values)
+            if fewest is None or found < fewest:
+                fewest = found
+        if fewest is not None and fewest <= NARROW_ANYWAY:
+            return fewest
+        joined = state.count(table, join.other_column, value)
+        return joined if fewest is None else min(fewest, joined)
+
     def _partners(self, state: RowSource, join: Join, value: object) -> Sequence[Row]:
         # The joined rows with `value` in the join column that may satisfy the condition:
         # through the `_narrow` equality that finds the fewest rows, when that is few (or
@@ -551,7 +570,6 @@ def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
     if not pairs or (limit and count > limit):
         return count
     assert join is not None
-    other = store.tables[join.table]
     if values is None:
         values = {}
         assert rows is not None
@@ -560,8 +578,12 @@ def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
             if value is not None:  # at most `count` (<= limit) rows
                 values[value] = values.get(value, 0) + 1
     cost = count
+    view = StoreView(store)
     for value, holders in values.items():
-        cost += holders * other.count(join.other_column, value)
+        # The partners a check reads: through the join, or through the joined table's
+        # equality (`member.identity = :sender`) when that reads fewer, as `contains` does,
+        # so the estimate says nothing about the size of rows the caller cannot see.
+        cost += holders * query.partner_reads(view, value)
         if limit and cost > limit:
             break
     return cost

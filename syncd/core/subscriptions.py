@@ -382,7 +382,7 @@ def _cost(
     if join is None:
         return False  # it re-checks only rows the transaction changed: the writer's own work
     reads = query.reads_partners
-    position, table, column = join.position, join.table, join.other_column
+    position = join.position
     cost = 0
     for pk in pks:
         changed = table_changes.get(pk)
@@ -392,10 +392,11 @@ def _cost(
         else:
             old, new = changed
         if reads:
+            # The partners the two checks read (as `contains` chooses them, from counts).
             if old is not None and old[position] is not None:
-                cost += len(before.lookup(table, column, old[position]))
+                cost += query.partner_reads(before, old[position])
             if new is not None and new[position] is not None:
-                cost += len(after.lookup(table, column, new[position]))
+                cost += query.partner_reads(after, new[position])
         if cost > budget:
             return True
     return False

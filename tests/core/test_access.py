@@ -562,3 +562,29 @@ def test_refusing_a_hidden_workspace_reads_no_more_than_a_missing_one(
         rows = query.bind(rule_params(Identity("eve"), USER)).initial_rows(w.store)
         assert [r[0] for r in rows] == ([1] if pk == 1 else [])
         assert sum(read) <= 1, (pk, read)
+
+
+def test_the_query_cost_limit_tells_nothing_of_a_hidden_workspaces_size() -> None:
+    """Finding: the cost estimate behind `--max-query-cost` counted, for a semijoin, every
+    partner of a candidate row, so an outsider's `SELECT * FROM workspace WHERE id = 2` was
+    refused as too costly when hidden workspace 2 had many members and answered (empty) for
+    a missing id: a size oracle. The estimate now counts the partners a check really reads
+    (through the rule's `member.identity = :sender`, the caller's own rows), and routing's
+    per-transaction budget likewise."""
+    from syncd.core.query import query_cost
+
+    w = World()
+    w.call("ann", "create_workspace", "small")
+    w.call("ann", "create_workspace", "big")
+    for i in range(300):
+        w.call("ann", "add_member", 2, f"m{i}", "viewer")
+    costs = {}
+    for pk in (1, 2, 10**6):
+        sql = f"SELECT * FROM workspace WHERE id = {pk}"
+        query = with_visibility(compile_query(sql, KLED), KLED)
+        bound = query.bind(rule_params(Identity("eve"), USER))
+        costs[pk] = query_cost(bound, w.store, limit=100)
+        assert bound.initial_rows(w.store) == []
+    assert max(costs.values()) <= 2, costs
+    member = with_visibility(compile_query("SELECT * FROM workspace WHERE id = 2", KLED), KLED)
+    assert query_cost(member.bind(rule_params(Identity("m7"), USER)), w.store) <= 2
