@@ -577,23 +577,28 @@ async def test_a_merge_forwarded_by_a_follower_is_authorized_by_the_leader(
 ) -> None:
     """A follower forwards the caller's role and claims with a merge: the leader applies
     kled's merge rule to them, so an outsider's merge into a workspace gets the no-row answer
-    and the owner's goes through, both sent to the follower."""
+    and the owner's goes through, both sent to the follower. A JSON client's pk beyond 64
+    bits (MessagePack cannot forward it) gets the same no-row answer from the follower."""
     group = replicas_factory(2, module="schema/kled.py")
     leader = await leader_of(list(group))
     follower = next(s for s in group if s is not leader)
     async with await WireClient.open(follower) as ann, await WireClient.open(follower) as eve:
         assert (await ann.call("create_workspace", "Team")).ok
 
-        async def merge(client: WireClient, name: str) -> ReducerResult:
+        async def merge(client: WireClient, name: str, pk: int = 1) -> ReducerResult:
             rid = client.request_id()
-            op = [name, 4_000_000_000_000, 0, "w"]
+            # later than the workspace's own stamp, within the server's clock drift bound
+            op = [name, time.time_ns() // 1_000_000 + 1_000, 0, "w"]
             await client.send(
-                MergeCrdt(request_id=rid, table="workspace", pk=1, column="name", op=op)
+                MergeCrdt(request_id=rid, table="workspace", pk=pk, column="name", op=op)
             )
             return await client.result(rid)
 
         denied = await merge(eve, "Eve's")
         assert (denied.ok, denied.code, denied.message) == (False, ErrorCode.CONSTRAINT, NO_ROW)
+        async with await WireClient.open(follower, fmt="json") as mallory:
+            huge = await merge(mallory, "Mallory's", 10**30)
+            assert (huge.ok, huge.code, huge.message) == (False, ErrorCode.CONSTRAINT, NO_ROW)
         assert (await merge(ann, "Renamed")).ok
         result = await ann.query("SELECT * FROM workspace")
         assert result.ok and [r[2] for r in result.rows] == ["Renamed"]
