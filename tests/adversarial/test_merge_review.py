@@ -43,6 +43,11 @@ def kled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         stop(server)
 
 
+def signed_in() -> Hello:
+    """A Hello for a fresh signed-in user."""
+    return Hello(token=hs256_token(f"u-{secrets.token_hex(6)}"))
+
+
 class Away:
     """A signed-in client that subscribed, then dropped its connection; it can come back."""
 
@@ -93,7 +98,7 @@ async def test_resume_tells_nothing_of_workspaces_the_client_never_saw(
     private workspaces had activity. Now a delete goes only to a client whose query held the
     row at its cursor: an ex-member still loses the workspace, a new member gains it, and an
     outsider gets nothing."""
-    async with await WireClient.open(kled, fmt=fmt, hello=Hello(token=hs256_token())) as ann:
+    async with await WireClient.open(kled, fmt=fmt, hello=signed_in()) as ann:
         secret = await workspace(ann, "Secret")
         later = await workspace(ann, "Later")
         bob, bob_identity = await Away.leave(kled, fmt, WORKSPACES)
@@ -149,3 +154,48 @@ async def test_a_private_table_answers_like_an_unknown_one_in_json(locker: Serve
             refused(await merge(eve, "locker", "AAEC", "note", ["QQ==", far(), 0, "e"]))
             mine = await merge(ann, "locker", "AAEC", "note", ["QQ==", far(), 0, "a"])
             assert mine.ok, mine
+
+
+@pytest.fixture(scope="module")
+def kled_costed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """kled with a small query cost limit (50 rows examined)."""
+    server = start(
+        tmp_path_factory.mktemp("kled-cost"),
+        "schema/kled.py",
+        "--jwt-secret",
+        SECRET,
+        "--max-query-cost",
+        "50",
+    )
+    try:
+        yield server
+    finally:
+        stop(server)
+
+
+async def test_a_hidden_workspaces_size_shows_in_no_answer(
+    kled_costed: ServerProcess, fmt: Format
+) -> None:
+    """Finding: checking kled's semijoin rule walked every member of the target workspace,
+    and the query cost limit estimated it so: an outsider's one-off query on a hidden
+    workspace with more members than the limit was refused as too costly, while a missing id
+    (or a small workspace) answered empty. Now a check reads the caller's own member rows, the
+    estimate says so, and every answer is the same empty result (a member still sees it)."""
+    async with (
+        await WireClient.open(kled_costed, fmt=fmt, hello=signed_in()) as ann,
+        await WireClient.open(kled_costed, fmt=fmt, hello=signed_in()) as eve,
+    ):
+        small = await workspace(ann, "Small")
+        big = await workspace(ann, "Big")
+        pending = [
+            await ann.call_nowait("add_member", big, f"m{i}-{big}", "viewer") for i in range(60)
+        ]
+        for rid in pending:
+            assert (await ann.result(rid)).ok
+        answers = []
+        for pk in (small, big, 10**6):
+            result = await eve.query(f"SELECT * FROM workspace WHERE id = {pk}")
+            answers.append((result.ok, result.rows, result.code))
+        assert answers == [(True, [], None)] * 3, answers
+        mine = await ann.query(f"SELECT * FROM workspace WHERE id = {big}")
+        assert mine.ok and [r[0] for r in mine.rows] == [big], mine
