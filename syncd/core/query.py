@@ -475,32 +475,53 @@ class BoundQuery:
         """The rows in the result at the store's current state (stored form, unordered).
 
         Uses the primary key or an index for an equality (or IN) condition when one serves
-        it, on the result table first, then on the joined table; otherwise scans.
+        it: of those on the result table and (through the join) on the joined table, the one
+        that finds the fewest rows; otherwise scans.
         """
         view = StoreView(store)
-        candidates: Iterable[Row] | None = self._lookup_rows(0, store)
-        if candidates is None and self.join is not None:
-            partners = self._lookup_rows(1, store)
-            if partners is not None:
-                candidates = self._partners_of(partners, store)
+        candidates: Iterable[Row] | None = None
+        source = self.candidate_source(store)
+        if source is not None:
+            side, name, values, _ = source
+            rows = self._lookup(side, name, values, store)
+            candidates = rows if side == 0 else self._partners_of(rows, store)
         if candidates is None:
             candidates = store.tables[self.table].rows.values()
         return [row for row in candidates if self.contains(row, view)]
 
-    def _lookup_rows(self, side: int, store: Store) -> list[Row] | None:
+    def candidate_source(self, store: Store) -> tuple[int, str, tuple[object, ...], int] | None:
+        """Where `initial_rows` takes its candidates from: (side, indexed column, values,
+        rows they find), the equality finding the fewest rows (by index counts), or None
+        (a scan). A side-1 equality's rows are partners, reached through the join.
+
+        Choosing by rows, not by the order of the conditions, keeps a caller's work (and its
+        cost estimate) bounded by what the rules let it see: `identity = 'victim'` added to
+        a rule's `identity = :sender` does not make it examine the victim's rows.
+        """
+        best: tuple[int, str, tuple[object, ...], int] | None = None
+        for side in (0, 1) if self.join is not None else (0,):
+            tdef = self._tdef if side == 0 else self._udef
+            assert tdef is not None
+            state = store.tables[tdef.name]
+            for position, found in self.equalities(side):
+                name = tdef.columns[position].name
+                if not _serves_lookup(tdef, name):
+                    continue
+                values = tuple(dict.fromkeys(found))
+                # Indexed columns are never CRDT columns, so visible values are stored values.
+                count = sum(state.count(name, value) for value in values)
+                if best is None or count < best[3]:
+                    best = (side, name, values, count)
+        return best
+
+    def _lookup(self, side: int, name: str, values: tuple[object, ...], store: Store) -> list[Row]:
         tdef = self._tdef if side == 0 else self._udef
         assert tdef is not None
         state = store.tables[tdef.name]
-        for position, values in sorted(self.equalities(side), key=lambda e: len(e[1])):
-            name = tdef.columns[position].name
-            if not _serves_lookup(tdef, name):
-                continue
-            rows: list[Row] = []
-            # Indexed columns are never CRDT columns, so visible values are stored values.
-            for value in dict.fromkeys(values):
-                rows.extend(state.lookup(name, value))
-            return rows
-        return None
+        rows: list[Row] = []
+        for value in values:
+            rows.extend(state.lookup(name, value))
+        return rows
 
     def _partners_of(self, partners: list[Row], store: Store) -> list[Row]:
         join = self.join
@@ -522,8 +543,9 @@ def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
 
     For `t JOIN u ON t.a = u.b` the partners of a row are the `u` rows with `b` equal to its
     `a`, so the cost is the sum over candidate rows of `1 + |u where b = a|` (index counts).
-    Candidates are chosen as `initial_rows` chooses them (an index on `t`, then one on `u`
-    through the join, else every row of `t`).
+    Candidates are chosen as `initial_rows` chooses them (`BoundQuery.candidate_source`: the
+    indexed equality, on `t` or on `u` through the join, that finds the fewest rows; else
+    every row of `t`).
 
     Args:
         limit: stop counting once the cost is past it (0: count everything); the result is
@@ -539,16 +561,15 @@ def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
     values: dict[object, int] | None = None  # join value -> candidates holding it
     rows: Iterable[Row] | None = None
     count = 0
-    for position, found in sorted(query.equalities(0), key=lambda e: len(e[1])):
-        name = tdef.columns[position].name
-        if _serves_lookup(tdef, name):
-            keys = dict.fromkeys(found)
-            count = sum(state.count(name, value) for value in keys)
-            if pairs:
-                rows = (row for value in keys for row in state.lookup(name, value))
-            break
+    source = query.candidate_source(store)
+    if source is not None and source[0] == 0:
+        _, name, keys, count = source
+        if pairs:
+            rows = (row for value in keys for row in state.lookup(name, value))
     else:
-        if join is not None and (partners := query._lookup_rows(1, store)) is not None:
+        if source is not None:
+            assert join is not None
+            partners = query._lookup(1, source[1], source[2], store)
             values = {}
             for partner in partners:
                 value = partner[join.other_position]

@@ -588,3 +588,33 @@ def test_the_query_cost_limit_tells_nothing_of_a_hidden_workspaces_size() -> Non
     assert max(costs.values()) <= 2, costs
     member = with_visibility(compile_query("SELECT * FROM workspace WHERE id = 2", KLED), KLED)
     assert query_cost(member.bind(rule_params(Identity("m7"), USER)), w.store) <= 2
+
+
+def test_candidates_come_from_the_callers_rows_not_a_named_victims() -> None:
+    """Finding: initial rows (and their cost estimate) took candidates from the first indexed
+    equality in canonical order, so `SELECT * FROM preference WHERE identity = 'ann'` (or
+    `SELECT * FROM workspace WHERE owner = 'ann'`) examined all of ann's rows before the rule
+    threw them out: the work, and `--max-query-cost`'s answer, grew with how many rows ann
+    has. Candidates now come from the equality (on either side of a semijoin) that finds the
+    fewest rows, which the rule's own `:sender` equality bounds by the caller's rows."""
+    from syncd.core.query import query_cost
+
+    w = World()
+    for i in range(200):
+        w.call("ann", "set_preference", f"k{i}", i)
+        w.call("ann", "create_workspace", f"w{i}")
+    for sql in (
+        "SELECT * FROM preference WHERE identity = '{0}'",
+        "SELECT * FROM workspace WHERE owner = '{0}'",
+    ):
+        costs = []
+        for victim in ("ann", "zed"):
+            query = with_visibility(compile_query(sql.format(victim), KLED), KLED)
+            bound = query.bind(rule_params(Identity("eve"), USER))
+            assert bound.initial_rows(w.store) == []
+            costs.append(query_cost(bound, w.store))
+        assert costs == [0, 0], (sql, costs)
+    own = with_visibility(
+        compile_query("SELECT * FROM preference WHERE identity = 'ann'", KLED), KLED
+    )
+    assert len(own.bind(rule_params(Identity("ann"), USER)).initial_rows(w.store)) == 200
