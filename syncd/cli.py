@@ -40,6 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_query_terms=args.max_query_terms,
         max_connections_per_identity=args.max_connections_per_identity,
         max_outbound_bytes=args.max_outbound_bytes,
+        write_timeout_s=args.write_timeout,
         resume_window=args.resume_window,
         calls_per_second=args.max_calls_per_second,
         call_burst=args.call_burst,
@@ -278,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_LIMITS.max_outbound_bytes,
         help="bytes queued for one client before it is closed as a slow consumer (4001)",
+    )
+    serve.add_argument(
+        "--write-timeout",
+        type=float,
+        default=_LIMITS.write_timeout_s,
+        metavar="SECONDS",
+        help="a client whose socket takes no data for this long is closed as a slow consumer "
+        "(4001), and reset if it does not take the close within as long again (0: no deadline)",
     )
     serve.add_argument(
         "--max-calls-per-second",

@@ -23,6 +23,11 @@ class Limits:
     #: Most bytes waiting to be written to one connection before it is closed as a slow
     #: consumer (close code 4001, resumable).
     max_outbound_bytes: int = 16 << 20
+    #: Seconds a connection's socket may take no bytes at all (its send buffer full) before it
+    #: is closed as a slow consumer (4001); a closing peer then has as long again to take the
+    #: close frame before its TCP connection is reset. 0: no deadline (the reset comes 10 s
+    #: after a close).
+    write_timeout_s: float = 10.0
     #: How many recent transactions each replica keeps in memory for resume.
     resume_window: int = 10_000
     #: Reducer calls and merges one identity may make per second on average (0: no limit).

@@ -157,6 +157,8 @@ class Server:
         self.jwt: JwtVerifier | None = None
         # Every live connection.
         self.connections: set[Connection] = set()
+        # Connections closed as slow consumers (4001) since start, for /metrics.
+        self.slow_consumers = 0
         # Reducer calls and merges per identity (token buckets; in-process).
         self.call_limiter: Limiter = RateLimiter(
             config.limits.calls_per_second, config.limits.call_burst
@@ -573,6 +575,12 @@ class Server:
         gauge("ready", 1 if self.started else 0, "1 once the database is loaded")
         gauge("leader", 1 if self.leader is not None else 0, "1 while this process leads")
         gauge("connections", len(self.connections), "open WebSocket connections")
+        gauge(
+            "slow_consumers_total",
+            self.slow_consumers,
+            "connections closed because they did not read (4001)",
+            "counter",
+        )
         if self.started:
             gauge("epoch", self.journal.epoch, "the log epoch")
             gauge("applied_offset", self.replica.offset, "the last transaction applied here")

@@ -2,8 +2,12 @@
 
 Reading and writing are two tasks. The reader feeds the session and handles its events; the
 writer sends the frames the session coalesced in each tick. Outbound frames wait in a bounded
-buffer (`Limits.max_outbound_bytes`): a client that does not keep up is closed with
-`SLOW_CONSUMER` (4001, resumable) instead of letting the server's memory grow.
+buffer (`Limits.max_outbound_bytes`, counting what the transport holds too): a client that does
+not keep up is closed with `SLOW_CONSUMER` (4001, resumable) instead of letting the server's
+memory grow. A client whose socket takes no bytes at all for `Limits.write_timeout_s` is closed
+the same way. Once the server decides to close, the peer has that long again to take the close
+frame and answer it; after that the TCP connection is reset, so a client that stopped reading
+cannot keep its connection (its presence row, the kernel's send buffer) alive.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import dataclasses
 import functools
 import logging
 import secrets
+import socket
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -85,6 +91,9 @@ FAIR_SHARE = 16
 COMPILE_SLICE_S = 0.005
 # How long to wait for a close frame to go out before dropping the transport.
 CLOSE_TIMEOUT = 1.0
+# With no write deadline (--write-timeout 0): how long a closing peer has to take the close
+# frame and answer it before the TCP connection is reset.
+REAP_AFTER_S = 10.0
 
 
 def error_code(exc: BaseException) -> ErrorCode:
@@ -141,7 +150,22 @@ class Connection:
         # The raw ASGI send, and uvicorn's sans-I/O WebSocket protocol object when frames may
         # be written straight to its transport (see _push); None disables that fast path.
         self._asgi_send = websocket._send
+        # uvicorn's protocol object (its transport and `writable` flag), for the write
+        # deadline, the outbound byte count and the final reset; None outside uvicorn.
+        self._uv = _uvicorn_protocol(websocket)
         self._proto = _raw_protocol(websocket)
+        # Bytes handed to the transport so far (minus what it still buffers: what the kernel
+        # took), and that figure when the write deadline was last armed.
+        self._written = 0
+        self._drained_mark = 0
+        # Fires `write_timeout_s` after the transport stopped taking data (None: not armed).
+        self._deadline: asyncio.TimerHandle | None = None
+        # Resets the TCP connection if the peer has not completed the close in time.
+        self._reaper: asyncio.TimerHandle | None = None
+        # The largest single tick written straight to the transport since it was last empty:
+        # one tick's output is always admitted, so a big answer to a fast client is not
+        # mistaken for slowness.
+        self._exempt = 0
         self._opcode = OP_TEXT if fmt == "json" else OP_BINARY
         self._tasks: set[asyncio.Task[None]] = set()
         # Closes the connection when the token expires (None: no expiry, or not yet known).
@@ -174,6 +198,9 @@ class Connection:
     async def _finish(self, writer: asyncio.Task[None]) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         self.server.replica.drop(self)
         for task in list(self._tasks):
             task.cancel()
@@ -805,21 +832,17 @@ class Connection:
             self._push(frames)
         elif self.session.state is SessionState.CLOSING:
             self._writable.set()
+        if self.session.state is SessionState.CLOSING:
+            self._arm_reaper()
 
     def _push(self, frames: list[bytes], wires: list[bytes] | None = None) -> None:
-        if (
-            self._frame_bytes > self.server.config.limits.max_outbound_bytes
-            and self.session.close_code != CloseCode.SLOW_CONSUMER
-        ):
-            # What earlier ticks queued is still unsent and over the limit: the client does
-            # not keep up. (One tick's output is always admitted, so a large answer to a fast
-            # client is not mistaken for slowness; memory stays below limit + one tick.)
-            # Drop what the client could not take and tell it to resume from its cursor.
-            self._frames.clear()
-            self._frame_bytes = 0
-            self.session.close(CloseCode.SLOW_CONSUMER, "too slow: resume from your cursor")
-            self.session.data_to_send()
-            self._writable.set()
+        limit = self.server.config.limits.max_outbound_bytes
+        closing = self.session.state in (SessionState.CLOSING, SessionState.CLOSED)
+        if not closing and self._backlog() > limit:
+            # What earlier ticks queued (here and in the transport) is still unsent and over
+            # the limit: the client does not keep up. (One tick's output is always admitted,
+            # so memory stays below the limit + one tick.)
+            self._close_slow(f"too slow: more than {limit} bytes waited to be sent")
             return
         sent = 0
         if not self._frames and not self._writer_busy:
@@ -828,8 +851,18 @@ class Connection:
             rest = frames[sent:]
             self._frames.extend(rest)
             self._frame_bytes += sum(len(f) for f in rest)
+            self._stalling()
         if self._frames or self.session.state is SessionState.CLOSING:
             self._writable.set()
+
+    def _backlog(self) -> int:
+        """Bytes waiting for this client: queued frames, plus what the transport holds beyond
+        the last large tick written to it."""
+        uv = self._uv
+        buffered = uv.transport.get_write_buffer_size() if uv is not None else 0
+        if buffered == 0:
+            self._exempt = 0
+        return self._frame_bytes + max(0, buffered - self._exempt)
 
     def _write_direct(self, frames: list[bytes], wires: list[bytes] | None) -> int:
         # The fast path: while nothing is queued, no send is in progress and the transport
@@ -843,11 +876,91 @@ class Connection:
         writable = proto.writable
         transport = proto.transport
         opcode = self._opcode
+        tick = 0
+        written = len(frames)
         for i, frame in enumerate(frames):
             if not writable.is_set() or proto.close_sent or transport.is_closing():
-                return i
-            transport.write(wires[i] if wires is not None else ws_frame(frame, opcode))
-        return len(frames)
+                written = i
+                break
+            data = wires[i] if wires is not None else ws_frame(frame, opcode)
+            tick += len(data)
+            transport.write(data)
+        self._written += tick
+        self._exempt = max(self._exempt, tick)
+        if not writable.is_set():
+            self._stalling()
+        return written
+
+    # -- slow consumers ----------------------------------------------------------------------
+
+    def _drained(self) -> int:
+        uv = self._uv
+        assert uv is not None
+        return self._written - int(uv.transport.get_write_buffer_size())
+
+    def _stalling(self) -> None:
+        """The transport is above its high-water mark: arm the write deadline, unless armed."""
+        timeout = self.server.config.limits.write_timeout_s
+        if self._deadline is not None or timeout <= 0 or self._uv is None:
+            return
+        self._drained_mark = self._drained()
+        self._deadline = asyncio.get_running_loop().call_later(timeout, self._check_progress)
+
+    def _check_progress(self) -> None:
+        # Slow is fine, stopped is not: the deadline is for a socket that took no bytes at all
+        # since it was armed (a client reading a large answer at a modem's pace keeps going).
+        self._deadline = None
+        uv = self._uv
+        state = self.session.state
+        if uv is None or uv.disconnected or state in (SessionState.CLOSING, SessionState.CLOSED):
+            return
+        if uv.writable.is_set() and not self._frames:
+            return  # drained below the low-water mark: not stalled any more
+        if self._drained() > self._drained_mark:
+            self._stalling()  # it moved: measure again from here
+            return
+        timeout = self.server.config.limits.write_timeout_s
+        self._close_slow(f"too slow: nothing was read for {timeout:g} s")
+
+    def _close_slow(self, reason: str) -> None:
+        """Close as a slow consumer: drop what the client could not take, send `Error` if the
+        socket still takes data, then close 4001 (resume from the cursor); the reaper resets
+        the TCP connection if even the close frame does not get through in time."""
+        if self.session.state in (SessionState.CLOSING, SessionState.CLOSED):
+            return
+        self.server.slow_consumers += 1
+        logger.info("connection %s: %s", self.connection_id, reason)
+        self._frames.clear()
+        self._frame_bytes = 0
+        self.session.data_to_send()  # dropped: the client resumes from its cursor instead
+        uv = self._uv
+        if uv is None or (uv.writable.is_set() and not uv.transport.is_closing()):
+            self.session.send(Error(code=ErrorCode.LIMIT_EXCEEDED, message=reason))
+        self.session.close(CloseCode.SLOW_CONSUMER, "too slow: resume from your cursor")
+        frames = self.session.data_to_send()
+        if frames and not self._writer_busy:
+            sent = self._write_direct(frames, None)
+            frames = frames[sent:]
+        self._frames.extend(frames)
+        self._frame_bytes += sum(len(f) for f in frames)
+        self._writable.set()
+        self._arm_reaper()
+
+    def _arm_reaper(self) -> None:
+        if self._reaper is not None or self._uv is None:
+            return
+        timeout = self.server.config.limits.write_timeout_s
+        grace = timeout if timeout > 0 else REAP_AFTER_S
+        self._reaper = asyncio.get_running_loop().call_later(grace, self._reap)
+
+    def _reap(self) -> None:
+        """The peer did not complete the close in time: reset the TCP connection, which
+        frees the kernel's buffers and ends the reader (and with it the connection's row)."""
+        uv = self._uv
+        if uv is None or uv.disconnected:
+            return
+        logger.info("connection %s: the close did not complete; resetting", self.connection_id)
+        _reset(uv.transport)
 
     def _message(self, frame: bytes) -> dict[str, Any]:
         if self.fmt == "json":
@@ -864,6 +977,10 @@ class Connection:
                 # Wait until the transport drains below its high-water mark, then write
                 # everything queued in one call. The frames stay queued while waiting, so the
                 # direct path in _push (which needs an empty queue) cannot overtake them.
+                # (A peer that never drains is handled by the deadline and the reaper: both
+                # end in a reset, which sets `writable` and wakes this wait.)
+                if not proto.writable.is_set():
+                    self._stalling()
                 await proto.writable.wait()
                 if proto.close_sent or proto.transport.is_closing():
                     return
@@ -871,10 +988,13 @@ class Connection:
                 self._frames.clear()
                 self._frame_bytes = 0
                 opcode = self._opcode
-                proto.transport.write(b"".join([ws_frame(f, opcode) for f in frames]))
+                data = b"".join([ws_frame(f, opcode) for f in frames])
+                self._written += len(data)
+                proto.transport.write(data)
             while self._frames:
                 frame = self._frames.popleft()
                 self._frame_bytes -= len(frame)
+                self._written += len(frame)
                 self._writer_busy = True
                 try:
                     await send(self._message(frame))
@@ -903,20 +1023,37 @@ class Connection:
         self.flush()
 
 
-def _raw_protocol(websocket: WebSocket) -> Any:
-    """uvicorn's sans-I/O WebSocket protocol behind this connection, if frames may be written
-    to its transport directly: it is that class, with its `writable` flag and transport, and
-    no extension (compression) was negotiated. Otherwise None."""
+def _uvicorn_protocol(websocket: WebSocket) -> Any:
+    """uvicorn's sans-I/O WebSocket protocol behind this connection: that class, with its
+    `writable` flag, `disconnected` flag and transport. Otherwise None."""
     protocol = getattr(websocket._send, "__self__", None)
     # By name: uvicorn's class, or syncd's subclass of it (`server.websocket`).
     if not any(c.__name__ == "WebSocketsSansIOProtocol" for c in type(protocol).__mro__):
         return None
     if not isinstance(getattr(protocol, "writable", None), asyncio.Event):
         return None
-    conn = getattr(protocol, "conn", None)
-    if getattr(protocol, "transport", None) is None or getattr(conn, "extensions", [1]):
+    if getattr(protocol, "transport", None) is None or not hasattr(protocol, "disconnected"):
         return None
     return protocol
+
+
+def _raw_protocol(websocket: WebSocket) -> Any:
+    """uvicorn's protocol (`_uvicorn_protocol`) if frames may be written to its transport
+    directly: no extension (compression) was negotiated. Otherwise None."""
+    protocol = _uvicorn_protocol(websocket)
+    if protocol is None or getattr(getattr(protocol, "conn", None), "extensions", [1]):
+        return None
+    return protocol
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Drop a TCP connection at once with a reset (SO_LINGER 0): unlike close(), which waits
+    for the peer to take what is buffered, this frees the kernel's send buffer too."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _resolved(outcome: CallOutcome) -> asyncio.Future[CallOutcome]:
