@@ -67,7 +67,10 @@ class ServerProc(ServerProcess):
 
     def __init__(self, module: str = "schema/chat.py", *extra: str) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="syncd-bench-"))
-        super().__init__(module, self.tmp / "data", *extra)
+        # Every benchmark client is anonymous and comes from 127.0.0.1: lift the limits per
+        # client address, which would otherwise count them all as one.
+        unlimited = ("--max-anonymous-per-address", "0", "--max-anonymous-calls-per-address", "0")
+        super().__init__(module, self.tmp / "data", *unlimited, *extra)
 
     @property
     def pid(self) -> int:

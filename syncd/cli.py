@@ -39,10 +39,13 @@ def _serve(args: argparse.Namespace) -> int:
         max_initial_rows=args.max_initial_rows,
         max_query_terms=args.max_query_terms,
         max_connections_per_identity=args.max_connections_per_identity,
+        max_connections=args.max_connections,
+        max_anonymous_per_address=args.max_anonymous_per_address,
         max_outbound_bytes=args.max_outbound_bytes,
         write_timeout_s=args.write_timeout,
         resume_window=args.resume_window,
         calls_per_second=args.max_calls_per_second,
+        anonymous_calls_per_address=args.max_anonymous_calls_per_address,
         call_burst=args.call_burst,
         queries_per_second=args.max_queries_per_second,
         max_header_bytes=args.max_header_bytes,
@@ -51,6 +54,10 @@ def _serve(args: argparse.Namespace) -> int:
         max_query_cost=args.max_query_cost,
         reducer_budget_ms=args.reducer_budget_ms,
     )
+    from syncd.server.admission import parse_networks
+
+    trusted = [p for value in args.trusted_proxy or () for p in value.split(",") if p.strip()]
+    parse_networks(trusted)  # fail at start on a typo, not on the first request
     config = Config(
         module=Path(args.module),
         host=args.host,
@@ -66,6 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
         retain_txs=args.retain_txs,
         limits=limits,
         replica_id=args.replica_id,
+        trusted_proxies=tuple(trusted),
         cluster=ClusterConfig(
             postgres_url=args.postgres or None,
             redis_url=args.redis or None,
@@ -275,6 +283,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=_LIMITS.max_connections_per_identity,
     )
     serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=_LIMITS.max_connections,
+        metavar="N",
+        help="WebSocket connections this server holds at once; more are refused with close "
+        "4004 (SERVER_FULL); lowered to fit the open-file limit (0: only that limit)",
+    )
+    serve.add_argument(
+        "--max-anonymous-per-address",
+        type=int,
+        default=_LIMITS.max_anonymous_per_address,
+        metavar="N",
+        help="connections one client address (IPv6: /64) may hold while anonymous or not "
+        "signed in yet; more are refused with close 4501 (0: no limit)",
+    )
+    serve.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[p for p in os.environ.get("SYNCD_TRUSTED_PROXIES", "").split(",") if p],
+        metavar="CIDR",
+        help="a reverse proxy whose X-Forwarded-For is believed (repeatable; env "
+        "SYNCD_TRUSTED_PROXIES, comma-separated); default none: the TCP peer is the client",
+    )
+    serve.add_argument(
         "--max-outbound-bytes",
         type=int,
         default=_LIMITS.max_outbound_bytes,
@@ -301,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=_LIMITS.call_burst,
         metavar="N",
         help="calls one identity may make at once before the rate applies",
+    )
+    serve.add_argument(
+        "--max-anonymous-calls-per-address",
+        type=float,
+        default=_LIMITS.anonymous_calls_per_address,
+        metavar="N",
+        help="reducer calls per second that all anonymous clients of one address (IPv6: /64) "
+        "may make together (bursts of 2N; 0: no limit)",
     )
     serve.add_argument(
         "--max-queries-per-second",

@@ -18,6 +18,13 @@ class Limits:
     max_query_terms: int = 64
     #: Most connections one identity may have open at once (on this server).
     max_connections_per_identity: int = 64
+    #: Most WebSocket connections this server holds at once; more are refused with close 4004
+    #: (SERVER_FULL, reconnect with backoff). Lowered at start to fit the open-file limit.
+    #: 0: no cap but that limit.
+    max_connections: int = 10_000
+    #: Most connections one client address may hold that are anonymous or have not signed in
+    #: yet (IPv6: per /64); more are refused with close 4501. 0: no limit.
+    max_anonymous_per_address: int = 64
     #: Most rows an initial subscription (or one-off query) may return; more is an error.
     max_initial_rows: int = 100_000
     #: Most bytes waiting to be written to one connection before it is closed as a slow
@@ -32,6 +39,10 @@ class Limits:
     resume_window: int = 10_000
     #: Reducer calls and merges one identity may make per second on average (0: no limit).
     calls_per_second: float = 1_000.0
+    #: Reducer calls and merges the anonymous identities of one client address (IPv6: /64) may
+    #: make together per second on average, in bursts of twice that, on top of each
+    #: identity's own budget (0: no limit).
+    anonymous_calls_per_address: float = 1_000.0
     #: How many calls one identity may make at once before the rate applies.
     call_burst: int = 2_000
     #: Subscribes and one-off queries (which read initial rows) one identity may send per
@@ -142,6 +153,9 @@ class Config:
         limits: protection limits.
         replica_id: this process's name in logs, metrics and the connection table.
         cluster: replicas on Postgres and Redis (off: one process on the embedded journal).
+        trusted_proxies: CIDRs of reverse proxies whose `X-Forwarded-For` is believed (the
+            right-most address in it that is not a trusted proxy is the client's). Empty: the
+            header is ignored and the TCP peer is the client.
     """
 
     module: Path
@@ -154,3 +168,4 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     replica_id: str = "embedded"
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    trusted_proxies: tuple[str, ...] = ()

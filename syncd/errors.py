@@ -99,6 +99,7 @@ class ErrorCode(IntEnum):
     FORBIDDEN = 2001
     RATE_LIMITED = 2002
     LIMIT_EXCEEDED = 2003
+    SERVER_FULL = 2004
     REDUCER_FAILED = 3000
     BAD_ARGUMENTS = 3001
     NO_SUCH_REDUCER = 3002
@@ -111,7 +112,7 @@ class ErrorCode(IntEnum):
     @property
     def temporary(self) -> bool:
         """True when retrying the same request later may succeed."""
-        return self >= 5000 or self == ErrorCode.RATE_LIMITED
+        return self >= 5000 or self in (ErrorCode.RATE_LIMITED, ErrorCode.SERVER_FULL)
 
 
 class CloseCode(IntEnum):
@@ -127,6 +128,7 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4001
     REAUTHENTICATE = 4002
     LEADER_CHANGED = 4003
+    SERVER_FULL = 4004
     # Terminal range: the client must not reconnect as it is.
     UNAUTHORIZED = 4500
     FORBIDDEN = 4501

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import resource
 import secrets
 import socket
 import sys
@@ -27,7 +28,7 @@ from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -40,8 +41,9 @@ from syncd.auth.jwt import JwtConfig, JwtVerifier
 from syncd.config import Config
 from syncd.core import snapshot
 from syncd.core.ids import Epoch, Identity, Offset
-from syncd.core.protocol.codec import format_for_subprotocol
-from syncd.core.protocol.messages import SUBPROTOCOLS
+from syncd.core.protocol.codec import Format, format_for_subprotocol
+from syncd.core.protocol.messages import SUBPROTOCOLS, Error
+from syncd.core.protocol.session import Session
 from syncd.core.ratelimit import RateLimiter
 from syncd.core.schema import Schema
 from syncd.core.store import Store
@@ -62,8 +64,14 @@ from syncd.errors import (
 from syncd.fanout.memory import MemoryBroker
 from syncd.persist.sqlite import SqliteJournal
 from syncd.ports import Broker, Journal
+from syncd.server.admission import (
+    AddressCounts,
+    client_address,
+    is_anonymous,
+    parse_networks,
+)
 from syncd.server.cluster import Cluster
-from syncd.server.connection import Connection, bearer_token, error_code
+from syncd.server.connection import CLOSE_TIMEOUT, Connection, bearer_token, error_code, reset_later
 from syncd.server.forward import PATH as LINK_PATH
 from syncd.server.forward import Writer, serve_link
 from syncd.server.http_limits import limited_http_protocol
@@ -82,6 +90,8 @@ APPLY_TIMEOUT_S = 10.0
 # Shortest time between two computations of /readyz?state=1's hash (it reads every row).
 STATE_HASH_INTERVAL_S = 0.5
 ANON_SECRET_KEY = "anonymous_token_secret"
+# File descriptors kept free of connections: the journal, key store, listening socket, HTTP.
+FD_RESERVE = 128
 _json = msgspec.json.Encoder()
 
 
@@ -159,10 +169,21 @@ class Server:
         self.connections: set[Connection] = set()
         # Connections closed as slow consumers (4001) since start, for /metrics.
         self.slow_consumers = 0
+        # Reverse proxies whose X-Forwarded-For is believed (`admission.client_address`).
+        self.proxies = parse_networks(config.trusted_proxies)
+        # Connections per client address that are anonymous or not signed in yet.
+        self.address_counts = AddressCounts(config.limits.max_anonymous_per_address)
+        # The most connections held at once (0: no cap), and the upgrades refused for it.
+        self.max_connections = connection_cap(config.limits.max_connections)
+        self.refused_full = 0
+        self.refused_address = 0
         # Reducer calls and merges per identity (token buckets; in-process).
         self.call_limiter: Limiter = RateLimiter(
             config.limits.calls_per_second, config.limits.call_burst
         )
+        # Reducer calls and merges of anonymous identities, per client address.
+        per_address = config.limits.anonymous_calls_per_address
+        self.address_call_limiter: Limiter = RateLimiter(per_address, 2 * per_address)
         # Subscribes and one-off queries per identity: they read initial rows.
         qps = config.limits.queries_per_second
         self.query_limiter: Limiter = RateLimiter(qps, 2 * qps)
@@ -326,7 +347,15 @@ class Server:
             redis_url, limits.calls_per_second, limits.call_burst, prefix=f"{scope}rl:calls:"
         )
         queries = RedisRateLimiter(redis_url, qps, 2 * qps, prefix=f"{scope}rl:queries:")
-        for name, shared in (("call_limiter", calls), ("query_limiter", queries)):
+        per_address = limits.anonymous_calls_per_address
+        addresses = RedisRateLimiter(
+            redis_url, per_address, 2 * per_address, prefix=f"{scope}rl:address-calls:"
+        )
+        for name, shared in (
+            ("call_limiter", calls),
+            ("query_limiter", queries),
+            ("address_call_limiter", addresses),
+        ):
             limiter = SharedRateLimiter(getattr(self, name), shared)
             limiter.start()
             setattr(self, name, limiter)
@@ -388,7 +417,7 @@ class Server:
         await self.broker.aclose()
         if self.jwt is not None:
             await self.jwt.aclose()
-        for limiter in (self.call_limiter, self.query_limiter):
+        for limiter in (self.call_limiter, self.query_limiter, self.address_call_limiter):
             if isinstance(limiter, SharedRateLimiter):
                 await limiter.aclose()
         keys = getattr(self, "api_keys", None)
@@ -502,13 +531,44 @@ class Server:
             )
             return
         fmt = format_for_subprotocol(chosen) or "msgpack"
+        address = self.client_address(websocket)
+        cap = self.max_connections
+        if cap and len(self.connections) >= cap:
+            self.refused_full += 1
+            message = f"the server is full ({cap} connections); retry after a backoff"
+            await _turn_away(
+                websocket, chosen, fmt, CloseCode.SERVER_FULL, ErrorCode.SERVER_FULL, message
+            )
+            return
+        if not self.address_counts.acquire(address):
+            self.refused_address += 1
+            limit = self.address_counts.limit
+            message = (
+                f"too many connections from this address that are anonymous or not signed in "
+                f"(the limit is {limit})"
+            )
+            await _turn_away(
+                websocket, chosen, fmt, CloseCode.FORBIDDEN, ErrorCode.LIMIT_EXCEEDED, message
+            )
+            return
         await websocket.accept(subprotocol=chosen)
-        conn = Connection(self, websocket, fmt)
+        conn = Connection(self, websocket, fmt, address=address)
+        conn.address_counted = True
         self.connections.add(conn)
         try:
             await conn.run()
         finally:
             self.connections.discard(conn)
+            if conn.address_counted:
+                conn.address_counted = False
+                self.address_counts.release(address)
+
+    def client_address(self, request: HTTPConnection) -> str:
+        """Where a request or WebSocket comes from (`admission.client_address`)."""
+        client = request.scope.get("client")
+        peer = client[0] if client else None
+        forwarded = request.headers.getlist("x-forwarded-for") if self.proxies else []
+        return client_address(peer, forwarded, self.proxies)
 
     async def healthz(self, request: Request) -> Response:
         return _json_response({"ok": True})
@@ -575,6 +635,18 @@ class Server:
         gauge("ready", 1 if self.started else 0, "1 once the database is loaded")
         gauge("leader", 1 if self.leader is not None else 0, "1 while this process leads")
         gauge("connections", len(self.connections), "open WebSocket connections")
+        gauge(
+            "refused_server_full_total",
+            self.refused_full,
+            "connections refused because the server was full (4004)",
+            "counter",
+        )
+        gauge(
+            "refused_address_limit_total",
+            self.refused_address,
+            "connections refused over the per-address limit (4501)",
+            "counter",
+        )
         gauge(
             "slow_consumers_total",
             self.slow_consumers,
@@ -689,7 +761,13 @@ class Server:
         except BackendError:
             return _error(ErrorCode.UNAVAILABLE, "the key store is unavailable; retry", 503)
         name = request.path_params["reducer"]
-        if not self.call_limiter.allow(principal.identity, time.monotonic()):
+        now = time.monotonic()
+        if is_anonymous(principal) and not self.address_call_limiter.allow(
+            self.client_address(request), now
+        ):
+            message = "too many calls from this address's anonymous clients; retry after a backoff"
+            return _error(ErrorCode.RATE_LIMITED, message, 429)
+        if not self.call_limiter.allow(principal.identity, now):
             return _error(ErrorCode.RATE_LIMITED, "too many calls; retry after a backoff", 429)
         args: Any = []
         if body.strip():
@@ -735,6 +813,50 @@ class Server:
             status = 409
         message = str(error) if code != ErrorCode.UNAVAILABLE else "unavailable"
         return _error(code, message, status)
+
+
+async def _turn_away(
+    websocket: WebSocket,
+    subprotocol: str | None,
+    fmt: Format,
+    close: CloseCode,
+    code: ErrorCode,
+    message: str,
+) -> None:
+    """Refuse a connection right after the upgrade, before `Hello`: `Error`, then the close
+    (a refused upgrade would show browsers only 1006). The socket is reset if the peer does
+    not answer the close promptly, so refusals hold no descriptor for long."""
+    session = Session(fmt)
+    session.send(Error(code=code, message=message))
+    session.close(close, message)
+    with contextlib.suppress(Exception):
+        await websocket.accept(subprotocol=subprotocol)
+        for frame in session.data_to_send():
+            if fmt == "json":
+                await websocket.send_text(frame.decode())
+            else:
+                await websocket.send_bytes(frame)
+        await websocket.close(code=close, reason=session.close_reason)
+    reset_later(websocket, CLOSE_TIMEOUT)
+
+
+def connection_cap(configured: int) -> int:
+    """`--max-connections`, lowered to fit the process's open-file limit (each connection
+    holds a descriptor; running out of them stops the server answering anything)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    fits = max(1, soft - FD_RESERVE)
+    if configured == 0 or configured > fits:
+        if configured:
+            logger.warning(
+                "--max-connections %d does not fit the open-file limit (ulimit -n %d): using %d",
+                configured,
+                soft,
+                fits,
+            )
+        return fits
+    return configured
 
 
 def _json_response(body: Any, status: int = 200) -> Response:
@@ -798,6 +920,10 @@ def run(config: Config, *, log_level: str = "info") -> None:
         ws_per_message_deflate=False,
         log_level=log_level,
         access_log=False,
+        # uvicorn would rewrite the client address from X-Forwarded-For when the peer is
+        # 127.0.0.1 (or FORWARDED_ALLOW_IPS): a local client could then pick its own address.
+        # The server decides with --trusted-proxy instead (`admission.client_address`).
+        proxy_headers=False,
         timeout_graceful_shutdown=10,
     )
     uv_server = uvicorn.Server(uv_config)

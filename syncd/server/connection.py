@@ -70,6 +70,7 @@ from syncd.errors import (
     SubscriptionError,
     SyncdError,
 )
+from syncd.server.admission import is_anonymous
 from syncd.server.leader import CallOutcome
 from syncd.server.replica import UNENCODABLE
 from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
@@ -126,9 +127,18 @@ def bearer_token(request: HTTPConnection) -> str | None:
 class Connection:
     """Serves one accepted WebSocket until it closes."""
 
-    def __init__(self, server: Server, websocket: WebSocket, fmt: Format) -> None:
+    def __init__(
+        self, server: Server, websocket: WebSocket, fmt: Format, *, address: str = "unknown"
+    ) -> None:
         self.server = server
         self.websocket = websocket
+        # The client's address (`admission.client_address`): anonymous limits are per address.
+        self.address = address
+        # True while this connection counts against its address (`Server.address_counts`):
+        # from the upgrade until it signs in with a credential, or closes.
+        self.address_counted = False
+        # True once signed in anonymously: calls also spend the address's budget.
+        self.anonymous = False
         # The wire format: deltas are shared between connections of the same format.
         self.fmt: Format = fmt
         self.session = Session(fmt, server.config.limits.max_message_size)
@@ -295,6 +305,11 @@ class Connection:
             return False
         if not self._signed_in_with(principal):
             return False
+        self.anonymous = is_anonymous(self.principal)
+        if not self.anonymous and self.address_counted:
+            # Signed in with a credential: its own limits apply, not its address's.
+            self.address_counted = False
+            server.address_counts.release(self.address)
         limit = server.config.limits.max_connections_per_identity
         open_now = server.replica.per_identity.get(self.principal.identity, 0)
         if open_now >= limit:
@@ -426,18 +441,28 @@ class Connection:
         return self.server.query_limiter.allow(self.principal.identity, time.monotonic())
 
     def _within_rate(self, request_id: RequestId) -> bool:
-        """Take a token from the caller's bucket; refuse the call (RATE_LIMITED) if empty."""
+        """Take a token from the caller's bucket (and, for an anonymous caller, from its
+        address's); refuse the call (RATE_LIMITED) if empty."""
         assert self.principal is not None
-        if self.server.call_limiter.allow(self.principal.identity, time.monotonic()):
+        server = self.server
+        now = time.monotonic()
+        limits = server.config.limits
+        if self.anonymous and not server.address_call_limiter.allow(self.address, now):
+            rate = limits.anonymous_calls_per_address
+            message = (
+                f"too many calls: this address's anonymous clients may make at most {rate:g} "
+                f"a second together (bursts of {2 * rate:g}); retry after a backoff"
+            )
+        elif server.call_limiter.allow(self.principal.identity, now):
             return True
-        limits = self.server.config.limits
+        else:
+            message = (
+                f"too many calls: at most {limits.calls_per_second:g} a second "
+                f"(bursts of {limits.call_burst}); retry after a backoff"
+            )
         self.session.send(
             ReducerResult(
-                request_id=request_id,
-                ok=False,
-                code=ErrorCode.RATE_LIMITED,
-                message=f"too many calls: at most {limits.calls_per_second:g} a second "
-                f"(bursts of {limits.call_burst}); retry after a backoff",
+                request_id=request_id, ok=False, code=ErrorCode.RATE_LIMITED, message=message
             )
         )
         return False
@@ -1044,6 +1069,20 @@ def _raw_protocol(websocket: WebSocket) -> Any:
     if protocol is None or getattr(getattr(protocol, "conn", None), "extensions", [1]):
         return None
     return protocol
+
+
+def reset_later(websocket: WebSocket, delay: float) -> None:
+    """Reset the connection behind `websocket` if its peer has not closed it `delay` seconds
+    from now (a connection turned away must not hold a descriptor for long)."""
+    uv = _uvicorn_protocol(websocket)
+    if uv is None:
+        return
+
+    def reap() -> None:
+        if not uv.disconnected:
+            _reset(uv.transport)
+
+    asyncio.get_running_loop().call_later(delay, reap)
 
 
 def _reset(transport: asyncio.Transport) -> None:

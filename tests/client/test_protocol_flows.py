@@ -339,3 +339,24 @@ async def test_backoff_starts_over_only_after_a_stable_connection(
         await peer.send(welcome(1, 5))
         await eventually(lambda: conn.is_connected)
         await conn.close()
+
+
+async def test_a_full_server_is_retried_with_backoff() -> None:
+    """A reconnect turned away with `Error` SERVER_FULL and close 4004 (the reconnect range)
+    is retried after a growing backoff, and the attempt after that resumes as usual."""
+    backoff = quick_backoff()
+    async with FakeServer() as server:
+        conn, peer = await connected(server, backoff=backoff)
+        await peer.close(CloseCode.SHUTDOWN)
+        for attempt in range(1, 3):
+            peer = await server.accept()
+            assert isinstance(await peer.recv(), Hello)
+            await peer.send(Error(code=ErrorCode.SERVER_FULL, message="the server is full"))
+            await peer.close(CloseCode.SERVER_FULL, "the server is full")
+            await eventually(lambda attempt=attempt: backoff.attempt > attempt)
+        peer = await server.accept()
+        assert isinstance(await peer.recv(), Hello)
+        await peer.send(welcome(1, 5))
+        await eventually(lambda: conn.is_connected)
+        assert not conn.closed
+        await conn.close()

@@ -25,6 +25,7 @@ export const ErrorCode = {
   FORBIDDEN: 2001,
   RATE_LIMITED: 2002,
   LIMIT_EXCEEDED: 2003,
+  SERVER_FULL: 2004,
   REDUCER_FAILED: 3000,
   BAD_ARGUMENTS: 3001,
   NO_SUCH_REDUCER: 3002,
@@ -47,6 +48,7 @@ export const CloseCode = {
   SLOW_CONSUMER: 4001,
   REAUTHENTICATE: 4002,
   LEADER_CHANGED: 4003,
+  SERVER_FULL: 4004,
   UNAUTHORIZED: 4500,
   FORBIDDEN: 4501,
   REJECTED: 4502,
@@ -62,11 +64,11 @@ export function errorCodeName(code: number): string {
 }
 
 /**
- * Whether a request that failed with `code` may succeed if sent again later (§9.1): 2002 and
- * 5xxx are retryable; 1xxx, 3xxx and the other 2xxx are not. Unknown codes go by their range.
+ * Whether a request that failed with `code` may succeed if sent again later (§9.1): 2002, 2004
+ * and 5xxx are retryable; 1xxx, 3xxx and the other 2xxx are not. Unknown codes go by their range.
  */
 export function isRetryable(code: number): boolean {
-  return code === ErrorCode.RATE_LIMITED || (code >= 5000 && code <= 5999);
+  return code === ErrorCode.RATE_LIMITED || code === ErrorCode.SERVER_FULL || (code >= 5000 && code <= 5999);
 }
 
 /** The base class of every error this package raises. */

@@ -7,7 +7,10 @@ import {
   ReducerError,
   SubscriptionError,
   SyncdError,
+  CloseCode,
+  ErrorCode,
   errorCodeName,
+  isResumableClose,
   isRetryable,
 } from "../../src/index.js";
 import { reducerFailure } from "../../src/errors.js";
@@ -39,6 +42,8 @@ describe("errors", () => {
     assert.equal(isRetryable(5999), true);
     assert.equal(isRetryable(2999), false);
     assert.equal(isRetryable(1999), false);
+    assert.equal(isRetryable(ErrorCode.SERVER_FULL), true);
+    assert.ok(isResumableClose(CloseCode.SERVER_FULL));
     assert.ok(reducerFailure("r", 5123, "?", null) instanceof InternalError);
   });
 
