@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -56,6 +57,14 @@ def _serve(args: argparse.Namespace) -> int:
     )
     from syncd.server.admission import parse_networks
 
+    for flag, value in (
+        ("--write-timeout", args.write_timeout),
+        ("--max-connections", args.max_connections),
+        ("--max-anonymous-per-address", args.max_anonymous_per_address),
+        ("--max-anonymous-calls-per-address", args.max_anonymous_calls_per_address),
+    ):
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{flag} must be a number >= 0 (0: no limit), not {value}")
     trusted = [p for value in args.trusted_proxy or () for p in value.split(",") if p.strip()]
     parse_networks(trusted)  # fail at start on a typo, not on the first request
     config = Config(

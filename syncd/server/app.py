@@ -551,11 +551,12 @@ class Server:
                 websocket, chosen, fmt, CloseCode.FORBIDDEN, ErrorCode.LIMIT_EXCEEDED, message
             )
             return
-        await websocket.accept(subprotocol=chosen)
+        # Counted before the first await, so concurrent upgrades cannot overshoot the cap.
         conn = Connection(self, websocket, fmt, address=address)
         conn.address_counted = True
         self.connections.add(conn)
         try:
+            await websocket.accept(subprotocol=chosen)
             await conn.run()
         finally:
             self.connections.discard(conn)

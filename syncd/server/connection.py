@@ -223,6 +223,9 @@ class Connection:
             await writer
         self.session.connection_closed()
         self.closed.set()
+        if self._reaper is not None and (self._uv is None or self._uv.disconnected):
+            self._reaper.cancel()  # already gone: do not hold this connection until it fires
+            self._reaper = None
         if self.accepted:
             self.accepted = False
             # Shielded: client_disconnected must run even if this task is being cancelled.

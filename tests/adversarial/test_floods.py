@@ -263,9 +263,23 @@ async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(tmp_path: Path) 
         stop(server)
 
 
-def test_a_bad_trusted_proxy_stops_the_server_at_start(tmp_path: Path) -> None:
-    """A --trusted-proxy that is not an address or CIDR is a configuration error."""
-    server = ServerProcess("schema/chat.py", tmp_path / "data", "--trusted-proxy", "10.0.0.0/33")
-    with pytest.raises(RuntimeError, match="trusted-proxy"):
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--trusted-proxy", "10.0.0.0/33"),
+        ("--trusted-proxy", "proxy.example.com"),
+        ("--write-timeout", "-1"),
+        ("--write-timeout", "nan"),
+        ("--max-connections", "-1"),
+        ("--max-anonymous-per-address", "-5"),
+        ("--max-anonymous-calls-per-address", "inf"),
+    ],
+)
+def test_bad_flags_stop_the_server_at_start(tmp_path: Path, flags: tuple[str, str]) -> None:
+    """A --trusted-proxy that is not an address or CIDR, or a negative or non-finite limit,
+    is a configuration error at start (exit 2, the flag named), not a surprise later."""
+    server = ServerProcess("schema/chat.py", tmp_path / "data", *flags)
+    with pytest.raises(RuntimeError, match=flags[0]):
         server.start()
     server.kill()  # closes our end of its pipe
+    assert server.proc is not None and server.proc.returncode == 2
