@@ -187,7 +187,7 @@ class ApiKeys:
         """
         key_id, digest = _split(token)
         try:
-            with contextlib.closing(self._connect()) as conn, conn:
+            with self._connect() as conn:
                 row = conn.execute(
                     "SELECT name, role, secret_sha256, created_at, revoked_at FROM api_keys"
                     " WHERE key_id = ?",
