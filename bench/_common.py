@@ -69,7 +69,11 @@ class ServerProc(ServerProcess):
         self.tmp = Path(tempfile.mkdtemp(prefix="syncd-bench-"))
         # Every benchmark client is anonymous and comes from 127.0.0.1: lift the limits per
         # client address, which would otherwise count them all as one.
-        unlimited = ("--max-anonymous-per-address", "0", "--max-anonymous-calls-per-address", "0")
+        unlimited = (
+            *("--max-anonymous-per-address", "0"),
+            *("--max-anonymous-calls-per-address", "0"),
+            *("--max-anonymous-queries-per-address", "0"),
+        )
         super().__init__(module, self.tmp / "data", *unlimited, *extra)
 
     @property

@@ -47,6 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
         resume_window=args.resume_window,
         calls_per_second=args.max_calls_per_second,
         anonymous_calls_per_address=args.max_anonymous_calls_per_address,
+        anonymous_queries_per_address=args.max_anonymous_queries_per_address,
         call_burst=args.call_burst,
         queries_per_second=args.max_queries_per_second,
         max_header_bytes=args.max_header_bytes,
@@ -62,6 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
         ("--max-connections", args.max_connections),
         ("--max-anonymous-per-address", args.max_anonymous_per_address),
         ("--max-anonymous-calls-per-address", args.max_anonymous_calls_per_address),
+        ("--max-anonymous-queries-per-address", args.max_anonymous_queries_per_address),
     ):
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"{flag} must be a number >= 0 (0: no limit), not {value}")
@@ -350,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="reducer calls per second that all anonymous clients of one address (IPv6: /64) "
         "may make together (bursts of 2N; 0: no limit)",
+    )
+    serve.add_argument(
+        "--max-anonymous-queries-per-address",
+        type=float,
+        default=_LIMITS.anonymous_queries_per_address,
+        metavar="N",
+        help="subscribes and one-off queries per second that all anonymous clients of one "
+        "address (IPv6: /64) may send together (bursts of 2N; 0: no limit)",
     )
     serve.add_argument(
         "--max-queries-per-second",

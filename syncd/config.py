@@ -43,6 +43,10 @@ class Limits:
     #: make together per second on average, in bursts of twice that, on top of each
     #: identity's own budget (0: no limit).
     anonymous_calls_per_address: float = 1_000.0
+    #: Subscribes and one-off queries the anonymous identities of one client address may send
+    #: together per second on average, in bursts of twice that, on top of each identity's own
+    #: budget (0: no limit). Compiling an unseen query costs milliseconds of the event loop.
+    anonymous_queries_per_address: float = 400.0
     #: How many calls one identity may make at once before the rate applies.
     call_burst: int = 2_000
     #: Subscribes and one-off queries (which read initial rows) one identity may send per

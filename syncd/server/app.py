@@ -187,6 +187,9 @@ class Server:
         # Subscribes and one-off queries per identity: they read initial rows.
         qps = config.limits.queries_per_second
         self.query_limiter: Limiter = RateLimiter(qps, 2 * qps)
+        # Subscribes and one-off queries of anonymous identities, per client address.
+        qpa = config.limits.anonymous_queries_per_address
+        self.address_query_limiter: Limiter = RateLimiter(qpa, 2 * qpa)
         # Pings, unsubscribes and re-authentications per connection.
         self.control_limiter = RateLimiter(
             config.limits.control_per_second, 2 * config.limits.control_per_second
@@ -351,10 +354,15 @@ class Server:
         addresses = RedisRateLimiter(
             redis_url, per_address, 2 * per_address, prefix=f"{scope}rl:address-calls:"
         )
+        qpa = limits.anonymous_queries_per_address
+        address_queries = RedisRateLimiter(
+            redis_url, qpa, 2 * qpa, prefix=f"{scope}rl:address-queries:"
+        )
         for name, shared in (
             ("call_limiter", calls),
             ("query_limiter", queries),
             ("address_call_limiter", addresses),
+            ("address_query_limiter", address_queries),
         ):
             limiter = SharedRateLimiter(getattr(self, name), shared)
             limiter.start()
@@ -417,7 +425,12 @@ class Server:
         await self.broker.aclose()
         if self.jwt is not None:
             await self.jwt.aclose()
-        for limiter in (self.call_limiter, self.query_limiter, self.address_call_limiter):
+        for limiter in (
+            self.call_limiter,
+            self.query_limiter,
+            self.address_call_limiter,
+            self.address_query_limiter,
+        ):
             if isinstance(limiter, SharedRateLimiter):
                 await limiter.aclose()
         keys = getattr(self, "api_keys", None)
@@ -705,7 +718,13 @@ class Server:
             sql = parsed.get("sql", "") if isinstance(parsed, dict) else ""
         if not isinstance(sql, str) or not sql.strip():
             return _error(ErrorCode.BAD_QUERY, 'send {"sql": "SELECT ..."}', 400)
-        if not self.query_limiter.allow(principal.identity, time.monotonic()):
+        now = time.monotonic()
+        if is_anonymous(principal) and not self.address_query_limiter.allow(
+            self.client_address(request), now
+        ):
+            message = "too many queries from this address's anonymous clients; retry later"
+            return _error(ErrorCode.RATE_LIMITED, message, 429)
+        if not self.query_limiter.allow(principal.identity, now):
             return _error(ErrorCode.RATE_LIMITED, "too many queries; retry after a backoff", 429)
         replica = self.replica
         try:

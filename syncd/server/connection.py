@@ -85,7 +85,10 @@ logger = logging.getLogger("syncd.connection")
 
 # How long a client has to send Hello after the upgrade.
 HELLO_TIMEOUT = 10.0
-TOO_MANY_QUERIES = "too many subscribes and queries from this identity; retry after a backoff"
+TOO_MANY_QUERIES = (
+    "too many subscribes and queries from this identity (or, anonymous, this address); "
+    "retry after a backoff"
+)
 # Messages handled from one client before letting other connections run.
 FAIR_SHARE = 16
 # Longest a connection compiles queries before letting other connections run.
@@ -440,8 +443,14 @@ class Connection:
         return False
 
     def _queries_allowed(self) -> bool:
+        """Take a token from the caller's query bucket (and, for an anonymous caller, from its
+        address's: each anonymous connection is a fresh identity)."""
         assert self.principal is not None
-        return self.server.query_limiter.allow(self.principal.identity, time.monotonic())
+        server = self.server
+        now = time.monotonic()
+        if self.anonymous and not server.address_query_limiter.allow(self.address, now):
+            return False
+        return server.query_limiter.allow(self.principal.identity, now)
 
     def _within_rate(self, request_id: RequestId) -> bool:
         """Take a token from the caller's bucket (and, for an anonymous caller, from its

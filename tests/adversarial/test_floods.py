@@ -16,7 +16,14 @@ import pytest
 
 from syncd.auth.apikey import ApiKeys
 from syncd.core.protocol.codec import Format
-from syncd.core.protocol.messages import Error, Hello, Welcome
+from syncd.core.protocol.messages import (
+    Error,
+    Hello,
+    QueryResult,
+    SubscribeApplied,
+    SubscriptionFailed,
+    Welcome,
+)
 from syncd.errors import CloseCode, ErrorCode, should_reconnect
 from tests.server_proc import ServerProcess
 from tests.transport.wire import WireClient, ahttp, readyz, settled
@@ -113,6 +120,53 @@ async def test_the_address_budget_binds_http_calls_but_not_credentials(
             assert service.welcome is not None
             results = [await service.call("send_message", f"m{i}") for i in range(10)]
             assert all(r.ok for r in results), results
+
+
+# -- queries per address ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def curious(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Anonymous clients of one address share 1 query a second (bursts of 2)."""
+    server = start(
+        tmp_path_factory.mktemp("curious"),
+        "schema/chat.py",
+        "--max-anonymous-queries-per-address",
+        "1",
+    )
+    try:
+        yield server
+    finally:
+        stop(server)
+
+
+async def test_anonymous_connections_of_one_address_share_one_query_budget(
+    curious: ServerProcess, fmt: Format
+) -> None:
+    """Six anonymous identities of one address pipeline one-off queries and subscribes (each
+    unseen query costs a compile): together they get the address's burst plus its refill, the
+    rest RATE_LIMITED; the same budget binds anonymous HTTP queries (429), not an API key's."""
+    _, secret = ApiKeys(curious.data_dir).create("service", "service")
+    async with await WireClient.open(curious, hello=Hello(token=secret)) as service:
+        clients = [await WireClient.open(curious, fmt=fmt) for _ in range(CONNECTIONS)]
+        started = time.monotonic()
+        answers: list[QueryResult | SubscribeApplied | SubscriptionFailed] = []
+        for n, client in enumerate(clients):
+            answers.append(await client.query(f"SELECT * FROM message WHERE id = {n}"))
+            answers.append(await client.subscribe([f"SELECT * FROM message WHERE id > {n}"], 1))
+        elapsed = time.monotonic() - started
+        ok = [a for a in answers if isinstance(a, SubscribeApplied) or getattr(a, "ok", False)]
+        codes = [a.code for a in answers if a not in ok]
+        assert len(ok) <= 2 + int(elapsed) + 1, (len(ok), elapsed)
+        assert codes and set(codes) == {ErrorCode.RATE_LIMITED}
+        headers = {"Authorization": f"Bearer {clients[0].token}"}
+        status, body = await ahttp(curious, "POST", "/v1/sql", "SELECT * FROM message", headers)
+        assert status == 429 and body["code"] == ErrorCode.RATE_LIMITED
+        for n in range(5):
+            assert (await service.query(f"SELECT * FROM message WHERE id = {n}")).ok
+        await assert_responsive(service)
+        for client in clients:
+            await client.aclose()
 
 
 # -- connections per address -----------------------------------------------------------------
