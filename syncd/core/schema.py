@@ -583,6 +583,12 @@ def _merge_rule(
     ):
         problems.append(f"{at}: merge= must be an SQL rule, a callable or False, not {declared!r}")
         return None
+    if callable(declared) and (
+        inspect.iscoroutinefunction(declared) or inspect.isasyncgenfunction(declared)
+    ):
+        # It would return a coroutine, never awaited: every merge refused, silently.
+        problems.append(f"{at}: a merge check must not be async (it runs inside the merge)")
+        return None
     if declared is not None and declared is not False and not spec.public:
         problems.append(f"{at}: merge= needs public=True (clients cannot reach private tables)")
         return None

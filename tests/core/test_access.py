@@ -226,6 +226,14 @@ def test_declarations_that_can_never_apply_are_schema_errors() -> None:
         id: int = syncd.primary_key()
         n: syncd.Counter = syncd.column(default=0, merge=3)  # type: ignore[arg-type]
 
+    async def later(ctx: MergeContext) -> bool:
+        return True
+
+    @syncd.table(public=True)
+    class F:
+        id: int = syncd.primary_key()
+        n: syncd.Counter = syncd.column(default=0, merge=later)
+
     with pytest.raises(SchemaError) as caught:
         load_schema(
             {
@@ -233,6 +241,7 @@ def test_declarations_that_can_never_apply_are_schema_errors() -> None:
                 "B": B,
                 "C": C,
                 "D": D,
+                "F": F,
                 "p1": syncd.presence(visible="TRUE"),
                 "p2": syncd.presence(visible="FALSE"),
                 "p3": syncd.presence(visible=" "),
@@ -243,6 +252,7 @@ def test_declarations_that_can_never_apply_are_schema_errors() -> None:
     assert "table B: merge= needs a CRDT column" in text
     assert "table C: merge= needs public=True" in text
     assert "table D.n: merge= must be an SQL rule, a callable or False" in text
+    assert "table F.n: a merge check must not be async" in text
     assert "more than one presence(...)" in text
     assert "presence(visible=...) needs a rule" in text
 
