@@ -628,12 +628,15 @@ def _at_most_one(udef: TableDef, join: Join | None) -> bool:
 # Compiling
 
 
-def compile_query(sql: str, schema: Schema) -> Query:
+def compile_query(sql: str, schema: Schema, *, name_private: bool = False) -> Query:
     """Parse and check a subscription query.
 
     Args:
         sql: one SELECT statement (see the module docstring for what is supported).
         schema: the tables it may read; only public tables can be subscribed to.
+        name_private: say that a private table is private. Off for clients, who are told
+            "unknown table" as for a table that does not exist (no oracle of private names);
+            on for the module's own rules, whose author needs the reason.
 
     Returns:
         The compiled query, parameters symbolic; call `bind` before evaluating it.
@@ -644,7 +647,7 @@ def compile_query(sql: str, schema: Schema) -> Query:
             message names the offending part; `position` is its character offset when known.
     """
     try:
-        return _Compiler(sql, schema).compile()
+        return _Compiler(sql, schema, name_private=name_private).compile()
     except RecursionError:
         # A backstop: `prescan` bounds nesting well below Python's recursion limit.
         raise SubscriptionError("the query is nested too deeply") from None
@@ -764,9 +767,11 @@ _FLIPPED: dict[Op, Op] = {"=": "=", "<>": "<>", "<": ">", "<=": ">=", ">": "<", 
 
 
 class _Compiler:
-    def __init__(self, sql: str, schema: Schema) -> None:
+    def __init__(self, sql: str, schema: Schema, *, name_private: bool = False) -> None:
         self.sql = sql
         self.schema = schema
+        # Whether a private table is named as such (rules) or as unknown (clients).
+        self.name_private = name_private
         # name or alias (as written, case-folded) -> table; filled from FROM and JOIN
         self.scope: dict[str, TableDef] = {}
         # table name -> side (0: result table, 1: joined table)
@@ -873,7 +878,7 @@ class _Compiler:
                 raise self.fail(f"unsupported table syntax: {node.sql()}", node)
         name = _ident(node.this)
         tdef = self.schema.tables.get(name)
-        if tdef is None:
+        if tdef is None or (not tdef.public and not self.name_private):
             raise self.fail(f"unknown table {name}", node)
         if not tdef.public:
             raise self.fail(f"table {name} is private: it cannot be subscribed to", node)
@@ -1450,8 +1455,8 @@ def compile_rule(table: str, rule: str, schema: Schema) -> Query:
     text = rule.strip()
     t = _name_sql(table)
     if _JOIN_RULE.match(text):
-        return compile_query(f"SELECT {t}.* FROM {t} {text}", schema)
-    return compile_query(f"SELECT * FROM {t} WHERE {text}", schema)
+        return compile_query(f"SELECT {t}.* FROM {t} {text}", schema, name_private=True)
+    return compile_query(f"SELECT * FROM {t} WHERE {text}", schema, name_private=True)
 
 
 def with_visibility(query: Query, schema: Schema) -> Query:

@@ -9,7 +9,7 @@ import pytest
 
 from syncd.core.hlc import Stamp
 from syncd.core.ids import Identity, Timestamp
-from syncd.core.query import BoundQuery, Query, StoreView, compile_query
+from syncd.core.query import BoundQuery, Query, StoreView, compile_query, compile_rule
 from syncd.core.schema import Index, Schema, index, load_schema, primary_key, table
 from syncd.core.store import Row, Store
 from syncd.core.values import LWW, Counter, CrdtType, Json
@@ -459,8 +459,9 @@ def test_unbound_query_key_and_equality() -> None:
         ("INSERT INTO message VALUES (1)", "got INSERT"),
         ("SELECT * FROM message UNION SELECT * FROM room", "got UNION"),
         ("SELECT * FROM nothing", "unknown table nothing"),
-        ("SELECT * FROM secret", "table secret is private"),
-        ("SELECT m.* FROM message m JOIN secret s ON m.room_id = s.room_id", "secret is private"),
+        # A private table answers like a missing one ("unknown table"): no private names.
+        ("SELECT * FROM secret", "unknown table secret"),
+        ("SELECT m.* FROM message m JOIN secret s ON m.room_id = s.room_id", "table secret"),
         ("SELECT * FROM public.message", "qualified table names"),
         ("SELECT * FROM message m(a, b)", "column aliases"),
         ("SELECT * FROM message WHERE nope = 1", "unknown column nope in table message"),
@@ -666,3 +667,10 @@ def test_semijoin_partners_come_through_the_equality_that_finds_fewest() -> None
             Counting.read = 0
             assert query.bind({"sender": who}).matches((1, "big"), Counting(store)) is found
             assert Counting.read == int(found), (where, who, Counting.read)
+
+
+def test_a_rule_naming_a_private_table_says_it_is_private() -> None:
+    """Clients are told "unknown table" for a private one; a module's own rule joining it is
+    told the real reason, so its author can fix it."""
+    with pytest.raises(SubscriptionError, match="table secret is private"):
+        compile_rule("message", "JOIN secret ON message.room_id = secret.room_id", SCHEMA)
