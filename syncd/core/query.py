@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NewType, Protocol
 
@@ -662,9 +662,62 @@ MAX_NESTING = 32
 #: bench/README.md with sqlglot 30 (typical queries: 1-4 ms), so compiling runs on the event
 #: loop; failed compiles are not cached, but they are rate limited like every query.
 MAX_TOKENS = 2048
-# A token: a quoted literal or identifier (possibly unterminated), a word, or one character.
-_TOKEN = re.compile(r"'(?:[^']|'')*'?|\"(?:[^\"]|\"\")*\"?|\w+|\S")
+# A token: a line comment (ending where sqlglot ends it: at CR or LF), the start of a block
+# comment (skipped by `_lex`), a quoted literal or identifier (possibly unterminated), a word,
+# or one character. Comments must be read as sqlglot reads them: a quote inside one that
+# `prescan` took for the start of a literal would hide everything up to the next quote, or
+# the end, from its counts (`-- '` then a 16 KiB query parsed in full).
+# sqlglot's operators ending in "-" come first: they win over a "--" after them for sqlglot
+# too ("{{--" is "{{-" then "-"; found by tests/core/test_query_prescan_lexing.py).
+_TOKEN = re.compile(
+    r"\s*(\{\{-|\{%-|-\|-|--[^\r\n]*|/\*\+?|\{#|'(?:[^']|'')*'?|\"(?:[^\"]|\"\")*\"?|\w+|\S)"
+)
+# Block comments: start -> end, as sqlglot's default dialect has them.
+_BLOCK_COMMENTS = {"/*": "*/", "/*+": "*/", "{#": "#}"}
 _COMPARISON_PREFIX = frozenset("<>!")
+
+
+def _comment_end(sql: str, start: int, opener: str) -> int:
+    """Where the block comment opened by `opener` at `start` ends (the index after it, or the
+    text's length if it never does), exactly as sqlglot's tokenizer (`_scan_comment`) scans
+    it: comments nest when the opener is as long as the closer ("/*", "{#"; a "/*+" hint does
+    not), and an opener counts only one character past the last position checked for a
+    closer, so "/*/*" opens one comment."""
+    closer = _BLOCK_COMMENTS[opener]
+    nested = len(opener) == len(closer)
+    size = len(sql)
+    at = start + len(opener)  # sqlglot's current character
+    depth = 1
+    while at + 1 < size:
+        if sql.startswith(closer, at):
+            depth -= 1
+            if not depth:
+                return at + len(closer)
+        at += 1
+        if nested and at + 1 < size and sql.startswith(opener, at):
+            at += len(opener)
+            depth += 1
+    return size
+
+
+def _lex(sql: str) -> Iterator[tuple[str, int]]:
+    """The tokens `prescan` counts, with their offsets: comments are skipped (as sqlglot
+    skips them), literals and quoted identifiers are one token each."""
+    at = 0
+    size = len(sql)
+    while at < size:
+        match = _TOKEN.match(sql, at)
+        if match is None:  # only whitespace is left
+            return
+        token = match.group(1)
+        start = match.start(1)
+        if token in _BLOCK_COMMENTS:
+            at = _comment_end(sql, start, token)
+            continue
+        at = match.end()
+        if token.startswith("--"):
+            continue
+        yield token, start
 
 
 def prescan(sql: str, *, max_bytes: int, max_terms: int) -> None:
@@ -690,14 +743,13 @@ def prescan(sql: str, *, max_bytes: int, max_terms: int) -> None:
         raise LimitExceeded(f"the query is {size} bytes; the limit is {max_bytes}")
     depth = tokens = commas = comparisons = connectives = nots = 0
     previous = ""
-    for match in _TOKEN.finditer(sql):
-        token = match.group()
+    for token, start in _lex(sql):
         tokens += 1
         if token == "(":
             depth += 1
             if depth > MAX_NESTING:
                 raise SubscriptionError(
-                    f"parentheses nested more than {MAX_NESTING} deep", position=match.start()
+                    f"parentheses nested more than {MAX_NESTING} deep", position=start
                 )
         elif token == ")":
             depth -= 1
