@@ -20,8 +20,12 @@ request on a connection:
   not complete within `header_timeout_s`.
 
 Each answer is a complete HTTP/1.1 response with `Connection: close`, after which the socket is
-closed (RFC 9110 §15.5.9, §15.5.15; RFC 6585 §5). Bodies are not this module's concern: the
-application bounds them (they are read only when it asks).
+closed (RFC 9110 §15.5.9, §15.5.15; RFC 6585 §5). Bodies are the application's to bound (they
+are read only when it asks), with one exception: a response that completes while its request's
+body is still arriving (a GET with a body, a route that never reads one, a refusal) ends the
+connection. uvicorn would otherwise keep reading and discarding that body for as long as the
+client sends it, a byte at a time if it likes, each byte cancelling the keep-alive timer and
+no head deadline running: a connection held forever after its one answer.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ def limited_http_protocol(
             self._refused = False
             # The request target so far (uvicorn sets it when a message begins).
             self.url = b""
+            # The request whose body is still arriving (None between bodies).
+            self._body_of: Any = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -157,14 +163,32 @@ def limited_http_protocol(
                 self._refuse(431, f"the request head is over {max_header_bytes} bytes")
                 return
             super().on_headers_complete()
+            if not self.parser.should_upgrade():
+                self._body_of = self.cycle
 
         def on_body(self, body: bytes) -> None:
             if not self._refused:
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
+            self._body_of = None
             if not self._refused:
                 super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            cycle = self._body_of
+            if cycle is None or not cycle.response_complete or self.transport.is_closing():
+                super().on_response_complete()
+                return
+            # Answered before its body arrived: no later request can follow on this
+            # connection, so end it rather than discard the body for as long as it lasts.
+            self.server_state.total_requests += 1
+            self._body_of = None
+            self._refused = True
+            self._head_bytes = 0
+            self._disarm_deadline()
+            self._unset_keepalive_if_required()
+            self._linger()
 
         # -- refusals ---------------------------------------------------------------------
 
@@ -199,8 +223,12 @@ def limited_http_protocol(
                     body,
                 ]
             )
+            self.transport.write(b"".join(head))
+            self._linger()
+
+        def _linger(self) -> None:
+            """Close after what was written, reading and discarding meanwhile."""
             transport = self.transport
-            transport.write(b"".join(head))
             if transport.can_write_eof():
                 # Lingering close: half-close, discard what the client is still sending, and
                 # close after LINGER_S. Closing at once with unread bytes would reset the

@@ -12,6 +12,17 @@ connection by itself, so that the client hears what docs/protocol.md says.
   frames may be up to `link_max_size(limit)`.
 - **Shutdown.** On SIGTERM uvicorn closes every WebSocket with 1012 before the application
   hears of it; syncd's close is 4000 (`SHUTDOWN`, §9.2: reconnect and resume).
+- **Many fragments.** The size limit counts payload bytes, so empty (or tiny) continuation
+  frames never reach it, and uvicorn keeps one list entry per fragment until the message ends:
+  a client could grow the server's memory forever with 6-byte frames. A message of more than
+  `MAX_FRAGMENTS` fragments is refused like a message over the size limit (`Error`
+  `MESSAGE_TOO_LARGE`, close 1009).
+- **Pings the client does not read the answers to.** The WebSocket layer answers each ping
+  frame with a pong written straight to the transport, and ping frames never pause reading:
+  a client that sends pings and never reads would grow the server's write buffer without
+  bound. While the transport is over its high-water mark (the client is not reading), reading
+  from the client stops after a ping, and resumes once the buffer drains (plain TCP
+  backpressure; the keepalive ping then times the connection out if it never reads again).
 
 Everything else is uvicorn's `WebSocketsSansIOProtocol` (`ws="websockets-sansio"`), which
 `Connection._push` writes frames to directly: keep the two in step.
@@ -19,8 +30,10 @@ Everything else is uvicorn's `WebSocketsSansIOProtocol` (`ws="websockets-sansio"
 
 from __future__ import annotations
 
+from uvicorn._types import ASGIReceiveEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import PayloadTooBig
+from websockets.frames import Frame
 from websockets.http11 import Request
 from websockets.protocol import State
 
@@ -30,12 +43,15 @@ from syncd.errors import CloseCode, ErrorCode
 from syncd.server.forward import PATH as LINK_PATH
 from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
 
-__all__ = ["SHUTDOWN_REASON", "SyncdWebSocketProtocol", "link_max_size"]
+__all__ = ["MAX_FRAGMENTS", "SHUTDOWN_REASON", "SyncdWebSocketProtocol", "link_max_size"]
 
 SHUTDOWN_REASON = "server shutting down"
 #: Longest a connection refused for a too-large message stays open, reading and discarding
 #: what the client still sends, so that it reads the Error and the close frame.
 LINGER_S = 2.0
+#: Most frames (the first and its continuations) in one message. Clients that fragment at
+#: all use a few large fragments; 1,024 is a 1 MiB message in 1 KiB pieces.
+MAX_FRAGMENTS = 1024
 
 
 def link_max_size(max_message_size: int) -> int:
@@ -52,6 +68,8 @@ class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
     _refused_too_large = False
     # True on the link between replicas: no client Error there, and a larger size limit.
     _is_link = False
+    # True while reading is paused because pongs are waiting in a full write buffer.
+    _pong_paused = False
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -61,18 +79,58 @@ class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
             # Read by the websockets parser before each frame.
             self.conn.max_message_size = link_max_size(self.config.ws_max_size)
 
+    def handle_cont(self, event: Frame) -> None:
+        if self._refused_too_large or self.close_sent or self.conn.state is not State.OPEN:
+            self.frames = []  # input after a close is discarded (as uvicorn does, but here
+            return  # before it is kept: a message that never ends is never kept)
+        if len(self.frames) >= MAX_FRAGMENTS:
+            self.frames = []
+            # What websockets does past the size limit: a 1009 close (queued in conn).
+            self.conn.fail(CloseCode.MESSAGE_TOO_BIG, f"over {MAX_FRAGMENTS} fragments")
+            self._refuse_too_large(f"message of more than {MAX_FRAGMENTS} fragments")
+            return
+        super().handle_cont(event)
+
+    def handle_ping(self) -> None:
+        super().handle_ping()  # writes the pong websockets queued
+        if not self.writable.is_set() and not self._pong_paused and not self.transport.is_closing():
+            # The client does not read: stop reading its pings until the pongs drain.
+            self._pong_paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._pong_paused:
+            self._pong_paused = False
+            if not self.read_paused:  # uvicorn's own pause (a message waits for the app)
+                self.transport.resume_reading()
+
+    async def receive(self) -> ASGIReceiveEvent:
+        # uvicorn's receive, except that it does not resume reading while pongs wait.
+        message = await self.queue.get()
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            if not self._pong_paused:
+                self.transport.resume_reading()
+        return message
+
     def handle_parser_exception(self) -> None:
         if self._refused_too_large:
             return  # called again for each chunk read while lingering: nothing more to say
         exc = self.conn.parser_exc
+        if not isinstance(exc, PayloadTooBig):
+            super().handle_parser_exception()
+            return
+        limit = self.config.ws_max_size
+        size = (getattr(exc, "size", None) or 0) + (getattr(exc, "current_size", None) or 0)
+        seen = f"of {size} bytes" if size > limit else "of more bytes"
+        self._refuse_too_large(f"message {seen} is larger than the limit of {limit}")
+
+    def _refuse_too_large(self, message: str) -> None:
+        """The close websockets queued (1009), preceded by `Error` (`MESSAGE_TOO_LARGE`,
+        `message`) on a client connection, then a lingering close."""
         close = self.conn.close_sent
-        if not (
-            isinstance(exc, PayloadTooBig)
-            and not self._is_link
-            and self.handshake_complete
-            and not self.close_sent
-            and close is not None
-        ):
+        if not (not self._is_link and self.handshake_complete and not self.close_sent and close):
             super().handle_parser_exception()
             return
         self._refused_too_large = True
@@ -80,7 +138,7 @@ class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
             {"type": "websocket.disconnect", "code": close.code, "reason": close.reason}
         )
         # The Error, then the close frame and the EOF the parser queued (b"" marks the EOF).
-        self.transport.write(self._too_large_error(exc) + b"".join(self.conn.data_to_send()))
+        self.transport.write(self._too_large_error(message) + b"".join(self.conn.data_to_send()))
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.close_sent = True
@@ -91,13 +149,9 @@ class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
         # LINGER_S, ends it.
         self.close_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
-    def _too_large_error(self, exc: PayloadTooBig) -> bytes:
+    def _too_large_error(self, message: str) -> bytes:
         chosen = self.response.headers.get("Sec-WebSocket-Protocol")
         fmt = format_for_subprotocol(chosen) or "msgpack"
-        limit = self.config.ws_max_size
-        size = (getattr(exc, "size", None) or 0) + (getattr(exc, "current_size", None) or 0)
-        seen = f"of {size} bytes" if size > limit else "of more bytes"
-        message = f"message {seen} is larger than the limit of {limit}"
         data = Codec(fmt).encode(Error(code=ErrorCode.MESSAGE_TOO_LARGE, message=message))
         return ws_frame(data, OP_TEXT if fmt == "json" else OP_BINARY)
 

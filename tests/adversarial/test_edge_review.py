@@ -1,0 +1,204 @@
+"""Edge review of issue 10's fixes: what a hostile client does below the protocol, where the
+WebSocket and HTTP layers act on their own.
+
+- Empty continuation frames never reach the message size limit, and each was kept until the
+  message ended: a message that never ends grew the server's memory forever. Now a message of
+  more than `MAX_FRAGMENTS` fragments is refused like one over the size limit.
+- Ping frames are answered by the WebSocket layer without ever pausing reading: a client that
+  sent pings and never read the pongs grew the server's write buffer without bound. Now
+  reading stops while the pongs wait (TCP backpressure).
+- A response that completed before its request's body (a GET with a body) left uvicorn reading
+  and discarding that body for as long as the client sent it, a byte now and then: the socket
+  was held forever, past every head and keep-alive deadline. Now the connection ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from syncd.core.protocol.codec import Codec, Format
+from syncd.core.protocol.messages import Error, Hello, Ping, Pong
+from syncd.errors import CloseCode, ErrorCode
+from syncd.server.websocket import MAX_FRAGMENTS
+from tests.adversarial.conftest import assert_responsive, start, stop
+from tests.server_proc import ServerProcess
+from tests.transport.wire import TIMEOUT, WireClient
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = start(tmp_path_factory.mktemp("edge"), "schema/kled.py", "--header-timeout", "1")
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+async def bystander(server: ServerProcess) -> AsyncIterator[WireClient]:
+    async with await WireClient.open(server) as client:
+        yield client
+
+
+def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> bytes:
+    """A masked client frame (mask key 0: the payload goes as it is)."""
+    first = (0x80 if fin else 0) | opcode
+    size = len(payload)
+    if size < 126:
+        head = struct.pack("!BB", first, 0x80 | size)
+    else:
+        head = struct.pack("!BBH", first, 0x80 | 126, size)
+    return head + b"\0\0\0\0" + payload
+
+
+def opcode_of(fmt: Format) -> int:
+    return 0x1 if fmt == "json" else 0x2
+
+
+# -- fragments ------------------------------------------------------------------------------
+
+
+async def test_a_message_that_never_ends_in_empty_fragments_is_refused(
+    server: ServerProcess, bystander: WireClient, fmt: Format
+) -> None:
+    """A first frame, then empty continuations (6 bytes each on the wire, 0 towards the size
+    limit): Error MESSAGE_TOO_LARGE naming the fragments, then 1009."""
+    async with await WireClient.open(server, fmt=fmt) as attacker:
+        assert attacker.welcome is not None
+        frames = [client_frame(opcode_of(fmt), b"{", fin=False)]
+        frames += [client_frame(0x0, fin=False)] * (MAX_FRAGMENTS + 10)
+        attacker.ws.transport.write(b"".join(frames))
+        code, reason = await attacker.wait_closed()
+        assert code == CloseCode.MESSAGE_TOO_BIG, (code, reason)
+        errors = attacker.all(Error)
+        assert [e.code for e in errors] == [ErrorCode.MESSAGE_TOO_LARGE], errors
+        assert "fragments" in errors[0].message
+    await assert_responsive(bystander)
+
+
+async def test_a_message_in_many_small_fragments_is_still_served(
+    server: ServerProcess, fmt: Format
+) -> None:
+    """A Ping in one-byte fragments (well under the fragment limit) is answered."""
+    async with await WireClient.open(server, fmt=fmt) as client:
+        data = Codec(fmt).encode(Ping(nonce=77))
+        frames = [client_frame(opcode_of(fmt), data[:1], fin=False)]
+        frames += [client_frame(0x0, data[i : i + 1], fin=False) for i in range(1, len(data))]
+        frames.append(client_frame(0x0, fin=True))
+        client.ws.transport.write(b"".join(frames))
+        await client.wait_for(lambda m: isinstance(m, Pong) and m.nonce == 77)
+
+
+# -- pings ----------------------------------------------------------------------------------
+
+
+async def upgraded(server: ServerProcess) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw signed-in WebSocket (JSON) whose client reads nothing after the Welcome, with a
+    tiny receive buffer so that what the server sends backs up at once."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            "GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: syncd.v1.json\r\n\r\n"
+        ).encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    writer.write(client_frame(0x1, Codec("json").encode(Hello())))
+    welcome = b""
+    async with asyncio.timeout(TIMEOUT):
+        while b'"welcome"' not in welcome:
+            chunk = await reader.read(4096)
+            assert chunk, welcome
+            welcome += chunk
+    return reader, writer
+
+
+async def test_pings_whose_pongs_are_never_read_do_not_grow_memory(
+    server: ServerProcess, bystander: WireClient
+) -> None:
+    """Up to 64 MiB of ping frames from a client that never reads: the server stops reading
+    once its pongs back up, so the client's writes stall long before, and RSS stays flat."""
+    reader, writer = await upgraded(server)
+    before = server.rss_bytes()
+    pings = client_frame(0x9, b"p" * 125) * 1024  # 134 KiB
+    sent = 0
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        while sent < 64 << 20:
+            writer.write(pings)
+            await asyncio.wait_for(writer.drain(), 2.0)  # a stall: the server stopped reading
+            sent += len(pings)
+    grown = server.rss_bytes() - before
+    writer.transport.abort()  # what it wrote is still unsent: close() would wait for it
+    assert sent < 32 << 20, f"the server read {sent >> 20} MiB of pings nobody read pongs for"
+    assert grown < 16 << 20, grown
+    await assert_responsive(bystander)
+
+
+# -- HTTP bodies nobody reads ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/healthz"), ("POST", "/readyz")])
+async def test_a_body_after_the_answer_does_not_hold_the_connection(
+    server: ServerProcess, bystander: WireClient, method: str, path: str
+) -> None:
+    """A request declaring a terabyte of body, answered at once (the route reads no body),
+    then a byte of body now and then: the server ends the connection after its answer instead
+    of discarding the body for as long as it lasts."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {1 << 40}\r\n\r\n".encode()
+    )
+
+    async def trickle() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(int(3 * TIMEOUT / 0.1)):
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+    trickling = asyncio.create_task(trickle())
+    answer = bytearray()
+    try:
+        async with asyncio.timeout(2 * TIMEOUT):
+            with contextlib.suppress(ConnectionError):
+                while chunk := await reader.read(65536):
+                    answer += chunk
+    finally:
+        trickling.cancel()
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 "), bytes(answer[:200])
+    await assert_responsive(bystander)
+
+
+async def test_a_complete_body_keeps_the_connection(server: ServerProcess) -> None:
+    """Pipelined requests whose bodies arrive whole are all answered on one connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    answers = b""
+    async with asyncio.timeout(TIMEOUT):
+        while answers.count(b'{"ok":true}') < 2:
+            chunk = await reader.read(65536)
+            assert chunk, answers
+            answers += chunk
+    writer.close()
+    assert answers.count(b"HTTP/1.1 200 OK") == 2
