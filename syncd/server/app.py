@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import re
 import resource
 import secrets
 import socket
@@ -889,6 +890,25 @@ def _error(code: ErrorCode, message: str, status: int) -> Response:
     return _json_response(body, status)
 
 
+# A `token` query parameter's value, in a logged request target.
+_TOKEN_PARAM = re.compile(r"((?:^|[?&;])token=)[^&;\s\"]*", re.IGNORECASE)
+
+
+def redact_tokens(record: logging.LogRecord) -> bool:
+    """A logging filter: the value of a `token` query parameter, in any string argument of
+    `record`, becomes `[redacted]`. uvicorn logs every WebSocket it accepts (INFO) with its
+    path and query string, and browsers sign in with `/v1/ws?token=...` (docs/protocol.md
+    §1): without this, every such client's JWT or API key secret was written to the log."""
+    args = record.args
+    if isinstance(args, tuple) and any(isinstance(a, str) and "token=" in a.lower() for a in args):
+        record.args = tuple(
+            _TOKEN_PARAM.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in args
+        )
+    elif isinstance(record.msg, str) and "token=" in record.msg.lower():
+        record.msg = _TOKEN_PARAM.sub(r"\1[redacted]", record.msg)
+    return True
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -946,6 +966,9 @@ def run(config: Config, *, log_level: str = "info") -> None:
         proxy_headers=False,
         timeout_graceful_shutdown=10,
     )
+    # After uvicorn.Config, which configures its loggers.
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(redact_tokens)
     uv_server = uvicorn.Server(uv_config)
 
     async def main() -> None:

@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +31,7 @@ from syncd.errors import CloseCode, ErrorCode
 from syncd.server.websocket import MAX_FRAGMENTS
 from tests.adversarial.conftest import assert_responsive, start, stop
 from tests.server_proc import ServerProcess
-from tests.transport.wire import TIMEOUT, WireClient
+from tests.transport.wire import TIMEOUT, WireClient, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -202,3 +203,22 @@ async def test_a_complete_body_keeps_the_connection(server: ServerProcess) -> No
             answers += chunk
     writer.close()
     assert answers.count(b"HTTP/1.1 200 OK") == 2
+
+
+# -- logs -----------------------------------------------------------------------------------
+
+
+async def test_a_token_in_the_query_string_is_not_logged(tmp_path: Path) -> None:
+    """Browsers sign in with `/v1/ws?token=...`; uvicorn logs each accepted WebSocket with its
+    query string at INFO (the default level): the secret must not reach the log."""
+    secret = "sk_edge_review_" + os.urandom(8).hex()
+    proc = start(tmp_path, "schema/kled.py", "--log-level", "info")
+    try:
+        client = await WireClient.open(proc, query=f"?a=1&token={secret}&b=2")
+        await client.aclose()
+        await eventually(lambda: "[accepted]" in proc.log(), what="the accepted line")
+        log = proc.log()
+        assert secret not in log, log
+        assert "token=[redacted]&b=2" in log, log
+    finally:
+        stop(proc)
