@@ -538,11 +538,15 @@ class BoundQuery:
 
 def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
     """What computing `query.initial_rows(store)` costs, estimated from index sizes without
-    evaluating any condition: the rows it examines, each counting one plus, for a semijoin
-    whose condition reads the joined table, the partners it is checked against.
+    evaluating any condition: the rows it examines, each counting one, plus the joined rows
+    it reads: for a semijoin, each distinct join value's partners once (the lookup is
+    memoised), or, when the condition reads the joined table, once per row checked against
+    them; and the joined rows read to find candidates through an equality on the joined table.
 
     For `t JOIN u ON t.a = u.b` the partners of a row are the `u` rows with `b` equal to its
-    `a`, so the cost is the sum over candidate rows of `1 + |u where b = a|` (index counts).
+    `a`, so the cost is the sum over candidate rows of `1 + |u where b = a|` (index counts)
+    when the condition reads `u`, and `|candidates| + sum over distinct a of |u where b = a|`
+    otherwise.
     Candidates are chosen as `initial_rows` chooses them (`BoundQuery.candidate_source`: the
     indexed equality, on `t` or on `u` through the join, that finds the fewest rows; else
     every row of `t`).
@@ -564,7 +568,7 @@ def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
     source = query.candidate_source(store)
     if source is not None and source[0] == 0:
         _, name, keys, count = source
-        if pairs:
+        if join is not None:
             rows = (row for value in keys for row in state.lookup(name, value))
     else:
         if source is not None:
@@ -575,11 +579,11 @@ def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
                 value = partner[join.other_position]
                 if value is not None and value not in values:
                     values[value] = state.count(join.column, value)
-            count = sum(values.values())
+            # The joined rows read to find the candidates count too.
+            count = len(partners) + sum(values.values())
         else:
             count = len(state.rows)
-            if pairs and count <= (limit or count):
-                assert join is not None
+            if join is not None and count <= (limit or count):
                 index = next(
                     (ix for ix in state.indexes.values() if ix.idef.columns == (join.column,)),
                     None,
@@ -588,9 +592,8 @@ def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
                     values = {v: len(pks) for v, pks in index.entries.items() if v is not None}
                 else:
                     rows = state.rows.values()
-    if not pairs or (limit and count > limit):
+    if join is None or (limit and count > limit):
         return count
-    assert join is not None
     if values is None:
         values = {}
         assert rows is not None
@@ -598,9 +601,13 @@ def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
             value = row[join.position]
             if value is not None:  # at most `count` (<= limit) rows
                 values[value] = values.get(value, 0) + 1
+    # A plain semijoin looks each distinct value's partners up once (`StoreView` memoises
+    # it): a small result table joined to a huge one is not cheap because it is small.
     cost = count
     view = StoreView(store)
     for value, holders in values.items():
+        if not pairs:
+            holders = min(holders, 1)
         # The partners a check reads: through the join, or through the joined table's
         # equality (`member.identity = :sender`) when that reads fewer, as `contains` does,
         # so the estimate says nothing about the size of rows the caller cannot see.
