@@ -17,12 +17,14 @@ connection by itself, so that the client hears what docs/protocol.md says.
   a client could grow the server's memory forever with 6-byte frames. A message of more than
   `MAX_FRAGMENTS` fragments is refused like a message over the size limit (`Error`
   `MESSAGE_TOO_LARGE`, close 1009).
-- **Pings the client does not read the answers to.** The WebSocket layer answers each ping
-  frame with a pong written straight to the transport, and ping frames never pause reading:
-  a client that sends pings and never reads would grow the server's write buffer without
-  bound. While the transport is over its high-water mark (the client is not reading), reading
-  from the client stops after a ping, and resumes once the buffer drains (plain TCP
-  backpressure; the keepalive ping then times the connection out if it never reads again).
+- **Ping floods.** The WebSocket layer parses and answers ping frames (and parses pong
+  frames) without ever pausing reading or waiting for the client to read the pongs: one
+  connection flooding empty pings kept the server from completing a new handshake within
+  5 s, and one never reading its pongs grew the server's write buffer without bound. Past
+  `CONTROL_PER_S` ping or pong frames a second (bursts of `CONTROL_BURST`) the client gets
+  `Error` (`RATE_LIMITED`) and the close 4503, as for too many `Ping` messages. (Within the
+  budget, a client that never reads is closed when the keepalive ping, queued behind its
+  pongs, goes unanswered.)
 
 Everything else is uvicorn's `WebSocketsSansIOProtocol` (`ws="websockets-sansio"`), which
 `Connection._push` writes frames to directly: keep the two in step.
@@ -30,7 +32,6 @@ Everything else is uvicorn's `WebSocketsSansIOProtocol` (`ws="websockets-sansio"
 
 from __future__ import annotations
 
-from uvicorn._types import ASGIReceiveEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import PayloadTooBig
 from websockets.frames import Frame
@@ -43,7 +44,14 @@ from syncd.errors import CloseCode, ErrorCode
 from syncd.server.forward import PATH as LINK_PATH
 from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
 
-__all__ = ["MAX_FRAGMENTS", "SHUTDOWN_REASON", "SyncdWebSocketProtocol", "link_max_size"]
+__all__ = [
+    "CONTROL_BURST",
+    "CONTROL_PER_S",
+    "MAX_FRAGMENTS",
+    "SHUTDOWN_REASON",
+    "SyncdWebSocketProtocol",
+    "link_max_size",
+]
 
 SHUTDOWN_REASON = "server shutting down"
 #: Longest a connection refused for a too-large message stays open, reading and discarding
@@ -52,6 +60,10 @@ LINGER_S = 2.0
 #: Most frames (the first and its continuations) in one message. Clients that fragment at
 #: all use a few large fragments; 1,024 is a 1 MiB message in 1 KiB pieces.
 MAX_FRAGMENTS = 1024
+#: Ping and pong frames a client may send: this many a second, in bursts of CONTROL_BURST
+#: (the budget of the protocol's own `Ping` messages; a client's keepalive needs one in 20 s).
+CONTROL_PER_S = 50.0
+CONTROL_BURST = 100
 
 
 def link_max_size(max_message_size: int) -> int:
@@ -64,12 +76,14 @@ def link_max_size(max_message_size: int) -> int:
 class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
     """The WebSocket protocol `syncd serve` gives uvicorn (`uvicorn.Config(ws=...)`)."""
 
-    # True once a too-large message was answered: the rest of the input is discarded.
-    _refused_too_large = False
+    # True once the connection was refused (a too-large message, a ping flood): the rest of
+    # the input is discarded.
+    _refused = False
     # True on the link between replicas: no client Error there, and a larger size limit.
     _is_link = False
-    # True while reading is paused because pongs are waiting in a full write buffer.
-    _pong_paused = False
+    # The ping and pong frame budget (a token bucket), and when it was last filled.
+    _control_tokens = float(CONTROL_BURST)
+    _control_at = float("-inf")
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -80,42 +94,47 @@ class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
             self.conn.max_message_size = link_max_size(self.config.ws_max_size)
 
     def handle_cont(self, event: Frame) -> None:
-        if self._refused_too_large or self.close_sent or self.conn.state is not State.OPEN:
+        if self._refused or self.close_sent or self.conn.state is not State.OPEN:
             self.frames = []  # input after a close is discarded (as uvicorn does, but here
             return  # before it is kept: a message that never ends is never kept)
         if len(self.frames) >= MAX_FRAGMENTS:
             self.frames = []
             # What websockets does past the size limit: a 1009 close (queued in conn).
             self.conn.fail(CloseCode.MESSAGE_TOO_BIG, f"over {MAX_FRAGMENTS} fragments")
-            self._refuse_too_large(f"message of more than {MAX_FRAGMENTS} fragments")
+            self._refuse(
+                ErrorCode.MESSAGE_TOO_LARGE, f"message of more than {MAX_FRAGMENTS} fragments"
+            )
             return
         super().handle_cont(event)
 
+    def _control_allowed(self) -> bool:
+        """Take a token for a ping or pong frame; past the budget, refuse the connection."""
+        if self._refused:
+            return False
+        now = self.loop.time()
+        tokens = min(CONTROL_BURST, self._control_tokens + (now - self._control_at) * CONTROL_PER_S)
+        self._control_at = now
+        if tokens >= 1:
+            self._control_tokens = tokens - 1
+            return True
+        self._control_tokens = tokens
+        if self._is_link or self.conn.state is not State.OPEN:
+            return True  # the link is trusted; a closing connection is about to go anyway
+        message = "too many WebSocket ping or pong frames"
+        self.conn.fail(CloseCode.BAD_REQUEST, message)
+        self._refuse(ErrorCode.RATE_LIMITED, message)
+        return False
+
+    def handle_pong(self, event: Frame) -> None:
+        if self._control_allowed():
+            super().handle_pong(event)
+
     def handle_ping(self) -> None:
-        super().handle_ping()  # writes the pong websockets queued
-        if not self.writable.is_set() and not self._pong_paused and not self.transport.is_closing():
-            # The client does not read: stop reading its pings until the pongs drain.
-            self._pong_paused = True
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        if self._pong_paused:
-            self._pong_paused = False
-            if not self.read_paused:  # uvicorn's own pause (a message waits for the app)
-                self.transport.resume_reading()
-
-    async def receive(self) -> ASGIReceiveEvent:
-        # uvicorn's receive, except that it does not resume reading while pongs wait.
-        message = await self.queue.get()
-        if self.read_paused and self.queue.empty():
-            self.read_paused = False
-            if not self._pong_paused:
-                self.transport.resume_reading()
-        return message
+        if self._control_allowed():
+            super().handle_ping()  # writes the pong websockets queued
 
     def handle_parser_exception(self) -> None:
-        if self._refused_too_large:
+        if self._refused:
             return  # called again for each chunk read while lingering: nothing more to say
         exc = self.conn.parser_exc
         if not isinstance(exc, PayloadTooBig):
@@ -124,21 +143,23 @@ class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
         limit = self.config.ws_max_size
         size = (getattr(exc, "size", None) or 0) + (getattr(exc, "current_size", None) or 0)
         seen = f"of {size} bytes" if size > limit else "of more bytes"
-        self._refuse_too_large(f"message {seen} is larger than the limit of {limit}")
+        self._refuse(
+            ErrorCode.MESSAGE_TOO_LARGE, f"message {seen} is larger than the limit of {limit}"
+        )
 
-    def _refuse_too_large(self, message: str) -> None:
-        """The close websockets queued (1009), preceded by `Error` (`MESSAGE_TOO_LARGE`,
-        `message`) on a client connection, then a lingering close."""
+    def _refuse(self, code: ErrorCode, message: str) -> None:
+        """The close websockets queued (`conn.fail`), preceded by `Error` (`code`, `message`)
+        on a client connection, then a lingering close."""
         close = self.conn.close_sent
         if not (not self._is_link and self.handshake_complete and not self.close_sent and close):
             super().handle_parser_exception()
             return
-        self._refused_too_large = True
+        self._refused = True
         self.queue.put_nowait(
             {"type": "websocket.disconnect", "code": close.code, "reason": close.reason}
         )
         # The Error, then the close frame and the EOF the parser queued (b"" marks the EOF).
-        self.transport.write(self._too_large_error(message) + b"".join(self.conn.data_to_send()))
+        self.transport.write(self._error_frame(code, message) + b"".join(self.conn.data_to_send()))
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.close_sent = True
@@ -149,10 +170,10 @@ class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
         # LINGER_S, ends it.
         self.close_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
-    def _too_large_error(self, message: str) -> bytes:
+    def _error_frame(self, code: ErrorCode, message: str) -> bytes:
         chosen = self.response.headers.get("Sec-WebSocket-Protocol")
         fmt = format_for_subprotocol(chosen) or "msgpack"
-        data = Codec(fmt).encode(Error(code=ErrorCode.MESSAGE_TOO_LARGE, message=message))
+        data = Codec(fmt).encode(Error(code=code, message=message))
         return ws_frame(data, OP_TEXT if fmt == "json" else OP_BINARY)
 
     def shutdown(self) -> None:

@@ -4,9 +4,11 @@ WebSocket and HTTP layers act on their own.
 - Empty continuation frames never reach the message size limit, and each was kept until the
   message ended: a message that never ends grew the server's memory forever. Now a message of
   more than `MAX_FRAGMENTS` fragments is refused like one over the size limit.
-- Ping frames are answered by the WebSocket layer without ever pausing reading: a client that
-  sent pings and never read the pongs grew the server's write buffer without bound. Now
-  reading stops while the pongs wait (TCP backpressure).
+- Ping frames are parsed and answered by the WebSocket layer with nothing slowing the client:
+  one connection flooding empty pings kept the server from completing a new handshake within
+  5 s, and one never reading its pongs grew the server's write buffer without bound. Now ping
+  and pong frames have a budget (`CONTROL_PER_S`, bursts of `CONTROL_BURST`); past it, Error
+  RATE_LIMITED and close 4503.
 - A response that completed before its request's body (a GET with a body) left uvicorn reading
   and discarding that body for as long as the client sent it, a byte now and then: the socket
   was held forever, past every head and keep-alive deadline. Now the connection ends.
@@ -28,7 +30,7 @@ import pytest
 from syncd.core.protocol.codec import Codec, Format
 from syncd.core.protocol.messages import Error, Hello, Ping, Pong
 from syncd.errors import CloseCode, ErrorCode
-from syncd.server.websocket import MAX_FRAGMENTS
+from syncd.server.websocket import CONTROL_BURST, MAX_FRAGMENTS
 from tests.adversarial.conftest import assert_responsive, start, stop
 from tests.server_proc import ServerProcess
 from tests.transport.wire import TIMEOUT, WireClient, eventually
@@ -134,8 +136,8 @@ async def upgraded(server: ServerProcess) -> tuple[asyncio.StreamReader, asyncio
 async def test_pings_whose_pongs_are_never_read_do_not_grow_memory(
     server: ServerProcess, bystander: WireClient
 ) -> None:
-    """Up to 64 MiB of ping frames from a client that never reads: the server stops reading
-    once its pongs back up, so the client's writes stall long before, and RSS stays flat."""
+    """Up to 64 MiB of ping frames from a client that never reads: the server refuses them
+    (the ping budget) and closes the connection, and its RSS stays flat."""
     reader, writer = await upgraded(server)
     before = server.rss_bytes()
     pings = client_frame(0x9, b"p" * 125) * 1024  # 134 KiB
@@ -143,13 +145,39 @@ async def test_pings_whose_pongs_are_never_read_do_not_grow_memory(
     with contextlib.suppress(TimeoutError, ConnectionError):
         while sent < 64 << 20:
             writer.write(pings)
-            await asyncio.wait_for(writer.drain(), 2.0)  # a stall: the server stopped reading
+            await asyncio.wait_for(writer.drain(), 2.0)
             sent += len(pings)
     grown = server.rss_bytes() - before
-    writer.transport.abort()  # what it wrote is still unsent: close() would wait for it
-    assert sent < 32 << 20, f"the server read {sent >> 20} MiB of pings nobody read pongs for"
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(TIMEOUT):  # the server closes: EOF, or a reset
+            while await reader.read(1 << 20):
+                pass
+    writer.transport.abort()
     assert grown < 16 << 20, grown
     await assert_responsive(bystander)
+
+
+async def test_a_flood_of_empty_pings_is_refused(
+    server: ServerProcess, bystander: WireClient, fmt: Format
+) -> None:
+    """Thousands of empty ping frames (6 bytes each): Error RATE_LIMITED, then close 4503."""
+    async with await WireClient.open(server, fmt=fmt) as attacker:
+        assert attacker.welcome is not None
+        attacker.ws.transport.write(client_frame(0x9) * (20 * CONTROL_BURST))
+        code, reason = await attacker.wait_closed()
+        assert code == CloseCode.BAD_REQUEST, (code, reason)
+        errors = attacker.all(Error)
+        assert [e.code for e in errors] == [ErrorCode.RATE_LIMITED], errors
+        assert "ping" in errors[0].message
+    await assert_responsive(bystander)
+
+
+async def test_a_client_pinging_within_the_budget_is_answered(server: ServerProcess) -> None:
+    """A burst of pings (each awaited: a pong per ping), then the connection still serves."""
+    async with await WireClient.open(server) as client:
+        for _ in range(CONTROL_BURST // 2):
+            await asyncio.wait_for(await client.ws.ping(), TIMEOUT)
+        await assert_responsive(client)
 
 
 # -- HTTP bodies nobody reads ---------------------------------------------------------------
