@@ -17,6 +17,9 @@ connection by itself, so that the client hears what docs/protocol.md says.
   a client could grow the server's memory forever with 6-byte frames. A message of more than
   `MAX_FRAGMENTS` fragments is refused like a message over the size limit (`Error`
   `MESSAGE_TOO_LARGE`, close 1009).
+- **Frame floods.** Every frame costs the loop a few microseconds to parse, however small;
+  continuation frames past `CONTINUATION_PER_S` a second (bursts of `CONTINUATION_BURST`)
+  are refused like a ping flood (below).
 - **Ping floods.** The WebSocket layer parses and answers ping frames (and parses pong
   frames) without ever pausing reading or waiting for the client to read the pongs: one
   connection flooding empty pings kept the server from completing a new handshake within
@@ -47,6 +50,8 @@ from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
 __all__ = [
     "CONTROL_BURST",
     "CONTROL_PER_S",
+    "CONTINUATION_BURST",
+    "CONTINUATION_PER_S",
     "MAX_FRAGMENTS",
     "SHUTDOWN_REASON",
     "SyncdWebSocketProtocol",
@@ -64,6 +69,12 @@ MAX_FRAGMENTS = 1024
 #: (the budget of the protocol's own `Ping` messages; a client's keepalive needs one in 20 s).
 CONTROL_PER_S = 50.0
 CONTROL_BURST = 100
+#: Continuation frames a client may send: this many a second, in bursts of
+#: CONTINUATION_BURST (eight messages of MAX_FRAGMENTS fragments). A frame costs the loop a few
+#: microseconds to parse, however small: one connection sending messages of a thousand empty
+#: fragments each kept the server from completing a new handshake within 5 s.
+CONTINUATION_PER_S = 4096.0
+CONTINUATION_BURST = 8 * MAX_FRAGMENTS
 
 
 def link_max_size(max_message_size: int) -> int:
@@ -83,7 +94,10 @@ class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
     _is_link = False
     # The ping and pong frame budget (a token bucket), and when it was last filled.
     _control_tokens = float(CONTROL_BURST)
-    _control_at = float("-inf")
+    # The continuation frame budget (a token bucket).
+    _cont_tokens = float(CONTINUATION_BURST)
+    # When both buckets were last filled.
+    _filled_at = float("-inf")
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -97,6 +111,12 @@ class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
         if self._refused or self.close_sent or self.conn.state is not State.OPEN:
             self.frames = []  # input after a close is discarded (as uvicorn does, but here
             return  # before it is kept: a message that never ends is never kept)
+        self._refill()
+        if self._cont_tokens >= 1:
+            self._cont_tokens -= 1
+        elif not self._over_budget("too many WebSocket continuation frames"):
+            self.frames = []
+            return
         if len(self.frames) >= MAX_FRAGMENTS:
             self.frames = []
             # What websockets does past the size limit: a 1009 close (queued in conn).
@@ -111,16 +131,28 @@ class SyncdWebSocketProtocol(WebSocketsSansIOProtocol):
         """Take a token for a ping or pong frame; past the budget, refuse the connection."""
         if self._refused:
             return False
-        now = self.loop.time()
-        tokens = min(CONTROL_BURST, self._control_tokens + (now - self._control_at) * CONTROL_PER_S)
-        self._control_at = now
-        if tokens >= 1:
-            self._control_tokens = tokens - 1
+        self._refill()
+        if self._control_tokens >= 1:
+            self._control_tokens -= 1
             return True
-        self._control_tokens = tokens
+        return self._over_budget("too many WebSocket ping or pong frames")
+
+    def _refill(self) -> None:
+        """Refill the frame budgets (token buckets) for the time since the last refill. The
+        loop's clock moves only between callbacks, so the frames of one read share one."""
+        now = self.loop.time()
+        elapsed = now - self._filled_at
+        self._filled_at = now
+        self._control_tokens = min(CONTROL_BURST, self._control_tokens + elapsed * CONTROL_PER_S)
+        self._cont_tokens = min(
+            CONTINUATION_BURST, self._cont_tokens + elapsed * CONTINUATION_PER_S
+        )
+
+    def _over_budget(self, message: str) -> bool:
+        """Refuse a client over a frame budget (False); the link, or a closing connection, is
+        let through (True)."""
         if self._is_link or self.conn.state is not State.OPEN:
             return True  # the link is trusted; a closing connection is about to go anyway
-        message = "too many WebSocket ping or pong frames"
         self.conn.fail(CloseCode.BAD_REQUEST, message)
         self._refuse(ErrorCode.RATE_LIMITED, message)
         return False

@@ -4,6 +4,9 @@ WebSocket and HTTP layers act on their own.
 - Empty continuation frames never reach the message size limit, and each was kept until the
   message ended: a message that never ends grew the server's memory forever. Now a message of
   more than `MAX_FRAGMENTS` fragments is refused like one over the size limit.
+- Frames cost the loop a few microseconds each to parse, however small: a stream of messages
+  of a thousand empty fragments each stalled the server like a ping flood. Continuation
+  frames have a budget too (`CONTINUATION_PER_S`, bursts of `CONTINUATION_BURST`).
 - Ping frames are parsed and answered by the WebSocket layer with nothing slowing the client:
   one connection flooding empty pings kept the server from completing a new handshake within
   5 s, and one never reading its pongs grew the server's write buffer without bound. Now ping
@@ -30,7 +33,7 @@ import pytest
 from syncd.core.protocol.codec import Codec, Format
 from syncd.core.protocol.messages import Error, Hello, Ping, Pong
 from syncd.errors import CloseCode, ErrorCode
-from syncd.server.websocket import CONTROL_BURST, MAX_FRAGMENTS
+from syncd.server.websocket import CONTINUATION_BURST, CONTROL_BURST, MAX_FRAGMENTS
 from tests.adversarial.conftest import assert_responsive, start, stop
 from tests.server_proc import ServerProcess
 from tests.transport.wire import TIMEOUT, WireClient, eventually
@@ -86,6 +89,26 @@ async def test_a_message_that_never_ends_in_empty_fragments_is_refused(
         errors = attacker.all(Error)
         assert [e.code for e in errors] == [ErrorCode.MESSAGE_TOO_LARGE], errors
         assert "fragments" in errors[0].message
+    await assert_responsive(bystander)
+
+
+async def test_a_stream_of_many_fragment_messages_is_refused(
+    server: ServerProcess, bystander: WireClient, fmt: Format
+) -> None:
+    """Messages of a thousand empty fragments each, one after another (each under the
+    fragment limit; a few microseconds of parsing per 6-byte frame): Error RATE_LIMITED
+    naming continuation frames, then close 4503."""
+    async with await WireClient.open(server, fmt=fmt) as attacker:
+        data = Codec(fmt).encode(Ping(nonce=1))
+        message = client_frame(opcode_of(fmt), data[:1], fin=False)
+        message += client_frame(0x0, fin=False) * (MAX_FRAGMENTS - 10)
+        message += client_frame(0x0, data[1:])
+        attacker.ws.transport.write(message * (2 * CONTINUATION_BURST // MAX_FRAGMENTS))
+        code, reason = await attacker.wait_closed()
+        assert code == CloseCode.BAD_REQUEST, (code, reason)
+        errors = attacker.all(Error)
+        assert [e.code for e in errors] == [ErrorCode.RATE_LIMITED], errors
+        assert "continuation" in errors[0].message
     await assert_responsive(bystander)
 
 
