@@ -26,6 +26,13 @@ body is still arriving (a GET with a body, a route that never reads one, a refus
 connection. uvicorn would otherwise keep reading and discarding that body for as long as the
 client sends it, a byte at a time if it likes, each byte cancelling the keep-alive timer and
 no head deadline running: a connection held forever after its one answer.
+
+Pipelined requests (sent before the previous answers) are queued by uvicorn, one task and
+scope each, and every answer resumes reading, so a client that sends requests without reading
+answers queued them without bound (3 GB from ten connections in two seconds). Past
+`MAX_PIPELINED` queued requests the rest of the input is ignored; the queued ones are answered
+and the connection then ends (a client retries unanswered requests on a new connection,
+RFC 9112 §9.3.2).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-__all__ = ["MAX_HEADERS", "MAX_LINE_BYTES", "limited_http_protocol"]
+__all__ = ["MAX_HEADERS", "MAX_LINE_BYTES", "MAX_PIPELINED", "limited_http_protocol"]
 
 #: Longest request line or header line (bytes). The WebSocket library under uvicorn
 #: (websockets' HTTP/1.1 parser) refuses longer lines on the upgrade path without answering,
@@ -48,6 +55,8 @@ LINGER_S = 1.0
 LINGER_BYTES = 1 << 20
 #: Most header fields in one request (websockets refuses more than 128 on the upgrade path).
 MAX_HEADERS = 100
+#: Most requests queued behind the one being answered on a connection (HTTP/1.1 pipelining).
+MAX_PIPELINED = 16
 
 
 def limited_http_protocol(
@@ -80,6 +89,8 @@ def limited_http_protocol(
             self.url = b""
             # The request whose body is still arriving (None between bodies).
             self._body_of: Any = None
+            # True once a pipeline grew past MAX_PIPELINED: later requests are ignored.
+            self._pipeline_cut = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -162,6 +173,17 @@ def limited_http_protocol(
             if size > max_header_bytes:
                 self._refuse(431, f"the request head is over {max_header_bytes} bytes")
                 return
+            cycle = self.cycle
+            if (
+                cycle is not None
+                and not cycle.response_complete
+                and len(self.pipeline) >= MAX_PIPELINED
+            ):
+                # Too deep a pipeline: answer what is queued, ignore the rest, then close.
+                self._pipeline_cut = True
+                self._refused = True
+                self._head_bytes = 0
+                return
             super().on_headers_complete()
             if not self.parser.should_upgrade():
                 self._body_of = self.cycle
@@ -176,6 +198,12 @@ def limited_http_protocol(
                 super().on_message_complete()
 
         def on_response_complete(self) -> None:
+            if self._pipeline_cut and not self.pipeline and not self.transport.is_closing():
+                # The last request answered before the cut: the connection ends.
+                self.server_state.total_requests += 1
+                self._unset_keepalive_if_required()
+                self._linger()
+                return
             cycle = self._body_of
             if cycle is None or not cycle.response_complete or self.transport.is_closing():
                 super().on_response_complete()

@@ -33,6 +33,7 @@ import pytest
 from syncd.core.protocol.codec import Codec, Format
 from syncd.core.protocol.messages import Error, Hello, Ping, Pong
 from syncd.errors import CloseCode, ErrorCode
+from syncd.server.http_limits import MAX_PIPELINED
 from syncd.server.websocket import CONTINUATION_BURST, CONTROL_BURST, MAX_FRAGMENTS
 from tests.adversarial.conftest import assert_responsive, start, stop
 from tests.server_proc import ServerProcess
@@ -273,3 +274,48 @@ async def test_a_token_in_the_query_string_is_not_logged(tmp_path: Path) -> None
         assert "token=[redacted]&b=2" in log, log
     finally:
         stop(proc)
+
+
+async def test_a_deep_pipeline_is_cut_without_growing_memory(
+    server: ServerProcess, bystander: WireClient
+) -> None:
+    """Requests sent back to back, answers never read (each answer resumed reading, so the
+    queue grew without bound): the server queues at most MAX_PIPELINED, answers those and
+    closes; RSS stays flat."""
+    before = server.rss_bytes()
+    requests = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 8000  # 280 KiB
+    for _ in range(4):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            for _ in range(20):
+                writer.write(requests)
+                await asyncio.wait_for(writer.drain(), 2.0)
+        answers = b""
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(TIMEOUT):  # the server closes
+                while chunk := await reader.read(1 << 20):
+                    answers += chunk
+        writer.transport.abort()
+        assert 0 < answers.count(b"HTTP/1.1 200 OK") <= 2 * MAX_PIPELINED + 1
+    assert server.rss_bytes() - before < 32 << 20
+    await assert_responsive(bystander)
+
+
+async def test_a_short_pipeline_is_answered_in_full(server: ServerProcess) -> None:
+    """MAX_PIPELINED requests in one write: every one is answered, and the connection stays."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * MAX_PIPELINED)
+    answers = b""
+    async with asyncio.timeout(TIMEOUT):
+        while answers.count(b'{"ok":true}') < MAX_PIPELINED:
+            chunk = await reader.read(65536)
+            assert chunk, answers
+            answers += chunk
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(TIMEOUT):
+        assert b"200 OK" in await reader.read(65536)
+    writer.close()
