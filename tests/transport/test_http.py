@@ -71,7 +71,7 @@ async def test_sql_returns_rows_and_refuses_bad_queries(notes: ServerProcess) ->
 
     for bad, says in [
         ("SELECT * FROM nowhere", "nowhere"),
-        ("SELECT * FROM audit", "private"),
+        ("SELECT * FROM audit", "unknown table audit"),
         ("SELECT id FROM folder", "SELECT *"),
         ("", "SELECT"),
     ]:
