@@ -63,7 +63,7 @@ class Journal(Protocol):
     def durable_offset(self) -> Offset:
         """The greatest offset this journal knows is durable (0: none).
 
-        Never decreases within an epoch; `start_epoch` resets it to 0.
+        Never decreases within an epoch; `start_epoch` sets it to the new epoch's first offset.
         """
         ...
 
@@ -221,12 +221,14 @@ class Journal(Protocol):
         """
         ...
 
-    async def start_epoch(self, data: bytes) -> Epoch:
-        """Begin a new log epoch from a snapshot (restore): offsets restart at 1.
+    async def start_epoch(self, data: bytes, offset: Offset = Offset(0)) -> Epoch:  # noqa: B008 - a NewType, no call
+        """Begin a new log epoch from a snapshot (restore): offsets continue at `offset + 1`.
 
         Commits what is pending, then atomically drops every entry, key and snapshot, stores
-        `data` as the new epoch's snapshot at offset 0 and increments the epoch. `data` must be
-        encoded at offset 0. Clients holding a cursor of the old epoch will get a fresh state.
+        `data` as the new epoch's snapshot at `offset` and increments the epoch. `data` must be
+        encoded at `offset`. The new epoch has no entries up to `offset` (reads before it raise
+        `LookupError`, as after a prune), so `latest_offset` is `offset`: a restore to offset N
+        starts a server at N. Clients holding a cursor of the old epoch will get a fresh state.
 
         Returns:
             The new epoch.

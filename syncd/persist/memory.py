@@ -128,8 +128,9 @@ class GroupCommitJournal(ABC):
         """Check a snapshot at or after `through` exists (else ValueError) and prune."""
 
     @abstractmethod
-    async def _storage_start_epoch(self, epoch: Epoch, data: bytes) -> None:
-        """Atomically: drop entries and snapshots, store `data` at offset 0, record `epoch`."""
+    async def _storage_start_epoch(self, epoch: Epoch, data: bytes, offset: Offset) -> None:
+        """Atomically: drop entries and snapshots, store `data` at `offset`, record `epoch`
+        and `offset` as pruned_through."""
 
     @abstractmethod
     async def _storage_get_meta(self, key: str) -> bytes | None: ...
@@ -359,7 +360,7 @@ class GroupCommitJournal(ABC):
         self._pruned_through = max(self._pruned_through, through)
         return removed
 
-    async def start_epoch(self, data: bytes) -> Epoch:
+    async def start_epoch(self, data: bytes, offset: Offset = Offset(0)) -> Epoch:  # noqa: B008 - a NewType, no call
         """See `ports.Journal.start_epoch`."""
         self._check_usable()
         if self._resetting:
@@ -368,9 +369,9 @@ class GroupCommitJournal(ABC):
         try:
             await self.wait_durable(self._appended)
             epoch = Epoch(self._epoch + 1)
-            await self._guarded(self._storage_start_epoch(epoch, data))
+            await self._guarded(self._storage_start_epoch(epoch, data, offset))
             self._epoch = epoch
-            self._durable = self._appended = self._pruned_through = Offset(0)
+            self._durable = self._appended = self._pruned_through = offset
             return epoch
         finally:
             self._resetting = False
@@ -499,12 +500,12 @@ class MemoryJournal(GroupCommitJournal):
             del log.snapshots[offset]
         return count
 
-    async def _storage_start_epoch(self, epoch: Epoch, data: bytes) -> None:
+    async def _storage_start_epoch(self, epoch: Epoch, data: bytes, offset: Offset) -> None:
         log = self.log
         log.entries.clear()
         log.keys.clear()
-        log.snapshots = {Offset(0): data}
-        log.pruned_through = Offset(0)
+        log.snapshots = {offset: data}
+        log.pruned_through = offset
         log.epoch = epoch
 
     async def _storage_get_meta(self, key: str) -> bytes | None:

@@ -517,7 +517,7 @@ class PostgresJournal(GroupCommitJournal):
 
         return await self._write(f"pruning through {through}", prune)
 
-    async def _storage_start_epoch(self, epoch: Epoch, data: bytes) -> None:
+    async def _storage_start_epoch(self, epoch: Epoch, data: bytes, offset: Offset) -> None:
         async with self._pooled(f"starting epoch {epoch}") as conn, conn.transaction():
             self._check_term(await conn.fetchval("SELECT term FROM syncd_lease FOR SHARE"))
             # Lock the journal row for the whole reset: other writers' commits wait, then see
@@ -526,8 +526,10 @@ class PostgresJournal(GroupCommitJournal):
             # Every epoch's rows: nothing of an older log may outlive a restore.
             await conn.execute("DELETE FROM syncd_log", timeout=self._write_timeout)
             await conn.execute("DELETE FROM syncd_snapshot", timeout=self._write_timeout)
-            await self._insert_snapshot(conn, epoch, Offset(0), data)
-            await conn.execute("UPDATE syncd_journal SET epoch = $1, pruned_through = 0", epoch)
+            await self._insert_snapshot(conn, epoch, offset, data)
+            await conn.execute(
+                "UPDATE syncd_journal SET epoch = $1, pruned_through = $2", epoch, offset
+            )
 
     async def _storage_set_meta(self, key: str, value: bytes | None) -> None:
         async def write(conn: Any) -> None:

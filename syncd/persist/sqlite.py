@@ -327,19 +327,22 @@ class SqliteJournal(GroupCommitJournal):
 
         return await self._on_writer(f"pruning through {through}", prune)
 
-    async def _storage_start_epoch(self, epoch: Epoch, data: bytes) -> None:
+    async def _storage_start_epoch(self, epoch: Epoch, data: bytes, offset: Offset) -> None:
         def reset(conn: sqlite3.Connection) -> None:
             def body() -> None:
                 conn.execute("DELETE FROM entries")
                 _delete_snapshots(conn, "1")
                 # One transaction, however big: the new epoch must appear all at once.
-                cursor = conn.execute("INSERT INTO snapshots (tx_offset, complete) VALUES (0, 1)")
+                cursor = conn.execute(
+                    "INSERT INTO snapshots (tx_offset, complete) VALUES (?, 1)", (offset,)
+                )
                 conn.execute(
                     "INSERT INTO snapshot_chunks (snapshot_id, seq, data) VALUES (?, 0, ?)",
                     (cursor.lastrowid, data),
                 )
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (epoch,))
-                conn.execute("UPDATE meta SET value = 0 WHERE key = 'pruned_through'")
+                # The epoch starts at `offset`: open() reports it as the latest.
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'pruned_through'", (offset,))
 
             self._transaction(conn, body)
 

@@ -367,10 +367,33 @@ class JournalContract:
         journal.append(Offset(1), b"new epoch")
         await journal.wait_durable(Offset(1))
         await journal.aclose()
-
         reopened = await open_journal()
         assert reopened.epoch == 2
         assert await reopened.read(Offset(0)) == [(1, b"new epoch")]
+
+    async def test_start_epoch_at_an_offset_continues_from_it(
+        self, journal: CountingJournal, open_journal: OpenJournal
+    ) -> None:
+        """A new epoch started at offset N (a restore to N) reports N, appends N + 1 next,
+        has nothing to read before N, and still starts at N once reopened."""
+        append_range(journal, 1, 6)
+        await journal.wait_durable(Offset(6))
+        assert await journal.start_epoch(b"restored@4", Offset(4)) == 2
+        assert journal.durable_offset == 4
+        assert await journal.latest_offset() == 4
+        assert await journal.latest_snapshot() == (4, b"restored@4")
+        assert await journal.read(Offset(4)) == []
+        with pytest.raises(LookupError):
+            await journal.read(Offset(3))
+        with pytest.raises(ValueError):
+            journal.append(Offset(1), b"before the start")
+        journal.append(Offset(5), b"new epoch")
+        await journal.wait_durable(Offset(5))
+        await journal.aclose()
+        reopened = await open_journal()
+        assert (reopened.epoch, await reopened.latest_offset()) == (2, 5)
+        assert await reopened.read(Offset(4)) == [(5, b"new epoch")]
+        assert await reopened.latest_snapshot() == (4, b"restored@4")
 
     # -- server metadata --------------------------------------------------------------------
 
