@@ -132,7 +132,32 @@ def _restore(args: argparse.Namespace) -> int:
     info = restore(
         schema, Path(args.backup), Path(args.data), at_offset=args.at_offset, at_micros=at_micros
     )
-    print(json.dumps({"restored": args.data, "epoch": info.epoch, "offset": info.offset}))
+    if info.source_live:
+        print(
+            f"syncd: note: {args.backup} is in use by a running server; restored a consistent "
+            f"copy of it as of offset {info.source_offset}, and that server has gone on since "
+            "(to take copies of a live server, use `syncd backup`)",
+            file=sys.stderr,
+        )
+    # What a server started on the new directory reports: /readyz epoch and offset, and the
+    # rows each table holds.
+    print(
+        json.dumps(
+            {
+                "restored": args.data,
+                "epoch": info.epoch,
+                "offset": info.offset,
+                "rows": info.rows,
+                "at": info.at,
+                "ended_connections": info.ended_connections,
+                "source": {
+                    "path": args.backup,
+                    "epoch": info.source_epoch,
+                    "offset": info.source_offset,
+                },
+            }
+        )
+    )
     return 0
 
 
@@ -448,11 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     restore = sub.add_parser(
         "restore",
         help="make a backup a server's data directory, optionally at an earlier point",
-        description="Copy a backup into a new data directory. With --at-offset or --at-time "
-        "the state is rolled back to that transaction and a new log epoch starts from it "
-        "(clients holding an older cursor get a fresh state). The server must be stopped.",
+        description="Copy a backup (or any data directory, even one a server is running on: "
+        "it is read consistently through SQLite, WAL included) into a new data directory. "
+        "With --at-offset or --at-time the state is rolled back to that transaction. A new "
+        "log epoch starts at the restored offset (clients holding an older cursor get a fresh "
+        "state). Prints the epoch, offset and rows per table a server on the new directory "
+        "will report.",
     )
-    restore.add_argument("backup", metavar="BACKUP_DIR")
+    restore.add_argument("backup", metavar="BACKUP_DIR", help="a backup or a data directory")
     restore.add_argument("--data", required=True, metavar="DIR", help="the new data directory")
     restore.add_argument(
         "--module", required=True, help="the module the data belongs to (to rebuild state)"

@@ -2,16 +2,22 @@
 
 **Backup** copies a data directory's journal (and its API keys) with SQLite's online backup
 API: a consistent copy of every committed transaction and snapshot, taken while the server
-runs (WAL lets the copy read while the server writes; the copy is retried if a write lands
-mid-way). The result is a directory holding `journal.sqlite3` and `keys.sqlite3`, which is
-itself a valid data directory.
+runs (WAL lets the copy read while the server writes). The result is a directory holding
+`journal.sqlite3` and `keys.sqlite3`, which is itself a valid data directory.
 
-**Restore** puts a backup in place as a server's data directory (the server must be stopped:
-the journal's lock says so), optionally rolled back to a point in time (`--at-offset N` or
-`--at-time T`): it rebuilds the state as of that transaction (or the backup's last one) and
-starts a new log epoch from it (`Journal.start_epoch`). Always a new epoch: the server the
-backup came from went on past it, so clients that come back with a cursor of the old epoch
-must get a fresh state, never a "resume" onto offsets that now mean other transactions.
+**Restore** makes a new data directory from a backup or from any data directory (stopped,
+killed, or in use by a running server), optionally rolled back to a point in time
+(`--at-offset N` or `--at-time T`). The source is read the way backup reads it, through SQLite,
+never by copying its files: a data directory's latest transactions are often only in its
+`-wal` (everything since the last checkpoint; all of them after a kill -9), and a copy of the
+main file alone is an older state, or a torn one if a checkpoint runs meanwhile.
+
+It rebuilds the state as of that transaction (or the source's last one) and starts a new log
+epoch *at that offset* (`Journal.start_epoch`). Always a new epoch: the server the source came
+from went on past it, so clients that come back with a cursor of the old epoch must get a
+fresh state, never a "resume" onto offsets that now mean other transactions. Connections the
+state still holds get `client_disconnected` (as a server does at start), so the epoch, offset
+and rows per table that restore returns are what a server on the new directory reports.
 
 With `--postgres`, the journal lives in Postgres: back it up with Postgres's own tools
 (`pg_dump`, or base backups with WAL archiving for point-in-time recovery); see
@@ -21,8 +27,12 @@ docs/operations.md.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import logging
+import os
 import shutil
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +41,13 @@ from syncd.core import snapshot
 from syncd.core.ids import Offset
 from syncd.core.schema import Schema
 from syncd.core.store import Store
-from syncd.core.tx import decode_tx
-from syncd.errors import ConfigError
+from syncd.core.system import CONNECTION_TABLE
+from syncd.core.tx import Tx, decode_tx
+from syncd.errors import ConfigError, JournalError
 from syncd.persist.sqlite import DEFAULT_FILENAME, SqliteJournal
+from syncd.server.leader import Leader
+
+logger = logging.getLogger(__name__)
 
 # Files SQLite keeps next to a database (WAL, shared memory) and the journal's lock file.
 _SIDE_FILES = ("-wal", "-shm", ".lock")
@@ -47,17 +61,64 @@ class BackupInfo:
 
 
 def _copy_sqlite(source: Path, target: Path) -> None:
-    """A consistent copy of a live SQLite database (WAL included) into `target`."""
+    """A consistent copy of a live or stopped SQLite database into `target`.
+
+    Read through SQLite (never the bytes of the file): committed transactions that are still
+    only in `<source>-wal` (a server running, or killed before a checkpoint) are part of the
+    copy, and a checkpoint running meanwhile cannot tear it. `mode=ro` leaves the source as it
+    was (no checkpoint, no recovery written into it).
+
+    Raises:
+        ConfigError: `source` is not an SQLite database.
+        JournalError: SQLite cannot read it (locked, unreadable).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10.0)
     try:
-        dst = sqlite3.connect(target)
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10.0)
         try:
-            src.backup(dst)
+            dst = sqlite3.connect(target)
+            try:
+                src.backup(dst)  # one step: a single read transaction of the source
+            finally:
+                dst.close()
         finally:
-            dst.close()
+            src.close()
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise ConfigError(f"{source} is not an SQLite database") from None
+        raise JournalError(f"cannot read {source}: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot read {source}: {exc}") from exc
+
+
+def _is_journal(path: Path) -> bool:
+    """Whether the SQLite file `path` holds a syncd journal (its `meta` table)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return (
+            conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+            is not None
+        )
     finally:
-        src.close()
+        conn.close()
+
+
+def _in_use(journal: Path) -> bool:
+    """Whether a process holds `journal`'s lock (a server running on it), without taking it
+    for longer than the probe and without creating the lock file."""
+    try:
+        fd = os.open(f"{journal}.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got one
+    return False
 
 
 def backup(data_dir: Path, out: Path) -> BackupInfo:
@@ -138,6 +199,28 @@ async def offset_at_time(schema: Schema, journal: SqliteJournal, micros: int) ->
         after = entries[-1][0]
 
 
+@dataclass(frozen=True, slots=True)
+class RestoreInfo:
+    """What `restore` made: what a server started on the new directory reports."""
+
+    # The new log epoch (the source's + 1): /readyz "epoch".
+    epoch: int
+    # The restored state's offset: /readyz "offset". It is `at` plus one transaction per
+    # connection ended.
+    offset: int
+    # Rows per table in the restored state (private tables included).
+    rows: dict[str, int]
+    # The point restored (the new epoch starts there), and how many connections the state
+    # held at it: `client_disconnected` ran for each, as a server does at start.
+    at: int
+    ended_connections: int
+    # The source's epoch and last offset when it was read.
+    source_epoch: int
+    source_offset: int
+    # True if a server was running on the source: it has gone on past what was read.
+    source_live: bool
+
+
 def restore(
     schema: Schema,
     source: Path,
@@ -145,21 +228,28 @@ def restore(
     *,
     at_offset: int | None = None,
     at_micros: int | None = None,
-) -> BackupInfo:
-    """Make `data_dir` a copy of the backup `source`, rolled back to a point if asked.
+) -> RestoreInfo:
+    """Make `data_dir` a copy of `source`, rolled back to a point if asked.
+
+    `source` is a backup or any data directory, stopped, killed or in use by a running server:
+    its journal is read through SQLite (the backup API, as `backup` does), so transactions still
+    only in its `-wal` are included and the copy is one consistent state. A running server's
+    directory is read as of the moment of the copy (`RestoreInfo.source_live` says so).
 
     Raises:
-        ConfigError: `source` is not a backup, `data_dir` holds a journal already, or the
-            point cannot be rebuilt.
-        JournalError: `data_dir`'s journal is open in a running server.
+        ConfigError: `source` holds no syncd journal, `data_dir` holds a journal already, or the
+            point cannot be rebuilt (beyond the log's end, or pruned).
+        JournalError: the source cannot be read, or `data_dir`'s journal is open in a server.
     """
-    if not (source / DEFAULT_FILENAME).is_file():
-        raise ConfigError(f"{source} is not a backup (no {DEFAULT_FILENAME})")
+    journal = source / DEFAULT_FILENAME
+    if not journal.is_file():
+        raise ConfigError(f"{source} is not a backup or a data directory (no {DEFAULT_FILENAME})")
     if (data_dir / DEFAULT_FILENAME).exists():
         raise ConfigError(
             f"{data_dir} already holds a journal; restore into a new directory (and point the "
             "server at it), or move the old one away first"
         )
+    live = _in_use(journal)
     created = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True)
     copied: list[Path] = []
@@ -167,8 +257,11 @@ def restore(
         for name in (DEFAULT_FILENAME, KEYS_FILENAME):
             if (source / name).is_file():
                 copied.append(data_dir / name)
-                shutil.copyfile(source / name, data_dir / name)
-        return asyncio.run(_roll_back(schema, data_dir, at_offset, at_micros))
+                _copy_sqlite(source / name, data_dir / name)
+        if not _is_journal(data_dir / DEFAULT_FILENAME):
+            # Opening it as a journal would create empty tables: a "restore" of nothing.
+            raise ConfigError(f"{journal} is not a syncd journal (no meta table)")
+        return asyncio.run(_roll_back(schema, data_dir, at_offset, at_micros, live))
     except BaseException:
         # Nothing half-restored is left behind.
         for path in copied:
@@ -180,21 +273,64 @@ def restore(
 
 
 async def _roll_back(
-    schema: Schema, data_dir: Path, at_offset: int | None, at_micros: int | None
-) -> BackupInfo:
+    schema: Schema, data_dir: Path, at_offset: int | None, at_micros: int | None, live: bool
+) -> RestoreInfo:
     async with SqliteJournal(data_dir / DEFAULT_FILENAME) as journal:
-        # Always a new epoch, even without a point: the server the backup came from went on
-        # past it, so its clients hold cursors whose offsets mean other transactions here.
+        source_epoch, source_offset = journal.epoch, await journal.latest_offset()
         if at_offset is not None:
             target = at_offset
         elif at_micros is not None:
             target = await offset_at_time(schema, journal, at_micros)
         else:
-            target = await journal.latest_offset()
+            target = source_offset
         store = await state_at(schema, journal, target)
-        # The new epoch starts from this state at offset 0.
-        snap = snapshot.take(store)
-        snap = snapshot.Snapshot(Offset(0), snap.next_ids, snap.tables)
-        data = await asyncio.to_thread(snapshot.encode, schema, snap)
-        epoch = await journal.start_epoch(data)
-        return BackupInfo(epoch, target, [])
+        # Always a new epoch, even without a point: the server the source came from went on
+        # (or may go on) past it, so its clients hold cursors whose later offsets mean other
+        # transactions here. The epoch starts at `target`, so the restored server reports the
+        # offset that was restored, and offsets up to it keep meaning what they meant.
+        data = await asyncio.to_thread(snapshot.encode, schema, snapshot.take(store))
+        epoch = await journal.start_epoch(data, Offset(target))
+        ended = await _end_connections(schema, store, journal)
+        rows = {name: len(table) for name, table in store.tables.items()}
+        return RestoreInfo(
+            epoch, store.offset, rows, target, ended, source_epoch, source_offset, live
+        )
+
+
+class _NoSubscribers:
+    """The restore's publisher: nobody is subscribed to a journal no server runs on yet."""
+
+    async def publish(self, txs: list[Tx], payloads: list[bytes]) -> None:
+        return None
+
+
+async def _end_connections(schema: Schema, store: Store, journal: SqliteJournal) -> int:
+    """Run `client_disconnected` for the connections the restored state still holds, and
+    return how many there were.
+
+    A server starting on the directory would do it first (they are the source's connections,
+    none of them open here), one transaction each: done here, the offset and rows that restore
+    prints are the ones that server reports.
+    """
+    connections = list(store.tables[CONNECTION_TABLE].rows)
+    if not connections:
+        return 0
+    leader = Leader(
+        schema,
+        store,
+        journal,
+        _NoSubscribers(),
+        writer=f"restore:{journal.epoch}",
+        now_us=lambda: time.time_ns() // 1000,
+    )
+    leader.start()
+    try:
+        for connection_id in connections:
+            outcome = await (await leader.disconnect(connection_id))
+            if not outcome.ok:
+                # As at a server's start: the connection is forgotten all the same.
+                logger.warning("ending connection %s: %s", connection_id, outcome.error)
+        await journal.wait_durable(Offset(store.offset))
+    finally:
+        await leader.aclose()
+    return len(connections)
