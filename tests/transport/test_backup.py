@@ -1,18 +1,21 @@
-"""`syncd backup` while a server runs, and `syncd restore` (whole, or at an earlier point)."""
+"""`syncd backup` while a server runs, and `syncd restore` (whole, or at an earlier point) from a
+backup or straight from a data directory (stopped, killed with an unmerged WAL, or live)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.server_proc import ServerProcess, serving
-from tests.transport.wire import WireClient, ahttp, sql
+from tests.transport.wire import WireClient, ahttp, readyz, settled, sql
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +50,27 @@ async def messages(server: ServerProcess) -> list[str]:
     return sorted(row[3] for row in await sql(server, "SELECT * FROM message"))
 
 
+async def assert_reports(server: ServerProcess, printed: dict[str, Any]) -> None:
+    """The restored server reports what `syncd restore` printed: epoch, offset, row counts."""
+    ready = await readyz(server)
+    assert (ready["epoch"], ready["offset"]) == (printed["epoch"], printed["offset"])
+    for table in ("user", "message"):
+        rows = await sql(server, f"SELECT * FROM {table}")
+        assert len(rows) == printed["rows"][table], table
+    assert printed["rows"]["syncd_connection"] == 0  # none of the source's is open here
+
+
+def checkpoint(data_dir: Path) -> None:
+    """Move what the WAL holds into the main file, as SQLite's auto-checkpoint does every
+    1000 pages: later writes then live only in the WAL again."""
+    conn = sqlite3.connect(data_dir / "journal.sqlite3")
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert busy == 0
+    finally:
+        conn.close()
+
+
 async def test_backup_while_serving_then_restore_everything(tmp_path: Path) -> None:
     """A backup taken while the server runs holds every acknowledged transaction; restored
     into a new directory, a server there serves the same messages, in a new epoch."""
@@ -69,22 +93,39 @@ async def test_backup_while_serving_then_restore_everything(tmp_path: Path) -> N
         assert ready["epoch"] == 2
 
 
-async def test_restore_at_an_offset_starts_a_new_epoch(tmp_path: Path) -> None:
-    """--at-offset rolls the state back to that transaction and starts epoch 2 from it."""
+async def test_restore_at_an_offset_starts_a_new_epoch_there(tmp_path: Path) -> None:
+    """--at-offset N rolls the state back to N and starts epoch 2 at N: restore prints N, and
+    the restored server reports offset N, epoch 2 and the rows it printed."""
     with serving("schema/chat.py", tmp_path / "data") as server:
         offsets = await send(server, "kept 1", "kept 2", "dropped 3", "dropped 4")
+        last = (await settled(server, 0))["offset"]  # the sender's disconnect came after them
         assert backup(server.data_dir, tmp_path / "bk").returncode == 0
-    done = restore(tmp_path / "bk", tmp_path / "new", "--at-offset", str(offsets[1]))
+    done = restore(tmp_path / "bk", tmp_path / "new", "--at-offset", str(last))
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {
+    printed = json.loads(done.stdout)
+    with serving("schema/chat.py", tmp_path / "new") as restored:
+        assert (await readyz(restored))["offset"] == last
+        await assert_reports(restored, printed)
+    assert printed == {
         "restored": str(tmp_path / "new"),
         "epoch": 2,
-        "offset": offsets[1],
+        "offset": last,
+        "rows": {"user": 1, "message": 4, "syncd_connection": 0},
+        "at": last,
+        "ended_connections": 0,
+        "source": {"path": str(tmp_path / "bk"), "epoch": 1, "offset": last},
     }
-    with serving("schema/chat.py", tmp_path / "new") as restored:
+    done = restore(tmp_path / "bk", tmp_path / "older", "--at-offset", str(offsets[1]))
+    assert done.returncode == 0, done.stderr
+    older = json.loads(done.stdout)
+    with serving("schema/chat.py", tmp_path / "older") as restored:
         assert await messages(restored) == ["kept 1", "kept 2"]
-        _, ready = await ahttp(restored, "GET", "/readyz")
-        assert ready["epoch"] == 2
+        # The sender was connected at offsets[1]: restore ran its client_disconnected (as a
+        # server does at start), one transaction past the point, and says so.
+        assert (older["at"], older["ended_connections"]) == (offsets[1], 1)
+        assert older["offset"] == offsets[1] + 1
+        await assert_reports(restored, older)
+        assert [row[2] for row in await sql(restored, "SELECT * FROM user")] == [False]
         await send(restored, "new epoch")
         assert await messages(restored) == ["kept 1", "kept 2", "new epoch"]
 
@@ -123,3 +164,67 @@ def test_bad_requests_are_refused_clearly(tmp_path: Path) -> None:
     assert not (tmp_path / "r1").exists()  # nothing half-restored
     naive = restore(tmp_path / "bk", tmp_path / "r2", "--at-time", "2026-01-01T00:00:00")
     assert naive.returncode == 2 and "time zone" in naive.stderr
+
+
+async def test_restore_a_killed_servers_directory_with_an_unmerged_wal(tmp_path: Path) -> None:
+    """A data directory whose server was killed (kill -9) holds its transactions in the
+    `-wal` only: restore reads them through SQLite and restores every one."""
+    server = ServerProcess("schema/chat.py", tmp_path / "data").start()
+    try:
+        await send(server, *(f"m{i}" for i in range(30)))
+        last = (await settled(server, 0))["offset"]
+        expected = await messages(server)
+    finally:
+        server.kill()
+    wal = tmp_path / "data" / "journal.sqlite3-wal"
+    assert wal.stat().st_size > 0  # unmerged: the main file has none of it
+    done = restore(tmp_path / "data", tmp_path / "new")
+    assert done.returncode == 0, done.stderr
+    assert wal.stat().st_size > 0  # the source is left as it was, for its own recovery
+    with serving("schema/chat.py", tmp_path / "new") as restored:
+        assert await messages(restored) == expected
+        printed = json.loads(done.stdout)
+        assert (printed["epoch"], printed["offset"], printed["rows"]["message"]) == (2, last, 30)
+        assert "in use" not in done.stderr
+        await assert_reports(restored, printed)
+    with serving("schema/chat.py", tmp_path / "data") as again:  # still recovers by itself
+        assert await messages(again) == expected
+
+
+async def test_restore_a_live_directory_reads_a_consistent_copy(tmp_path: Path) -> None:
+    """A directory a server is running on, part checkpointed and part only in its WAL, is
+    read as one consistent state with everything committed, and restore says the source is
+    live (its server goes on past the copy)."""
+    with serving("schema/chat.py", tmp_path / "data") as server:
+        await send(server, *(f"old {i}" for i in range(10)))
+        checkpoint(server.data_dir)
+        await send(server, *(f"new {i}" for i in range(10)))
+        last = (await settled(server, 0))["offset"]
+        expected = await messages(server)
+        done = restore(server.data_dir, tmp_path / "new")
+        assert done.returncode == 0, done.stderr
+        past = restore(server.data_dir, tmp_path / "r1", "--at-offset", str(last + 1))
+        assert past.returncode == 2, past.stdout
+        assert f"offset {last + 1} is beyond the journal's last one ({last})" in past.stderr
+        assert not (tmp_path / "r1").exists()
+    with serving("schema/chat.py", tmp_path / "new") as restored:
+        assert await messages(restored) == expected and len(expected) == 20
+        assert "in use by a running server" in done.stderr and "syncd backup" in done.stderr
+        printed = json.loads(done.stdout)
+        assert printed["source"] == {"path": str(server.data_dir), "epoch": 1, "offset": last}
+        assert printed["offset"] == last
+        await assert_reports(restored, printed)
+
+
+def test_a_directory_without_a_syncd_journal_is_refused(tmp_path: Path) -> None:
+    """A journal.sqlite3 that is not SQLite, or an SQLite file without a journal's tables, is
+    refused with exit 2 (not restored as an empty state), and nothing is left behind."""
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "journal.sqlite3").write_bytes(b"not a database, " * 100)
+    (tmp_path / "empty").mkdir()
+    sqlite3.connect(tmp_path / "empty" / "journal.sqlite3").close()
+    empty = restore(tmp_path / "empty", tmp_path / "r2")
+    assert empty.returncode == 2 and "not a syncd journal" in empty.stderr, empty.stdout
+    garbage = restore(tmp_path / "garbage", tmp_path / "r1")
+    assert garbage.returncode == 2 and "not an SQLite database" in garbage.stderr
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
