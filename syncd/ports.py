@@ -221,7 +221,11 @@ class Journal(Protocol):
         """
         ...
 
-    async def start_epoch(self, data: bytes, offset: Offset = Offset(0)) -> Epoch:  # noqa: B008 - a NewType, no call
+    async def start_epoch(
+        self,
+        data: bytes,
+        offset: Offset = Offset(0),  # noqa: B008 - an int (NewType): immutable
+    ) -> Epoch:
         """Begin a new log epoch from a snapshot (restore): offsets continue at `offset + 1`.
 
         Commits what is pending, then atomically drops every entry, key and snapshot, stores

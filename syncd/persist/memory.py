@@ -360,7 +360,11 @@ class GroupCommitJournal(ABC):
         self._pruned_through = max(self._pruned_through, through)
         return removed
 
-    async def start_epoch(self, data: bytes, offset: Offset = Offset(0)) -> Epoch:  # noqa: B008 - a NewType, no call
+    async def start_epoch(
+        self,
+        data: bytes,
+        offset: Offset = Offset(0),  # noqa: B008 - an int (NewType): immutable
+    ) -> Epoch:
         """See `ports.Journal.start_epoch`."""
         self._check_usable()
         if self._resetting:
