@@ -19,7 +19,7 @@ from typing import Any
 from syncd.core.hlc import Stamp
 from syncd.core.schema import IndexDef, Schema, TableDef
 from syncd.core.values import CrdtType
-from syncd.errors import ConstraintError
+from syncd.errors import ConstraintError, ReducerError
 
 Row = tuple[Any, ...]
 #: (row before, row after): (None, row) is an insert, (row, None) a delete, both an update.
@@ -219,6 +219,15 @@ class TableState:
             if self.tdef.auto_inc and pk >= self.next_id:
                 self.next_id = pk + 1
 
+    def reindex(self) -> None:
+        """Rebuild every index from the rows (after a write was cut off halfway)."""
+        for ix in self._all:
+            ix.entries = {}
+            if isinstance(ix, OrderedIndex):
+                ix.sorted = []
+            for pk, row in self.rows.items():
+                ix.add(row, pk)
+
     def check_unique(self, row: Row, pk: Any) -> None:
         for ix in self._unique:
             if ix.conflict(row, pk):
@@ -352,6 +361,9 @@ class Transaction:
         self._before: dict[tuple[str, Any], Row | None] = {}
         # table -> next_id before this transaction first touched it
         self._next_ids: dict[str, int] = {}
+        # What cut a write off halfway, leaving a row and its indexes out of step (None: no
+        # write was). Such a transaction can only be rolled back.
+        self.broken: BaseException | None = None
         self.open = True
 
     def _state(self, table: str) -> TableState:
@@ -366,7 +378,15 @@ class Transaction:
             state.check_unique(new, pk)
         if state.tdef.auto_inc and state.tdef.name not in self._next_ids:
             self._next_ids[state.tdef.name] = state.next_id
-        state.put(pk, old, new)
+        try:
+            state.put(pk, old, new)
+        except BaseException as exc:
+            # A RecursionError or MemoryError (a reducer writing from deep recursion) can land
+            # between a row and its indexes. Whether or not the reducer catches it, `commit`
+            # then refuses and `rollback` rebuilds the indexes. Only an attribute store here:
+            # a call could raise the same error again.
+            self.broken = exc
+            raise
 
     def insert(self, table: str, row: Row) -> Row:
         """Insert a stored-form row; an auto_inc pk of 0 is assigned. Returns the row stored.
@@ -431,8 +451,20 @@ class Transaction:
         return new
 
     def commit(self) -> ChangeSet:
-        """Close the transaction and return what it changed (net of its own churn)."""
+        """Close the transaction and return what it changed (net of its own churn).
+
+        Raises:
+            ReducerError: a write was cut off halfway (`broken`, say a RecursionError the
+                reducer caught); the transaction was rolled back instead.
+        """
         self._check_open()
+        if self.broken is not None:
+            cause = self.broken
+            self.rollback()
+            raise ReducerError(
+                f"a write was cut off halfway by {type(cause).__name__}: the transaction was "
+                "rolled back"
+            ) from cause
         changes: dict[str, dict[Any, Change]] = {}
         for (table, pk), old in self._before.items():
             new = self.store.tables[table].rows.get(pk)
@@ -445,6 +477,9 @@ class Transaction:
         """Undo every write; the store is as it was before `begin`."""
         if not self.open:
             return
+        if self.broken is not None:
+            self._rollback_broken()
+            return
         for (table, pk), old in reversed(self._before.items()):
             state = self.store.tables[table]
             current = state.rows.get(pk)
@@ -452,6 +487,24 @@ class Transaction:
                 state.put(pk, current, old)
         for table, next_id in self._next_ids.items():
             self.store.tables[table].next_id = next_id
+        self._close()
+
+    def _rollback_broken(self) -> None:
+        # A write was cut off halfway: the indexes of the tables it touched cannot be trusted,
+        # so restore the rows alone and rebuild those indexes from them.
+        touched: set[str] = set()
+        for (table, pk), old in self._before.items():
+            rows = self.store.tables[table].rows
+            if old is None:
+                rows.pop(pk, None)
+            else:
+                rows[pk] = old
+            touched.add(table)
+        for table in touched:
+            self.store.tables[table].reindex()
+        for table, next_id in self._next_ids.items():
+            self.store.tables[table].next_id = next_id
+        self.broken = None
         self._close()
 
     def _close(self) -> None:

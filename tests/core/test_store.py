@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import sys
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ from syncd.core.hlc import HybridClock
 from syncd.core.ids import Identity, Timestamp
 from syncd.core.reducers import run_reducer
 from syncd.core.schema import Schema, load_schema
-from syncd.core.store import HashIndex, OrderedIndex, Store
+from syncd.core.store import ChangeSet, HashIndex, OrderedIndex, Store
 
 
 @syncd.table(public=True, indexes=[syncd.Index("owner", "score", kind="ordered")])
@@ -60,8 +62,39 @@ def churn_then_fail(ctx: ReducerContext, owner: str) -> None:
     raise syncd.ReducerError("on purpose")
 
 
+@syncd.reducer
+def cut_off(ctx: ReducerContext, headroom: int, swallow: bool) -> None:
+    """Writes with only `headroom` frames of stack left, so a RecursionError lands inside the
+    store's own write path; with `swallow`, the reducer catches it and goes on to commit."""
+    depth = len(inspect.stack(0))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(depth + headroom)
+    try:
+        for item in list(ctx.db.item.iter())[:1]:
+            item.score, item.tag = item.score + 1, f"{item.tag}+"
+            try:
+                ctx.db.item.update(item)
+            except RecursionError:
+                if not swallow:
+                    raise
+        try:
+            ctx.db.item.insert(Item(owner="deep", score=headroom, tag=f"deep{headroom}"))
+        except RecursionError:
+            if not swallow:
+                raise
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 SCHEMA: Schema = load_schema(
-    {"Item": Item, "add": add, "edit": edit, "remove": remove, "churn_then_fail": churn_then_fail}
+    {
+        "Item": Item,
+        "add": add,
+        "edit": edit,
+        "remove": remove,
+        "churn_then_fail": churn_then_fail,
+        "cut_off": cut_off,
+    }
 )
 owners = st.sampled_from(["ann", "bob", "cy"])
 scores = st.integers(-5, 5)
@@ -216,6 +249,58 @@ def test_replica_apply_reproduces_leader_state() -> None:
     assert replica.offset == 4
     with pytest.raises(ValueError, match="expected offset 5, got 7"):
         replica.apply(changes, 7)
+
+
+def assert_indexes_match_rows(store: Store) -> None:
+    state = store.tables["item"]
+    for ix in state.indexes.values():
+        expected: dict[Any, set[int]] = {}
+        for pk, row in state.rows.items():
+            expected.setdefault(ix.key(row), set()).add(pk)
+        assert ix.entries == expected, ix.idef.name
+        if isinstance(ix, OrderedIndex):
+            assert ix.sorted == sorted(
+                (ix.sort_key(ix.key(row)), pk) for pk, row in state.rows.items()
+            )
+    assert state.next_id > max(state.rows, default=0)
+
+
+@pytest.mark.parametrize("swallow", [False, True], ids=["raised", "swallowed"])
+def test_a_write_cut_off_halfway_never_leaves_the_store_out_of_step(swallow: bool) -> None:
+    """A RecursionError (or MemoryError) can land anywhere in the store's write path when a
+    reducer writes from deep recursion: between a row and its indexes, or an index's two
+    halves. Whether the reducer lets it out or swallows it and returns, the transaction is
+    rolled back whole (a ReducerError), and rows, indexes and auto_inc stay in step."""
+    store = Store(SCHEMA)
+    clock = HybridClock("t")
+    now = 0
+
+    def call(name: str, *args: Any) -> ChangeSet:
+        nonlocal now
+        now += 1
+        return run_reducer(
+            store,
+            SCHEMA.reducers[name],
+            list(args),
+            sender=Identity("x"),
+            connection_id=None,
+            timestamp=Timestamp(now),
+            stamp=clock.tick(now),
+        )
+
+    call("add", "ann", 1, "t1", "a")
+    for headroom in range(1, 40):
+        before = store.dump()
+        try:
+            changes = call("cut_off", headroom, swallow)
+        except syncd.ReducerError:
+            assert store.dump() == before, headroom
+        else:
+            assert changes.tables["item"], headroom  # every write it made is in the change set
+        assert store.current is None, headroom
+        assert_indexes_match_rows(store)
+        call("add", "bob", headroom, None, "after")  # the store still takes writes
+        assert_indexes_match_rows(store)
 
 
 def test_count_is_the_length_of_lookup() -> None:
