@@ -30,6 +30,14 @@ from syncd.core.ids import Identity, Timestamp
 
 I64_MIN = -(2**63)
 I64_MAX = 2**63 - 1
+#: Longest writer id (characters) a merge operation may carry. It stays in the cell (an LWW
+#: stamp, a Counter slot) and travels with every change of the row.
+MAX_WRITER_CHARS = 256
+#: Most writers one Counter cell may hold through merges. Each writer is a slot forever and
+#: every merge rebuilds the cell, so without a bound one client adding thousands of writers
+#: per merge made each later merge of that cell cost seconds on the writer's event loop.
+#: (A reducer's own slot is always taken; a cell stored with more keeps merging its writers.)
+MAX_COUNTER_WRITERS = 4096
 
 
 class RangeError(ValueError):
@@ -39,6 +47,16 @@ class RangeError(ValueError):
     no infinities, UTF-8 has no lone surrogates), so such values are refused when written, never
     discovered later while a delta is encoded for subscribers.
     """
+
+
+def _check_writer(writer: object, what: str) -> str:
+    if not isinstance(writer, str) or not writer:
+        raise ValueError(f"{what} writer must be a non-empty str")
+    if len(writer) > MAX_WRITER_CHARS:
+        raise RangeError(
+            f"{what} writer id of {len(writer)} characters: at most {MAX_WRITER_CHARS}"
+        )
+    return check_text(writer)
 
 
 def check_text(value: str) -> str:
@@ -418,9 +436,8 @@ class LwwType(CrdtType):
                 f"LWW operation ms {ms} is more than {MAX_DRIFT_MS} ms ahead of the server's "
                 f"clock ({now_ms} ms): the writer's clock is wrong"
             )
-        if not isinstance(writer, str) or not writer:
-            raise ValueError("LWW operation writer must be a non-empty str")
-        return LwwCell(self.inner.check(value), Stamp(int(ms), int(counter), check_text(writer)))
+        writer = _check_writer(writer, "LWW operation")
+        return LwwCell(self.inner.check(value), Stamp(int(ms), int(counter), writer))
 
     def merge(self, cell: object | None, op: object) -> object:
         assert isinstance(op, LwwCell)
@@ -492,19 +509,19 @@ class CounterType(CrdtType):
                 f"counter value {value}: writer {stamp.writer!r}'s running total of "
                 f"{'increments' if delta > 0 else 'decrements'} would leave the 64-bit range"
             )
-        return self.merge(current, CounterCell(((stamp.writer, p, n),)))
+        return _check_total(self._merged(current, CounterCell(((stamp.writer, p, n),))))
 
     def decode_op(self, op: object, *, now_ms: int | None = None) -> object:
         if not isinstance(op, list | tuple) or not op:
             raise ValueError("a Counter operation is a non-empty list of [writer, p, n]")
+        if len(op) > MAX_COUNTER_WRITERS:
+            raise RangeError(_too_many_writers(len(op)))
         merged: dict[str, tuple[int, int]] = {}
         for entry in op:
             if not isinstance(entry, list | tuple) or len(entry) != 3:
                 raise ValueError("a Counter operation entry is [writer, p, n]")
             writer, p, n = entry
-            if not isinstance(writer, str) or not writer:
-                raise ValueError("Counter writer must be a non-empty str")
-            check_text(writer)
+            _check_writer(writer, "Counter")
             for part in (p, n):
                 if isinstance(part, bool) or not isinstance(part, int) or part < 0:
                     raise ValueError("Counter totals must be non-negative 64-bit ints")
@@ -516,14 +533,23 @@ class CounterType(CrdtType):
         return CounterCell(tuple((w, p, n) for w, (p, n) in sorted(merged.items())))
 
     def merge(self, cell: object | None, op: object) -> object:
+        """See `CrdtType.merge`; also RangeError when the op would take the cell past
+        `MAX_COUNTER_WRITERS` writers."""
         assert isinstance(op, CounterCell)
+        had = len(cell.entries) if isinstance(cell, CounterCell) else 0
+        merged = self._merged(cell, op)
+        if len(merged.entries) > max(had, MAX_COUNTER_WRITERS):
+            raise RangeError(_too_many_writers(len(merged.entries)))
+        return _check_total(merged)
+
+    def _merged(self, cell: object | None, op: CounterCell) -> CounterCell:
         if not isinstance(cell, CounterCell):
-            return _check_total(op)
+            return op
         slots = {w: (p, n) for w, p, n in cell.entries}
         for w, p, n in op.entries:
             old_p, old_n = slots.get(w, (0, 0))
             slots[w] = (max(old_p, p), max(old_n, n))
-        return _check_total(CounterCell(tuple((w, p, n) for w, (p, n) in sorted(slots.items()))))
+        return CounterCell(tuple((w, p, n) for w, (p, n) in sorted(slots.items())))
 
     def op_of(self, cell: object) -> object:
         assert isinstance(cell, CounterCell)
@@ -543,6 +569,13 @@ class CounterType(CrdtType):
 
     def from_state(self, state: object) -> object:
         return CounterCell(tuple((w, p, n) for w, p, n in typing.cast(list[Any], state)))
+
+
+def _too_many_writers(count: int) -> str:
+    return (
+        f"the counter would have {count} writers; a Counter cell holds at most "
+        f"{MAX_COUNTER_WRITERS} writers (keep one writer id per device, not per connection)"
+    )
 
 
 def _check_total(cell: CounterCell) -> CounterCell:

@@ -21,6 +21,8 @@ from syncd.core.store import Store
 from syncd.core.values import (
     I64_MAX,
     I64_MIN,
+    MAX_COUNTER_WRITERS,
+    MAX_WRITER_CHARS,
     CounterCell,
     CounterType,
     FloatType,
@@ -211,6 +213,43 @@ def test_reducer_merge_out_of_range_is_a_constraint_error(db: Db) -> None:
     with pytest.raises(syncd.ConstraintError, match="ahead of the server's clock"):
         db.call("merge_op", 1, "title", ["x", db.now_ms + MAX_DRIFT_MS + 10, 0, "w"])
     assert db.store.dump() == before
+
+
+def test_a_counter_cell_holds_a_bounded_number_of_writers(db: Db) -> None:
+    """Each writer is a slot of the cell forever, and every merge rebuilds the cell: a client
+    adding 60,000 writers per 1 MiB merge made each later merge take seconds on the leader.
+    A client's merge may not take a cell past MAX_COUNTER_WRITERS writers (BAD_ARGUMENTS,
+    nothing changed); writers it already holds still merge, and a reducer's own slot is
+    always taken."""
+    held = len(db.store.tables["cell"].rows[1][1].entries)  # the server's slot, from insert
+    full = [[f"w{i}", 1, 0] for i in range(MAX_COUNTER_WRITERS - held)]
+    db.merge("hits", full[: MAX_COUNTER_WRITERS // 2])
+    db.merge("hits", full[MAX_COUNTER_WRITERS // 2 :])
+    before = db.store.dump()
+    with pytest.raises(syncd.ArgumentError, match=f"at most {MAX_COUNTER_WRITERS} writers"):
+        db.merge("hits", [["one-more", 1, 0]])
+    with pytest.raises(syncd.ArgumentError, match=f"at most {MAX_COUNTER_WRITERS} writers"):
+        db.merge("hits", [*full, ["one-more", 1, 0]])  # refused before any merging work
+    assert db.store.dump() == before
+    db.merge("hits", [["w0", 5, 0]])  # a writer the cell holds
+    assert db.visible()[1] == len(full) + 4
+    db.clock = HybridClock("new-leader")
+    db.call("set_hits", 1, 7)  # a new writer's own slot, one past the bound
+    assert len(db.store.tables["cell"].rows[1][1].entries) == MAX_COUNTER_WRITERS + 1
+    assert db.visible()[1] == 7
+
+
+@pytest.mark.parametrize("column", ["hits", "title"])
+def test_writer_ids_are_bounded(db: Db, column: str) -> None:
+    """A writer id longer than MAX_WRITER_CHARS is refused (it is kept in the cell forever
+    and travels with every change of the row); one at the bound is accepted."""
+    for writer, ok in (("w" * MAX_WRITER_CHARS, True), ("w" * (MAX_WRITER_CHARS + 1), False)):
+        op: Any = [[writer, 1, 0]] if column == "hits" else ["x", db.now_ms, 0, writer]
+        if ok:
+            db.merge(column, op)
+        else:
+            with pytest.raises(syncd.ArgumentError, match=f"at most {MAX_WRITER_CHARS}"):
+                db.merge(column, op)
 
 
 # -- LWW stamps ---------------------------------------------------------------------------------
