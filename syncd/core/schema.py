@@ -589,6 +589,10 @@ def _merge_rule(
         # It would return a coroutine, never awaited: every merge refused, silently.
         problems.append(f"{at}: a merge check must not be async (it runs inside the merge)")
         return None
+    if callable(declared) and inspect.isgeneratorfunction(declared):
+        # It would return a generator, never run (and never True): every merge refused.
+        problems.append(f"{at}: a merge check must not be a generator (it returns True or not)")
+        return None
     if declared is not None and declared is not False and not spec.public:
         problems.append(f"{at}: merge= needs public=True (clients cannot reach private tables)")
         return None
@@ -621,6 +625,9 @@ def _check_reducer(
     plist = list(sig.parameters.values())
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         problems.append(f"{where}: reducers must not be async (they run inside a transaction)")
+    if inspect.isgeneratorfunction(fn):
+        # A call would make a generator and never run it: answered ok with nothing done.
+        problems.append(f"{where}: reducers must not be generators (a call would run nothing)")
     if not plist:
         problems.append(f"{where}: the first parameter must be the context (ctx)")
         return None

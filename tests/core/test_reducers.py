@@ -239,6 +239,31 @@ def test_async_reducers_are_rejected() -> None:
         load_schema({"not_sync": not_sync})
 
 
+def test_generator_reducers_and_merge_checks_are_rejected() -> None:
+    """A generator function as a reducer returned a generator that never ran: the call was
+    answered ok with nothing done. As a merge check, every merge was refused silently (the
+    generator is not True). Both are schema problems, like async ones."""
+
+    def gen_check(ctx: Any) -> Any:
+        yield True
+
+    @syncd.table(public=True)
+    class G:
+        id: int = syncd.primary_key()
+        n: Counter = syncd.column(default=0, merge=gen_check)
+
+    @syncd.reducer
+    def gen(ctx: ReducerContext) -> Any:
+        ctx.db.g.insert(G(id=1))
+        yield
+
+    with pytest.raises(syncd.SchemaError) as caught:
+        load_schema({"G": G, "gen": gen})
+    text = "\n".join(caught.value.problems)
+    assert "reducer gen: reducers must not be generators" in text
+    assert "table G.n: a merge check must not be a generator" in text
+
+
 def test_merge_cell_from_a_client(h: Harness) -> None:
     """A client's counter op merges into an existing row; bad targets change nothing."""
     stamp = h.clock.tick(99)
