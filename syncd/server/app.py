@@ -716,6 +716,8 @@ class Server:
                 parsed = msgspec.json.decode(body)
             except msgspec.DecodeError:
                 return _error(ErrorCode.PROTOCOL, "the body is not JSON", 400)
+            except RecursionError:
+                return _error(ErrorCode.PROTOCOL, NESTED_TOO_DEEPLY, 400)
             sql = parsed.get("sql", "") if isinstance(parsed, dict) else ""
         if not isinstance(sql, str) or not sql.strip():
             return _error(ErrorCode.BAD_QUERY, 'send {"sql": "SELECT ..."}', 400)
@@ -796,6 +798,8 @@ class Server:
                 args = msgspec.json.decode(body)
             except msgspec.DecodeError:
                 return _error(ErrorCode.PROTOCOL, "the body is not JSON", 400)
+            except RecursionError:
+                return _error(ErrorCode.PROTOCOL, NESTED_TOO_DEEPLY, 400)
         if not isinstance(args, list | dict):
             return _error(
                 ErrorCode.BAD_ARGUMENTS, "send the arguments as a JSON array or object", 400
@@ -882,6 +886,11 @@ def connection_cap(configured: int) -> int:
 
 def _json_response(body: Any, status: int = 200) -> Response:
     return Response(_json.encode(body), status, media_type="application/json")
+
+
+#: The answer to a JSON body nested past the decoder's recursion limit (msgspec raises
+#: RecursionError, not DecodeError, for it).
+NESTED_TOO_DEEPLY = "the body is not JSON syncd takes: it is nested too deeply"
 
 
 def _error(code: ErrorCode, message: str, status: int) -> Response:
