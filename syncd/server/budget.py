@@ -22,6 +22,8 @@ Guarantees and limits:
 * A reducer that catches `BaseException` (or uses a bare `except:`) and keeps going is
   interrupted again every `RETRY_S`; one that swallowed the interruption and returned, or
   turned it into another exception, is still answered `REDUCER_TIMEOUT` and rolled back.
+  One that swallows it every time and never returns is never stopped (nothing in Python is
+  uncatchable): the process stalls until it returns.
 * Off the main thread (signals cannot be handled there) or without `setitimer`, there is no
   budget: `install` logs a warning and `run` calls the reducer unbounded.
 
