@@ -18,7 +18,7 @@ from typing import Any
 
 from syncd.core.hlc import Stamp
 from syncd.core.schema import IndexDef, Schema, TableDef
-from syncd.core.values import CrdtType
+from syncd.core.values import CrdtType, identical
 from syncd.errors import ConstraintError, ReducerError
 
 Row = tuple[Any, ...]
@@ -30,8 +30,9 @@ Change = tuple[Row | None, Row | None]
 class ChangeSet:
     """What one transaction changed: table name -> primary key -> (old row, new row).
 
-    Invariants: a key appears at most once per table; `old != new`; tables without changes
-    are absent. Rows are in stored form.
+    Invariants: a key appears at most once per table; `old` and `new` differ (as `identical`
+    tells, not `==`: True and 1 differ); tables without changes are absent. Rows are in
+    stored form.
     """
 
     tables: dict[str, dict[Any, Change]] = field(default_factory=dict)
@@ -444,7 +445,7 @@ class Transaction:
         if row is None:
             raise ConstraintError(f"{table}: no row with primary key {pk!r} to merge into")
         cell = col.type.merge(row[col.position], op)
-        if cell == row[col.position]:
+        if identical(cell, row[col.position]):
             return row
         new = row[: col.position] + (cell,) + row[col.position + 1 :]
         self._write(state, pk, new)
@@ -468,7 +469,9 @@ class Transaction:
         changes: dict[str, dict[Any, Change]] = {}
         for (table, pk), old in self._before.items():
             new = self.store.tables[table].rows.get(pk)
-            if old != new:
+            # `!=` first (fast, and true for nearly every write); equal rows can still differ
+            # in what they encode (True and 1): `identical` decides.
+            if old != new or not identical(old, new):
                 changes.setdefault(table, {})[pk] = (old, new)
         self._close()
         return ChangeSet(changes)

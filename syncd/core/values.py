@@ -22,6 +22,7 @@ import enum
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -416,7 +417,7 @@ class LwwType(CrdtType):
 
     def assign(self, cell: object | None, value: object, stamp: Stamp) -> object:
         stored = self.inner.check(value)
-        if isinstance(cell, LwwCell) and cell.value == stored:
+        if isinstance(cell, LwwCell) and identical(cell.value, stored):
             return cell  # writing the same value is not a new write: keeps merges stable
         return LwwCell(stored, stamp)
 
@@ -576,6 +577,32 @@ def _too_many_writers(count: int) -> str:
         f"the counter would have {count} writers; a Counter cell holds at most "
         f"{MAX_COUNTER_WRITERS} writers (keep one writer id per device, not per connection)"
     )
+
+
+def identical(a: object, b: object) -> bool:
+    """`a == b` for stored values, and of the same types all the way down.
+
+    Python calls True, 1 and 1.0 equal, and 0.0 and -0.0, but each encodes differently and a
+    reducer can tell them apart (`is True`, `math.copysign`): a write from one to another is
+    a change to record and send, never a no-op. (NaN is never stored: `FloatType.check`.)
+    """
+    if a is b:
+        return True
+    kind = type(a)
+    if kind is not type(b):
+        return False
+    if kind is float:
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)  # type: ignore[arg-type]
+    if kind is tuple or kind is list:
+        x, y = typing.cast(Sequence[object], a), typing.cast(Sequence[object], b)
+        return len(x) == len(y) and all(identical(i, j) for i, j in zip(x, y, strict=True))
+    if kind is dict:
+        d, e = typing.cast(dict[str, object], a), typing.cast(dict[str, object], b)
+        return d.keys() == e.keys() and all(identical(v, e[k]) for k, v in d.items())
+    if kind is LwwCell:
+        c, o = typing.cast(LwwCell, a), typing.cast(LwwCell, b)
+        return c.stamp == o.stamp and identical(c.value, o.value)
+    return a == b
 
 
 def _check_total(cell: CounterCell) -> CounterCell:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import syncd
-from syncd import LWW, Counter, ReducerContext
+from syncd import LWW, Counter, Json, ReducerContext
 from syncd.core.hlc import HybridClock
 from syncd.core.ids import Identity, Timestamp
 from syncd.core.reducers import run_reducer
@@ -301,6 +301,65 @@ def test_a_write_cut_off_halfway_never_leaves_the_store_out_of_step(swallow: boo
         assert_indexes_match_rows(store)
         call("add", "bob", headroom, None, "after")  # the store still takes writes
         assert_indexes_match_rows(store)
+
+
+@syncd.table(public=True)
+class Doc:
+    id: int = syncd.primary_key()
+    meta: Json = syncd.column(default_factory=dict)
+    tag: LWW[Json] = syncd.column(default_factory=dict)
+    ratio: float = 0.0
+
+
+@syncd.reducer
+def put_doc(ctx: ReducerContext, meta: Json, ratio: float) -> None:
+    row = ctx.db.doc.find(1)
+    if row is None:
+        ctx.db.doc.insert(Doc(id=1, meta=meta, tag=meta, ratio=ratio))
+    else:
+        row.meta, row.tag, row.ratio = meta, meta, ratio
+        ctx.db.doc.update(row)
+
+
+DOCS: Schema = load_schema({"Doc": Doc, "put_doc": put_doc})
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (({"a": True}, 1.0), ({"a": 1}, 1.0)),
+        (({"a": 0}, 1.0), ({"a": False}, 1.0)),
+        (({"a": 1}, 1.0), ({"a": 1.0}, 1.0)),
+        (([0.0], 1.0), ([-0.0], 1.0)),
+        (({"a": 1}, 0.0), ({"a": 1}, -0.0)),
+    ],
+    ids=["true-to-1", "0-to-false", "1-to-1.0", "json-zero-sign", "float-zero-sign"],
+)
+def test_a_write_python_calls_equal_but_encodes_differently_is_a_change(
+    first: tuple[Any, float], then: tuple[Any, float]
+) -> None:
+    """True == 1 == 1.0 and 0.0 == -0.0 in Python, but not on the wire nor in a reducer's
+    `is True`. Such a write was no change: left out of the change set (never journaled nor
+    sent) while the leader's store kept it, so replicas, and the leader after a restart,
+    disagreed with it; an LWW cell dropped it. Now it is a change like any other."""
+    leader, replica = Store(DOCS), Store(DOCS)
+    clock = HybridClock("leader")
+    for offset, args in enumerate([first, then], start=1):
+        changes = run_reducer(
+            leader,
+            DOCS.reducers["put_doc"],
+            list(args),
+            sender=Identity("me"),
+            connection_id=None,
+            timestamp=Timestamp(offset),
+            stamp=clock.tick(offset),
+        )
+        replica.apply(changes, offset)
+    assert changes.tables, "the second write is a change"
+    row = leader.tables["doc"].rows[1]
+    assert repr(row) == repr(replica.tables["doc"].rows[1])
+    assert repr(row[1]) == repr(then[0]) and repr(row[2].value) == repr(then[0])
+    assert repr(row[3]) == repr(then[1])
 
 
 def test_count_is_the_length_of_lookup() -> None:
