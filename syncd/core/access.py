@@ -254,7 +254,7 @@ class MergePolicy:
                 f"merge check {tdef.name}.{column} ran past its time budget of "
                 f"{exc.budget_ms} ms: it was interrupted"
             ) from None
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit and the like too (see `run_reducer`)
             name = f"{tdef.name}.{column}"
             raise ReducerError(f"merge check {name}: {type(exc).__name__}: {exc}") from exc
         finally:

@@ -471,9 +471,15 @@ def run_reducer(
             f"reducer {which} ran past its time budget of {exc.budget_ms} ms: it was "
             "interrupted and rolled back"
         ) from None
-    except BaseException:
+    except BaseException as exc:
+        # SystemExit, KeyboardInterrupt, GeneratorExit, CancelledError: raised by the
+        # reducer's own code (a sync reducer is never cancelled from outside, and the
+        # server's signal handlers raise nothing). It must not end the caller's connection,
+        # or the server: the caller gets it as a failed reducer, like any exception.
         tx.rollback()
-        raise
+        error = ReducerError(truncate_message(f"{type(exc).__name__}: {exc}"))
+        _bound_message(error)
+        raise error from exc
     if before_commit is not None:
         try:
             before_commit(tx)

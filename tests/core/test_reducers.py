@@ -264,6 +264,26 @@ def test_generator_reducers_and_merge_checks_are_rejected() -> None:
     assert "table G.n: a merge check must not be a generator" in text
 
 
+@syncd.reducer
+def bail(ctx: ReducerContext, kind: str) -> None:
+    ctx.db.post.insert(Post(room="r", author=ctx.sender, at=0, slug="bail"))
+    raise {"exit": SystemExit(3), "interrupt": KeyboardInterrupt(), "gen": GeneratorExit()}[kind]
+
+
+@pytest.mark.parametrize("kind", ["exit", "interrupt", "gen"])
+def test_a_reducer_raising_a_base_exception_fails_that_call_alone(kind: str) -> None:
+    """`sys.exit()` (or KeyboardInterrupt, GeneratorExit) in a reducer went past every
+    handler: the caller's connection died with 1006 instead of getting its answer. It is a
+    ReducerError now, rolled back like any other."""
+    schema = load_schema({"Post": Post, "Mood": Mood, "post": post, "bail": bail})
+    harness = Harness(schema)
+    before = harness.store.dump()
+    with pytest.raises(syncd.ReducerError, match="SystemExit: 3|KeyboardInterrupt|GeneratorExit"):
+        harness.call("bail", kind)
+    assert harness.store.dump() == before
+    assert harness.store.current is None
+
+
 def test_merge_cell_from_a_client(h: Harness) -> None:
     """A client's counter op merges into an existing row; bad targets change nothing."""
     stamp = h.clock.tick(99)
