@@ -79,6 +79,15 @@ class HashIndex:
         if not pks:
             del self.entries[key]
 
+    def discard(self, row: Row, pk: Any) -> None:
+        """`remove`, if the entry is there (repairs after a cut-off write)."""
+        key = self.key(row)
+        pks = self.entries.get(key)
+        if pks is not None:
+            pks.discard(pk)
+            if not pks:
+                del self.entries[key]
+
     def conflict(self, row: Row, pk: Any) -> bool:
         """True if this unique index already holds another row with `row`'s key.
 
@@ -122,6 +131,13 @@ class OrderedIndex(HashIndex):
         i = bisect_left(self.sorted, entry)
         assert self.sorted[i] == entry, "ordered index out of step with the table"
         del self.sorted[i]
+
+    def discard(self, row: Row, pk: Any) -> None:
+        super().discard(row, pk)
+        entry = (self.sort_key(self.key(row)), pk)
+        i = bisect_left(self.sorted, entry)
+        if i < len(self.sorted) and self.sorted[i] == entry:
+            del self.sorted[i]
 
     def range(
         self,
@@ -220,14 +236,17 @@ class TableState:
             if self.tdef.auto_inc and pk >= self.next_id:
                 self.next_id = pk + 1
 
-    def reindex(self) -> None:
-        """Rebuild every index from the rows (after a write was cut off halfway)."""
+    def repair(self, pk: Any, rows: tuple[Row | None, Row | None]) -> None:
+        """Put `pk`'s index entries back in step with its row, after a `put` that was cut off
+        halfway between `rows` (its old and new row): whatever entries either left, only
+        the current row's remain."""
+        current = self.rows.get(pk)
         for ix in self._all:
-            ix.entries = {}
-            if isinstance(ix, OrderedIndex):
-                ix.sorted = []
-            for pk, row in self.rows.items():
-                ix.add(row, pk)
+            for row in rows:
+                if row is not None:
+                    ix.discard(row, pk)
+            if current is not None:
+                ix.add(current, pk)
 
     def check_unique(self, row: Row, pk: Any) -> None:
         for ix in self._unique:
@@ -365,6 +384,8 @@ class Transaction:
         # What cut a write off halfway, leaving a row and its indexes out of step (None: no
         # write was). Such a transaction can only be rolled back.
         self.broken: BaseException | None = None
+        # The writes cut off halfway: (table, pk, the row before, the row being written).
+        self._torn: list[tuple[TableState, Any, Row | None, Row | None]] = []
         self.open = True
 
     def _state(self, table: str) -> TableState:
@@ -384,9 +405,10 @@ class Transaction:
         except BaseException as exc:
             # A RecursionError or MemoryError (a reducer writing from deep recursion) can land
             # between a row and its indexes. Whether or not the reducer catches it, `commit`
-            # then refuses and `rollback` rebuilds the indexes. Only an attribute store here:
-            # a call could raise the same error again.
+            # then refuses and `rollback` repairs that row's entries first. Only an attribute
+            # store and a C-level append here: a Python call could raise the same error again.
             self.broken = exc
+            self._torn.append((state, pk, old, new))
             raise
 
     def insert(self, table: str, row: Row) -> Row:
@@ -480,9 +502,10 @@ class Transaction:
         """Undo every write; the store is as it was before `begin`."""
         if not self.open:
             return
-        if self.broken is not None:
-            self._rollback_broken()
-            return
+        for state, pk, before, after in self._torn:
+            state.repair(pk, (before, after))  # then every index is in step: undo as usual
+        self._torn.clear()
+        self.broken = None
         for (table, pk), old in reversed(self._before.items()):
             state = self.store.tables[table]
             current = state.rows.get(pk)
@@ -490,24 +513,6 @@ class Transaction:
                 state.put(pk, current, old)
         for table, next_id in self._next_ids.items():
             self.store.tables[table].next_id = next_id
-        self._close()
-
-    def _rollback_broken(self) -> None:
-        # A write was cut off halfway: the indexes of the tables it touched cannot be trusted,
-        # so restore the rows alone and rebuild those indexes from them.
-        touched: set[str] = set()
-        for (table, pk), old in self._before.items():
-            rows = self.store.tables[table].rows
-            if old is None:
-                rows.pop(pk, None)
-            else:
-                rows[pk] = old
-            touched.add(table)
-        for table in touched:
-            self.store.tables[table].reindex()
-        for table, next_id in self._next_ids.items():
-            self.store.tables[table].next_id = next_id
-        self.broken = None
         self._close()
 
     def _close(self) -> None:
