@@ -8,6 +8,7 @@ answered within a loose bound; never a timing benchmark).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from syncd.core.protocol.codec import Format
 from syncd.core.protocol.messages import Ping, Pong
 from tests.server_proc import ServerProcess
+from tests.tokens import SECRET
 from tests.transport.wire import WireClient
 from tests.utils import MS
 
@@ -36,6 +38,17 @@ def stop(server: ServerProcess) -> None:
     server.kill()
 
 
+@contextlib.contextmanager
+def running(tmp: Path, module: str, *extra: str) -> Iterator[ServerProcess]:
+    """A started `syncd serve MODULE` with its data in `tmp`, killed on exit (the shape of
+    every server fixture here)."""
+    server = start(tmp, module, *extra)
+    try:
+        yield server
+    finally:
+        stop(server)
+
+
 @pytest.fixture(params=FORMATS)
 def fmt(request: pytest.FixtureRequest) -> Format:
     """The subprotocol the attacker speaks."""
@@ -45,11 +58,20 @@ def fmt(request: pytest.FixtureRequest) -> Format:
 @pytest.fixture(scope="module")
 def kled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The default demo module, with anonymous sign-in (the attacker's easiest way in)."""
-    server = start(tmp_path_factory.mktemp("kled"), "schema/kled.py")
-    try:
+    with running(tmp_path_factory.mktemp("kled"), "schema/kled.py") as server:
         yield server
-    finally:
-        stop(server)
+
+
+@pytest.fixture(scope="module")
+def kled_users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """kled with signed-in users (Supabase HS256 tokens signed with `tests.tokens.SECRET`) and
+    anonymous sign-in both on."""
+    with running(
+        tmp_path_factory.mktemp("kled-users"),
+        "schema/kled.py",
+        *("--jwt-secret", SECRET, "--allow-anonymous"),
+    ) as server:
+        yield server
 
 
 async def assert_responsive(client: WireClient, *, within: float = RESPONSIVE) -> float:

@@ -15,7 +15,7 @@ import pytest
 from syncd.core.protocol.codec import Format
 from syncd.core.protocol.messages import Error
 from syncd.errors import CloseCode, ErrorCode
-from tests.adversarial.conftest import assert_responsive, start, stop
+from tests.adversarial.conftest import assert_responsive, running, stop
 from tests.server_proc import ServerProcess
 from tests.transport.wire import WireClient, ahttp, sql
 
@@ -34,16 +34,13 @@ SLOW = [
 
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start(
+    with running(
         tmp_path_factory.mktemp("slow"),
         "tests/modules/slow.py",
         "--reducer-budget-ms",
         str(BUDGET_MS),
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        stop(server)
 
 
 async def tally(server: ServerProcess, name: str) -> list[list[object]]:

@@ -32,7 +32,7 @@ from syncd.core.protocol.messages import (
     Welcome,
 )
 from syncd.errors import CloseCode, ErrorCode
-from tests.adversarial.conftest import assert_responsive, start, stop
+from tests.adversarial.conftest import assert_responsive, running, start, stop
 from tests.cluster.harness import Replicas, leader_of
 from tests.server_proc import ServerProcess
 from tests.tokens import ISSUER, SECRET, hs256_token
@@ -49,7 +49,7 @@ LIMIT = 64 << 10
 @pytest.fixture(scope="module")
 def vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A JWT secret and no Supabase URL (so any issuer is accepted), API keys, anonymous."""
-    server = start(
+    with running(
         tmp_path_factory.mktemp("credentials"),
         "tests/modules/vault.py",
         "--jwt-secret",
@@ -57,11 +57,8 @@ def vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         "--allow-anonymous",
         "--max-queries-per-second",
         str(QPS),
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        stop(server)
 
 
 @pytest.fixture

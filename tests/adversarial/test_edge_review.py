@@ -35,7 +35,7 @@ from syncd.core.protocol.messages import Error, Hello, Ping, Pong
 from syncd.errors import CloseCode, ErrorCode
 from syncd.server.http_limits import MAX_PIPELINED
 from syncd.server.websocket import CONTINUATION_BURST, CONTROL_BURST, MAX_FRAGMENTS
-from tests.adversarial.conftest import assert_responsive, start, stop
+from tests.adversarial.conftest import assert_responsive, running, start, stop
 from tests.server_proc import ServerProcess
 from tests.transport.wire import TIMEOUT, WireClient, eventually
 
@@ -44,11 +44,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start(tmp_path_factory.mktemp("edge"), "schema/kled.py", "--header-timeout", "1")
-    try:
+    with running(
+        tmp_path_factory.mktemp("edge"), "schema/kled.py", "--header-timeout", "1"
+    ) as proc:
         yield proc
-    finally:
-        stop(proc)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from syncd.errors import CloseCode, ErrorCode, should_reconnect
 from tests.server_proc import ServerProcess
 from tests.transport.wire import WireClient, ahttp, readyz, settled
 
-from .conftest import assert_responsive, start, stop
+from .conftest import assert_responsive, running, start, stop
 
 pytestmark = pytest.mark.integration
 
@@ -63,16 +63,13 @@ async def messages(server: ServerProcess) -> int:
 def stingy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Anonymous clients of one address share 1 call a second (bursts of 2); each identity
     alone would have the default 1,000 (bursts of 2,000)."""
-    server = start(
+    with running(
         tmp_path_factory.mktemp("stingy"),
         "schema/chat.py",
         "--max-anonymous-calls-per-address",
         "1",
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        stop(server)
 
 
 async def test_anonymous_connections_of_one_address_share_one_call_budget(
@@ -128,16 +125,13 @@ async def test_the_address_budget_binds_http_calls_but_not_credentials(
 @pytest.fixture(scope="module")
 def curious(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Anonymous clients of one address share 1 query a second (bursts of 2)."""
-    server = start(
+    with running(
         tmp_path_factory.mktemp("curious"),
         "schema/chat.py",
         "--max-anonymous-queries-per-address",
         "1",
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        stop(server)
 
 
 async def test_anonymous_connections_of_one_address_share_one_query_budget(
@@ -175,13 +169,10 @@ async def test_anonymous_connections_of_one_address_share_one_query_budget(
 @pytest.fixture(scope="module")
 def narrow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """At most 3 connections per address that are anonymous or not signed in yet."""
-    server = start(
+    with running(
         tmp_path_factory.mktemp("narrow"), "schema/chat.py", "--max-anonymous-per-address", "3"
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        stop(server)
 
 
 async def test_anonymous_connections_per_address_are_limited(
@@ -238,18 +229,15 @@ async def test_signed_in_connections_do_not_count_against_their_address(
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """At most 3 connections in all (no per-address limit)."""
-    server = start(
+    with running(
         tmp_path_factory.mktemp("small"),
         "schema/chat.py",
         "--max-connections",
         "3",
         "--max-anonymous-per-address",
         "0",
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        stop(server)
 
 
 async def test_a_full_server_refuses_with_4004(small: ServerProcess, fmt: Format) -> None:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from syncd.errors import ErrorCode
-from tests.adversarial.conftest import assert_responsive, start, stop
+from tests.adversarial.conftest import assert_responsive, running
 from tests.server_proc import ServerProcess
 from tests.transport.wire import TIMEOUT, WireClient, ahttp
 from tests.utils import MS
@@ -34,18 +34,15 @@ UPGRADE = (
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start(
+    with running(
         tmp_path_factory.mktemp("http"),
         "schema/kled.py",
         "--header-timeout",
         str(HEADER_TIMEOUT * MS * 1000),
         "--max-message-size",
         str(MAX_MESSAGE),
-    )
-    try:
+    ) as proc:
         yield proc
-    finally:
-        stop(proc)
 
 
 @pytest.fixture

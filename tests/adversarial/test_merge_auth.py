@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,9 +26,9 @@ from syncd.core.protocol.messages import (
 )
 from syncd.errors import ErrorCode
 from syncd.server.loader import load_module_schema
-from tests.adversarial.conftest import assert_responsive, start, stop
+from tests.adversarial.conftest import assert_responsive
 from tests.server_proc import ServerProcess
-from tests.tokens import SECRET, hs256_token
+from tests.tokens import hs256_token
 from tests.transport.wire import WireClient, ahttp
 
 pytestmark = pytest.mark.integration
@@ -44,19 +43,9 @@ SCHEMA = load_module_schema("schema/kled.py")
 
 
 @pytest.fixture(scope="module")
-def kled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """kled with signed-in users (Supabase HS256 tokens) and anonymous sign-in both on."""
-    server = start(
-        tmp_path_factory.mktemp("kled-merge"),
-        "schema/kled.py",
-        "--jwt-secret",
-        SECRET,
-        "--allow-anonymous",
-    )
-    try:
-        yield server
-    finally:
-        stop(server)
+def kled(kled_users: ServerProcess) -> ServerProcess:
+    """kled with signed-in users and anonymous sign-in (conftest's `kled_users`)."""
+    return kled_users
 
 
 async def user(kled: ServerProcess, fmt: Format, name: str | None = None) -> WireClient:

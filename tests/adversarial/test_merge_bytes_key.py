@@ -11,18 +11,15 @@ import pytest
 from syncd.core.access import NO_ROW
 from syncd.core.protocol.messages import MergeCrdt, ReducerResult
 from syncd.errors import ErrorCode
-from tests.adversarial.conftest import assert_responsive, start, stop
+from tests.adversarial.conftest import assert_responsive, running
 from tests.server_proc import ServerProcess
 from tests.transport.wire import WireClient
 
 
 @pytest.fixture(scope="module")
 def blobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start(Path(tmp_path_factory.mktemp("blobs")), "tests/modules/blobs.py")
-    try:
+    with running(Path(tmp_path_factory.mktemp("blobs")), "tests/modules/blobs.py") as server:
         yield server
-    finally:
-        stop(server)
 
 
 async def merge(client: WireClient, pk: object, op: object) -> ReducerResult:

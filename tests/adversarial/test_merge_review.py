@@ -16,7 +16,7 @@ import pytest
 from syncd.core.protocol.codec import Format
 from syncd.core.protocol.messages import Cursor, Hello, QuerySet, SubscribeApplied
 from syncd.errors import ErrorCode
-from tests.adversarial.conftest import assert_responsive, start, stop
+from tests.adversarial.conftest import assert_responsive, running
 from tests.adversarial.test_merge_auth import far, merge, refused, rows, workspace
 from tests.server_proc import ServerProcess
 from tests.tokens import SECRET, hs256_token
@@ -28,19 +28,9 @@ WORKSPACES = "SELECT * FROM workspace"
 
 
 @pytest.fixture(scope="module")
-def kled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """kled with signed-in users (Supabase HS256 tokens) and anonymous sign-in both on."""
-    server = start(
-        tmp_path_factory.mktemp("kled-review"),
-        "schema/kled.py",
-        "--jwt-secret",
-        SECRET,
-        "--allow-anonymous",
-    )
-    try:
-        yield server
-    finally:
-        stop(server)
+def kled(kled_users: ServerProcess) -> ServerProcess:
+    """kled with signed-in users and anonymous sign-in (conftest's `kled_users`)."""
+    return kled_users
 
 
 def signed_in() -> Hello:
@@ -127,11 +117,8 @@ async def test_resume_tells_nothing_of_workspaces_the_client_never_saw(
 @pytest.fixture(scope="module")
 def locker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The locker module (bytes keys), anonymous sign-in."""
-    server = start(tmp_path_factory.mktemp("locker"), "tests/modules/locker.py")
-    try:
+    with running(tmp_path_factory.mktemp("locker"), "tests/modules/locker.py") as server:
         yield server
-    finally:
-        stop(server)
 
 
 async def test_a_private_table_answers_like_an_unknown_one_in_json(locker: ServerProcess) -> None:
@@ -159,18 +146,15 @@ async def test_a_private_table_answers_like_an_unknown_one_in_json(locker: Serve
 @pytest.fixture(scope="module")
 def kled_costed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """kled with a small query cost limit (50 rows examined)."""
-    server = start(
+    with running(
         tmp_path_factory.mktemp("kled-cost"),
         "schema/kled.py",
         "--jwt-secret",
         SECRET,
         "--max-query-cost",
         "50",
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        stop(server)
 
 
 async def test_a_hidden_workspaces_size_shows_in_no_answer(

@@ -27,7 +27,7 @@ from syncd.core.protocol.messages import (
     SubscriptionFailed,
 )
 from syncd.errors import MAX_ERROR_MESSAGE, TRUNCATED_MARKER, CloseCode, ErrorCode
-from tests.adversarial.conftest import assert_responsive, start, stop
+from tests.adversarial.conftest import assert_responsive, running
 from tests.server_proc import ServerProcess
 from tests.tokens import SECRET, hs256_token
 from tests.transport.wire import WireClient, ahttp
@@ -42,7 +42,7 @@ HUGE = 20 << 20
 
 @pytest.fixture(scope="module")
 def vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start(
+    with running(
         tmp_path_factory.mktemp("sizes"),
         "tests/modules/vault.py",
         "--max-message-size",
@@ -50,11 +50,8 @@ def vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         "--jwt-secret",
         SECRET,
         "--allow-anonymous",
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        stop(server)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from tests.server_proc import ServerProcess
 from tests.transport.wire import WireClient, ahttp, eventually
 from tests.utils import MS
 
-from .conftest import assert_responsive, start, stop
+from .conftest import assert_responsive, running, start, stop
 
 pytestmark = pytest.mark.integration
 
@@ -40,18 +40,15 @@ QUERY = "SELECT * FROM note WHERE folder_id = 1"
 def notes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Notes with a short write deadline and the default 16 MiB outbound limit (which a 6 MB
     flood does not reach: the deadline does the closing)."""
-    server = start(
+    with running(
         tmp_path_factory.mktemp("slow"),
         "tests/modules/notes.py",
         "--write-timeout",
         f"{WRITE_TIMEOUT:g}",
         "--resume-window",
         "16",
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        stop(server)
 
 
 @pytest.fixture
