@@ -15,10 +15,13 @@ import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from syncd.core.values import ColumnType, CrdtType, OptionalType, column_type_for
 from syncd.errors import SchemaError
+
+if TYPE_CHECKING:
+    from syncd.core.stored_schema import SchemaHistory
 
 IndexKind = Literal["hash", "ordered"]
 Lifecycle = Literal["init", "client_connected", "client_disconnected"]
@@ -389,6 +392,14 @@ class Schema:
     #: The module's visibility rule for the presence table (`presence(visible=...)`); None:
     #: the server's default (each client sees its own connections only).
     presence: str | None = None
+    #: The stored versions the data was written under (`core.stored_schema.attach`), the last
+    #: being this module's; None: not checked against stored data (rows are read as version 1).
+    history: SchemaHistory | None = None
+
+    @property
+    def version(self) -> int:
+        """The stored schema version new data is written under (1 without a history)."""
+        return 1 if self.history is None else self.history.current.version
 
     def lifecycle(self, kind: Lifecycle) -> ReducerDef | None:
         for r in self.reducers.values():

@@ -11,6 +11,10 @@ Taking a snapshot has two steps, so the server can keep the event loop free:
 The encoding is MessagePack of plain data: each cell in its state form
 (`ColumnType.to_state`), like journal entries (`core.tx`), so nothing is pickled and a snapshot
 can be checked against the schema as it is decoded.
+
+A snapshot records the stored schema version its rows were written under (`schema_version`;
+absent, so 1, in snapshots written before schemas were stored); `decode` converts them to the
+schema's current layout (`core.stored_schema`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class _Encoded(msgspec.Struct, frozen=True):
     offset: int
     next_ids: dict[str, int]
     tables: dict[str, list[list[Any]]]
+    schema_version: int = 1
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -83,7 +88,7 @@ def encode(schema: Schema, snapshot: Snapshot) -> bytes:
         for name, rows in snapshot.tables.items()
     }
     return _encoder.encode(
-        _Encoded(FORMAT_VERSION, snapshot.offset, dict(snapshot.next_ids), tables)
+        _Encoded(FORMAT_VERSION, snapshot.offset, dict(snapshot.next_ids), tables, schema.version)
     )
 
 
@@ -92,7 +97,8 @@ def decode(schema: Schema, data: bytes) -> Snapshot:
 
     Raises:
         ValueError: the bytes are not a snapshot of this format version, name a table the
-            schema lacks, or hold a row with the wrong number of columns.
+            schema lacks, hold a row with the wrong number of columns, or were written under a
+            stored schema version the schema's history lacks.
     """
     try:
         raw = _decoder.decode(data)
@@ -106,8 +112,18 @@ def decode(schema: Schema, data: bytes) -> Snapshot:
         if tdef is None:
             raise ValueError(f"snapshot has table {name!r}, which the schema does not declare")
         width = len(tdef.columns)
+        convert = None
+        if raw.schema_version != schema.version:
+            if schema.history is None:
+                raise ValueError(
+                    f"snapshot written under schema version {raw.schema_version}; this server "
+                    "knows version 1 only"
+                )
+            convert = schema.history.converter(raw.schema_version, name)
         rows: list[Row] = []
         for state in states:
+            if convert is not None:
+                state = convert(state)
             if len(state) != width:
                 raise ValueError(
                     f"snapshot row of {name} has {len(state)} columns, the schema {width}"
@@ -121,6 +137,31 @@ def decode(schema: Schema, data: bytes) -> Snapshot:
         if name not in schema.tables:
             raise ValueError(f"snapshot has a next id for {name!r}, which the schema lacks")
     return Snapshot(Offset(raw.offset), dict(raw.next_ids), tables)
+
+
+def schema_version_of(data: bytes) -> int:
+    """The stored schema version a snapshot's rows were written under.
+
+    Raises:
+        ValueError: the bytes are not a snapshot.
+    """
+    try:
+        return _decoder.decode(data).schema_version
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not a snapshot: {exc}") from exc
+
+
+def decode_raw(data: bytes) -> tuple[int, dict[str, list[list[Any]]]]:
+    """A snapshot's schema version and rows in state form, unconverted (to check old data).
+
+    Raises:
+        ValueError: the bytes are not a snapshot.
+    """
+    try:
+        raw = _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not a snapshot: {exc}") from exc
+    return raw.schema_version, raw.tables
 
 
 def restore(store: Store, snapshot: Snapshot) -> None:

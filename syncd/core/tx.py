@@ -2,6 +2,10 @@
 
 The encoding is MessagePack of plain data (`ColumnType.to_state` for each cell), so the journal
 and snapshots never pickle Python objects and a reader can check a payload against the schema.
+
+Each payload says the stored schema version it was written under (`"s"`; absent in payloads
+written before schemas were stored, which are version 1). Decoding converts rows of an older
+version to the schema's current layout (`core.stored_schema.SchemaHistory.converter`).
 """
 
 from __future__ import annotations
@@ -80,12 +84,30 @@ def changes_to_state(schema: Schema, changes: ChangeSet) -> dict[str, list[Any]]
     return out
 
 
-def changes_from_state(schema: Schema, state: dict[str, list[Any]]) -> ChangeSet:
+def changes_from_state(
+    schema: Schema, state: dict[str, list[Any]], version: int | None = None
+) -> ChangeSet:
+    """Inverse of `changes_to_state`, for state written under stored schema `version`
+    (None: the schema's current one).
+
+    Raises:
+        ValueError: the version is unknown or a table did not exist under it.
+    """
     tables: dict[str, dict[Any, Change]] = {}
     for name, pairs in state.items():
         tdef = schema.tables[name]
+        convert = None
+        if version is not None and version != schema.version:
+            if schema.history is None:
+                raise ValueError(
+                    f"written under schema version {version}; this server knows version 1 only"
+                )
+            convert = schema.history.converter(version, name)
         rows: dict[Any, Change] = {}
         for old_s, new_s in pairs:
+            if convert is not None:
+                old_s = None if old_s is None else convert(old_s)
+                new_s = None if new_s is None else convert(new_s)
             old = None if old_s is None else row_from_state(tdef, old_s)
             new = None if new_s is None else row_from_state(tdef, new_s)
             some = new if new is not None else old
@@ -106,22 +128,56 @@ def encode_tx(schema: Schema, tx: Tx) -> bytes:
             "u": tx.caller,
             "k": tx.idempotency_key,
             "m": tx.meta,
+            "s": schema.version,
         }
     )
 
 
 def decode_tx(schema: Schema, data: bytes) -> Tx:
-    """Inverse of `encode_tx`. Raises ValueError if the payload does not fit the schema."""
+    """Inverse of `encode_tx`, converting rows written under an older stored schema version.
+
+    Raises:
+        ValueError: the payload does not fit the schema, or names an unknown version.
+    """
     try:
         d = _decoder.decode(data)
         return Tx(
             offset=Offset(d["o"]),
             timestamp=Timestamp(d["t"]),
-            changes=changes_from_state(schema, d["c"]),
+            changes=changes_from_state(schema, d["c"], d.get("s", 1)),
             reducer=d["r"],
             caller=d["u"],
             idempotency_key=d["k"],
             meta=d["m"],
         )
     except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"journal entry does not decode: {exc}") from exc
+
+
+def payload_version(data: bytes) -> int:
+    """The stored schema version a journal payload was written under (1 before versions).
+
+    Raises:
+        ValueError: not a journal payload.
+    """
+    try:
+        d = _decoder.decode(data)
+        version = d.get("s", 1)
+    except (msgspec.DecodeError, AttributeError) as exc:
+        raise ValueError(f"journal entry does not decode: {exc}") from exc
+    if not isinstance(version, int):
+        raise ValueError(f"journal entry has schema version {version!r}")
+    return version
+
+
+def payload_state(data: bytes) -> tuple[int, dict[str, list[Any]]]:
+    """A payload's version and its changes in state form, unconverted (to check old data).
+
+    Raises:
+        ValueError: not a journal payload.
+    """
+    try:
+        d = _decoder.decode(data)
+        return d.get("s", 1), d["c"]
+    except (msgspec.DecodeError, AttributeError, KeyError) as exc:
         raise ValueError(f"journal entry does not decode: {exc}") from exc
