@@ -4,7 +4,8 @@ Exception tree::
 
     SyncdError
     ├── ConfigError                 startup only
-    │   └── SchemaError             a module that is wrong; carries *all* its problems
+    │   ├── SchemaError             a module that is wrong; carries *all* its problems
+    │   └── SchemaMismatch          the module does not fit the stored data; nothing was written
     ├── ProtocolError               peer sent malformed or out-of-order data -> close PROTOCOL_ERROR
     ├── AuthError                   -> reject the handshake / close UNAUTHORIZED
     │   ├── InvalidToken
@@ -53,6 +54,7 @@ __all__ = [
     "ReducerError",
     "ReducerTimeout",
     "SchemaError",
+    "SchemaMismatch",
     "SubscriptionError",
     "SyncdError",
     "should_reconnect",
@@ -170,6 +172,11 @@ class SchemaError(ConfigError):
             f"{len(self.problems)} problem(s) in the module:\n"
             + "\n".join(f"  - {p}" for p in self.problems)
         )
+
+
+class SchemaMismatch(ConfigError):
+    """The module changed the stored schema in a way that is not automatic, or stored data does
+    not fit it. Raised before anything is written; the message is the readable diff."""
 
 
 class ProtocolError(SyncdError):

@@ -226,6 +226,9 @@ class Connection:
         self.endpoints: list[Endpoint] = list(endpoints) or [endpoint]
         #: The server module's public tables and reducers, from ``/v1/schema``.
         self.schema = schema
+        #: The server's stored schema version, from the latest `Welcome` (None before one, or
+        #: from a server that does not report it).
+        self.schema_version: int | None = None
         #: The bearer token sent in `Hello`: the one given to `connect`, else the anonymous token
         #: the server minted in the first `Welcome`. None before `Welcome` when anonymous.
         self.token = token
@@ -874,6 +877,8 @@ class Connection:
         self.connection_id = msg.connection_id
         self._epoch = msg.epoch
         self._welcome_offset = msg.offset
+        if msg.schema_version is not None:
+            self.schema_version = msg.schema_version
         if msg.token is not None:
             self.token = msg.token
 

@@ -352,7 +352,7 @@ def plan(stored: StoredSchema, schema: Schema) -> Plan:
             changes.append(Change(f"table {name} added", True))
     old_reducers = {r.name: r for r in stored.reducers}
     new_reducers = {r.name: r.describe() for r in schema.reducers.values()}
-    for name in old_reducers.keys() - new_reducers.keys():
+    for name in sorted(old_reducers.keys() - new_reducers.keys()):
         changes.append(Change(f"reducer {name} removed", True))
     for name, desc in new_reducers.items():
         if name not in old_reducers:

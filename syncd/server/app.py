@@ -59,6 +59,7 @@ from syncd.errors import (
     JournalError,
     LimitExceeded,
     NoSuchReducer,
+    SchemaMismatch,
     SubscriptionError,
     truncate_message,
 )
@@ -80,6 +81,7 @@ from syncd.server.leader import Leader
 from syncd.server.limits import Limiter, SharedRateLimiter
 from syncd.server.loader import load_module_schema
 from syncd.server.replica import Replica
+from syncd.server.schema_check import check_schema, record_migration
 
 logger = logging.getLogger("syncd")
 
@@ -248,7 +250,25 @@ class Server:
     async def _start_embedded(self) -> None:
         journal = self.journal
         await journal.open()
-        leader_store, replica_store = await recover(self.schema, journal)
+        try:
+            # The module against the stored schema: refused -> SchemaMismatch, nothing written.
+            check = await check_schema(self.schema, journal)
+            self.schema = check.schema
+            try:
+                leader_store, replica_store = await recover(self.schema, journal)
+            except ValueError as exc:
+                raise SchemaMismatch(
+                    f"the stored data does not read under module {self.schema.module_name!r} "
+                    f"(nothing was written): {exc}"
+                ) from None
+        except BaseException:
+            await journal.aclose()
+            raise
+        migrated = await record_migration(
+            check, journal, Offset(replica_store.offset), self.clock()
+        )
+        if migrated is not None:
+            leader_store.offset = replica_store.offset = migrated
         self._last_snapshot = replica_store.offset
         secret = await journal.get_meta(ANON_SECRET_KEY)
         if secret is None:
@@ -490,7 +510,8 @@ class Server:
 
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
-            await self.start()
+            if not self.started:  # `run` starts it before uvicorn, to report errors cleanly
+                await self.start()
             try:
                 yield
             finally:
@@ -691,6 +712,7 @@ class Server:
 
     async def schema_endpoint(self, request: Request) -> Response:
         described = self.schema.describe()
+        described["schema_version"] = self.schema.version
         described["tables"] = [t for t in described["tables"] if t["public"]]
         described["reducers"] = [r for r in described["reducers"] if r["lifecycle"] is None]
         return _json_response(described)
@@ -988,6 +1010,10 @@ def run(config: Config, *, log_level: str = "info") -> None:
         # flight (~2k with 64 clients x 32): 200k rather than 50k walks those 4x less often
         # (bench/README.md "## throughput": ~6% less server CPU per transaction).
         gc.set_threshold(200_000, 50, 100)
+        # Started here rather than in uvicorn's lifespan, so a ConfigError (a refused schema
+        # change, a module that does not fit the data) reaches the cli, which prints it alone
+        # and exits non-zero, instead of a traceback and uvicorn's exit status.
+        await server.start()
         serve = asyncio.ensure_future(uv_server.serve(sockets=[sock]))
         # uvicorn exposes `started` as a flag only, so poll it (10 ms, at start-up only).
         while not uv_server.started and not serve.done():  # noqa: ASYNC110

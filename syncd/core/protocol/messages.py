@@ -286,6 +286,9 @@ class Welcome(_Message, frozen=True, tag="welcome"):
             to keep the identity); null otherwise.
         epoch: the current log epoch. A cursor from another epoch cannot be resumed.
         offset: the server's durable offset when it answered.
+        schema_version: the stored schema version the server's data is under (1, 2, ...; it
+            grows with each automatic migration, docs/operations.md "Changing a module").
+            Null from servers that do not report it; clients that do not know it ignore it.
     """
 
     identity: Identity
@@ -293,6 +296,7 @@ class Welcome(_Message, frozen=True, tag="welcome"):
     epoch: EpochT
     offset: OffsetT
     token: str | None = None
+    schema_version: int | None = None
 
 
 class QueryUpdate(_Part, frozen=True):

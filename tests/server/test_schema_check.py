@@ -1,0 +1,228 @@
+"""Schema evolution at start, on real `syncd serve` processes over an embedded (SQLite) journal.
+
+A data directory with a few thousand rows of `tests/modules/shop_v1.py` (with and without a
+snapshot) is restarted with a changed module: an automatic change is journaled and served, a
+refused one exits non-zero with the diff and leaves the data readable by the old module, and a
+directory written before schemas were stored is adopted as version 1 only when its rows fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+import syncd.client
+from tests.server_proc import ServerProcess
+from tests.transport.wire import ahttp, readyz, sql
+from tests.utils import ROOT
+
+V1 = "tests/modules/shop_v1.py"
+V2 = "tests/modules/shop_v2.py"
+ROWS = 3000
+#: The last commit before stored schemas: its syncd writes the old data directory format.
+OLD_FORMAT_COMMIT = "d27da5a"
+
+
+async def fill(server: ServerProcess, rows: int = ROWS) -> None:
+    """Insert items 0 .. rows - 1, 500 per reducer call."""
+    for start in range(0, rows, 500):
+        status, body = await ahttp(
+            server, "POST", "/v1/call/put_items", json.dumps([start, min(500, rows - start)])
+        )
+        assert status == 200, body
+
+
+def migrations(data_dir: Path) -> list[dict[str, int]]:
+    """The migration transactions in a stopped server's journal, in offset order."""
+    with sqlite3.connect(f"file:{data_dir / 'journal.sqlite3'}?mode=ro", uri=True) as conn:
+        payloads = conn.execute("SELECT payload FROM entries ORDER BY tx_offset").fetchall()
+    metas = [msgspec.msgpack.decode(payload)["m"] for (payload,) in payloads]
+    return [m["migration"] for m in metas if m and "migration" in m]
+
+
+def exit_of(module: str, data_dir: Path) -> tuple[int, str]:
+    """Start `syncd serve` expecting it to refuse: its exit status and its stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "syncd", "serve", str(ROOT / module), "--port", "0"]
+        + ["--data", str(data_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "syncd listening" not in result.stdout
+    return result.returncode, result.stderr
+
+
+@pytest.fixture(params=["journal-only", "snapshot"])
+async def shop_v1(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A data directory holding ROWS items written by shop_v1, with or without a snapshot."""
+    data_dir = tmp_path / "data"
+    extra = ("--snapshot-every", "2") if request.param == "snapshot" else ()
+    server = ServerProcess(V1, data_dir, *extra).start()
+    try:
+        await fill(server)
+        assert len(await sql(server, "SELECT * FROM item")) == ROWS
+    finally:
+        server.stop()
+    return data_dir
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for server in started:
+        server.kill()
+
+
+def start(servers: list[ServerProcess], module: str, data_dir: Path) -> ServerProcess:
+    server = ServerProcess(module, data_dir).start()
+    servers.append(server)
+    return server
+
+
+async def test_added_column_reads_back_with_its_default(
+    shop_v1: Path, servers: list[ServerProcess]
+) -> None:
+    """A column with a default added in the middle of the class: every old row reads with the
+    default in that column (nothing shifted), writes and indexed SQL work, and the migration is
+    one journaled transaction that later starts replay without migrating again."""
+    server = start(servers, V2, shop_v1)
+    rows = await sql(server, "SELECT * FROM item")
+    assert len(rows) == ROWS
+    assert sorted(rows)[:2] == [[0, "none", "item0", 0], [1, "none", "item1", 1]]
+    status, body = await ahttp(server, "POST", "/v1/call/paint", json.dumps([7, "red"]))
+    assert status == 200, body
+    assert await sql(server, "SELECT * FROM item WHERE color = 'red'") == [[7, "red", "item7", 7]]
+    await ahttp(server, "POST", "/v1/call/put_items", json.dumps([ROWS, 1]))
+    assert await sql(server, f"SELECT * FROM item WHERE id = {ROWS}") == [
+        [ROWS, "none", f"item{ROWS}", ROWS % 100]
+    ]
+    status, schema = await ahttp(server, "GET", "/v1/schema")
+    assert status == 200 and schema["schema_version"] == 2
+    async with syncd.client.connect(server.ws_url) as conn:
+        assert conn.schema_version == 2
+    server.stop()
+
+    again = start(servers, V2, shop_v1)
+    assert await sql(again, "SELECT * FROM item WHERE id = 7") == [[7, "red", "item7", 7]]
+    assert len(await sql(again, "SELECT * FROM item")) == ROWS + 1
+    status, schema = await ahttp(again, "GET", "/v1/schema")
+    assert schema["schema_version"] == 2
+    again.stop()
+    assert migrations(shop_v1) == [{"from": 1, "to": 2}]  # once, not at every start
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        ("tests/modules/shop_bad_type.py", "column price type changed from i64 to string"),
+        ("tests/modules/shop_bad_drop.py", "column name (string) dropped (or renamed)"),
+        ("tests/modules/shop_bad_rename.py", "table item dropped (or renamed)"),
+    ],
+    ids=["int-to-str", "dropped-column", "renamed-table"],
+)
+async def test_refused_change_exits_before_writing(
+    shop_v1: Path, servers: list[ServerProcess], module: str, expected: str
+) -> None:
+    """A refused change: exit status 2, the diff on stderr, and the directory as it was (the old
+    module starts on it with every row at the same offset)."""
+    server = start(servers, V1, shop_v1)
+    offset = (await readyz(server))["offset"]
+    server.stop()
+    status, stderr = exit_of(module, shop_v1)
+    assert status == 2, stderr
+    assert "is not automatic" in stderr and expected in stderr and "refused" in stderr
+    assert "Traceback" not in stderr
+    server = start(servers, V1, shop_v1)
+    assert (await readyz(server))["offset"] == offset
+    assert len(await sql(server, "SELECT * FROM item")) == ROWS
+    status, schema = await ahttp(server, "GET", "/v1/schema")
+    assert schema["schema_version"] == 1
+    server.stop()
+    assert migrations(shop_v1) == []
+
+
+@pytest.fixture(scope="module")
+def old_syncd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The syncd of OLD_FORMAT_COMMIT, unpacked (git archive) to run as a subprocess."""
+    tree = tmp_path_factory.mktemp("old-syncd")
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", OLD_FORMAT_COMMIT, "syncd"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tree, filter="data")
+    # The old server runs tests/modules/shop_v1.py from this tree (it is newer than that commit).
+    return tree
+
+
+def spawn_old(old_syncd: Path, data_dir: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "syncd", "serve", str(ROOT / V1), "--port", "0"]
+        + ["--data", str(data_dir), "--log-level", "warning", *extra],
+        cwd=old_syncd,
+        env={**os.environ, "PYTHONPATH": str(old_syncd), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def write_old_format(old_syncd: Path, data_dir: Path, *extra: str) -> None:
+    """Write ROWS items with the old syncd (no stored schema), then stop it."""
+    proc = spawn_old(old_syncd, data_dir, *extra)
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.to_thread(proc.stdout.readline)
+        assert "syncd listening on" in line, line
+        server = ServerProcess(V1, data_dir)
+        server.http_url = line.split()[-1]
+        await fill(server)
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 30)
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("extra", [(), ("--snapshot-every", "2")], ids=["journal", "snapshot"])
+async def test_old_format_directory_is_adopted_as_version_1(
+    old_syncd: Path, tmp_path: Path, servers: list[ServerProcess], extra: tuple[str, ...]
+) -> None:
+    """A directory written before stored schemas: a module its rows do not fit is refused with
+    a clear message (never guessed); the module it was written with is recorded as version 1,
+    and then an automatic change migrates it to version 2."""
+    data_dir = tmp_path / "old"
+    await write_old_format(old_syncd, data_dir, *extra)
+    status, stderr = exit_of(V2, data_dir)
+    assert status == 2, stderr
+    assert "written before syncd stored schemas" in stderr
+    assert "has 3 values, the table 4 columns" in stderr
+    status, stderr = exit_of("tests/modules/shop_bad_type.py", data_dir)
+    assert status == 2 and "column price holds" in stderr, stderr
+
+    server = start(servers, V1, data_dir)
+    assert len(await sql(server, "SELECT * FROM item")) == ROWS
+    status, schema = await ahttp(server, "GET", "/v1/schema")
+    assert schema["schema_version"] == 1
+    server.stop()
+
+    server = start(servers, V2, data_dir)
+    assert sorted(await sql(server, "SELECT * FROM item WHERE id < 2")) == [
+        [0, "none", "item0", 0],
+        [1, "none", "item1", 1],
+    ]
+    status, schema = await ahttp(server, "GET", "/v1/schema")
+    assert schema["schema_version"] == 2
