@@ -127,6 +127,10 @@ def fetch_schema(url: str, *, timeout: float = 10.0) -> dict[str, Any]:
         raise ConfigError(f"GET {endpoint.schema_url} did not return JSON ({exc})") from None
     if not isinstance(described, dict):
         raise ConfigError(f"GET {endpoint.schema_url} did not return a JSON object")
+    # The stored schema version describes the server's data, not the module: bindings
+    # generated from a server equal those generated from its module file.
+    # TODO(issue 11): record it in the bindings for `generate typescript --check`.
+    described.pop("schema_version", None)
     return described
 
 

@@ -142,6 +142,7 @@ export class SyncdClient {
   private identityValue: string | null = null;
   private tokenValue: string | null;
   private connectionIdValue: string | null = null;
+  private schemaVersionValue: number | null = null;
   /** Where the cached rows stand in the server's log (§8); null until the first Welcome. */
   private cursorValue: Cursor | null = null;
 
@@ -226,6 +227,11 @@ export class SyncdClient {
   /** This socket's connection id, from `Welcome`. */
   get connectionId(): string | null {
     return this.connectionIdValue;
+  }
+
+  /** The server's stored schema version, from the latest `Welcome` (null before one, or from a server that does not report it). */
+  get schemaVersion(): number | null {
+    return this.schemaVersionValue;
   }
 
   /** Where the cached rows stand: `{ epoch, offset }` (§8). */
@@ -749,6 +755,7 @@ export class SyncdClient {
   private onWelcome(msg: Extract<ServerMessage, { type: "welcome" }>): void {
     this.identityValue = msg.identity;
     this.connectionIdValue = msg.connection_id;
+    if (msg.schema_version !== null) this.schemaVersionValue = msg.schema_version;
     if (msg.token !== null) this.tokenValue = msg.token;
     this.socketEpoch = msg.epoch;
     this.socketOffset = Math.max(this.socketOffset, msg.offset);

@@ -53,7 +53,7 @@ export interface QuerySetUpdate {
 
 // Server -> client (§5), after `normalize`: optional fields hold their defaults.
 export type ServerMessage =
-  | { type: "welcome"; identity: string; connection_id: string; epoch: number; offset: number; token: string | null }
+  | { type: "welcome"; identity: string; connection_id: string; epoch: number; offset: number; token: string | null; schema_version: number | null }
   | { type: "applied"; request_id: number | null; query_set_id: number; offset: number; queries: QueryUpdate[]; resumed: boolean }
   | { type: "sub_failed"; request_id: number | null; query_set_id: number; code: number; message: string }
   | { type: "unsubbed"; request_id: number; query_set_id: number }
@@ -252,6 +252,7 @@ export function normalize(m: Record<string, unknown>): ServerMessage {
         epoch: int(m, "epoch"),
         offset: int(m, "offset"),
         token: strOrNull(m, "token"),
+        schema_version: intOrNull(m, "schema_version"),
       };
     case "applied":
       return {

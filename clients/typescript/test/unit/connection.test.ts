@@ -32,6 +32,15 @@ beforeEach(() => {
 });
 
 describe("connect", () => {
+  it("exposes the schema version of Welcome, null when the server does not send it", async () => {
+    const { client } = await open({}, { schema_version: 3 });
+    assert.equal(client.schemaVersion, 3);
+    const { client: older } = await open();
+    assert.equal(older.schemaVersion, null);
+    await client.close();
+    await older.close();
+  });
+
   it("sends Hello first, with the token, and resolves after Welcome", async () => {
     const { client, ws } = await open({ token: "sk_test" }, { identity: "ab", offset: 9 });
     assert.deepEqual(ws.sent[0], { type: "hello", token: "sk_test" });
