@@ -47,6 +47,11 @@ class Tx:
     meta: dict[str, Any] | None = None
 
 
+def is_migration(tx: Tx) -> bool:
+    """True for the transaction that records a schema migration (`server.schema_check`)."""
+    return tx.meta is not None and "migration" in tx.meta
+
+
 def row_to_state(tdef: TableDef, row: Row) -> list[Any]:
     cols = tdef.columns
     if not tdef.crdt_positions:

@@ -41,7 +41,7 @@ from syncd.core.reducers import SERVICE_ROLES
 from syncd.core.schema import Schema
 from syncd.core.store import Change, ChangeSet, Row, Store
 from syncd.core.subscriptions import QueryDelta, StateBefore, SubscriptionIndex
-from syncd.core.tx import Tx, decode_tx
+from syncd.core.tx import Tx, decode_tx, is_migration
 from syncd.errors import CloseCode, ErrorCode, JournalError, LimitExceeded, SubscriptionError
 from syncd.ports import Journal
 from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
@@ -506,7 +506,8 @@ class Replica:
     async def txs_since(self, offset: int) -> list[Tx] | None:
         """Every transaction after `offset` up to now: the journal's, then the in-memory
         window's. None when they are no longer held, or so many that a fresh snapshot is
-        cheaper (more than 10 resume windows)."""
+        cheaper (more than 10 resume windows), or when they include a schema migration: rows
+        the client holds have the old layout, so it needs a fresh state."""
         if offset > self.store.offset:
             return None
         if self.store.offset - offset > 10 * self.limits.resume_window:
@@ -523,12 +524,17 @@ class Replica:
             for entry_offset, payload in entries:
                 if entry_offset > self.store.offset:
                     break  # durable but not applied here yet: it reaches us by fan-out
-                txs.append(decode_tx(self.schema, payload))
+                tx = decode_tx(self.schema, payload)
+                if is_migration(tx):
+                    return None
+                txs.append(tx)
                 after = entry_offset
                 if self._window_covers(after):
                     break
         # No await from here: the window cannot move under us.
         txs.extend(tx for tx in self.window if tx.offset > after)
+        if any(is_migration(tx) for tx in txs):
+            return None
         return txs
 
     def _window_covers(self, after: int) -> bool:

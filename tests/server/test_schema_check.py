@@ -23,8 +23,9 @@ import msgspec
 import pytest
 
 import syncd.client
+from syncd.core.protocol.messages import Cursor, Hello, QuerySet, SubscribeApplied
 from tests.server_proc import ServerProcess
-from tests.transport.wire import ahttp, readyz, sql
+from tests.transport.wire import WireClient, ahttp, readyz, sql
 from tests.utils import ROOT
 
 V1 = "tests/modules/shop_v1.py"
@@ -226,3 +227,33 @@ async def test_old_format_directory_is_adopted_as_version_1(
     ]
     status, schema = await ahttp(server, "GET", "/v1/schema")
     assert schema["schema_version"] == 2
+
+
+async def test_resume_across_a_migration_gets_a_fresh_state(
+    tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    """A client that held rows under version 1 and reconnects after the migration with its
+    cursor is answered resumed=false with rows in the new layout, not a delta onto old rows."""
+    data_dir = tmp_path / "data"
+    server = start(servers, V1, data_dir)
+    await fill(server, 10)
+    queries = ["SELECT * FROM item WHERE id < 3"]
+    async with await WireClient.open(server) as client:
+        applied = await client.subscribe(queries, query_set_id=1)
+        assert isinstance(applied, SubscribeApplied)
+        cursor = Cursor(epoch=client.epoch, offset=applied.offset)
+        token = client.token
+    server.stop()
+    server = start(servers, V2, data_dir)
+    hello = Hello(
+        token=token, cursor=cursor, query_sets=[QuerySet(query_set_id=1, queries=queries)]
+    )
+    async with await WireClient.open(server, hello=hello) as again:
+        assert again.welcome is not None and again.welcome.schema_version == 2
+        answer = await again.wait_for(lambda m: isinstance(m, SubscribeApplied))
+        assert isinstance(answer, SubscribeApplied) and not answer.resumed
+        assert sorted(answer.queries[0].inserts) == [
+            (0, "none", "item0", 0),
+            (1, "none", "item1", 1),
+            (2, "none", "item2", 2),
+        ]
