@@ -41,11 +41,13 @@ from syncd.core import snapshot
 from syncd.core.ids import Offset
 from syncd.core.schema import Schema
 from syncd.core.store import Store
+from syncd.core.stored_schema import encode_history
 from syncd.core.system import CONNECTION_TABLE
 from syncd.core.tx import Tx, decode_tx
 from syncd.errors import ConfigError, JournalError
 from syncd.persist.sqlite import DEFAULT_FILENAME, SqliteJournal
 from syncd.server.leader import Leader
+from syncd.server.schema_check import SCHEMA_KEY, check_schema
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +278,12 @@ async def _roll_back(
     schema: Schema, data_dir: Path, at_offset: int | None, at_micros: int | None, live: bool
 ) -> RestoreInfo:
     async with SqliteJournal(data_dir / DEFAULT_FILENAME) as journal:
+        # Read under the stored schema history (raises SchemaMismatch if the module does not
+        # fit it). TODO(issue 11): restoring a point before a migration with the older module.
+        check = await check_schema(schema, journal)
+        schema = check.schema
+        if check.history is not None:
+            await journal.set_meta(SCHEMA_KEY, encode_history(check.history))
         source_epoch, source_offset = journal.epoch, await journal.latest_offset()
         if at_offset is not None:
             target = at_offset

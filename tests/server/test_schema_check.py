@@ -257,3 +257,42 @@ async def test_resume_across_a_migration_gets_a_fresh_state(
             (1, "none", "item1", 1),
             (2, "none", "item2", 2),
         ]
+
+
+def syncd_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "syncd", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_backup_of_a_migrated_directory_restores_under_its_history(
+    shop_v1: Path, servers: list[ServerProcess], tmp_path: Path
+) -> None:
+    """A backup holding rows of versions 1 and 2 restores with the new module: old rows read
+    with the default, later writes as written, and the restored server is at version 2; the old
+    module is refused, not read into the wrong columns."""
+    server = start(servers, V2, shop_v1)
+    await ahttp(server, "POST", "/v1/call/paint", json.dumps([7, "red"]))
+    backup = tmp_path / "backup"
+    done = syncd_cli("backup", "--data", str(shop_v1), "--out", str(backup))
+    assert done.returncode == 0, done.stderr
+    server.stop()
+    refused = syncd_cli("restore", str(backup), "--data", str(tmp_path / "r1"), "--module", V1)
+    assert refused.returncode == 2 and "is not automatic" in refused.stderr, refused.stderr
+    assert not (tmp_path / "r1").exists()
+    restored = tmp_path / "r2"
+    done = syncd_cli("restore", str(backup), "--data", str(restored), "--module", V2)
+    assert done.returncode == 0, done.stderr
+    server = start(servers, V2, restored)
+    assert sorted(await sql(server, "SELECT * FROM item WHERE id > 5 AND id < 9")) == [
+        [6, "none", "item6", 6],
+        [7, "red", "item7", 7],
+        [8, "none", "item8", 8],
+    ]
+    assert len(await sql(server, "SELECT * FROM item")) == ROWS
+    status, schema = await ahttp(server, "GET", "/v1/schema")
+    assert schema["schema_version"] == 2
