@@ -23,7 +23,14 @@ import msgspec
 import pytest
 
 import syncd.client
+from syncd.core.ids import Offset, Timestamp
 from syncd.core.protocol.messages import Cursor, Hello, QuerySet, SubscribeApplied
+from syncd.core.store import ChangeSet
+from syncd.core.stored_schema import encode_history
+from syncd.core.tx import Tx, decode_tx, encode_tx, is_migration
+from syncd.persist.memory import MemoryJournal, MemoryLog
+from syncd.server.loader import load_module_schema
+from syncd.server.schema_check import SCHEMA_KEY, check_schema, record_migration
 from tests.server_proc import ServerProcess
 from tests.transport.wire import WireClient, ahttp, readyz, sql
 from tests.utils import ROOT
@@ -296,3 +303,33 @@ async def test_backup_of_a_migrated_directory_restores_under_its_history(
     assert len(await sql(server, "SELECT * FROM item")) == ROWS
     status, schema = await ahttp(server, "GET", "/v1/schema")
     assert schema["schema_version"] == 2
+
+
+# -- check_schema and record_migration on the memory journal (no process) -------------------
+
+
+async def test_a_crash_between_recording_and_journaling_is_finished_at_the_next_start() -> None:
+    """If the history was recorded but the migration transaction never appended (a crash in
+    between), the next start with the same module appends it; a further start appends none."""
+    v1, v2 = load_module_schema(ROOT / V1), load_module_schema(ROOT / V2)
+    log = MemoryLog()
+    async with MemoryJournal(log) as journal:
+        first = await check_schema(v1, journal)
+        assert first.plan is None and first.schema.version == 1
+        assert await record_migration(first, journal, Offset(0), 1) is None  # nothing stored
+        row = ChangeSet({"item": {1: (None, (1, "item1", 1))}})
+        journal.append(Offset(1), encode_tx(first.schema, Tx(Offset(1), Timestamp(1), row)))
+        await journal.wait_durable(Offset(1))
+        second = await check_schema(v2, journal)
+        assert second.plan is not None and second.plan.kind == "automatic"
+        assert second.history is not None
+        await journal.set_meta(SCHEMA_KEY, encode_history(second.history))  # then "crash"
+    async with MemoryJournal(log) as journal:
+        third = await check_schema(v2, journal)
+        assert third.plan is not None and third.plan.kind == "identical"
+        assert await record_migration(third, journal, Offset(1), 2) == 2
+        assert await record_migration(third, journal, Offset(2), 3) is None
+        entries = await journal.read(Offset(0))
+        txs = [decode_tx(third.schema, payload) for _, payload in entries]
+        assert [is_migration(tx) for tx in txs] == [False, True]
+        assert txs[0].changes.tables["item"][1] == (None, (1, "none", "item1", 1))
