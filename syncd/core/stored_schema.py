@@ -80,6 +80,8 @@ class StoredColumn(msgspec.Struct, frozen=True, kw_only=True):
         default: the state form of the declared default (None without one, or with a factory).
         factory: the qualified name of the default factory, if any.
         fill: the state that rows written before this column existed read as.
+        default_fits: False when the default is not a valid value of the type (then `default`
+            is its repr, and adding the column is refused).
         merge: the merge rule of a CRDT column: SQL text, `python:<name>` for a check, or None.
     """
 
@@ -91,6 +93,7 @@ class StoredColumn(msgspec.Struct, frozen=True, kw_only=True):
     default: Any = None
     factory: str | None = None
     fill: Any = None
+    default_fits: bool = True
     merge: str | None = None
 
 
@@ -197,28 +200,42 @@ def _rule(rule: object) -> str | None:
     return f"python:{module}.{getattr(rule, '__qualname__', repr(rule))}"
 
 
+class _Unfit:
+    """The default does not fit the column's type (checked only when rows would get it)."""
+
+
+_UNFIT: Any = _Unfit()
+
+
 def _fill(col: ColumnDef) -> Any:
-    """The state of the column's default, as old rows will read it; None without a default."""
+    """The state of the column's default, as old rows will read it; None without a default,
+    `_UNFIT` when the default is not a valid value of the column."""
     if col.default is NO_DEFAULT and col.default_factory is None:
         return None
-    value = col.default if col.default is not NO_DEFAULT else col.default_factory()  # type: ignore[misc]
     ctype = col.type
-    if isinstance(ctype, CrdtType):
-        stored = ctype.assign(None, value, Stamp(0, 0, FILL_WRITER))
-    else:
-        stored = ctype.check(value)
-    return ctype.to_state(stored)
+    try:
+        value = col.default if col.default is not NO_DEFAULT else col.default_factory()  # type: ignore[misc]
+        if isinstance(ctype, CrdtType):
+            stored = ctype.assign(None, value, Stamp(0, 0, FILL_WRITER))
+        else:
+            stored = ctype.check(value)
+        return ctype.to_state(stored)
+    except (TypeError, ValueError):
+        return _UNFIT
 
 
 def _column(col: ColumnDef, column_id: int, previous: StoredColumn | None) -> StoredColumn:
     has_default = col.default is not NO_DEFAULT or col.default_factory is not None
     default = None
     factory = None
+    fill = previous.fill if previous is not None else _fill(col)
+    fits = _fill(col) is not _UNFIT
     if col.default_factory is not None:
         factory = _rule(col.default_factory)
     elif has_default:
-        default = _fill(col)
-    fill = previous.fill if previous is not None else _fill(col)
+        default = _fill(col) if fits else repr(col.default)
+    if fill is _UNFIT:
+        fill = None  # never read: adding a column whose default does not fit is refused
     return StoredColumn(
         id=column_id,
         name=col.name,
@@ -228,6 +245,7 @@ def _column(col: ColumnDef, column_id: int, previous: StoredColumn | None) -> St
         default=default,
         factory=factory,
         fill=fill,
+        default_fits=fits,
         merge=_rule(col.merge),
     )
 
@@ -411,7 +429,7 @@ def _table_changes(old: StoredTable, new: StoredTable) -> list[Change]:
     for pos, col in enumerate(new.columns):
         before = old.column(col.name)
         if before is None:
-            if col.has_default:
+            if col.has_default and col.default_fits:
                 shown = f"default {col.default!r}" if col.factory is None else col.factory
                 out.append(
                     Change(
@@ -425,8 +443,8 @@ def _table_changes(old: StoredTable, new: StoredTable) -> list[Change]:
                     Change(
                         f"{where}: column {col.name} ({_type_text(col.type)}) added",
                         False,
-                        "it has no default, so existing rows would have no value (give it a "
-                        "default)",
+                        "it has no default (or one that is not a valid value of its type), so "
+                        "existing rows would have no value (give it a default)",
                     )
                 )
             continue

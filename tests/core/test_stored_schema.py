@@ -444,3 +444,12 @@ def test_random_migrations_read_back_like_a_fresh_store(ops: list[tuple[str, Any
     reference.load({"item": converted_rows()}, replayed.offset, {})
     assert replayed.dump() == reference.dump()
     assert snapshot.state_hash(replayed) == snapshot.state_hash(reference)
+
+
+def test_a_default_that_does_not_fit_its_type() -> None:
+    """A module whose default is not a valid value still loads as before; adding a column with
+    such a default is refused (old rows would read an invalid value)."""
+    bad = BASE.replace("    name: str\n", "    name: str = None\n")
+    assert planned(bad, bad)[0] == "identical"
+    kind, diff = planned(BASE.replace("    name: str\n", ""), bad)
+    assert kind == "refused" and "column name (string) added: refused, it has no default" in diff
