@@ -164,7 +164,10 @@ async def written_version(journal: Journal, offset: Offset) -> int | None:
     None when nothing was ever written."""
     if offset == 0:
         return None
-    entries = await journal.read(Offset(offset - 1), 1)
+    try:
+        entries = await journal.read(Offset(offset - 1), 1)
+    except LookupError:  # pruned (or a new epoch starting there): the snapshot at it says
+        entries = []
     if entries and entries[0][0] == offset:
         return payload_version(entries[0][1])
     latest = await journal.latest_snapshot()
