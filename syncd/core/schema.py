@@ -397,6 +397,12 @@ class Schema:
     history: SchemaHistory | None = None
 
     @property
+    def stored_version(self) -> int | None:
+        """The stored schema version when the data was checked against one (`history`), else
+        None (what `Welcome.schema_version` and `/v1/schema` report)."""
+        return None if self.history is None else self.history.current.version
+
+    @property
     def version(self) -> int:
         """The stored schema version new data is written under (1 without a history)."""
         return 1 if self.history is None else self.history.current.version

@@ -712,7 +712,8 @@ class Server:
 
     async def schema_endpoint(self, request: Request) -> Response:
         described = self.schema.describe()
-        described["schema_version"] = self.schema.version
+        # None on --postgres replicas, which do not check stored schemas yet (issue 11).
+        described["schema_version"] = self.schema.stored_version
         described["tables"] = [t for t in described["tables"] if t["public"]]
         described["reducers"] = [r for r in described["reducers"] if r["lifecycle"] is None]
         return _json_response(described)

@@ -364,7 +364,7 @@ class Connection:
                 epoch=replica.epoch,
                 offset=replica.offset,
                 token=self.principal.minted_token,
-                schema_version=self.server.schema.version,
+                schema_version=self.server.schema.stored_version,
             )
         )
         slice_started = time.monotonic()
