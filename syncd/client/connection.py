@@ -229,6 +229,8 @@ class Connection:
         #: The server's stored schema version, from the latest `Welcome` (None before one, or
         #: from a server that does not report it).
         self.schema_version: int | None = None
+        # Set by a Welcome whose schema_version differs from the last one: `schema` is stale.
+        self._schema_changed = False
         #: The bearer token sent in `Hello`: the one given to `connect`, else the anonymous token
         #: the server minted in the first `Welcome`. None before `Welcome` when anonymous.
         self.token = token
@@ -648,7 +650,9 @@ class Connection:
         self._cache.begin()
         try:
             await ws.send(self._codec.encode(hello), text=self.fmt == "json")
-            while not self._welcomed or self._resuming:
+            while not self._welcomed:
+                await self._receive_welcome(await ws.recv())
+            while self._resuming:
                 self._receive(await ws.recv())
         except websockets.exceptions.ConnectionClosed:
             code, reason = self._close_info(ws)
@@ -830,6 +834,24 @@ class Connection:
 
     # -- receiving ---------------------------------------------------------------------------
 
+    async def _receive_welcome(self, data: bytes | str) -> None:
+        """Handle the handshake's first message: `Welcome`, alone or first in a `Batch`."""
+        msg: ServerMessage = self._codec.decode_server(data)
+        messages = list(msg.messages) if type(msg) is Batch else [msg]
+        if not messages:
+            return
+        self._handle(messages[0])
+        if self._schema_changed:
+            # The module migrated while we were away: rows now come in its new layout (as a
+            # fresh state, never resumed), so read the tables' columns before any row.
+            self.schema = await self.endpoint.fetch_schema(
+                token=self.token, http_timeout=self._open_timeout
+            )
+            self._schema_changed = False
+        with self._cache.transaction():
+            for inner in messages[1:]:
+                self._handle(inner)
+
     def _receive(self, data: bytes | str) -> None:
         """Handle one WebSocket message (a `Batch` is one cache transaction)."""
         msg: ServerMessage = self._codec.decode_server(data)
@@ -878,6 +900,8 @@ class Connection:
         self._epoch = msg.epoch
         self._welcome_offset = msg.offset
         if msg.schema_version is not None:
+            known = self.schema_version
+            self._schema_changed = known is not None and known != msg.schema_version
             self.schema_version = msg.schema_version
         if msg.token is not None:
             self.token = msg.token

@@ -32,7 +32,7 @@ from syncd.persist.memory import MemoryJournal, MemoryLog
 from syncd.server.loader import load_module_schema
 from syncd.server.schema_check import SCHEMA_KEY, check_schema, record_migration
 from tests.server_proc import ServerProcess
-from tests.transport.wire import WireClient, ahttp, readyz, sql
+from tests.transport.wire import WireClient, ahttp, eventually, readyz, sql
 from tests.utils import ROOT
 
 V1 = "tests/modules/shop_v1.py"
@@ -333,3 +333,29 @@ async def test_a_crash_between_recording_and_journaling_is_finished_at_the_next_
         txs = [decode_tx(third.schema, payload) for _, payload in entries]
         assert [is_migration(tx) for tx in txs] == [False, True]
         assert txs[0].changes.tables["item"][1] == (None, (1, "none", "item1", 1))
+
+
+async def test_python_client_reads_the_new_layout_after_a_migration(
+    tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    """A Python client connected across a restart that migrates the module sees the new
+    schema_version, re-reads /v1/schema and holds its rows with the new column, by name."""
+    data_dir = tmp_path / "data"
+    server = start(servers, V1, data_dir)
+    await fill(server, 5)
+    async with syncd.client.connect(server.ws_url) as conn:
+        await conn.subscribe(["SELECT * FROM item"])
+        assert conn.schema_version == 1
+        assert conn.db["item"].find(1) == {"id": 1, "name": "item1", "price": 1}
+        server.stop()
+        migrated = ServerProcess(V2, data_dir)
+        migrated.port = server.port  # where the client reconnects
+        servers.append(await migrated.astart())
+        await eventually(lambda: conn.schema_version == 2, what="the client reconnected")
+        await eventually(
+            lambda: "color" in (conn.db["item"].find(1) or {}), what="rows in the new layout"
+        )
+        assert conn.db["item"].find(1) == {"id": 1, "color": "none", "name": "item1", "price": 1}
+        assert len(conn.db["item"]) == 5
+        await conn.call("paint", 1, "red")
+        await eventually(lambda: (conn.db["item"].find(1) or {}).get("color") == "red")
