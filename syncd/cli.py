@@ -74,6 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         data_dir=Path(args.data),
+        adopt_schema=args.adopt_schema,
         auth=AuthConfig(
             supabase_url=args.supabase_url or None,
             jwt_secret=args.jwt_secret or None,
@@ -130,7 +131,12 @@ def _restore(args: argparse.Namespace) -> int:
         at_micros = int(when.timestamp() * 1_000_000)
     schema = load_module_schema(Path(args.module))
     info = restore(
-        schema, Path(args.backup), Path(args.data), at_offset=args.at_offset, at_micros=at_micros
+        schema,
+        Path(args.backup),
+        Path(args.data),
+        at_offset=args.at_offset,
+        at_micros=at_micros,
+        adopt_schema=args.adopt_schema,
     )
     if info.source_live:
         print(
@@ -272,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse clients without a token",
     )
     serve.add_argument("--snapshot-every", type=int, default=50_000, metavar="TXS")
+    serve.add_argument(
+        "--adopt-schema",
+        action="store_true",
+        help="MODULE is exactly the module that wrote this data directory, which an earlier "
+        "syncd wrote without storing schemas: record it (refused without this flag, since rows "
+        "are positional and a swapped column would be misread)",
+    )
     serve.add_argument(
         "--retain-txs",
         type=int,
@@ -482,6 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("backup", metavar="BACKUP_DIR", help="a backup or a data directory")
     restore.add_argument("--data", required=True, metavar="DIR", help="the new data directory")
+    restore.add_argument(
+        "--adopt-schema",
+        action="store_true",
+        help="MODULE is exactly the module that wrote the backup, which an earlier "
+        "syncd wrote without storing schemas: record it (refused without this flag, since rows "
+        "are positional and a swapped column would be misread)",
+    )
     restore.add_argument(
         "--module", required=True, help="the module the data belongs to (to rebuild state)"
     )

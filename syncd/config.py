@@ -173,3 +173,6 @@ class Config:
     replica_id: str = "embedded"
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trusted_proxies: tuple[str, ...] = ()
+    #: The module is exactly the one that wrote a data directory from before stored schemas:
+    #: record it as the directory's schema (`--adopt-schema`; see `check_schema`).
+    adopt_schema: bool = False

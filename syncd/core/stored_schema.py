@@ -196,8 +196,11 @@ def decode_history(data: bytes) -> list[StoredSchema]:
 def _rule(rule: object) -> str | None:
     if rule is None or isinstance(rule, str):
         return rule
-    module = getattr(rule, "__module__", "?")
-    return f"python:{module}.{getattr(rule, '__qualname__', repr(rule))}"
+    # By name, never repr(): a partial or a bound method's repr holds a memory address, which
+    # would make every start look like a new schema version.
+    named = rule if hasattr(rule, "__qualname__") else type(rule)
+    module = getattr(named, "__module__", "?")
+    return f"python:{module}.{getattr(named, '__qualname__', '?')}"
 
 
 class _Unfit:

@@ -53,7 +53,9 @@ T = TypeVar("T")
 #: The file used when `SqliteJournal` is given a directory.
 DEFAULT_FILENAME = "journal.sqlite3"
 #: The version of the tables this module writes; `open` migrates older files up to it.
-SCHEMA_VERSION = 1
+#: 2: the journal may hold stored module schemas (server meta `syncd.schema`) and payloads of
+#: several schema versions; a syncd that knows only 1 would misread them, so it refuses.
+SCHEMA_VERSION = 2
 
 # MIGRATIONS[v] takes a file from version v to v + 1; each runs in one transaction.
 MIGRATIONS: list[list[str]] = [
@@ -85,6 +87,9 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE server_meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
         "INSERT INTO meta (key, value) VALUES ('epoch', 1), ('pruned_through', 0)",
     ],
+    # No table changes: the version alone keeps a syncd that does not read stored schemas
+    # (version 1) away from a journal written by one that does.
+    ["SELECT 1"],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 

@@ -252,7 +252,7 @@ class Server:
         await journal.open()
         try:
             # The module against the stored schema: refused -> SchemaMismatch, nothing written.
-            check = await check_schema(self.schema, journal)
+            check = await check_schema(self.schema, journal, adopt=self.config.adopt_schema)
             self.schema = check.schema
             try:
                 leader_store, replica_store = await recover(self.schema, journal)

@@ -230,8 +230,12 @@ def restore(
     *,
     at_offset: int | None = None,
     at_micros: int | None = None,
+    adopt_schema: bool = False,
 ) -> RestoreInfo:
     """Make `data_dir` a copy of `source`, rolled back to a point if asked.
+
+    `adopt_schema`: `schema` is exactly the module that wrote a source from before stored
+    schemas (see `check_schema`); without it such a source is refused.
 
     `source` is a backup or any data directory, stopped, killed or in use by a running server:
     its journal is read through SQLite (the backup API, as `backup` does), so transactions still
@@ -263,7 +267,7 @@ def restore(
         if not _is_journal(data_dir / DEFAULT_FILENAME):
             # Opening it as a journal would create empty tables: a "restore" of nothing.
             raise ConfigError(f"{journal} is not a syncd journal (no meta table)")
-        return asyncio.run(_roll_back(schema, data_dir, at_offset, at_micros, live))
+        return asyncio.run(_roll_back(schema, data_dir, at_offset, at_micros, live, adopt_schema))
     except BaseException:
         # Nothing half-restored is left behind.
         for path in copied:
@@ -275,12 +279,17 @@ def restore(
 
 
 async def _roll_back(
-    schema: Schema, data_dir: Path, at_offset: int | None, at_micros: int | None, live: bool
+    schema: Schema,
+    data_dir: Path,
+    at_offset: int | None,
+    at_micros: int | None,
+    live: bool,
+    adopt_schema: bool = False,
 ) -> RestoreInfo:
     async with SqliteJournal(data_dir / DEFAULT_FILENAME) as journal:
         # Read under the stored schema history (raises SchemaMismatch if the module does not
         # fit it). TODO(issue 11): restoring a point before a migration with the older module.
-        check = await check_schema(schema, journal)
+        check = await check_schema(schema, journal, adopt=adopt_schema)
         schema = check.schema
         if check.history is not None:
             await journal.set_meta(SCHEMA_KEY, encode_history(check.history))

@@ -70,12 +70,16 @@ class SchemaCheck:
     history: list[StoredSchema] | None
 
 
-async def check_schema(schema: Schema, journal: Journal) -> SchemaCheck:
+async def check_schema(schema: Schema, journal: Journal, *, adopt: bool = False) -> SchemaCheck:
     """Compare the module with the journal's stored schema. Writes nothing.
 
     Args:
         schema: the module's schema (with the system tables).
         journal: open.
+        adopt: the operator says `schema` is exactly the module that wrote a data directory
+            from before stored schemas (`--adopt-schema`). Without it such a directory is
+            refused when it holds any data: its rows are positional, and two columns of the
+            same type swapped or replaced would fit them and be misread forever.
 
     Raises:
         SchemaMismatch: the change is not automatic (the message is the diff), or a data
@@ -85,7 +89,16 @@ async def check_schema(schema: Schema, journal: Journal) -> SchemaCheck:
     raw = await journal.get_meta(SCHEMA_KEY)
     if raw is None:
         first = StoredSchema.from_schema(schema)
-        await _check_unversioned(schema, journal)
+        if await _holds_data(journal):
+            if not adopt:
+                raise SchemaMismatch(
+                    "this data directory was written by a syncd that did not store schemas, so "
+                    "its rows say nothing of which column is which (nothing was written). If "
+                    f"module {schema.module_name!r} is exactly the module that wrote it (the "
+                    "same tables, columns in the same order, the same types), start once with "
+                    "--adopt-schema to record it; otherwise start with that module first"
+                )
+            await _check_unversioned(schema, journal)
         return SchemaCheck(attach(schema, [first]), None, [first])
     try:
         versions = decode_history(raw)
@@ -103,6 +116,13 @@ async def check_schema(schema: Schema, journal: Journal) -> SchemaCheck:
     assert result.target is not None
     history = [*versions, result.target]
     return SchemaCheck(attach(schema, history), result, history)
+
+
+async def _holds_data(journal: Journal) -> bool:
+    """Whether the journal holds any transaction or snapshot (a fresh one holds neither)."""
+    if await journal.latest_snapshot() is not None:
+        return True
+    return bool(await journal.read(Offset(0), 1)) or await journal.latest_offset() > 0
 
 
 async def _check_unversioned(schema: Schema, journal: Journal) -> None:

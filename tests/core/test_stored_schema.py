@@ -79,6 +79,22 @@ def test_identical_module_plans_nothing() -> None:
     assert StoredSchema.from_schema(module(BASE)) == StoredSchema.from_schema(module(BASE))
 
 
+def test_a_default_factory_without_a_stable_name_plans_nothing() -> None:
+    """A factory whose repr holds a memory address (a partial of a bound method) is recorded
+    by name: loading the same module again (a new object, as in a new process) is identical,
+    not a new version at every start."""
+    body = BASE.replace(
+        "    price: int = syncd.index()",
+        "    price: int = syncd.index()\n"
+        "    roll: int = syncd.column(\n"
+        "        default_factory=functools.partial(random.Random(5).randint, 1, 9)\n"
+        "    )",
+    )
+    body = "import functools\nimport random\n" + body
+    kind, diff = planned(body, body)
+    assert kind == "identical", diff
+
+
 def test_history_round_trips() -> None:
     """Encoding then decoding a history gives the same versions."""
     v1 = StoredSchema.from_schema(module(BASE))

@@ -59,11 +59,11 @@ def migrations(data_dir: Path) -> list[dict[str, int]]:
     return [m["migration"] for m in metas if m and "migration" in m]
 
 
-def exit_of(module: str, data_dir: Path) -> tuple[int, str]:
+def exit_of(module: str, data_dir: Path, *extra: str) -> tuple[int, str]:
     """Start `syncd serve` expecting it to refuse: its exit status and its stderr."""
     result = subprocess.run(
         [sys.executable, "-m", "syncd", "serve", str(ROOT / module), "--port", "0"]
-        + ["--data", str(data_dir)],
+        + ["--data", str(data_dir), *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -95,8 +95,8 @@ def servers() -> Iterator[list[ServerProcess]]:
         server.kill()
 
 
-def start(servers: list[ServerProcess], module: str, data_dir: Path) -> ServerProcess:
-    server = ServerProcess(module, data_dir).start()
+def start(servers: list[ServerProcess], module: str, data_dir: Path, *extra: str) -> ServerProcess:
+    server = ServerProcess(module, data_dir, *extra).start()
     servers.append(server)
     return server
 
@@ -209,19 +209,24 @@ async def write_old_format(old_syncd: Path, data_dir: Path, *extra: str) -> None
 async def test_old_format_directory_is_adopted_as_version_1(
     old_syncd: Path, tmp_path: Path, servers: list[ServerProcess], extra: tuple[str, ...]
 ) -> None:
-    """A directory written before stored schemas: a module its rows do not fit is refused with
-    a clear message (never guessed); the module it was written with is recorded as version 1,
-    and then an automatic change migrates it to version 2."""
+    """A directory written before stored schemas: without --adopt-schema even the module that
+    wrote it is refused (rows are positional: a swapped or replaced column of the same type
+    would fit them), and nothing is written; with it, a module its rows do not fit is still
+    refused with a clear message, and the module it was written with is recorded as version
+    1; then an automatic change migrates it to version 2."""
     data_dir = tmp_path / "old"
     await write_old_format(old_syncd, data_dir, *extra)
-    status, stderr = exit_of(V2, data_dir)
+    for module in (V1, V2):
+        status, stderr = exit_of(module, data_dir)
+        assert status == 2 and "--adopt-schema" in stderr, stderr
+    status, stderr = exit_of(V2, data_dir, "--adopt-schema")
     assert status == 2, stderr
     assert "written before syncd stored schemas" in stderr
     assert "has 3 values, the table 4 columns" in stderr
-    status, stderr = exit_of("tests/modules/shop_bad_type.py", data_dir)
+    status, stderr = exit_of("tests/modules/shop_bad_type.py", data_dir, "--adopt-schema")
     assert status == 2 and "column price holds" in stderr, stderr
 
-    server = start(servers, V1, data_dir)
+    server = start(servers, V1, data_dir, "--adopt-schema")
     assert len(await sql(server, "SELECT * FROM item")) == ROWS
     status, schema = await ahttp(server, "GET", "/v1/schema")
     assert schema["schema_version"] == 1
@@ -359,3 +364,23 @@ async def test_python_client_reads_the_new_layout_after_a_migration(
         assert len(conn.db["item"]) == 5
         await conn.call("paint", 1, "red")
         await eventually(lambda: (conn.db["item"].find(1) or {}).get("color") == "red")
+
+
+async def test_an_older_syncd_refuses_a_directory_that_stores_schemas(
+    old_syncd: Path, tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    """A syncd from before stored schemas would read a migrated directory's rows by position
+    (and write rows the new one misreads): the journal's format version keeps it out."""
+    data_dir = tmp_path / "new"
+    server = start(servers, V1, data_dir)
+    await fill(server, 10)
+    server.stop()
+    proc = spawn_old(old_syncd, data_dir)
+    try:
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "syncd listening" not in out
+    server = start(servers, V1, data_dir)
+    assert len(await sql(server, "SELECT * FROM item")) == 10
