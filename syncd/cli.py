@@ -102,6 +102,42 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    import time
+
+    from syncd.server.loader import load_module_schema
+    from syncd.server.migrate import migrate
+
+    schema = load_module_schema(Path(args.module))
+    report = asyncio.run(
+        migrate(
+            schema,
+            Path(args.data),
+            dry_run=args.dry_run,
+            queries=list(args.query or ()),
+            adopt_schema=args.adopt_schema,
+            now_us=time.time_ns() // 1000,
+        )
+    )
+    print(report.diff)
+    for table, count in sorted(report.rows.items()):
+        print(f"  table {table}: {count} rows")
+    for check in report.queries:
+        verdict = "compiles" if check.error is None else f"stops compiling: {check.error}"
+        print(f"  query {check.sql!r}: {verdict}")
+    summary = {
+        "kind": report.kind,
+        "from": report.version_from,
+        "to": report.version_to,
+        "dry_run": args.dry_run,
+        "migration_offset": report.applied_offset,
+        "rows": report.rows,
+        "broken_queries": [c.sql for c in report.queries if c.error is not None],
+    }
+    print(json.dumps(summary))
+    return 1 if summary["broken_queries"] else 0
+
+
 def _backup(args: argparse.Namespace) -> int:
     from syncd.server.backup import backup
 
@@ -471,6 +507,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default=os.environ.get("SYNCD_LOG_LEVEL", "info"))
     serve.set_defaults(func=_serve)
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="show (and unless --dry-run, apply) what starting MODULE over a data directory does",
+        description="Compare MODULE with the data directory's stored schema and print the plan: "
+        "each change, automatic or refused, and the rows of each table. --query SQL (repeatable) "
+        "checks queries your clients hold against the new schema. With --dry-run it works on a "
+        "copy (a running server's directory too) and writes nothing; without it the migration is "
+        "recorded as `syncd serve` would at start (stop the server first). Exit 2: refused; "
+        "1: a named query stops compiling; 0: fine.",
+    )
+    migrate.add_argument("module", metavar="MODULE")
+    migrate.add_argument("--data", default=os.environ.get("SYNCD_DATA", "syncd-data"))
+    migrate.add_argument("--dry-run", action="store_true", help="plan on a copy; write nothing")
+    migrate.add_argument(
+        "--query", action="append", metavar="SQL", help="a query to check (repeatable)"
+    )
+    migrate.add_argument(
+        "--adopt-schema",
+        action="store_true",
+        help="MODULE is exactly the module that wrote this directory (written without stored "
+        "schemas by an earlier syncd): record it",
+    )
+    migrate.set_defaults(func=_migrate)
 
     backup = sub.add_parser(
         "backup",

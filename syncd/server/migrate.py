@@ -1,0 +1,136 @@
+"""`syncd migrate`: what starting a module over an embedded data directory would do, and doing
+it without serving.
+
+The plan is `check_schema`'s (docs/operations.md, "Changing a module"): the changes, whether
+each is automatic, the rows of each table the new version reads (old rows get the defaults of
+added columns as they are read; nothing is rewritten), and, for queries the operator names
+(`--query`, for example the ones the application's clients subscribe to), whether each still
+compiles against the new schema.
+
+A dry run works on a copy of the journal, taken with SQLite's backup API (so a running server's
+directory can be planned against, WAL included), and writes nothing to the data directory.
+Without `--dry-run` the migration is recorded and journaled exactly as `syncd serve` would at
+start (one migration transaction), so the next start is an identical one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from syncd.core.ids import Offset
+from syncd.core.query import compile_query
+from syncd.core.schema import Schema
+from syncd.errors import ConfigError, SchemaMismatch, SubscriptionError
+from syncd.persist.sqlite import DEFAULT_FILENAME, SqliteJournal
+from syncd.server.app import recover_store
+from syncd.server.backup import _copy_sqlite
+from syncd.server.schema_check import check_schema, record_migration
+
+
+@dataclass(frozen=True, slots=True)
+class QueryCheck:
+    """One named query against the new schema: None when it compiles, else why not."""
+
+    sql: str
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationReport:
+    """What `migrate` found (and did).
+
+    Attributes:
+        kind: "identical", "automatic", or "new" (no stored schema yet: a fresh or adopted
+            directory, recorded as version 1).
+        diff: the readable plan, one change a line.
+        version_from: the stored schema version the data is under (0: none stored).
+        version_to: the version the module runs as.
+        rows: per public and private table of the module, the rows it holds.
+        queries: the named queries, each compiled against the new schema.
+        applied_offset: the migration transaction's offset when one was written (not a dry
+            run), else None.
+    """
+
+    kind: str
+    diff: str
+    version_from: int
+    version_to: int
+    rows: dict[str, int]
+    queries: list[QueryCheck] = field(default_factory=list)
+    applied_offset: int | None = None
+
+
+async def migrate(
+    schema: Schema,
+    data_dir: Path,
+    *,
+    dry_run: bool,
+    queries: list[str] | None = None,
+    adopt_schema: bool = False,
+    now_us: int = 0,
+) -> MigrationReport:
+    """Plan (and unless `dry_run`, apply) the module's migration of `data_dir`.
+
+    Raises:
+        ConfigError: `data_dir` holds no journal.
+        SchemaMismatch: the change is refused (the message is the diff); nothing was written.
+        JournalError: the journal cannot be read, or (not a dry run) it is open in a server.
+    """
+    journal_path = data_dir / DEFAULT_FILENAME
+    if not journal_path.is_file():
+        raise ConfigError(f"{data_dir} holds no journal ({DEFAULT_FILENAME})")
+    if not dry_run:
+        return await _run(schema, journal_path, queries or [], adopt_schema, True, now_us)
+    with tempfile.TemporaryDirectory(prefix="syncd-migrate-") as tmp:
+        copy = Path(tmp) / DEFAULT_FILENAME
+        await asyncio.to_thread(_copy_sqlite, journal_path, copy)
+        return await _run(schema, copy, queries or [], adopt_schema, False, now_us)
+
+
+async def _run(
+    schema: Schema, path: Path, sqls: list[str], adopt: bool, apply: bool, now_us: int
+) -> MigrationReport:
+    async with SqliteJournal(path) as journal:
+        check = await check_schema(schema, journal, adopt=adopt)
+        try:
+            store = await recover_store(check.schema, journal)
+        except ValueError as exc:
+            raise SchemaMismatch(
+                f"the stored data does not read under module {schema.module_name!r} "
+                f"(nothing was written): {exc}"
+            ) from None
+        plan = check.plan
+        if plan is None:
+            kind, diff, before = "new", "no stored schema yet: recorded as version 1", 0
+        else:
+            kind, diff, before = plan.kind, plan.diff(), plan.stored.version
+        rows = {
+            name: len(state.rows)
+            for name, state in store.tables.items()
+            if not name.startswith("syncd_")
+        }
+        checks = [_compiles(sql, check.schema) for sql in sqls]
+        applied = None
+        if apply:
+            offset = await record_migration(check, journal, Offset(store.offset), now_us)
+            applied = None if offset is None else int(offset)
+        return MigrationReport(
+            kind=kind,
+            diff=diff,
+            version_from=before,
+            version_to=check.schema.version,
+            rows=rows,
+            queries=checks,
+            applied_offset=applied,
+        )
+
+
+def _compiles(sql: str, schema: Schema) -> QueryCheck:
+    try:
+        compile_query(sql, schema)
+    except SubscriptionError as exc:
+        return QueryCheck(sql, str(exc))
+    return QueryCheck(sql, None)
