@@ -73,7 +73,14 @@ from syncd.server.admission import (
     parse_networks,
 )
 from syncd.server.cluster import Cluster
-from syncd.server.connection import CLOSE_TIMEOUT, Connection, bearer_token, error_code, reset_later
+from syncd.server.connection import (
+    CLOSE_TIMEOUT,
+    TOO_MANY_QUERIES,
+    Connection,
+    bearer_token,
+    error_code,
+    reset_later,
+)
 from syncd.server.forward import PATH as LINK_PATH
 from syncd.server.forward import Writer, serve_link
 from syncd.server.http_limits import limited_http_protocol
@@ -599,6 +606,41 @@ class Server:
                 conn.address_counted = False
                 self.address_counts.release(address)
 
+    def call_refusal(
+        self, identity: Identity, anonymous: bool, address: str, now: float
+    ) -> str | None:
+        """Take a reducer call's (or merge's) token from the caller's bucket and, for an
+        anonymous caller, from its address's (each anonymous connection is a fresh identity).
+
+        Returns:
+            None when the call may run; else the `RATE_LIMITED` message (no token was taken
+            from the identity's bucket when the address's was empty).
+        """
+        limits = self.config.limits
+        if anonymous and not self.address_call_limiter.allow(address, now):
+            rate = limits.anonymous_calls_per_address
+            return (
+                f"too many calls: this address's anonymous clients may make at most {rate:g} "
+                f"a second together (bursts of {2 * rate:g}); retry after a backoff"
+            )
+        if self.call_limiter.allow(identity, now):
+            return None
+        return (
+            f"too many calls: at most {limits.calls_per_second:g} a second "
+            f"(bursts of {limits.call_burst}); retry after a backoff"
+        )
+
+    def query_refusal(
+        self, identity: Identity, anonymous: bool, address: str, now: float
+    ) -> str | None:
+        """`call_refusal` for subscribes (each query set of a `Hello` too) and one-off
+        queries, with their own buckets."""
+        if anonymous and not self.address_query_limiter.allow(address, now):
+            return TOO_MANY_QUERIES
+        if self.query_limiter.allow(identity, now):
+            return None
+        return TOO_MANY_QUERIES
+
     def client_address(self, request: HTTPConnection) -> str:
         """Where a request or WebSocket comes from (`admission.client_address`)."""
         client = request.scope.get("client")
@@ -744,14 +786,14 @@ class Server:
             sql = parsed.get("sql", "") if isinstance(parsed, dict) else ""
         if not isinstance(sql, str) or not sql.strip():
             return _error(ErrorCode.BAD_QUERY, 'send {"sql": "SELECT ..."}', 400)
-        now = time.monotonic()
-        if is_anonymous(principal) and not self.address_query_limiter.allow(
-            self.client_address(request), now
-        ):
-            message = "too many queries from this address's anonymous clients; retry later"
-            return _error(ErrorCode.RATE_LIMITED, message, 429)
-        if not self.query_limiter.allow(principal.identity, now):
-            return _error(ErrorCode.RATE_LIMITED, "too many queries; retry after a backoff", 429)
+        refusal = self.query_refusal(
+            principal.identity,
+            is_anonymous(principal),
+            self.client_address(request),
+            time.monotonic(),
+        )
+        if refusal is not None:
+            return _error(ErrorCode.RATE_LIMITED, refusal, 429)
         replica = self.replica
         try:
             (query,) = replica.bind([sql], principal)
@@ -807,14 +849,14 @@ class Server:
         except BackendError:
             return _error(ErrorCode.UNAVAILABLE, "the key store is unavailable; retry", 503)
         name = request.path_params["reducer"]
-        now = time.monotonic()
-        if is_anonymous(principal) and not self.address_call_limiter.allow(
-            self.client_address(request), now
-        ):
-            message = "too many calls from this address's anonymous clients; retry after a backoff"
-            return _error(ErrorCode.RATE_LIMITED, message, 429)
-        if not self.call_limiter.allow(principal.identity, now):
-            return _error(ErrorCode.RATE_LIMITED, "too many calls; retry after a backoff", 429)
+        refusal = self.call_refusal(
+            principal.identity,
+            is_anonymous(principal),
+            self.client_address(request),
+            time.monotonic(),
+        )
+        if refusal is not None:
+            return _error(ErrorCode.RATE_LIMITED, refusal, 429)
         args: Any = []
         if body.strip():
             try:

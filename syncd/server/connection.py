@@ -444,35 +444,18 @@ class Connection:
         return False
 
     def _queries_allowed(self) -> bool:
-        """Take a token from the caller's query bucket (and, for an anonymous caller, from its
-        address's: each anonymous connection is a fresh identity)."""
-        assert self.principal is not None
-        server = self.server
+        """Take a subscribe's or query's token (`Server.query_refusal`)."""
+        identity = self._principal().identity
         now = time.monotonic()
-        if self.anonymous and not server.address_query_limiter.allow(self.address, now):
-            return False
-        return server.query_limiter.allow(self.principal.identity, now)
+        return self.server.query_refusal(identity, self.anonymous, self.address, now) is None
 
     def _within_rate(self, request_id: RequestId) -> bool:
-        """Take a token from the caller's bucket (and, for an anonymous caller, from its
-        address's); refuse the call (RATE_LIMITED) if empty."""
-        assert self.principal is not None
-        server = self.server
+        """Take a call's token (`Server.call_refusal`); refuse the call (RATE_LIMITED) if none."""
+        identity = self._principal().identity
         now = time.monotonic()
-        limits = server.config.limits
-        if self.anonymous and not server.address_call_limiter.allow(self.address, now):
-            rate = limits.anonymous_calls_per_address
-            message = (
-                f"too many calls: this address's anonymous clients may make at most {rate:g} "
-                f"a second together (bursts of {2 * rate:g}); retry after a backoff"
-            )
-        elif server.call_limiter.allow(self.principal.identity, now):
+        message = self.server.call_refusal(identity, self.anonymous, self.address, now)
+        if message is None:
             return True
-        else:
-            message = (
-                f"too many calls: at most {limits.calls_per_second:g} a second "
-                f"(bursts of {limits.call_burst}); retry after a backoff"
-            )
         self.session.send(
             ReducerResult(
                 request_id=request_id, ok=False, code=ErrorCode.RATE_LIMITED, message=message
