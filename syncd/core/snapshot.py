@@ -169,6 +169,13 @@ def restore(store: Store, snapshot: Snapshot) -> None:
     store.load(snapshot.tables, snapshot.offset, snapshot.next_ids)
 
 
+def copy(store: Store) -> Store:
+    """A new store holding the same state (the leader's own store, made from a replica's)."""
+    other = Store(store.schema)
+    restore(other, take(store))
+    return other
+
+
 def state_hash(store: Store) -> str:
     """A hex digest of every row of every table, independent of insertion order.
 

@@ -88,7 +88,7 @@ from syncd.server.leader import Leader
 from syncd.server.limits import Limiter, SharedRateLimiter
 from syncd.server.loader import load_module_schema
 from syncd.server.replica import Replica
-from syncd.server.schema_check import check_schema, record_migration
+from syncd.server.schema_check import SchemaCheck, check_schema, record_migration
 
 logger = logging.getLogger("syncd")
 
@@ -109,12 +109,24 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-async def recover(schema: Schema, journal: Journal) -> tuple[Store, Store]:
-    """Rebuild the leader's and the replica's stores: latest snapshot, then the journal."""
-    replica = await recover_store(schema, journal)
-    leader = Store(schema)
-    snapshot.restore(leader, snapshot.take(replica))
-    return leader, replica
+async def recover_checked(
+    schema: Schema, journal: Journal, *, adopt: bool = False
+) -> tuple[SchemaCheck, Store]:
+    """The module against the stored schema (`check_schema`), then one store at the head
+    read under it. Writes nothing; `record_migration` with the result, before serving.
+
+    Raises:
+        SchemaMismatch: the change is refused, or the stored data does not read under it.
+    """
+    check = await check_schema(schema, journal, adopt=adopt)
+    try:
+        store = await recover_store(check.schema, journal)
+    except ValueError as exc:
+        raise SchemaMismatch(
+            f"the stored data does not read under module {schema.module_name!r} "
+            f"(nothing was written): {exc}"
+        ) from None
+    return check, store
 
 
 async def recover_store(schema: Schema, journal: Journal) -> Store:
@@ -259,18 +271,14 @@ class Server:
         await journal.open()
         try:
             # The module against the stored schema: refused -> SchemaMismatch, nothing written.
-            check = await check_schema(self.schema, journal, adopt=self.config.adopt_schema)
-            self.schema = check.schema
-            try:
-                leader_store, replica_store = await recover(self.schema, journal)
-            except ValueError as exc:
-                raise SchemaMismatch(
-                    f"the stored data does not read under module {self.schema.module_name!r} "
-                    f"(nothing was written): {exc}"
-                ) from None
+            check, replica_store = await recover_checked(
+                self.schema, journal, adopt=self.config.adopt_schema
+            )
         except BaseException:
             await journal.aclose()
             raise
+        self.schema = check.schema
+        leader_store = snapshot.copy(replica_store)
         migrated = await record_migration(
             check, journal, Offset(replica_store.offset), self.clock()
         )

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 from syncd.config import ClusterConfig
 from syncd.core import snapshot
 from syncd.core.ids import ConnectionId, Identity
-from syncd.core.store import Store
 from syncd.core.system import CONNECTION_TABLE
 from syncd.errors import BackendError, CloseCode, JournalError
 from syncd.ports import Broker, Journal, LeaderLease
@@ -231,8 +230,7 @@ class Cluster:
             if await writer.get_meta(key) is None:
                 await writer.set_meta(key, make())
         self._secret = None
-        store = Store(self.replica.schema)
-        snapshot.restore(store, snapshot.take(self.replica.store))
+        store = snapshot.copy(self.replica.store)
         leader = Leader(
             self.replica.schema,
             store,

@@ -23,11 +23,11 @@ from pathlib import Path
 from syncd.core.ids import Offset
 from syncd.core.query import compile_query
 from syncd.core.schema import Schema
-from syncd.errors import ConfigError, SchemaMismatch, SubscriptionError
+from syncd.errors import ConfigError, SubscriptionError
 from syncd.persist.sqlite import DEFAULT_FILENAME, SqliteJournal
-from syncd.server.app import recover_store
+from syncd.server.app import recover_checked
 from syncd.server.backup import _copy_sqlite
-from syncd.server.schema_check import check_schema, record_migration
+from syncd.server.schema_check import record_migration
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,14 +94,7 @@ async def _run(
     schema: Schema, path: Path, sqls: list[str], adopt: bool, apply: bool, now_us: int
 ) -> MigrationReport:
     async with SqliteJournal(path) as journal:
-        check = await check_schema(schema, journal, adopt=adopt)
-        try:
-            store = await recover_store(check.schema, journal)
-        except ValueError as exc:
-            raise SchemaMismatch(
-                f"the stored data does not read under module {schema.module_name!r} "
-                f"(nothing was written): {exc}"
-            ) from None
+        check, store = await recover_checked(schema, journal, adopt=adopt)
         plan = check.plan
         if plan is None:
             kind, diff, before = "new", "no stored schema yet: recorded as version 1", 0
