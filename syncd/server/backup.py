@@ -62,7 +62,7 @@ class BackupInfo:
     files: list[str]
 
 
-def _copy_sqlite(source: Path, target: Path) -> None:
+def copy_sqlite(source: Path, target: Path) -> None:
     """A consistent copy of a live or stopped SQLite database into `target`.
 
     Read through SQLite (never the bytes of the file): committed transactions that are still
@@ -136,10 +136,10 @@ def backup(data_dir: Path, out: Path) -> BackupInfo:
         raise ConfigError(f"{out} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
     files = [DEFAULT_FILENAME]
-    _copy_sqlite(journal, out / DEFAULT_FILENAME)
+    copy_sqlite(journal, out / DEFAULT_FILENAME)
     keys = data_dir / KEYS_FILENAME
     if keys.is_file():
-        _copy_sqlite(keys, out / KEYS_FILENAME)
+        copy_sqlite(keys, out / KEYS_FILENAME)
         files.append(KEYS_FILENAME)
     epoch, offset = asyncio.run(_position(out))
     return BackupInfo(epoch, offset, files)
@@ -263,7 +263,7 @@ def restore(
         for name in (DEFAULT_FILENAME, KEYS_FILENAME):
             if (source / name).is_file():
                 copied.append(data_dir / name)
-                _copy_sqlite(source / name, data_dir / name)
+                copy_sqlite(source / name, data_dir / name)
         if not _is_journal(data_dir / DEFAULT_FILENAME):
             # Opening it as a journal would create empty tables: a "restore" of nothing.
             raise ConfigError(f"{journal} is not a syncd journal (no meta table)")

@@ -26,7 +26,7 @@ from syncd.core.schema import Schema
 from syncd.errors import ConfigError, SubscriptionError
 from syncd.persist.sqlite import DEFAULT_FILENAME, SqliteJournal
 from syncd.server.app import recover_checked
-from syncd.server.backup import _copy_sqlite
+from syncd.server.backup import copy_sqlite
 from syncd.server.schema_check import record_migration
 
 
@@ -86,7 +86,7 @@ async def migrate(
         return await _run(schema, journal_path, queries or [], adopt_schema, True, now_us)
     with tempfile.TemporaryDirectory(prefix="syncd-migrate-") as tmp:
         copy = Path(tmp) / DEFAULT_FILENAME
-        await asyncio.to_thread(_copy_sqlite, journal_path, copy)
+        await asyncio.to_thread(copy_sqlite, journal_path, copy)
         return await _run(schema, copy, queries or [], adopt_schema, False, now_us)
 
 
