@@ -280,25 +280,31 @@ class Replica:
     def _fail_query(self, key: QueryKey, fmt: Format) -> None:
         """End every query set that holds `key` on connections in `fmt`: they missed an update
         (SubscriptionFailed, `INTERNAL`); other sets and connections are not affected."""
-        for group in list(self._key_groups.get(key, {}).values()):
-            if group.fmt != fmt:
-                continue
-            qs_ids = sorted({qs_id for qs_id, _ in group.by_key[key]})
-            for conn in list(group.conns):
-                for qs_id in qs_ids:
-                    conn.fail_query_set(qs_id, UNENCODABLE, ErrorCode.INTERNAL)
+        for conn, qs_id in self._holders((key,), fmt):
+            conn.fail_query_set(qs_id, UNENCODABLE, ErrorCode.INTERNAL)
+
+    def _holders(
+        self, keys: tuple[QueryKey, ...], fmt: Format | None = None
+    ) -> list[tuple[Connection, QuerySetId]]:
+        """Each (connection, query set) holding one of `keys` (on connections in `fmt`, if
+        given), once."""
+        found: dict[tuple[Connection, QuerySetId], None] = {}
+        for key in keys:
+            for group in list(self._key_groups.get(key, {}).values()):
+                if fmt is not None and group.fmt != fmt:
+                    continue
+                qs_ids = sorted({qs_id for qs_id, _ in group.by_key[key]})
+                for conn in list(group.conns):
+                    for qs_id in qs_ids:
+                        found[(conn, qs_id)] = None
+        return list(found)
 
     def _fail_over_budget(self, tx: Tx, keys: tuple[QueryKey, ...]) -> None:
         # Queries whose routing would cost more than max_query_cost for one transaction:
         # their subscriptions fail (SubscriptionFailed, LIMIT_EXCEEDED) rather than making
         # every later write to the tables they read stall the loop.
         limit = self.limits.max_query_cost
-        targets: dict[tuple[Connection, QuerySetId], None] = {}
-        for key in keys:
-            for group in list(self._key_groups.get(key, {}).values()):
-                for conn in list(group.conns):
-                    for qs_id, _ in group.by_key[key]:
-                        targets[(conn, qs_id)] = None
+        targets = self._holders(keys)
         logger.warning(
             "offset %d: %d queries over the query cost limit (%d); failing %d query sets",
             tx.offset,
