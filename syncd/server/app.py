@@ -771,18 +771,27 @@ class Server:
     async def _principal(self, request: Request) -> Principal:
         return await self.authenticator.authenticate(bearer_token(request))
 
-    async def sql(self, request: Request) -> Response:
-        # The body first (bounded): a refused caller's body would otherwise be read and
-        # discarded by the HTTP layer, however long it is.
+    async def _body_and_caller(self, request: Request) -> tuple[bytes, Principal] | Response:
+        """The request's body and its verified caller, or the response refusing either.
+
+        The body first (bounded, `_read_body`): a refused caller's body would otherwise be
+        read and discarded by the HTTP layer, however long it is.
+        """
         body = await self._read_body(request)
         if isinstance(body, Response):
             return body
         try:
-            principal = await self._principal(request)
+            return body, await self._principal(request)
         except InvalidToken as exc:
             return _error(ErrorCode.UNAUTHORIZED, str(exc), 401)
         except BackendError:
             return _error(ErrorCode.UNAVAILABLE, "the key store is unavailable; retry", 503)
+
+    async def sql(self, request: Request) -> Response:
+        got = await self._body_and_caller(request)
+        if isinstance(got, Response):
+            return got
+        body, principal = got
         sql = body.decode("utf-8", "replace")
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
@@ -847,15 +856,10 @@ class Server:
         return b"".join(chunks)
 
     async def call(self, request: Request) -> Response:
-        body = await self._read_body(request)  # first, as in `sql`
-        if isinstance(body, Response):
-            return body
-        try:
-            principal = await self._principal(request)
-        except InvalidToken as exc:
-            return _error(ErrorCode.UNAUTHORIZED, str(exc), 401)
-        except BackendError:
-            return _error(ErrorCode.UNAVAILABLE, "the key store is unavailable; retry", 503)
+        got = await self._body_and_caller(request)
+        if isinstance(got, Response):
+            return got
+        body, principal = got
         name = request.path_params["reducer"]
         refusal = self.call_refusal(
             principal.identity,
