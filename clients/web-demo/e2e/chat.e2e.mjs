@@ -154,6 +154,9 @@ async function main() {
   await seeMessage(bob, "Bob", "still here after the restart");
   await send(alice, "me too");
   await seeMessage(bob, "Alice", "me too");
+  // Each page gets the row on its own connection: wait for both before comparing the lists
+  // (checking alice right after bob saw it raced her own copy of the row).
+  await seeMessage(alice, "Alice", "me too");
   for (const [label, page] of [["alice", alice], ["bob", bob]]) {
     const texts = await messageTexts(page);
     check(
