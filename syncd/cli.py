@@ -181,8 +181,31 @@ def _restore(args: argparse.Namespace) -> int:
             "(to take copies of a live server, use `syncd backup`)",
             file=sys.stderr,
         )
-    # What a server started on the new directory reports: /readyz epoch and offset, and the
-    # rows each table holds.
+    point = info.point
+    if point is not None and point.version < point.latest:
+        module = f" (module {point.module!r})" if point.module else ""
+        later = "".join(f"\n  + {what}" for what in point.later)
+        print(
+            f"syncd: note: offset {info.at} is before a migration of the source: it was "
+            f"written under schema version {point.version}{module}; versions "
+            f"{point.version + 1}..{point.latest}, which changed the following, are not "
+            f"restored:{later}"
+            + (
+                ""
+                if info.migration is not None
+                else f"\nstart it with the module of version {point.version}{module} (identical), "
+                "or with a later one (migrated automatically at its start)"
+            ),
+            file=sys.stderr,
+        )
+    if info.migration is not None:
+        print(
+            f"syncd: note: module {schema.module_name!r} is newer than the restored point; "
+            f"the restore migrated it as a server's start would ({info.migration})",
+            file=sys.stderr,
+        )
+    # What a server started on the new directory reports: /readyz epoch and offset, the rows
+    # each table holds, and /v1/schema's schema_version.
     print(
         json.dumps(
             {
@@ -192,6 +215,15 @@ def _restore(args: argparse.Namespace) -> int:
                 "rows": info.rows,
                 "at": info.at,
                 "ended_connections": info.ended_connections,
+                "schema_version": info.schema_version,
+                "point_schema": None
+                if point is None
+                else {
+                    "version": point.version,
+                    "module": point.module,
+                    "latest": point.latest,
+                    "later": list(point.later),
+                },
                 "source": {
                     "path": args.backup,
                     "epoch": info.source_epoch,
@@ -550,8 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
         "it is read consistently through SQLite, WAL included) into a new data directory. "
         "With --at-offset or --at-time the state is rolled back to that transaction. A new "
         "log epoch starts at the restored offset (clients holding an older cursor get a fresh "
-        "state). Prints the epoch, offset and rows per table a server on the new directory "
-        "will report.",
+        "state). A point before a migration is restored under the schema of that point (the "
+        "migration is undone; a later module migrates it again). Prints the epoch, offset, "
+        "rows per table and schema version a server on the new directory will report.",
     )
     restore.add_argument("backup", metavar="BACKUP_DIR", help="a backup or a data directory")
     restore.add_argument("--data", required=True, metavar="DIR", help="the new data directory")

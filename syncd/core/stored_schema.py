@@ -54,6 +54,7 @@ __all__ = [
     "StoredSchema",
     "StoredTable",
     "attach",
+    "changes_between",
     "decode_history",
     "encode_history",
     "plan",
@@ -147,12 +148,16 @@ class StoredSchema(msgspec.Struct, frozen=True, kw_only=True):
         tables: in the module's order.
         reducers: by name.
         presence: the presence table's visibility rule (None: the server's default).
+        module: the name of the module that recorded this version (what `syncd restore` to a
+            point before a later migration says to start with); "" in versions recorded before
+            it was kept.
     """
 
     version: int
     tables: list[StoredTable]
     reducers: list[StoredReducer]
     presence: str | None = None
+    module: str = ""
 
     def table(self, name: str) -> StoredTable | None:
         for t in self.tables:
@@ -292,6 +297,7 @@ def _stored(schema: Schema, previous: StoredSchema | None, version: int) -> Stor
             StoredReducer(name=r.name, description=r.describe()) for r in schema.reducers.values()
         ],
         presence=schema.presence,
+        module=schema.module_name,
     )
 
 
@@ -388,6 +394,36 @@ def plan(stored: StoredSchema, schema: Schema) -> Plan:
         target = _stored(schema, stored, stored.version + 1)
         return Plan("automatic", tuple(changes), stored, target)
     return Plan("refused", tuple(changes), stored, None)
+
+
+def changes_between(old: StoredSchema, new: StoredSchema) -> list[Change]:
+    """What stored version `new` changed from the earlier `old` (several migrations at once),
+    in the words of `plan`: what a restore to a point under `old` leaves out."""
+    changes: list[Change] = []
+    for table in new.tables:
+        before = old.table(table.name)
+        if before is None:
+            changes.append(Change(f"table {table.name} added", True))
+        else:
+            changes.extend(_table_changes(before, table))
+    changes.extend(
+        Change(f"table {t.name} dropped", False, "")
+        for t in old.tables
+        if new.table(t.name) is None
+    )
+    old_reducers = {r.name: r.description for r in old.reducers}
+    for r in new.reducers:
+        if r.name not in old_reducers:
+            changes.append(Change(f"reducer {r.name} added", True))
+        elif old_reducers[r.name] != r.description:
+            changes.append(Change(f"reducer {r.name} changed", True))
+    new_names = {r.name for r in new.reducers}
+    changes.extend(
+        Change(f"reducer {name} removed", True) for name in old_reducers if name not in new_names
+    )
+    if old.presence != new.presence:
+        changes.append(Change("the presence visibility rule changed", True))
+    return changes
 
 
 def _type_text(t: dict[str, Any]) -> str:

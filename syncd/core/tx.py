@@ -175,6 +175,21 @@ def payload_version(data: bytes) -> int:
     return version
 
 
+def payload_timestamp(data: bytes) -> int:
+    """A journal payload's transaction time (µs), read without the schema (any version).
+
+    Raises:
+        ValueError: not a journal payload.
+    """
+    try:
+        timestamp = _decoder.decode(data)["t"]
+    except (msgspec.DecodeError, TypeError, KeyError) as exc:
+        raise ValueError(f"journal entry does not decode: {exc}") from exc
+    if not isinstance(timestamp, int):
+        raise ValueError(f"journal entry has timestamp {timestamp!r}")
+    return timestamp
+
+
 def payload_state(data: bytes) -> tuple[int, dict[str, list[Any]]]:
     """A payload's version and its changes in state form, unconverted (to check old data).
 

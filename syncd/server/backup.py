@@ -19,6 +19,12 @@ fresh state, never a "resume" onto offsets that now mean other transactions. Con
 state still holds get `client_disconnected` (as a server does at start), so the epoch, offset
 and rows per table that restore returns are what a server on the new directory reports.
 
+The state is read under the stored schema in force *at the point* (`_schema_at`): restoring a
+point before a migration cuts the stored history back to the version the point was written
+under, so the restored directory starts with that version's module as identical and with a
+later module as an automatic migration again. With a later module given to restore itself,
+the restore migrates as a server's start would (the snapshot is written under the new version).
+
 With `--postgres`, the journal lives in Postgres: back it up with Postgres's own tools
 (`pg_dump`, or base backups with WAL archiving for point-in-time recovery); see
 docs/operations.md.
@@ -41,13 +47,13 @@ from syncd.core import snapshot
 from syncd.core.ids import Offset
 from syncd.core.schema import Schema
 from syncd.core.store import Store
-from syncd.core.stored_schema import encode_history
+from syncd.core.stored_schema import changes_between, decode_history, encode_history
 from syncd.core.system import CONNECTION_TABLE
-from syncd.core.tx import Tx, decode_tx
-from syncd.errors import ConfigError, JournalError
+from syncd.core.tx import Tx, decode_tx, payload_timestamp
+from syncd.errors import ConfigError, JournalError, SchemaMismatch
 from syncd.persist.sqlite import DEFAULT_FILENAME, SqliteJournal
 from syncd.server.leader import Leader
-from syncd.server.schema_check import SCHEMA_KEY, check_schema
+from syncd.server.schema_check import SCHEMA_KEY, check_schema, written_version
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +191,9 @@ async def state_at(schema: Schema, journal: SqliteJournal, offset: int | None) -
     return store
 
 
-async def offset_at_time(schema: Schema, journal: SqliteJournal, micros: int) -> int:
+async def offset_at_time(journal: SqliteJournal, micros: int) -> int:
     """The last offset whose transaction's timestamp is at or before `micros` (µs since the
-    Unix epoch); 0 if none."""
+    Unix epoch); 0 if none. Read without the module: any schema version's payload."""
     found = 0
     after = 0
     while True:
@@ -195,10 +201,52 @@ async def offset_at_time(schema: Schema, journal: SqliteJournal, micros: int) ->
         if not entries:
             return found
         for at, payload in entries:
-            if decode_tx(schema, payload).timestamp > micros:
+            if payload_timestamp(payload) > micros:
                 return found
             found = at
         after = entries[-1][0]
+
+
+@dataclass(frozen=True, slots=True)
+class PointSchema:
+    """The stored schema version in force at the restored point.
+
+    Attributes:
+        version: the version the point's data was written under.
+        module: the name of the module that recorded that version ("" if not recorded).
+        latest: the source's latest version; when later than `version`, the versions after
+            it are not part of the restored directory (migrations made after the point).
+        later: what those later versions changed (one `Change` line each), else empty.
+    """
+
+    version: int
+    module: str
+    latest: int
+    later: tuple[str, ...]
+
+
+async def _schema_at(journal: SqliteJournal, target: int) -> PointSchema | None:
+    """Truncate the copy's stored history to the version in force at `target` (the version
+    its transaction, or the snapshot at it, was written under), so that the restored directory
+    holds the schema of that point: the module of that version starts on it as identical, and
+    a later module as an automatic migration again. None: no history stored (an old-format
+    directory, adopted by `check_schema`) or one that does not decode (`check_schema` says)."""
+    raw = await journal.get_meta(SCHEMA_KEY)
+    if raw is None:
+        return None
+    try:
+        versions = decode_history(raw)
+    except ValueError:
+        return None
+    written = 1 if target == 0 else await written_version(journal, Offset(target))
+    # None: nothing at the point to say (pruned past it): `state_at` refuses it next.
+    version = len(versions) if written is None else min(written, len(versions))
+    kept, latest = versions[:version], versions[-1]
+    later: tuple[str, ...] = ()
+    if version < len(versions):
+        later = tuple(c.what for c in changes_between(kept[-1], latest))
+        await journal.set_meta(SCHEMA_KEY, encode_history(kept))
+    return PointSchema(version, kept[-1].module, len(versions), later)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +269,15 @@ class RestoreInfo:
     source_offset: int
     # True if a server was running on the source: it has gone on past what was read.
     source_live: bool
+    # The stored schema version the restored directory is at (/v1/schema "schema_version"),
+    # 1 when none was stored.
+    schema_version: int = 1
+    # The schema version of the point itself, and what later migrations of the source (not
+    # restored) changed; None when the source stored no schema.
+    point: PointSchema | None = None
+    # The automatic migration from the point's version to the module given (`Plan.diff`),
+    # applied by the restore as a server's start would; None when the module is identical.
+    migration: str | None = None
 
 
 def restore(
@@ -245,6 +302,8 @@ def restore(
     Raises:
         ConfigError: `source` holds no syncd journal, `data_dir` holds a journal already, or the
             point cannot be rebuilt (beyond the log's end, or pruned).
+        SchemaMismatch: `schema` does not fit the stored schema in force at the point (the
+            message names that version and the module that recorded it).
         JournalError: the source cannot be read, or `data_dir`'s journal is open in a server.
     """
     journal = source / DEFAULT_FILENAME
@@ -287,31 +346,63 @@ async def _roll_back(
     adopt_schema: bool = False,
 ) -> RestoreInfo:
     async with SqliteJournal(data_dir / DEFAULT_FILENAME) as journal:
-        # Read under the stored schema history (raises SchemaMismatch if the module does not
-        # fit it). TODO(issue 11): restoring a point before a migration with the older module.
-        check = await check_schema(schema, journal, adopt=adopt_schema)
+        source_epoch, source_offset = journal.epoch, await journal.latest_offset()
+        if at_offset is not None:
+            if at_offset < 0:
+                raise ConfigError(f"--at-offset must be 0 or more, not {at_offset}")
+            target = at_offset
+        elif at_micros is not None:
+            target = await offset_at_time(journal, at_micros)
+        else:
+            target = source_offset
+        if target > source_offset:
+            raise ConfigError(f"offset {target} is beyond the journal's last one ({source_offset})")
+        # The schema of the point, not the source's latest: migrations after it are undone.
+        point = await _schema_at(journal, target)
+        try:
+            # Read under that history (raises SchemaMismatch if the module does not fit it).
+            check = await check_schema(schema, journal, adopt=adopt_schema)
+        except SchemaMismatch as exc:
+            if point is None or point.version == point.latest:
+                raise
+            raise SchemaMismatch(
+                f"offset {target} was written under schema version {point.version}"
+                f"{_by(point.module)}, before the source's later migrations to version "
+                f"{point.latest}: restore it with that module, or one whose changes from it "
+                f"are automatic. {exc}"
+            ) from None
         schema = check.schema
         if check.history is not None:
             await journal.set_meta(SCHEMA_KEY, encode_history(check.history))
-        source_epoch, source_offset = journal.epoch, await journal.latest_offset()
-        if at_offset is not None:
-            target = at_offset
-        elif at_micros is not None:
-            target = await offset_at_time(schema, journal, at_micros)
-        else:
-            target = source_offset
         store = await state_at(schema, journal, target)
         # Always a new epoch, even without a point: the server the source came from went on
         # (or may go on) past it, so its clients hold cursors whose later offsets mean other
         # transactions here. The epoch starts at `target`, so the restored server reports the
-        # offset that was restored, and offsets up to it keep meaning what they meant.
+        # offset that was restored, and offsets up to it keep meaning what they meant. The
+        # snapshot is written under the module's version: with a module newer than the point
+        # (an automatic change), that is the migration a server would journal at its start.
         data = await asyncio.to_thread(snapshot.encode, schema, snapshot.take(store))
         epoch = await journal.start_epoch(data, Offset(target))
         ended = await _end_connections(schema, store, journal)
         rows = {name: len(table) for name, table in store.tables.items()}
+        plan = check.plan
         return RestoreInfo(
-            epoch, store.offset, rows, target, ended, source_epoch, source_offset, live
+            epoch,
+            store.offset,
+            rows,
+            target,
+            ended,
+            source_epoch,
+            source_offset,
+            live,
+            schema_version=schema.version,
+            point=point,
+            migration=plan.diff() if plan is not None and plan.kind == "automatic" else None,
         )
+
+
+def _by(module: str) -> str:
+    return f" (module {module!r})" if module else ""
 
 
 class _NoSubscribers:

@@ -113,6 +113,8 @@ async def test_restore_at_an_offset_starts_a_new_epoch_there(tmp_path: Path) -> 
         "rows": {"user": 1, "message": 4, "syncd_connection": 0},
         "at": last,
         "ended_connections": 0,
+        "schema_version": 1,
+        "point_schema": {"version": 1, "module": "chat", "latest": 1, "later": []},
         "source": {"path": str(tmp_path / "bk"), "epoch": 1, "offset": last},
     }
     done = restore(tmp_path / "bk", tmp_path / "older", "--at-offset", str(offsets[1]))
@@ -198,11 +200,15 @@ async def test_restore_a_live_directory_reads_a_consistent_copy(tmp_path: Path) 
     with serving("schema/chat.py", tmp_path / "data") as server:
         await send(server, *(f"old {i}" for i in range(10)))
         checkpoint(server.data_dir)
-        await send(server, *(f"new {i}" for i in range(10)))
+        sent = await send(server, *(f"new {i}" for i in range(10)))
         last = (await settled(server, 0))["offset"]
         expected = await messages(server)
         done = restore(server.data_dir, tmp_path / "new")
         assert done.returncode == 0, done.stderr
+        # At an earlier offset too (the sender was connected there: its disconnect is one
+        # transaction more, which restore counts in what it prints).
+        middle = restore(server.data_dir, tmp_path / "mid", "--at-offset", str(sent[4]))
+        assert middle.returncode == 0, middle.stderr
         past = restore(server.data_dir, tmp_path / "r1", "--at-offset", str(last + 1))
         assert past.returncode == 2, past.stdout
         assert f"offset {last + 1} is beyond the journal's last one ({last})" in past.stderr
@@ -214,6 +220,13 @@ async def test_restore_a_live_directory_reads_a_consistent_copy(tmp_path: Path) 
         assert printed["source"] == {"path": str(server.data_dir), "epoch": 1, "offset": last}
         assert printed["offset"] == last
         await assert_reports(restored, printed)
+    at_middle = json.loads(middle.stdout)
+    assert (at_middle["at"], at_middle["offset"]) == (sent[4], sent[4] + 1)
+    with serving("schema/chat.py", tmp_path / "mid") as restored:
+        assert await messages(restored) == sorted(
+            [*(f"old {i}" for i in range(10)), *(f"new {i}" for i in range(5))]
+        )
+        await assert_reports(restored, at_middle)
 
 
 def test_a_directory_without_a_syncd_journal_is_refused(tmp_path: Path) -> None:
@@ -228,3 +241,111 @@ def test_a_directory_without_a_syncd_journal_is_refused(tmp_path: Path) -> None:
     garbage = restore(tmp_path / "garbage", tmp_path / "r1")
     assert garbage.returncode == 2 and "not an SQLite database" in garbage.stderr
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+async def test_restore_reads_the_wal_even_when_the_main_file_holds_nothing(
+    tmp_path: Path,
+) -> None:
+    """A killed server's directory whose main file is worthless (zeroed) while its `-wal`
+    holds every page written: restore reads through SQLite, so it restores everything from the
+    WAL (never the main file alone, which would be "0 of 30 messages, exit 0"), and the
+    restored server reports what restore printed."""
+    server = ServerProcess("schema/chat.py", tmp_path / "data").start()
+    try:
+        await send(server, *(f"m{i}" for i in range(30)))
+        last = (await settled(server, 0))["offset"]
+    finally:
+        server.kill()
+    main = tmp_path / "data" / "journal.sqlite3"
+    assert (tmp_path / "data" / "journal.sqlite3-wal").stat().st_size > 0
+    main.write_bytes(b"\0" * main.stat().st_size)
+    done = restore(tmp_path / "data", tmp_path / "new")
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert (printed["offset"], printed["rows"]["message"]) == (last, 30)
+    with serving("schema/chat.py", tmp_path / "new") as restored:
+        assert len(await messages(restored)) == 30
+        await assert_reports(restored, printed)
+
+
+SHOP_V1 = "tests/modules/shop_v1.py"
+SHOP_V2 = "tests/modules/shop_v2.py"
+
+
+def restore_shop(module: str, source: Path, data_dir: Path, *point: str) -> Any:
+    return syncd("restore", str(source), "--data", str(data_dir), "--module", module, *point)
+
+
+async def put_items(server: ServerProcess, start: int, count: int) -> None:
+    status, body = await ahttp(server, "POST", "/v1/call/put_items", json.dumps([start, count]))
+    assert status == 200, body
+
+
+async def schema_version(server: ServerProcess) -> int:
+    status, body = await ahttp(server, "GET", "/v1/schema")
+    assert status == 200, body
+    version: int = body["schema_version"]
+    return version
+
+
+async def assert_shop_reports(server: ServerProcess, printed: dict[str, Any]) -> None:
+    ready = await readyz(server)
+    assert (ready["epoch"], ready["offset"]) == (printed["epoch"], printed["offset"])
+    assert await schema_version(server) == printed["schema_version"]
+    assert len(await sql(server, "SELECT * FROM item")) == printed["rows"]["item"]
+
+
+async def test_restore_before_a_migration_restores_the_schema_of_that_point(
+    tmp_path: Path,
+) -> None:
+    """A point before a migration is restored under the schema in force there: with the module
+    of that version the restored server starts as identical (and says what restore printed),
+    with the later module as an automatic migration again; restore names the version, the
+    module that recorded it, and what the later version changed. Restored with the later
+    module, the restore migrates it as a server's start would. A point after the migration
+    with the older module is refused, leaving nothing."""
+    data = tmp_path / "data"
+    with serving(SHOP_V1, data) as server:
+        await put_items(server, 0, 200)
+        point = (await readyz(server))["offset"]
+    with serving(SHOP_V2, data) as server:  # the migration to version 2, at point + 1
+        assert (await readyz(server))["offset"] == point + 1
+        status, body = await ahttp(server, "POST", "/v1/call/paint", json.dumps([7, "red"]))
+        assert status == 200, body
+        await put_items(server, 200, 50)
+        assert await schema_version(server) == 2
+
+    done = restore_shop(SHOP_V1, data, tmp_path / "old", "--at-offset", str(point))
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert (printed["offset"], printed["schema_version"]) == (point, 1)
+    later = printed["point_schema"].pop("later")
+    assert printed["point_schema"] == {"version": 1, "module": "shop_v1", "latest": 2}
+    assert any("column color" in line for line in later), later
+    assert "written under schema version 1 (module 'shop_v1')" in done.stderr
+    assert "column color" in done.stderr and "identical" in done.stderr
+    with serving(SHOP_V1, tmp_path / "old") as restored:
+        await assert_shop_reports(restored, printed)
+        assert sorted(await sql(restored, "SELECT * FROM item WHERE id < 2")) == [
+            [0, "item0", 0],
+            [1, "item1", 1],
+        ]
+    with serving(SHOP_V2, tmp_path / "old") as restored:  # migrated again, at its start
+        assert (await readyz(restored))["offset"] == point + 1
+        assert await schema_version(restored) == 2
+        assert await sql(restored, "SELECT * FROM item WHERE id = 7") == [[7, "none", "item7", 7]]
+        assert len(await sql(restored, "SELECT * FROM item")) == 200
+
+    done = restore_shop(SHOP_V2, data, tmp_path / "new", "--at-offset", str(point))
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert (printed["offset"], printed["schema_version"]) == (point, 2)
+    assert printed["point_schema"]["version"] == 1
+    assert "migrated it as a server's start would" in done.stderr
+    with serving(SHOP_V2, tmp_path / "new") as restored:
+        await assert_shop_reports(restored, printed)
+        assert await sql(restored, "SELECT * FROM item WHERE id = 7") == [[7, "none", "item7", 7]]
+
+    refused = restore_shop(SHOP_V1, data, tmp_path / "r1", "--at-offset", str(point + 2))
+    assert refused.returncode == 2 and "is not automatic" in refused.stderr, refused.stderr
+    assert not (tmp_path / "r1").exists()
