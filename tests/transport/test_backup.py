@@ -164,6 +164,9 @@ def test_bad_requests_are_refused_clearly(tmp_path: Path) -> None:
     beyond = restore(tmp_path / "bk", tmp_path / "r1", "--at-offset", "999999")
     assert beyond.returncode == 2 and "beyond" in beyond.stderr
     assert not (tmp_path / "r1").exists()  # nothing half-restored
+    negative = restore(tmp_path / "bk", tmp_path / "r3", "--at-offset", "-1")
+    assert negative.returncode == 2 and "0 or more" in negative.stderr, negative.stderr
+    assert not (tmp_path / "r3").exists()
     naive = restore(tmp_path / "bk", tmp_path / "r2", "--at-time", "2026-01-01T00:00:00")
     assert naive.returncode == 2 and "time zone" in naive.stderr
 
@@ -346,6 +349,11 @@ async def test_restore_before_a_migration_restores_the_schema_of_that_point(
         await assert_shop_reports(restored, printed)
         assert await sql(restored, "SELECT * FROM item WHERE id = 7") == [[7, "none", "item7", 7]]
 
+    # A module that fits neither: refused, naming what the point needs.
+    bad = restore_shop("tests/modules/shop_bad_type.py", data, tmp_path / "r0", "--at-offset", "1")
+    assert bad.returncode == 2, bad.stdout
+    assert "written under schema version 1 (module 'shop_v1')" in bad.stderr, bad.stderr
+    assert "price type changed" in bad.stderr and not (tmp_path / "r0").exists()
     refused = restore_shop(SHOP_V1, data, tmp_path / "r1", "--at-offset", str(point + 2))
     assert refused.returncode == 2 and "is not automatic" in refused.stderr, refused.stderr
     assert not (tmp_path / "r1").exists()
