@@ -25,8 +25,9 @@ from syncd.client.errors import (
     ConnectFailed,
     InvalidURL,
     QueryRejected,
+    StaleSchema,
 )
-from syncd.client.schema import ClientSchema, Row, TableInfo
+from syncd.client.schema import ClientSchema, Row, TableInfo, stale_differences
 
 __all__ = [
     "Backoff",
@@ -41,8 +42,10 @@ __all__ = [
     "InvalidURL",
     "QueryRejected",
     "Row",
+    "StaleSchema",
     "Subscription",
     "TableCache",
     "TableInfo",
     "connect",
+    "stale_differences",
 ]

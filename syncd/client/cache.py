@@ -178,6 +178,17 @@ class RowCache:
         # (table, pk) -> the row before the open transaction touched it (None: absent).
         self._before: dict[tuple[TableCache, Any], Row | None] = {}
 
+    def set_tables(self, tables: Iterable[TableInfo]) -> None:
+        """The server's schema changed (a migration): new tables get a cache, existing ones
+        keep theirs (with their rows and callbacks) and take the new `TableInfo`. Tables the
+        server no longer lists keep their cache; their sets fail, which releases the rows."""
+        for info in tables:
+            cache = self.tables.get(info.name)
+            if cache is None:
+                self.tables[info.name] = TableCache(info)
+            else:
+                cache.info = info
+
     def table(self, name: str) -> TableCache:
         """The cache of table `name`.
 

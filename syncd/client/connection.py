@@ -45,7 +45,7 @@ import inspect
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, TypeAlias
@@ -62,10 +62,11 @@ from syncd.client.errors import (
     CallInterrupted,
     ConnectFailed,
     InvalidURL,
+    StaleSchema,
     call_error,
     query_error,
 )
-from syncd.client.schema import ClientSchema, Row, TableInfo
+from syncd.client.schema import ClientSchema, Row, TableInfo, stale_differences
 from syncd.core.ids import ConnectionId, Epoch, Identity, Offset, QuerySetId, RequestId
 from syncd.core.protocol.codec import Codec, Format
 from syncd.core.protocol.messages import (
@@ -218,6 +219,7 @@ class Connection:
         max_message_size: int | None,
         get_token: TokenSource | None = None,
         endpoints: Sequence[Endpoint] = (),
+        expect_schema: Mapping[str, Any] | None = None,
     ) -> None:
         #: Where the server is (the one of `endpoints` in use).
         self.endpoint = endpoint
@@ -229,8 +231,13 @@ class Connection:
         #: The server's stored schema version, from the latest `Welcome` (None before one, or
         #: from a server that does not report it).
         self.schema_version: int | None = None
-        # Set by a Welcome whose schema_version differs from the last one: `schema` is stale.
+        # Set by a Welcome whose schema_version differs from the one `schema` was read at.
         self._schema_changed = False
+        # The schema the application expects (`connect(expect_schema=...)`), or None.
+        self._expect_schema = expect_schema
+        #: The differences that matter between `expect_schema` and the server's schema, found
+        #: after a migration (None: none, or no `expect_schema`). `connect` raises it instead.
+        self.stale_schema: StaleSchema | None = None
         #: The bearer token sent in `Hello`: the one given to `connect`, else the anonymous token
         #: the server minted in the first `Welcome`. None before `Welcome` when anonymous.
         self.token = token
@@ -844,10 +851,15 @@ class Connection:
         if self._schema_changed:
             # The module migrated while we were away: rows now come in its new layout (as a
             # fresh state, never resumed), so read the tables' columns before any row.
-            self.schema = await self.endpoint.fetch_schema(
+            schema = await self.endpoint.fetch_schema(
                 token=self.token, http_timeout=self._open_timeout
             )
+            self.schema = schema
+            self._cache.set_tables(schema.tables.values())
             self._schema_changed = False
+            self.stale_schema = _stale(self._expect_schema, schema)
+            if self.stale_schema is not None:
+                logger.warning("%s", self.stale_schema)
         with self._cache.transaction():
             for inner in messages[1:]:
                 self._handle(inner)
@@ -900,7 +912,9 @@ class Connection:
         self._epoch = msg.epoch
         self._welcome_offset = msg.offset
         if msg.schema_version is not None:
-            known = self.schema_version
+            # Against the version `schema` was read at (from a server that reports it), else
+            # the last Welcome's: a re-read that failed (the socket dropped) is tried again.
+            known = self.schema.version if self.schema.version is not None else self.schema_version
             self._schema_changed = known is not None and known != msg.schema_version
             self.schema_version = msg.schema_version
         if msg.token is not None:
@@ -1049,6 +1063,13 @@ class Connection:
                 request.future.set_result(sub)
 
 
+def _stale(expected: Mapping[str, Any] | None, schema: ClientSchema) -> StaleSchema | None:
+    if expected is None or schema.described is None:
+        return None
+    differences = stale_differences(expected, schema.described)
+    return StaleSchema(differences, schema.version) if differences else None
+
+
 # Deepest nesting the server accepts inside an argument, key or operation.
 _MAX_DEPTH = 64
 _SCALARS = (type(None), bool, int, float, str, bytes)
@@ -1134,6 +1155,7 @@ def connect(
     backoff: Backoff | None = None,
     open_timeout: float = DEFAULT_OPEN_TIMEOUT,
     max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+    expect_schema: Mapping[str, Any] | None = None,
 ) -> _Connect:
     """Connect to a syncd server: ``conn = await connect(url)`` or ``async with connect(url)``.
 
@@ -1156,6 +1178,12 @@ def connect(
         open_timeout: seconds for the first connection (schema, upgrade, `Welcome`) and for
             each reconnect attempt.
         max_message_size: largest server message accepted, in bytes; None: no limit.
+        expect_schema: the ``/v1/schema`` document the application was written against (for
+            example saved when it was built). The server's is compared with it at connect
+            and after every migration (`stale_differences`): differences that matter (a
+            table, column or reducer gone, a type or reducer parameters changed; additions
+            never) raise `StaleSchema` from `connect`, or, after a later migration, are kept
+            in `Connection.stale_schema` and logged.
 
     Returns:
         An awaitable that is also an async context manager (closing the connection on exit).
@@ -1166,6 +1194,8 @@ def connect(
         ConnectionClosed: the server closed during the handshake; `code` and `reason` say why
             (4500 UNAUTHORIZED for a bad token, 4502 REJECTED by the module's
             `client_connected` reducer).
+        StaleSchema: `expect_schema` was given and the server's schema differs from it in a
+            way that matters.
     """
     if fmt not in ("msgpack", "json"):
         raise ValueError(f"fmt must be 'msgpack' or 'json', got {fmt!r}")
@@ -1182,6 +1212,9 @@ def connect(
             raise ConnectFailed(
                 endpoint.ws_url, f"no answer from {endpoint.schema_url} within {open_timeout:g}s"
             ) from None
+        stale = _stale(expect_schema, schema)
+        if stale is not None:
+            raise stale
         conn = Connection(
             endpoint,
             schema,
@@ -1193,6 +1226,7 @@ def connect(
             open_timeout=open_timeout,
             max_message_size=max_message_size,
             endpoints=endpoints,
+            expect_schema=expect_schema,
         )
         await conn._start()
         return conn

@@ -4,6 +4,8 @@ Client-side additions to the tree::
 
     SyncdError
     ├── InvalidURL (also ValueError)     the URL is not ws://, wss://, http:// or https://
+    ├── StaleSchema                      the server's schema changed in a way the app's
+    │                                    expected schema (its bindings) does not allow
     ├── SubscriptionError
     │   └── QueryRejected                the server refused a query; carries its ErrorCode
     ├── ReducerError
@@ -40,12 +42,33 @@ __all__ = [
     "ConnectFailed",
     "InvalidURL",
     "QueryRejected",
+    "StaleSchema",
     "call_error",
     "query_error",
 ]
 
 # Close code of a connection that ended without a close frame (RFC 6455 §7.4.1).
 ABNORMAL_CLOSURE = 1006
+
+
+class StaleSchema(SyncdError):
+    """The server's public schema differs from the one the application expects
+    (`connect(expect_schema=...)`) in a way that matters: a table, column or reducer it uses
+    is gone, a column's type or a reducer's parameters changed. Additions never count.
+
+    Attributes:
+        differences: one line each, e.g. "column item.name was removed".
+        version: the server's stored schema version (None when it does not report one).
+    """
+
+    def __init__(self, differences: list[str], version: int | None = None) -> None:
+        self.differences = list(differences)
+        self.version = version
+        at = f" (schema version {version})" if version is not None else ""
+        super().__init__(
+            f"the server's schema{at} no longer matches the expected one (regenerate the "
+            "bindings): " + "; ".join(self.differences)
+        )
 
 
 class InvalidURL(SyncdError, ValueError):

@@ -16,7 +16,7 @@ from typing import Any
 
 from syncd.errors import ProtocolError
 
-__all__ = ["ClientSchema", "ReducerInfo", "Row", "TableInfo"]
+__all__ = ["ClientSchema", "ReducerInfo", "Row", "TableInfo", "stale_differences"]
 
 #: A cached row: column name -> value. The cache replaces a row's dict when the row changes
 #: and never mutates it, so a dict you hold keeps the values it had; do not mutate it either.
@@ -118,11 +118,17 @@ class ClientSchema:
         module: the module's name.
         tables: public tables by name.
         reducers: callable reducers by name.
+        version: the server's stored schema version when it was read (`schema_version` of
+            ``/v1/schema``); None from a server that does not report it.
+        described: the ``/v1/schema`` document it was read from (types included; what
+            `stale_differences` compares).
     """
 
     module: str
     tables: dict[str, TableInfo]
     reducers: dict[str, ReducerInfo]
+    version: int | None = None
+    described: Mapping[str, Any] | None = None
 
     @classmethod
     def from_json(cls, described: object) -> ClientSchema:
@@ -155,4 +161,100 @@ class ClientSchema:
             }
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"the schema is malformed: {exc!r}") from None
-        return cls(module=str(described.get("module", "")), tables=tables, reducers=reducers)
+        version = described.get("schema_version")
+        return cls(
+            module=str(described.get("module", "")),
+            tables=tables,
+            reducers=reducers,
+            version=version if isinstance(version, int) and not isinstance(version, bool) else None,
+            described=described,
+        )
+
+
+def _type_text(t: object) -> str:
+    if isinstance(t, Mapping):
+        kind = t.get("kind")
+        if kind == "option":
+            return f"{_type_text(t.get('inner'))} | None"
+        if kind == "lww":
+            return f"LWW[{_type_text(t.get('inner'))}]"
+        if kind == "enum":
+            values = t.get("values")
+            shown = ", ".join(repr(v) for v in values) if isinstance(values, list) else "?"
+            return f"{t.get('name')}({shown})"
+        return str(kind)
+    return repr(t)
+
+
+def _by_name(items: object) -> dict[str, Mapping[str, Any]]:
+    if not isinstance(items, list):
+        return {}
+    return {
+        str(i["name"]): i
+        for i in items
+        if isinstance(i, Mapping) and isinstance(i.get("name"), str)
+    }
+
+
+def _params_text(params: Sequence[Mapping[str, Any]]) -> str:
+    return (
+        "("
+        + ", ".join(
+            f"{p.get('name')}: {_type_text(p.get('type'))}{'?' if p.get('optional') else ''}"
+            for p in params
+        )
+        + ")"
+    )
+
+
+def stale_differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    """What an application written against schema `expected` (a ``/v1/schema`` document, e.g.
+    the `schema` const of generated bindings) would get wrong against `actual` (the server's):
+    one line per difference that matters, [] when it keeps working.
+
+    Matters: a table it knows that is gone (dropped, renamed or made private), a column of it
+    that is gone, a column whose type changed (a widening too: `int -> int | None` brings
+    nulls its types do not allow), a changed primary key, a reducer gone, or a reducer whose
+    parameters changed (names, types, order, or a new required one; a new optional one at the
+    end is fine). Added tables, columns and reducers never matter, nor column order (rows are
+    decoded with the server's schema).
+
+    The same rules as `StaleBindingsError` in clients/typescript (src/schema.ts).
+    """
+    out: list[str] = []
+    now_tables = _by_name(actual.get("tables"))
+    for name, table in _by_name(expected.get("tables")).items():
+        now = now_tables.get(name)
+        if now is None:
+            out.append(f"table {name} was removed (dropped, renamed or made private)")
+            continue
+        now_columns = _by_name(now.get("columns"))
+        for column, col in _by_name(table.get("columns")).items():
+            now_col = now_columns.get(column)
+            if now_col is None:
+                out.append(f"column {name}.{column} was removed")
+            elif now_col.get("type") != col.get("type"):
+                out.append(
+                    f"column {name}.{column} changed type from {_type_text(col.get('type'))} "
+                    f"to {_type_text(now_col.get('type'))}"
+                )
+        if table.get("primary_key") != now.get("primary_key"):
+            out.append(
+                f"table {name}: primary key changed from {table.get('primary_key')} to "
+                f"{now.get('primary_key')}"
+            )
+    now_reducers = _by_name(actual.get("reducers"))
+    for name, reducer in _by_name(expected.get("reducers")).items():
+        now = now_reducers.get(name)
+        if now is None:
+            out.append(f"reducer {name} was removed")
+            continue
+        was = [p for p in reducer.get("params") or [] if isinstance(p, Mapping)]
+        params = [p for p in now.get("params") or [] if isinstance(p, Mapping)]
+        extra = params[len(was) :]
+        if params[: len(was)] != was or any(not p.get("optional") for p in extra):
+            out.append(
+                f"reducer {name}: parameters changed from {_params_text(was)} to "
+                f"{_params_text(params)}"
+            )
+    return out

@@ -77,6 +77,7 @@ __all__ = [
     "Truth",
     "compile_query",
     "prescan",
+    "tables_named",
     "query_cost",
 ]
 
@@ -658,6 +659,27 @@ def compile_query(sql: str, schema: Schema, *, name_private: bool = False) -> Qu
     except RecursionError:
         # A backstop: `prescan` bounds nesting well below Python's recursion limit.
         raise SubscriptionError("the query is nested too deeply") from None
+
+
+def tables_named(sql: str, *, max_bytes: int, max_terms: int) -> list[str]:
+    """The table names a query's text mentions (FROM and JOIN items), in order, whether or not
+    it compiles; [] when it does not parse, or `prescan` refuses it (never parsed then).
+
+    For explaining a failure (`core.schema_changes`), never for access checks.
+    """
+    try:
+        prescan(sql, max_bytes=max_bytes, max_terms=max_terms)
+        statements = sqlglot.parse(sql)
+    except (SubscriptionError, LimitExceeded, SqlglotError, RecursionError):
+        return []
+    names: dict[str, None] = {}
+    for statement in statements:
+        if statement is None:
+            continue
+        for node in statement.find_all(exp.Table):
+            if isinstance(node.this, exp.Identifier):
+                names[_ident(node.this)] = None
+    return list(names)
 
 
 #: Deepest nesting of parentheses in a query (sqlglot recurses once per level, and fails with

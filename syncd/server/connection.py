@@ -29,7 +29,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from syncd.auth import Principal
 from syncd.core.access import NO_ROW
-from syncd.core.ids import ConnectionId, QuerySetId, RequestId
+from syncd.core.ids import ConnectionId, Offset, QuerySetId, RequestId
 from syncd.core.protocol.codec import ENCODE_ERRORS, Format
 from syncd.core.protocol.messages import (
     CallReducer,
@@ -53,7 +53,8 @@ from syncd.core.protocol.messages import (
     Welcome,
 )
 from syncd.core.protocol.session import Session, SessionState
-from syncd.core.query import BoundQuery
+from syncd.core.query import BoundQuery, tables_named
+from syncd.core.schema_changes import explain_failure
 from syncd.core.values import BytesType, LwwType, OptionalType
 from syncd.errors import (
     ArgumentError,
@@ -73,6 +74,7 @@ from syncd.errors import (
 from syncd.server.admission import is_anonymous
 from syncd.server.leader import CallOutcome
 from syncd.server.replica import UNENCODABLE
+from syncd.server.schema_check import written_version
 from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
 
 if TYPE_CHECKING:
@@ -640,7 +642,12 @@ class Connection:
             self._check_query_budget(len(query_set.queries))
             queries = await self._bind(query_set.queries)
         except (LimitExceeded, SubscriptionError) as exc:
-            self._sub_failed(None, qs_id, error_code(exc), str(exc))
+            message = str(exc)
+            if isinstance(exc, SubscriptionError) and hello.cursor is not None:
+                why = await self._schema_change_of(hello, query_set.queries)
+                if why is not None:
+                    message = f"{message}; {why}"
+            self._sub_failed(None, qs_id, error_code(exc), message)
             return
         cursor = hello.cursor
         txs = None
@@ -658,6 +665,39 @@ class Connection:
             self._sub_failed(None, qs_id, error_code(exc), str(exc))
             return
         self._hold(None, qs_id, queries, updates, resumed=txs is not None)
+
+    async def _schema_change_of(self, hello: Hello, sqls: list[str]) -> str | None:
+        """For a query set resumed from a cursor that no longer compiles: what changed in the
+        stored schema since the cursor that concerns the failing query's tables (None: nothing,
+        or it cannot be told). The client held these tables at its cursor, so naming how they
+        changed tells it nothing it could not see then."""
+        server = self.server
+        replica = server.replica
+        principal = self._principal()
+        failing = sqls
+        for sql in sqls:
+            try:
+                replica.bind([sql], principal)
+            except (SubscriptionError, LimitExceeded):
+                failing = [sql]
+                break
+        limits = server.config.limits
+        tables = [
+            name
+            for sql in failing
+            for name in tables_named(
+                sql, max_bytes=limits.max_query_bytes, max_terms=limits.max_query_terms
+            )
+        ]
+        cursor = hello.cursor
+        assert cursor is not None
+        version = None
+        if cursor.epoch == replica.epoch:
+            try:
+                version = await written_version(server.journal, Offset(cursor.offset))
+            except BackendError:
+                version = None
+        return explain_failure(server.schema.history, version, tables)
 
     def _hold(
         self,

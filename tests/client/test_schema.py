@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from syncd.client.schema import ClientSchema
+from syncd.client.schema import ClientSchema, stale_differences
 from syncd.errors import ProtocolError
 
 DESCRIBED: dict[str, Any] = {
@@ -81,3 +83,96 @@ def test_not_a_schema(body: Any) -> None:
     """Anything that does not describe a module is a ValueError (connect reports it)."""
     with pytest.raises(ValueError):
         ClientSchema.from_json(body)
+
+
+# -- stale_differences -------------------------------------------------------------------------
+
+_DOC: dict[str, Any] = {
+    "module": "m",
+    "tables": [
+        {
+            "name": "item",
+            "primary_key": "id",
+            "columns": [
+                {"name": "id", "type": {"kind": "i64"}},
+                {"name": "name", "type": {"kind": "string"}},
+            ],
+        }
+    ],
+    "reducers": [
+        {"name": "put", "params": [{"name": "n", "type": {"kind": "i64"}, "optional": False}]}
+    ],
+}
+
+
+def _changed(edit: Callable[[dict[str, Any]], object]) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(json.dumps(_DOC))
+    edit(doc)
+    return doc
+
+
+def test_stale_differences_ignores_additions_and_order() -> None:
+    """Added tables, columns, reducers and optional trailing parameters, and reordered columns,
+    leave old bindings working."""
+
+    def grow(doc: dict[str, Any]) -> None:
+        doc["tables"][0]["columns"].insert(0, {"name": "color", "type": {"kind": "string"}})
+        doc["tables"][0]["columns"].reverse()
+        doc["tables"].append({"name": "other", "primary_key": "k", "columns": []})
+        doc["reducers"].append({"name": "more", "params": []})
+        doc["reducers"][0]["params"].append({"name": "x", "type": {}, "optional": True})
+        doc["schema_version"] = 9
+
+    assert stale_differences(_DOC, _changed(grow)) == []
+    assert stale_differences(_DOC, _DOC) == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda d: d["tables"].clear(),
+            "table item was removed (dropped, renamed or made private)",
+        ),
+        (lambda d: d["tables"][0]["columns"].pop(), "column item.name was removed"),
+        (
+            lambda d: d["tables"][0]["columns"][1].update(
+                type={"kind": "option", "inner": {"kind": "string"}}
+            ),
+            "column item.name changed type from string to string | None",
+        ),
+        (
+            lambda d: d["tables"][0].update(primary_key="name"),
+            "table item: primary key changed from id to name",
+        ),
+        (lambda d: d["reducers"].clear(), "reducer put was removed"),
+        (
+            lambda d: d["reducers"][0]["params"].append(
+                {"name": "y", "type": {"kind": "i64"}, "optional": False}
+            ),
+            "reducer put: parameters changed from (n: i64) to (n: i64, y: i64)",
+        ),
+        (
+            lambda d: d["reducers"][0]["params"][0].update(name="count"),
+            "reducer put: parameters changed from (n: i64) to (count: i64)",
+        ),
+    ],
+    ids=["table", "column", "widened", "pk", "reducer", "required-param", "renamed-param"],
+)
+def test_stale_differences_names_what_matters(
+    edit: Callable[[dict[str, Any]], object], expected: str
+) -> None:
+    """Each change that breaks code written against the old schema is one line."""
+    assert stale_differences(_DOC, _changed(edit)) == [expected]
+
+
+def test_stale_differences_survives_malformed_documents() -> None:
+    """Documents of the wrong shape never raise: what cannot be read counts as absent."""
+    junk: list[Any] = [{}, {"tables": 3}, {"tables": [1, None, {"name": 5}]}, {"reducers": "x"}]
+    for doc in junk:
+        assert stale_differences(doc, _DOC) == []
+        assert isinstance(stale_differences(_DOC, doc), list)
+    assert stale_differences(_DOC, {}) == [
+        "table item was removed (dropped, renamed or made private)",
+        "reducer put was removed",
+    ]
