@@ -3,6 +3,13 @@
     syncd generate typescript schema/chat.py --out clients/typescript/generated/chat
     syncd generate typescript --from-url http://127.0.0.1:3000 --out src/generated
     syncd generate typescript schema/chat.py --out DIR --check   # exit 1 if DIR is stale
+    syncd generate typescript --from-url http://HOST:PORT --out DIR --check  # against a server
+
+`--check` writes nothing. When the files differ it says which, and then, one line each, what
+in the committed bindings' `schema` const no longer matches the fresh schema in a way that
+breaks code using them (`syncd.client.schema.stale_differences`: a table, column or reducer
+gone, a type or reducer parameters changed), or that only additions differ (old bindings
+keep working, but do not see them).
 
 The generator itself (`syncd.codegen.typescript`) is pure; this module reads the schema and
 writes (or checks) the files. Failures are one line on stderr, never a traceback.
@@ -21,7 +28,13 @@ from typing import Any
 from syncd.codegen.typescript import RUNTIME_PACKAGE, OutputFile, generate, generate_from_schema
 from syncd.errors import ConfigError
 
-__all__ = ["add_generate_parser", "fetch_schema", "write_files"]
+__all__ = [
+    "add_generate_parser",
+    "binding_differences",
+    "bindings_schema",
+    "fetch_schema",
+    "write_files",
+]
 
 # A module's schema is a few KB; a bigger answer is not a syncd server.
 _MAX_SCHEMA_BYTES = 16 << 20
@@ -65,7 +78,8 @@ def add_generate_parser(subparsers: Any) -> None:
     ts.add_argument(
         "--check",
         action="store_true",
-        help="write nothing; exit 1 if the files in --out differ from a fresh generation",
+        help="write nothing; exit 1 if the files in --out differ from a fresh generation "
+        "(from the module or --from-url), listing what no longer matches, one line each",
     )
     ts.set_defaults(func=_typescript)
 
@@ -82,6 +96,10 @@ def _typescript(args: argparse.Namespace) -> int:
         stale = stale_files(files, out)
         for name in stale:
             print(f"syncd generate: {out / name} is out of date", file=sys.stderr)
+        if stale:
+            fresh = {f.path: f.content for f in files}
+            for line in binding_differences(out / "index.ts", fresh.get("index.ts", "")):
+                print(f"syncd generate: {out / 'index.ts'}: {line}", file=sys.stderr)
         return 1 if stale else 0
     for path in write_files(files, out):
         print(path)
@@ -127,11 +145,48 @@ def fetch_schema(url: str, *, timeout: float = 10.0) -> dict[str, Any]:
         raise ConfigError(f"GET {endpoint.schema_url} did not return JSON ({exc})") from None
     if not isinstance(described, dict):
         raise ConfigError(f"GET {endpoint.schema_url} did not return a JSON object")
-    # The stored schema version describes the server's data, not the module: bindings
-    # generated from a server equal those generated from its module file.
-    # TODO(issue 11): record it in the bindings for `generate typescript --check`.
+    # Not recorded in the bindings: the stored schema version describes a server's data, not
+    # the module (the same module is version 1 on a fresh directory and 3 on a migrated one),
+    # so bindings generated from a server equal those generated from its module file, and
+    # `--check` and the clients compare the tables, columns and reducers themselves.
     described.pop("schema_version", None)
     return described
+
+
+_SCHEMA_CONST = "export const schema: SchemaJson = "
+
+
+def bindings_schema(text: str) -> dict[str, Any] | None:
+    """The `schema` const of a generated index.ts (None: not generated bindings)."""
+    at = text.find(_SCHEMA_CONST)
+    if at < 0:
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text, at + len(_SCHEMA_CONST))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def binding_differences(committed: Path, fresh: str) -> list[str]:
+    """Why the committed bindings at `committed` are stale against freshly generated `fresh`:
+    the differences that break code using them, one line each; else one line saying the
+    difference is only additions (or formatting), or that the file holds no bindings."""
+    from syncd.client.schema import stale_differences
+
+    try:
+        old = bindings_schema(committed.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return ["missing or unreadable: generate it"]
+    new = bindings_schema(fresh)
+    if old is None or new is None:
+        return ["holds no generated schema const: generate it"]
+    found = stale_differences(old, new)
+    if found:
+        return found
+    if old == new:
+        return ["the schema matches; the generator's output changed (regenerate)"]
+    return ["only additions: code using these bindings keeps working, but cannot see them"]
 
 
 def write_files(files: list[OutputFile], out: Path) -> list[Path]:

@@ -295,6 +295,69 @@ def test_cli_from_a_module_file(tmp_path: Path, kinds: Schema) -> None:
     assert (out / "index.ts").read_text() == "// edited\n"
 
 
+SHOP_V1 = ROOT / "tests" / "modules" / "shop_v1.py"
+SHOP_V2 = ROOT / "tests" / "modules" / "shop_v2.py"
+SHOP_V3 = ROOT / "tests" / "modules" / "shop_v3_private.py"
+
+
+def check_lines(module_or_url: list[str], out: Path) -> tuple[int, list[str]]:
+    """`generate typescript ... --out out --check`: its status and stderr lines."""
+    done = run_syncd("generate", "typescript", *module_or_url, "--out", str(out), "--check")
+    assert "Traceback" not in done.stderr
+    return done.returncode, done.stderr.splitlines()
+
+
+def test_cli_check_lists_the_differences_that_matter(tmp_path: Path) -> None:
+    """--check names, one line each, what in the committed bindings no longer matches: v2
+    bindings against v1 lack a column and a reducer; v1 bindings against v2 differ only by
+    additions (still exit 1: the files are stale); a file that holds no bindings says so."""
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    for module, out in ((SHOP_V1, v1), (SHOP_V2, v2)):
+        assert run_syncd("generate", "typescript", str(module), "--out", str(out)).returncode == 0
+    index = v2 / "index.ts"
+    assert check_lines([str(SHOP_V1)], v2) == (
+        1,
+        [
+            f"syncd generate: {index} is out of date",
+            f"syncd generate: {index}: column item.color was removed",
+            f"syncd generate: {index}: reducer paint was removed",
+        ],
+    )
+    status, lines = check_lines([str(SHOP_V2)], v1)
+    assert status == 1 and lines[1:] == [
+        f"syncd generate: {v1 / 'index.ts'}: only additions: code using these bindings keeps "
+        "working, but cannot see them"
+    ]
+    assert check_lines([str(SHOP_V2)], v2) == (0, [])
+    index.write_text("// edited\n")
+    assert check_lines([str(SHOP_V2)], v2)[1][1:] == [
+        f"syncd generate: {index}: holds no generated schema const: generate it"
+    ]
+    assert index.read_text() == "// edited\n"
+    index.unlink()
+    assert check_lines([str(SHOP_V2)], v2)[1][1:] == [
+        f"syncd generate: {index}: missing or unreadable: generate it"
+    ]
+
+
+@pytest.mark.integration
+def test_cli_check_against_a_running_server(tmp_path: Path) -> None:
+    """--check --from-url compares the committed bindings with the server's /v1/schema: v2
+    bindings against a server where item is private name the table."""
+    out = tmp_path / "v2"
+    assert run_syncd("generate", "typescript", str(SHOP_V2), "--out", str(out)).returncode == 0
+    with serving(SHOP_V3, tmp_path / "data") as server:
+        status, lines = check_lines(["--from-url", server.http_url], out)
+        server.kill()
+        if server.proc is not None and server.proc.stdout is not None:
+            server.proc.stdout.close()
+    assert status == 1
+    assert lines[1:] == [
+        f"syncd generate: {out / 'index.ts'}: table item was removed (dropped, renamed or made "
+        "private)"
+    ]
+
+
 def test_cli_reports_a_bad_module_in_one_line(tmp_path: Path) -> None:
     """A missing module file is exit status 2 and one line on stderr, no traceback."""
     done = run_syncd("generate", "typescript", str(tmp_path / "nope.py"), "--out", str(tmp_path))
