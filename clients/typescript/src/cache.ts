@@ -102,7 +102,8 @@ class Listeners<A extends unknown[]> {
 
 /** One table's rows, counts, indexes and callbacks. */
 export class TableState<R extends object = Row> implements TableCache<R> {
-  readonly info: TableInfo;
+  /** The table as the server's schema describes it (replaced when a migration changes it). */
+  info: TableInfo;
   // Primary key (canonical) -> row.
   private readonly byKey = new Map<string, R>();
   // Primary key (canonical) -> how many (query set, query) key sets hold it.
@@ -124,6 +125,16 @@ export class TableState<R extends object = Row> implements TableCache<R> {
 
   rows(): R[] {
     return [...this.byKey.values()];
+  }
+
+  /** The server's schema changed: take the new `info`, rebuilding the indexes it asks for. */
+  setInfo(info: TableInfo): void {
+    this.info = info;
+    this.indexes.clear();
+    for (const column of info.indexedColumns) {
+      if (column !== info.primaryKey) this.indexes.set(column, new Map());
+    }
+    for (const [key, row] of this.byKey) this.index(key, row);
   }
 
   count(): number {
@@ -266,7 +277,7 @@ interface KeySet {
 
 /** All tables' rows plus the key sets of every (query set, query). */
 export class ClientCache {
-  private readonly schema: ClientSchema;
+  private schema: ClientSchema;
   private readonly tableStates = new Map<string, TableState>();
   // `${query_set_id}:${query_index}` -> the keys that query contributes.
   private readonly keySets = new Map<string, KeySet>();
@@ -279,6 +290,20 @@ export class ClientCache {
     this.schema = schema;
     this.report = report;
     for (const [name, info] of schema.tables) this.tableStates.set(name, new TableState(info));
+  }
+
+  /**
+   * The server's schema changed (a migration): tables keep their state (rows, callbacks, the
+   * handles the app holds) with the new `TableInfo`; new tables get one. A table the server no
+   * longer lists keeps its state until its sets fail, which releases the rows. Outside a batch.
+   */
+  setSchema(schema: ClientSchema): void {
+    this.schema = schema;
+    for (const [name, info] of schema.tables) {
+      const state = this.tableStates.get(name);
+      if (state === undefined) this.tableStates.set(name, new TableState(info));
+      else state.setInfo(info);
+    }
   }
 
   table(name: string): TableState {

@@ -16,13 +16,14 @@ import {
   ConnectionError,
   ProtocolViolation,
   QueryError,
+  StaleBindingsError,
   SubscriptionError,
   SyncdError,
   reducerFailure,
 } from "./errors.js";
 import { jwtExpiryMs, refreshDelayMs } from "./jwt.js";
 import { makeCodec, type ClientMessage, type Codec, type Cursor, type ServerMessage } from "./protocol.js";
-import { ClientSchema, schemaUrl, wsUrl, type SchemaJson } from "./schema.js";
+import { ClientSchema, schemaUrl, staleDifferences, wsUrl, type SchemaJson } from "./schema.js";
 import type {
   CallOptions,
   CallResult,
@@ -133,7 +134,18 @@ export class SyncdClient {
   private firstTried = 0;
   private readonly WebSocketImpl: WebSocketConstructor;
   private readonly codec: Codec;
-  private readonly schema: ClientSchema;
+  private schema: ClientSchema;
+  /**
+   * The stored schema version `schema` was read at (its `schema_version`; else the first
+   * Welcome's). A Welcome with another version means a migration: the schema is read again
+   * before any row of the new layout is handled.
+   */
+  private schemaReadAt: number | null;
+  /** Messages that arrived while the schema is being read again (handled, in order, after it). */
+  private held: ServerMessage[] | null = null;
+  /** Whether `GET /v1/schema` was readable at connect: a failed re-read then drops and retries. */
+  private schemaFetched: boolean;
+  private staleBindingsValue: StaleBindingsError | null = null;
   private readonly cache: ClientCache;
   private readonly backoff: Backoff;
   private readonly reconnectEnabled: boolean;
@@ -192,7 +204,7 @@ export class SyncdClient {
   private readonly counterTotals = new Map<string, { p: number; n: number }>();
 
   /** @internal Use {@link connect}. */
-  constructor(options: ConnectOptions, schema: SchemaJson) {
+  constructor(options: ConnectOptions, schema: SchemaJson, fetched = false) {
     this.options = options;
     const given = Array.isArray(options.url) ? options.url : [options.url];
     if (given.length === 0) throw new TypeError("connect({ url }) needs at least one URL");
@@ -204,6 +216,8 @@ export class SyncdClient {
     this.WebSocketImpl = WebSocketImpl;
     this.codec = makeCodec(options.format ?? "msgpack");
     this.schema = new ClientSchema(schema);
+    this.schemaReadAt = typeof schema.schema_version === "number" ? schema.schema_version : null;
+    this.schemaFetched = fetched;
     this.cache = new ClientCache(this.schema, (e) => this.reportError(e));
     const policy = typeof options.reconnect === "object" ? options.reconnect : {};
     this.reconnectEnabled = options.reconnect !== false;
@@ -232,6 +246,14 @@ export class SyncdClient {
   /** The server's stored schema version, from the latest `Welcome` (null before one, or from a server that does not report it). */
   get schemaVersion(): number | null {
     return this.schemaVersionValue;
+  }
+
+  /**
+   * Set when a migration left the bindings given to `connect({ bindings })` stale in a way that
+   * matters (also reported to `onError`); null otherwise. `connect` rejects with it instead.
+   */
+  get staleBindings(): StaleBindingsError | null {
+    return this.staleBindingsValue;
   }
 
   /** Where the cached rows stand: `{ epoch, offset }` (§8). */
@@ -572,6 +594,7 @@ export class SyncdClient {
       if (this.firstWelcome !== null) this.firstTried += 1;
       ws.binaryType = "arraybuffer";
       this.ws = ws;
+      this.held = null;
       this.helloSent = false;
       this.socketEpoch = null;
       this.socketOffset = 0;
@@ -634,8 +657,21 @@ export class SyncdClient {
     }
     // Promise settlements run after the batch (they are microtasks), so a call's result is seen
     // after the callbacks of the transaction that came with it.
+    if (this.held !== null) {
+      this.held.push(...messages);
+      return;
+    }
+    this.handleAll(messages);
+  }
+
+  private handleAll(messages: ServerMessage[]): void {
     this.cache.batch(() => {
       for (const msg of messages) {
+        if (this.held !== null) {
+          // A Welcome just started reading the new schema: the rest waits for it.
+          this.held.push(msg);
+          continue;
+        }
         try {
           this.handle(msg);
         } catch (error) {
@@ -643,6 +679,66 @@ export class SyncdClient {
         }
       }
     });
+  }
+
+  /**
+   * The server migrated (Welcome's `schema_version` differs from the one the schema was read
+   * at): read `GET /v1/schema` again before handling any row, since rows come in the new layout.
+   * A failure drops the socket (resumable), so the next Welcome tries again.
+   */
+  private async refreshSchema(ws: WebSocketLike, version: number): Promise<void> {
+    const fetchImpl = this.options.fetch ?? (globalThis as { fetch?: ConnectOptions["fetch"] }).fetch;
+    const url = schemaUrl(this.url);
+    let json: SchemaJson;
+    const timeout = this.options.connectTimeoutMs ?? 10_000;
+    const timer = setTimeout(() => {
+      if (this.ws === ws && this.held !== null) {
+        this.held = null;
+        this.dropSocket(ws, CloseCode.ABNORMAL, `no schema from ${url} within ${timeout} ms`);
+      }
+    }, timeout);
+    try {
+      if (fetchImpl === undefined) throw new TypeError("no fetch (pass connect({ fetch }))");
+      const response = await fetchImpl(url);
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      json = (await response.json()) as SchemaJson;
+      if (this.ws !== ws) return;
+      const schema = new ClientSchema(json);
+      this.schema = schema;
+      this.cache.setSchema(schema);
+    } catch (error) {
+      if (this.ws !== ws) return;
+      const message = error instanceof Error ? error.message : String(error);
+      if (this.schemaFetched) {
+        this.held = null;
+        this.dropSocket(ws, CloseCode.ABNORMAL, `could not read the new schema from ${url}: ${message}`);
+        return;
+      }
+      // It never was readable (given by the app, or cross-origin): go on with the old one.
+      this.reportError(new ProtocolViolation(`the server's schema changed to version ${version} and ${url} cannot be read (${message}); rows may not decode`));
+      this.schemaReadAt = version;
+      const held = this.held ?? [];
+      this.held = null;
+      this.handleAll(held);
+      return;
+    } finally {
+      clearTimeout(timer);
+    }
+    this.schemaReadAt = typeof json.schema_version === "number" ? json.schema_version : version;
+    this.checkBindings(json, false);
+    const held = this.held ?? [];
+    this.held = null;
+    this.handleAll(held);
+  }
+
+  /** Compare `connect({ bindings })` with the server's schema (a no-op without bindings). */
+  private checkBindings(server: SchemaJson, atConnect: boolean): void {
+    const bindings = this.options.bindings;
+    if (bindings === undefined) return;
+    const differences = staleDifferences(bindings, server);
+    const version = typeof server.schema_version === "number" ? server.schema_version : this.schemaVersionValue;
+    this.staleBindingsValue = differences.length > 0 ? new StaleBindingsError(differences, version) : null;
+    if (this.staleBindingsValue !== null && !atConnect) this.reportError(this.staleBindingsValue);
   }
 
   private handle(msg: ServerMessage): void {
@@ -755,7 +851,15 @@ export class SyncdClient {
   private onWelcome(msg: Extract<ServerMessage, { type: "welcome" }>): void {
     this.identityValue = msg.identity;
     this.connectionIdValue = msg.connection_id;
-    if (msg.schema_version !== null) this.schemaVersionValue = msg.schema_version;
+    if (msg.schema_version !== null) {
+      const known = this.schemaReadAt ?? this.schemaVersionValue;
+      this.schemaVersionValue = msg.schema_version;
+      if (this.schemaReadAt === null && known === null) this.schemaReadAt = msg.schema_version;
+      if (known !== null && known !== msg.schema_version && this.ws !== null) {
+        this.held = [];
+        void this.refreshSchema(this.ws, msg.schema_version);
+      }
+    }
     if (msg.token !== null) this.tokenValue = msg.token;
     this.socketEpoch = msg.epoch;
     this.socketOffset = Math.max(this.socketOffset, msg.offset);
@@ -827,6 +931,7 @@ export class SyncdClient {
     if (this.ws !== ws) return;
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     this.ws = null;
+    this.held = null;
     this.helloSent = false;
     const welcomed = this.socketEpoch !== null;
     this.socketEpoch = null;
@@ -960,8 +1065,10 @@ function randomId(): string {
  */
 export async function connect(options: ConnectOptions): Promise<SyncdClient> {
   let schema = options.schema;
+  let fetched = false;
+  const fetchImpl = options.fetch ?? (globalThis as { fetch?: ConnectOptions["fetch"] }).fetch;
+  if (schema === undefined && options.bindings !== undefined && fetchImpl === undefined) schema = options.bindings;
   if (schema === undefined) {
-    const fetchImpl = options.fetch ?? (globalThis as { fetch?: ConnectOptions["fetch"] }).fetch;
     if (fetchImpl === undefined) throw new TypeError("no fetch to read the schema with: pass connect({ schema }) or connect({ fetch })");
     // From the first replica that answers.
     const urls = Array.isArray(options.url) ? options.url : [options.url];
@@ -975,14 +1082,24 @@ export async function connect(options: ConnectOptions): Promise<SyncdClient> {
           continue;
         }
         schema = (await response.json()) as SchemaJson;
+        fetched = true;
         break;
       } catch (error) {
         failure = new ConnectionError(`could not read the schema from ${url}: ${error instanceof Error ? error.message : String(error)}`);
       }
     }
+    // Unreadable (a page on another origin, without CORS): the bindings are the schema, unchecked,
+    // and a server that is down fails the WebSocket attempt below just the same.
+    if (schema === undefined && options.bindings !== undefined) schema = options.bindings;
     if (schema === undefined) throw failure ?? new ConnectionError("no URL to read the schema from");
   }
-  const client = new SyncdClient(options, schema);
+  if (options.bindings !== undefined && fetched) {
+    const differences = staleDifferences(options.bindings, schema);
+    if (differences.length > 0) {
+      throw new StaleBindingsError(differences, typeof schema.schema_version === "number" ? schema.schema_version : null);
+    }
+  }
+  const client = new SyncdClient(options, schema, fetched);
   await client.start();
   return client;
 }

@@ -9,6 +9,7 @@
  * ├── SubscriptionError  a query set was refused or dropped (bad SQL, forbidden, limits)
  * ├── QueryError         a one-off `sql()` query was refused
  * ├── ProtocolViolation  the server sent something this client cannot read (a bug, or a stale schema)
+ * ├── StaleBindingsError the server's schema changed in a way the generated bindings do not allow
  * └── ConnectionError    the connection ended for good (or never came up) while a request waited
  * ```
  *
@@ -153,6 +154,27 @@ export class QueryError extends SyncdError {
 
 /** The server sent a message this client cannot make sense of (or the schema is stale). */
 export class ProtocolViolation extends SyncdError {}
+
+/**
+ * The generated bindings (`connect({ bindings })`, which `connectTyped` passes) are older than the
+ * server's schema in a way that matters: a table, column or reducer they use is gone, a column's
+ * type or a reducer's parameters changed. Additions never count: old bindings keep working.
+ * `connect` rejects with it; after a later migration (seen on reconnect) it goes to `onError`
+ * and stays in `client.staleBindings`. Regenerate the bindings (`syncd generate typescript`).
+ */
+export class StaleBindingsError extends SyncdError {
+  /** One line per difference, e.g. `column item.name was removed`. */
+  readonly differences: readonly string[];
+  /** The server's stored schema version, when it reports one. */
+  readonly schemaVersion: number | null;
+
+  constructor(differences: readonly string[], schemaVersion: number | null) {
+    const at = schemaVersion !== null ? ` (schema version ${schemaVersion})` : "";
+    super(`the server's schema${at} no longer matches these bindings (regenerate them): ${differences.join("; ")}`);
+    this.differences = [...differences];
+    this.schemaVersion = schemaVersion;
+  }
+}
 
 /**
  * The connection ended for good, or could not be opened, while something waited on it.

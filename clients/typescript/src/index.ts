@@ -17,6 +17,7 @@ export {
   SubscriptionError,
   QueryError,
   ProtocolViolation,
+  StaleBindingsError,
   ErrorCode,
   CloseCode,
   errorCodeName,
@@ -31,7 +32,7 @@ export type {
   IndexSchema,
   ParamSchema,
 } from "./schema.js";
-export { schemaUrl, wsUrl } from "./schema.js";
+export { schemaUrl, staleDifferences, wsUrl } from "./schema.js";
 export type {
   ConnectOptions,
   ConnectInfo,

@@ -47,8 +47,11 @@ export interface ReducerSchema {
   params: ParamSchema[];
 }
 
-/** Exactly the JSON document of `GET /v1/schema`. */
-export type SchemaJson = { module: string; tables: TableSchema[]; reducers: ReducerSchema[] };
+/**
+ * Exactly the JSON document of `GET /v1/schema`. `schema_version` is the server's stored schema
+ * version (absent in generated bindings: it describes a server's data, not the module).
+ */
+export type SchemaJson = { module: string; tables: TableSchema[]; reducers: ReducerSchema[]; schema_version?: number | null };
 
 /** Whether a column type's visible value is bytes (possibly optional, possibly an `LWW[bytes]`). */
 export function isBytesType(type: ColumnType | undefined): boolean {
@@ -197,4 +200,90 @@ export function wsUrl(url: string): string {
   let path = (match[3] as string).replace(/\/+$/, "");
   if (!path.endsWith("/v1/ws")) path += "/v1/ws";
   return `${ws}://${match[2] as string}${path}${match[4] ?? ""}`;
+}
+
+function typeText(t: unknown): string {
+  if (t === null || typeof t !== "object") return JSON.stringify(t) ?? "undefined";
+  const type = t as { kind?: unknown; inner?: unknown; name?: unknown; values?: unknown };
+  if (type.kind === "option") return `${typeText(type.inner)} | None`;
+  if (type.kind === "lww") return `LWW[${typeText(type.inner)}]`;
+  if (type.kind === "enum") {
+    const values = Array.isArray(type.values) ? type.values.map((v) => (typeof v === "string" ? `'${v}'` : String(v))).join(", ") : "?";
+    return `${String(type.name)}(${values})`;
+  }
+  return String(type.kind);
+}
+
+function byName<T>(items: unknown): Map<string, T> {
+  const out = new Map<string, T>();
+  if (!Array.isArray(items)) return out;
+  for (const item of items) {
+    if (item !== null && typeof item === "object" && typeof (item as { name?: unknown }).name === "string") {
+      out.set((item as { name: string }).name, item as T);
+    }
+  }
+  return out;
+}
+
+function sameJson(a: unknown, b: unknown): boolean {
+  if (a === b) return true;
+  if (a === null || b === null || typeof a !== "object" || typeof b !== "object") return false;
+  if (Array.isArray(a) !== Array.isArray(b)) return false;
+  const ka = Object.keys(a as object);
+  const kb = Object.keys(b as object);
+  if (ka.length !== kb.length) return false;
+  return ka.every((k) => sameJson((a as Record<string, unknown>)[k], (b as Record<string, unknown>)[k]));
+}
+
+function paramsText(params: ParamSchema[]): string {
+  return "(" + params.map((p) => `${p.name}: ${typeText(p.type)}${p.optional ? "?" : ""}`).join(", ") + ")";
+}
+
+/**
+ * What code written against schema `expected` (generated bindings' `schema`) would get wrong
+ * against `actual` (the server's `GET /v1/schema`): one line per difference that matters, `[]`
+ * when it keeps working. Matters: a table it knows that is gone (dropped, renamed or made
+ * private), a column of it gone, a column's type changed (a widening too: `T -> T | None` brings
+ * nulls its types do not allow), the primary key changed, a reducer gone, or a reducer's
+ * parameters changed (a new optional one at the end is fine). Additions and column order never
+ * matter (rows are decoded with the server's schema). The rules of the Python client's
+ * `stale_differences` (syncd/client/schema.py), line for line.
+ */
+export function staleDifferences(expected: SchemaJson, actual: SchemaJson): string[] {
+  const out: string[] = [];
+  const nowTables = byName<TableSchema>(actual?.tables);
+  for (const [name, table] of byName<TableSchema>(expected?.tables)) {
+    const now = nowTables.get(name);
+    if (now === undefined) {
+      out.push(`table ${name} was removed (dropped, renamed or made private)`);
+      continue;
+    }
+    const nowColumns = byName<ColumnSchema>(now.columns);
+    for (const [column, col] of byName<ColumnSchema>(table.columns)) {
+      const nowCol = nowColumns.get(column);
+      if (nowCol === undefined) out.push(`column ${name}.${column} was removed`);
+      else if (!sameJson(nowCol.type, col.type)) {
+        out.push(`column ${name}.${column} changed type from ${typeText(col.type)} to ${typeText(nowCol.type)}`);
+      }
+    }
+    if (table.primary_key !== now.primary_key) {
+      out.push(`table ${name}: primary key changed from ${table.primary_key} to ${now.primary_key}`);
+    }
+  }
+  const nowReducers = byName<ReducerSchema>(actual?.reducers);
+  for (const [name, reducer] of byName<ReducerSchema>(expected?.reducers)) {
+    const now = nowReducers.get(name);
+    if (now === undefined) {
+      out.push(`reducer ${name} was removed`);
+      continue;
+    }
+    const was = (Array.isArray(reducer.params) ? reducer.params : []).filter((p) => p !== null && typeof p === "object");
+    const params = (Array.isArray(now.params) ? now.params : []).filter((p) => p !== null && typeof p === "object");
+    const samePrefix = was.every((p, i) => i < params.length && sameJson(p, params[i]));
+    const extraRequired = params.slice(was.length).some((p) => !p.optional);
+    if (!samePrefix || extraRequired) {
+      out.push(`reducer ${name}: parameters changed from ${paramsText(was)} to ${paramsText(params)}`);
+    }
+  }
+  return out;
 }

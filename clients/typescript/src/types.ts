@@ -71,6 +71,14 @@ export interface ConnectOptions {
   getToken?: () => string | null | Promise<string | null>;
   /** The `GET /v1/schema` document; fetched from the server when omitted. */
   schema?: SchemaJson;
+  /**
+   * The schema generated bindings were made from (their `schema` const; `connectTyped` passes
+   * it). The client then reads the server's schema itself (rows are decoded with it, so a column
+   * added by a migration just appears) and compares: when the bindings are older in a way that
+   * matters, `connect` rejects with a `StaleBindingsError`, or, after a later migration, it goes to
+   * `onError` and `client.staleBindings`.
+   */
+  bindings?: SchemaJson;
   onConnect?: (info: ConnectInfo) => void;
   onDisconnect?: (info: DisconnectInfo) => void;
   /** Errors that belong to nobody's promise: a callback that threw, a subscription that failed later, a refused token refresh. */

@@ -322,9 +322,13 @@ export function bind(client: SyncdClient): Bindings {
   return { client, db: new Db(client), reducers: new Reducers(client) };
 }
 
-/** `connect` with this module's schema, then `bind`. */
+/**
+ * `connect` with these bindings (the client reads the server's schema and
+ * rejects with a `StaleBindingsError` if they are stale in a way that
+ * matters), then `bind`.
+ */
 export async function connectTyped(
-  options: Omit<ConnectOptions, "schema">,
+  options: Omit<ConnectOptions, "schema" | "bindings">,
 ): Promise<Bindings> {
-  return bind(await connect({ ...options, schema }));
+  return bind(await connect({ ...options, bindings: schema }));
 }

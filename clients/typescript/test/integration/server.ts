@@ -28,7 +28,7 @@ export class SyncdServer {
   host = "127.0.0.1";
   port = 0;
 
-  constructor(private readonly module = "schema/chat.py") {
+  constructor(public module = "schema/chat.py") {
     this.dataDir = mkdtempSync(join(tmpdir(), "syncd-ts-"));
   }
 
