@@ -31,6 +31,75 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be 1 or more, got 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from syncd.loadtest.report import check_plotting, table, write_json_lines, write_plots
+    from syncd.loadtest.run import LoadtestError, Options, run
+    from syncd.loadtest.scenario import ScenarioError, load_scenario
+    from syncd.loadtest.worker import Auth
+
+    try:
+        if args.api_key and args.token_secret:
+            raise LoadtestError("give --api-key or --token-secret, not both")
+        scenario = load_scenario(args.scenario).with_overrides(
+            connections=args.connections, duration=args.duration
+        )
+        report_dir = Path(args.report_dir) if args.report_dir else None
+        if report_dir is not None:
+            check_plotting()
+            try:
+                report_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LoadtestError(f"--report-dir {report_dir}: {exc.strerror}") from None
+        json_out = Path(args.json_out) if args.json_out else None
+        if json_out is not None and not json_out.parent.is_dir():
+            raise LoadtestError(f"--json-out {json_out}: no directory {json_out.parent}")
+        auth = Auth(
+            api_key=args.api_key or None,
+            token_secret=args.token_secret or None,
+            issuer=args.token_issuer,
+            audience=args.token_audience,
+            ttl_s=scenario.duration + 3600,
+        )
+        options = Options(
+            url=args.url,
+            scenario=scenario,
+            processes=args.processes,
+            auth=auth,
+            metrics_url=args.metrics_url or None,
+        )
+        report = run(options, progress=sys.stderr)
+    except (ScenarioError, LoadtestError) as exc:
+        print(f"syncd loadtest: {exc}", file=sys.stderr)
+        return 2
+    summary = report.summary()
+    print(table(summary))
+    if json_out is not None:
+        write_json_lines(report, json_out)
+    if report_dir is not None:
+        (report_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json_lines(report, report_dir / "intervals.jsonl")
+        for path in write_plots(report, report_dir):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from syncd.server.app import run
 
@@ -627,6 +696,67 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id or name")
     revoke.add_argument("key", metavar="KEY_ID_OR_NAME")
     keys.set_defaults(func=_keys)
+
+    loadtest = sub.add_parser(
+        "loadtest",
+        help="load-test a running server (or replicas behind a balancer)",
+        description="Open a scenario's connections to URL from several processes, subscribe "
+        "them, call reducers at the scenario's rates (optionally reconnecting waves of "
+        "clients), then print what was delivered and how fast: updates and frames per second, "
+        "write-to-visible and call latency, errors by code, and the server's /metrics before "
+        "and after. Traffic goes only to URL (and its /metrics). See docs/loadtest.md. Exit 2: "
+        "a bad scenario or option, or the target cannot be reached.",
+    )
+    loadtest.add_argument("url", metavar="URL", help="ws://HOST:PORT[/v1/ws] or http://HOST:PORT")
+    loadtest.add_argument(
+        "--scenario",
+        required=True,
+        metavar="FILE_OR_NAME",
+        help="a TOML scenario file, or a ready one: chat_fanout, kled_rooms, reconnect_storm",
+    )
+    loadtest.add_argument(
+        "--duration", type=_positive_float, metavar="SECONDS", help="instead of the scenario's"
+    )
+    loadtest.add_argument(
+        "--connections", type=_positive_int, metavar="N", help="instead of the scenario's"
+    )
+    loadtest.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=max(1, min(8, os.cpu_count() or 1)),
+        metavar="N",
+        help="generator processes the connections are spread over (default: the cores, up to 8)",
+    )
+    credentials = loadtest.add_mutually_exclusive_group()
+    credentials.add_argument(
+        "--api-key",
+        default=os.environ.get("SYNCD_LOADTEST_API_KEY"),
+        metavar="KEY",
+        help="every connection signs in with this API key (env SYNCD_LOADTEST_API_KEY)",
+    )
+    credentials.add_argument(
+        "--token-secret",
+        default=os.environ.get("SYNCD_LOADTEST_TOKEN_SECRET"),
+        metavar="SECRET",
+        help="mint an HS256 token per connection with this secret (the server's --jwt-secret; "
+        "env SYNCD_LOADTEST_TOKEN_SECRET), its sub from the scenario's identity; without a key "
+        "or secret connections are anonymous",
+    )
+    loadtest.add_argument("--token-issuer", default="syncd-loadtest", metavar="ISS")
+    loadtest.add_argument("--token-audience", default="authenticated", metavar="AUD")
+    loadtest.add_argument(
+        "--metrics-url", metavar="URL", help="where to scrape /metrics (default: URL's host)"
+    )
+    loadtest.add_argument(
+        "--json-out", metavar="FILE", help="write JSON lines (intervals, summary)"
+    )
+    loadtest.add_argument(
+        "--report-dir",
+        metavar="DIR",
+        help="write report.json, intervals.jsonl and PNG plots (needs matplotlib: "
+        "pip install 'syncd[loadtest]')",
+    )
+    loadtest.set_defaults(func=_loadtest)
 
     from syncd.codegen.cli import add_generate_parser
 

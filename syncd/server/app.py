@@ -191,6 +191,12 @@ class Server:
         self.connections: set[Connection] = set()
         # Connections closed as slow consumers (4001) since start, for /metrics.
         self.slow_consumers = 0
+        # Reducer calls and merges answered on WebSocket connections (and the failed among
+        # them), and TransactionUpdates handed to open connections, since start, for /metrics
+        # (what `syncd loadtest` compares its own counts with).
+        self.calls_answered = 0
+        self.calls_failed = 0
+        self.updates_sent = 0
         # Reverse proxies whose X-Forwarded-For is believed (`admission.client_address`).
         self.proxies = parse_networks(config.trusted_proxies)
         # Connections per client address that are anonymous or not signed in yet.
@@ -737,6 +743,24 @@ class Server:
             "slow_consumers_total",
             self.slow_consumers,
             "connections closed because they did not read (4001)",
+            "counter",
+        )
+        gauge(
+            "calls_total",
+            self.calls_answered,
+            "reducer calls and merges answered on WebSocket connections",
+            "counter",
+        )
+        gauge(
+            "calls_failed_total",
+            self.calls_failed,
+            "of those, the ones answered ok false (any code, RATE_LIMITED included)",
+            "counter",
+        )
+        gauge(
+            "updates_sent_total",
+            self.updates_sent,
+            "TransactionUpdate messages sent to WebSocket connections",
             "counter",
         )
         if self.started:

@@ -458,6 +458,8 @@ class Connection:
         message = self.server.call_refusal(identity, self.anonymous, self.address, now)
         if message is None:
             return True
+        self.server.calls_answered += 1
+        self.server.calls_failed += 1
         self.session.send(
             ReducerResult(
                 request_id=request_id, ok=False, code=ErrorCode.RATE_LIMITED, message=message
@@ -560,11 +562,13 @@ class Connection:
         self._send_result(request_id, outcome)
 
     def _send_result(self, request_id: RequestId, outcome: CallOutcome) -> None:
+        self.server.calls_answered += 1
         if outcome.ok:
             # The caller's own TransactionUpdate for this offset goes out first.
             self.server.replica.emit_pending()
             self.session.send(ReducerResult(request_id=request_id, ok=True, offset=outcome.offset))
         else:
+            self.server.calls_failed += 1
             error = outcome.error or SyncdError("failed")
             message = str(error) if not isinstance(error, BackendError) else "unavailable"
             self.session.send(
@@ -876,6 +880,7 @@ class Connection:
         """
         if not self.session.is_open:
             return
+        self.server.updates_sent += len(messages)
         if self.session.has_pending:
             for data in messages:
                 self.session.send_raw(data)
