@@ -880,7 +880,11 @@ class Connection:
         """
         if not self.session.is_open:
             return
-        self.server.updates_sent += len(messages)
+        proto = self._proto
+        if proto is None or not (proto.close_sent or proto.transport.is_closing()):
+            # Counted unless the socket is already closing (the client's close frame came
+            # in, and the session does not know yet): those are dropped, not sent.
+            self.server.updates_sent += len(messages)
         if self.session.has_pending:
             for data in messages:
                 self.session.send_raw(data)
