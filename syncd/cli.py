@@ -175,19 +175,19 @@ def _migrate(args: argparse.Namespace) -> int:
     import time
 
     from syncd.server.loader import load_module_schema
-    from syncd.server.migrate import migrate
+    from syncd.server.migrate import migrate, migrate_postgres
 
     schema = load_module_schema(Path(args.module))
-    report = asyncio.run(
-        migrate(
-            schema,
-            Path(args.data),
-            dry_run=args.dry_run,
-            queries=list(args.query or ()),
-            adopt_schema=args.adopt_schema,
-            now_us=time.time_ns() // 1000,
-        )
-    )
+    options: dict[str, Any] = {
+        "dry_run": args.dry_run,
+        "queries": list(args.query or ()),
+        "adopt_schema": args.adopt_schema,
+        "now_us": time.time_ns() // 1000,
+    }
+    if args.postgres:
+        report = asyncio.run(migrate_postgres(schema, args.postgres, **options))
+    else:
+        report = asyncio.run(migrate(schema, Path(args.data), **options))
     print(report.diff)
     for table, count in sorted(report.rows.items()):
         print(f"  table {table}: {count} rows")
@@ -611,16 +611,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser(
         "migrate",
-        help="show (and unless --dry-run, apply) what starting MODULE over a data directory does",
+        help="show (and unless --dry-run, apply) what starting MODULE over a data directory "
+        "(or a Postgres journal) does",
         description="Compare MODULE with the data directory's stored schema and print the plan: "
         "each change, automatic or refused, and the rows of each table. --query SQL (repeatable) "
         "checks queries your clients hold against the new schema. With --dry-run it works on a "
         "copy (a running server's directory too) and writes nothing; without it the migration is "
-        "recorded as `syncd serve` would at start (stop the server first). Exit 2: refused; "
-        "1: a named query stops compiling; 0: fine.",
+        "recorded as `syncd serve` would at start (stop the server first). With --postgres DSN "
+        "the journal is the one replicas share: a dry run only reads it; applied, it takes the "
+        "lease and is refused while a replica leads. Exit 2: refused; 1: a named query stops "
+        "compiling; 0: fine.",
     )
     migrate.add_argument("module", metavar="MODULE")
-    migrate.add_argument("--data", default=os.environ.get("SYNCD_DATA", "syncd-data"))
+    where = migrate.add_mutually_exclusive_group()
+    where.add_argument("--data", default=os.environ.get("SYNCD_DATA", "syncd-data"))
+    where.add_argument(
+        "--postgres",
+        metavar="DSN",
+        default=None,
+        help="the Postgres journal of --postgres replicas instead of a data directory",
+    )
     migrate.add_argument("--dry-run", action="store_true", help="plan on a copy; write nothing")
     migrate.add_argument(
         "--query", action="append", metavar="SQL", help="a query to check (repeatable)"

@@ -131,6 +131,7 @@ class CloseCode(IntEnum):
     REAUTHENTICATE = 4002
     LEADER_CHANGED = 4003
     SERVER_FULL = 4004
+    SCHEMA_CHANGED = 4005
     # Terminal range: the client must not reconnect as it is.
     UNAUTHORIZED = 4500
     FORBIDDEN = 4501

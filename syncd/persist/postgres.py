@@ -76,6 +76,7 @@ __all__ = [
     "SNAPSHOT_CHUNK",
     "PostgresJournal",
     "PostgresLease",
+    "has_journal",
     "migrate",
 ]
 
@@ -242,6 +243,22 @@ async def migrate(conn: Any) -> None:
                 await conn.execute(statement)
         if version < SCHEMA_VERSION:
             await conn.execute("UPDATE syncd_schema_version SET version = $1", SCHEMA_VERSION)
+
+
+async def has_journal(dsn: str, *, connect_timeout: float = 2.0) -> bool:
+    """Whether the database holds syncd's journal tables, without creating them (opening a
+    `PostgresJournal` creates them).
+
+    Raises:
+        JournalError: the database cannot be reached.
+    """
+    with _map_errors("cannot reach the database"):
+        conn = await asyncpg.connect(dsn, timeout=connect_timeout)
+        try:
+            found = await conn.fetchval("SELECT to_regclass('syncd_journal') IS NOT NULL")
+        finally:
+            await conn.close()
+    return bool(found)
 
 
 # ---------------------------------------------------------------------------------------------

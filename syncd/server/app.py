@@ -89,6 +89,7 @@ from syncd.server.limits import Limiter, SharedRateLimiter
 from syncd.server.loader import load_module_schema
 from syncd.server.replica import Replica
 from syncd.server.schema_check import SchemaCheck, check_schema, record_migration
+from syncd.server.schema_gate import GateState, SchemaGate, open_gate
 
 logger = logging.getLogger("syncd")
 
@@ -100,6 +101,8 @@ APPLY_TIMEOUT_S = 10.0
 # Shortest time between two computations of /readyz?state=1's hash (it reads every row).
 STATE_HASH_INTERVAL_S = 0.5
 ANON_SECRET_KEY = "anonymous_token_secret"
+# The close reason (4005) for clients of a replica whose module is not the stored schema's.
+SCHEMA_CHANGED_REASON = "this replica does not serve the stored schema; reconnect to another"
 # File descriptors kept free of connections: the journal, key store, listening socket, HTTP.
 FD_RESERVE = 128
 _json = msgspec.json.Encoder()
@@ -181,6 +184,8 @@ class Server:
         # Built by start(). `leader` is None on a replica that does not lead.
         self.leader: Leader | None = None
         self.cluster: Cluster | None = None
+        # Replicas: this module against the stored schema (serve, wait to migrate, or stop).
+        self.gate: SchemaGate | None = None
         # Prefix of this database's Redis channels and keys (replicas with --redis).
         self.redis_scope = "syncd:"
         self.replica: Replica
@@ -223,6 +228,8 @@ class Server:
             config.limits.control_per_second, 2 * config.limits.control_per_second
         )
         self._snapshot_task: asyncio.Task[None] | None = None
+        # Closes the broker of a replica that stopped serving (`_schema_changed`).
+        self._broker_closing: asyncio.Task[None] | None = None
         # Closes connections whose API key gets revoked.
         self._revocations: asyncio.Task[None] | None = None
         # Ids of the API keys this process has seen revoked (a revocation is forever; the set
@@ -333,11 +340,32 @@ class Server:
         assert dsn is not None
         journal = self.journal
         await journal.open()
-        store = await recover_store(self.schema, journal)
+        try:
+            # Refused -> SchemaMismatch (exit, as embedded). Older than the stored schema, or
+            # newer (waiting to migrate as leader): started, but not serving (schema_gate).
+            self.gate = gate = await open_gate(self.schema, journal, adopt=self.config.adopt_schema)
+            self.schema = gate.schema
+            if gate.state == "stopped":
+                store = Store(self.schema)  # reads nothing: newer entries do not read here
+            else:
+                try:
+                    store = await recover_store(self.schema, journal)
+                except ValueError as exc:
+                    raise SchemaMismatch(
+                        f"the stored data does not read under module "
+                        f"{self.schema.module_name!r} (nothing was written): {exc}"
+                    ) from None
+        except BaseException:
+            await journal.aclose()
+            raise
+        if gate.state != "serving":
+            logger.warning("not serving yet: %s", gate.reason)
         self._last_snapshot = store.offset
         self.replica = Replica(
             self.schema, store, journal, epoch=Epoch(journal.epoch), limits=self.config.limits
         )
+        if gate.state == "stopped":
+            self.replica.halt(gate.reason)
         if cfg.redis_url:
             from syncd.fanout.redis import RedisBroker
 
@@ -374,12 +402,36 @@ class Server:
             server_identity=SERVER_IDENTITY,
             live_connections=lambda: {c.connection_id for c in self.connections},
             meta_defaults={ANON_SECRET_KEY: new_secret},
+            gate=gate,
         )
         cluster.on_leader_change = leader_changed
+        self.replica.on_schema_event = cluster.schema_event
+        gate.on_change = self._schema_changed
         await cluster.beat()
         cluster.start()
         secret = await cluster.wait_for_meta(ANON_SECRET_KEY, within_s=60)
         await self._start_auth(secret)
+
+    def _schema_changed(self, state: GateState) -> None:
+        """The gate's state changed (see `server.schema_gate`). Stopped: apply nothing more,
+        send every client elsewhere (4005: reconnect to another replica and resume), and stop
+        receiving transactions this replica cannot read."""
+        if state != "stopped":
+            return
+        assert self.gate is not None
+        self.replica.halt(self.gate.reason)
+        for conn in list(self.connections):
+            conn.close(CloseCode.SCHEMA_CHANGED, SCHEMA_CHANGED_REASON)
+        self._broker_closing = asyncio.get_running_loop().create_task(self.broker.aclose())
+
+    def not_serving(self) -> str | None:
+        """Why this replica serves no client now (its module is not the stored schema's, or
+        it halted), or None when it serves."""
+        gate = self.gate
+        if gate is not None and not gate.may_serve:
+            return gate.reason
+        replica = getattr(self, "replica", None)
+        return None if replica is None else replica.halted
 
     def _share_limits(self, redis_url: str) -> None:
         """One budget per identity across replicas (see `server.limits`)."""
@@ -587,6 +639,17 @@ class Server:
             )
             return
         fmt = format_for_subprotocol(chosen) or "msgpack"
+        why = self.not_serving()
+        if why is not None:
+            await _turn_away(
+                websocket,
+                chosen,
+                fmt,
+                CloseCode.SCHEMA_CHANGED,
+                ErrorCode.UNAVAILABLE,
+                f"this replica serves no client now: {why}",
+            )
+            return
         address = self.client_address(websocket)
         cap = self.max_connections
         if cap and len(self.connections) >= cap:
@@ -676,6 +739,7 @@ class Server:
             # A replica serves subscriptions from memory; it is ready while it can follow the
             # journal (calls need a leader somewhere, which the replica cannot vouch for).
             ready = cluster.journal_reachable if leader is None else leader.ready
+            ready = ready and self.not_serving() is None
         if not self.started:
             lag = None
         elif cluster is not None:
@@ -707,6 +771,12 @@ class Server:
                 self._state_hash = (offset, digest, time.monotonic())
             body["state_hash"] = digest
             body["state_offset"] = offset
+        if self.gate is not None:
+            body["schema_version"] = self.gate.version
+            body["schema_state"] = self.gate.state
+            why = self.not_serving()
+            if why is not None:
+                body["reason"] = why
         if cluster is not None:
             body["term"] = cluster.term
             body["leader"] = cluster.address if leader is not None else cluster.leader_address
@@ -786,7 +856,7 @@ class Server:
 
     async def schema_endpoint(self, request: Request) -> Response:
         described = self.schema.describe()
-        # None on --postgres replicas, which do not check stored schemas yet (issue 11).
+        # This module's stored schema version (a replica's, even while it waits to migrate).
         described["schema_version"] = self.schema.stored_version
         described["tables"] = [t for t in described["tables"] if t["public"]]
         described["reducers"] = [r for r in described["reducers"] if r["lifecycle"] is None]
@@ -812,6 +882,9 @@ class Server:
             return _error(ErrorCode.UNAVAILABLE, "the key store is unavailable; retry", 503)
 
     async def sql(self, request: Request) -> Response:
+        why = self.not_serving()
+        if why is not None:
+            return _error(ErrorCode.UNAVAILABLE, f"this replica serves no client now: {why}", 503)
         got = await self._body_and_caller(request)
         if isinstance(got, Response):
             return got
@@ -880,6 +953,9 @@ class Server:
         return b"".join(chunks)
 
     async def call(self, request: Request) -> Response:
+        why = self.not_serving()
+        if why is not None:
+            return _error(ErrorCode.UNAVAILABLE, f"this replica serves no client now: {why}", 503)
         got = await self._body_and_caller(request)
         if isinstance(got, Response):
             return got

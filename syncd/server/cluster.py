@@ -42,6 +42,7 @@ from syncd.server.leader import Leader
 
 if TYPE_CHECKING:
     from syncd.server.replica import Replica
+    from syncd.server.schema_gate import SchemaGate
 
 logger = logging.getLogger("syncd.cluster")
 
@@ -70,6 +71,7 @@ class Cluster:
         server_identity: Identity,
         live_connections: Callable[[], set[str]],
         meta_defaults: dict[str, Callable[[], bytes]] | None = None,
+        gate: SchemaGate | None = None,
     ) -> None:
         self.config = config
         self.instance = instance
@@ -107,6 +109,12 @@ class Cluster:
         self._became_leader = asyncio.Event()
         self.on_leader_change: Callable[[Leader | None], None] = lambda _: None
         self.stopping = False
+        # This replica's module against the stored schema: whether it may lead, and what it
+        # records first when it does (`server.schema_gate`). None: not checked.
+        self.gate = gate
+        # Set when the stored schema may have changed (a migration transaction applied, an
+        # entry that does not read): the election loop re-reads it without waiting a poll.
+        self._schema_event = asyncio.Event()
 
     # -- roles ----------------------------------------------------------------------------------
 
@@ -187,21 +195,37 @@ class Cluster:
 
     # -- election -------------------------------------------------------------------------------
 
+    def schema_event(self) -> None:
+        """The stored schema may have changed: re-read it now (see `_schema_event`)."""
+        self._schema_event.set()
+
+    async def _judge_schema(self) -> bool:
+        """Re-read the stored schema (a follower's); whether this replica may campaign."""
+        gate = self.gate
+        if gate is None:
+            return True
+        with contextlib.suppress(JournalError):
+            await gate.refresh(self.reader)
+        return gate.may_lead
+
     async def _election(self) -> None:
         poll = self.config.lease_poll_s
         while True:
             if self.leader is None:
-                try:
-                    term = await self.lease.try_acquire(self.instance, self.address)
-                except JournalError as exc:
-                    logger.debug("lease: %s", exc)
-                    term = None
-                if term is not None:
+                # A replica whose module is older than the stored schema never campaigns:
+                # as leader it would write under a schema that is not the data's.
+                if await self._judge_schema():
                     try:
-                        await self._become_leader(term)
-                    except Exception as exc:  # whatever failed, give the lease back cleanly
-                        logger.warning("taking over as leader (term %d) failed: %s", term, exc)
-                        await self._step_down(f"take-over failed: {exc}")
+                        term = await self.lease.try_acquire(self.instance, self.address)
+                    except JournalError as exc:
+                        logger.debug("lease: %s", exc)
+                        term = None
+                    if term is not None:
+                        try:
+                            await self._become_leader(term)
+                        except Exception as exc:  # whatever failed, give the lease back
+                            logger.warning("taking over as leader (term %d) failed: %s", term, exc)
+                            await self._step_down(f"take-over failed: {exc}")
             else:
                 reason = None
                 if self.leader.failed is not None:
@@ -210,7 +234,9 @@ class Cluster:
                     reason = "the lease was lost"
                 if reason is not None:
                     await self._step_down(reason)
-            await asyncio.sleep(poll)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._schema_event.wait(), poll)
+            self._schema_event.clear()
 
     async def _become_leader(self, term: int) -> None:
         writer = self._open_writer(term)
@@ -225,6 +251,15 @@ class Cluster:
             await self.replica.catch_up()
             if self.replica.offset == before:
                 raise JournalError(f"cannot read the journal past offset {before} (head {head})")
+        if self.gate is not None:
+            # Before leading: record this replica's schema version if it is newer (or none is
+            # stored), and the migration transaction after the head, fenced by the term.
+            migrated = await self.gate.lead(writer, self.replica.store, self._now_us())
+            if migrated is not None:
+                await self.replica.catch_up()
+                if self.replica.offset != migrated:
+                    raise JournalError(f"cannot read the migration transaction at {migrated}")
+                head = migrated
         self.head = head
         for key, make in self._meta_defaults.items():
             if await writer.get_meta(key) is None:
@@ -287,14 +322,16 @@ class Cluster:
             try:
                 self.head = max(self.head, await self.reader.latest_offset())
                 self.journal_reachable = True
-                if self.head > self.replica.offset and self.leader is None:
+                following = self.leader is None and self.replica.halted is None
+                if self.head > self.replica.offset and following:
                     await self.replica.catch_up()
             except JournalError as exc:
                 if self.journal_reachable:
                     logger.warning("reading the journal head failed: %s", exc)
                 self.journal_reachable = False
             except LookupError:
-                await self._reload()
+                if self.replica.halted is None:
+                    await self._reload()
 
     async def _reload(self) -> None:
         """Fell behind the journal's retention: reload from the latest snapshot."""

@@ -23,11 +23,13 @@ from pathlib import Path
 from syncd.core.ids import Offset
 from syncd.core.query import compile_query
 from syncd.core.schema import Schema
-from syncd.errors import ConfigError, SubscriptionError
+from syncd.errors import ConfigError, SchemaMismatch, SubscriptionError
 from syncd.persist.sqlite import DEFAULT_FILENAME, SqliteJournal
+from syncd.ports import Journal
 from syncd.server.app import recover_checked
 from syncd.server.backup import copy_sqlite
 from syncd.server.schema_check import record_migration
+from syncd.server.schema_gate import open_gate
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,35 +92,91 @@ async def migrate(
         return await _run(schema, copy, queries or [], adopt_schema, False, now_us)
 
 
+async def migrate_postgres(
+    schema: Schema,
+    dsn: str,
+    *,
+    dry_run: bool,
+    queries: list[str] | None = None,
+    adopt_schema: bool = False,
+    now_us: int = 0,
+) -> MigrationReport:
+    """Plan (and unless `dry_run`, apply) the module's migration of a Postgres journal (the
+    one `--postgres` replicas share).
+
+    A dry run reads through a read-only journal and computes in memory: nothing is written.
+    Applied, it takes the lease first, so it writes like a leader would (fenced by the term)
+    and never beside one: while a replica leads it is refused (a replica running the new
+    module migrates when it takes over: docs/operations.md, "Changing a module").
+
+    Raises:
+        ConfigError: the database holds no syncd journal, or (applied) a leader holds the lease.
+        SchemaMismatch: the change is refused, or the module is an earlier stored version.
+        JournalError: the database cannot be read (or written).
+    """
+    from syncd.persist.postgres import PostgresJournal, PostgresLease, has_journal
+
+    if not await has_journal(dsn):
+        raise ConfigError("the database holds no syncd journal (no syncd_journal table)")
+    sqls = queries or []
+    if dry_run:
+        async with PostgresJournal(dsn) as journal:  # read-only: append raises
+            return await _report(schema, journal, sqls, adopt_schema, False, now_us)
+    lease = PostgresLease(dsn)
+    try:
+        term = await lease.try_acquire("syncd-migrate", "")
+        if term is None:
+            info = await lease.current()
+            holder = "a replica" if info is None else f"{info.holder} at {info.address}"
+            raise ConfigError(
+                f"a leader holds the lease ({holder}): nothing was written. Start the new "
+                "module on the replicas one by one instead (the first to lead migrates), or "
+                "stop every replica and run this again (docs/operations.md, 'Changing a module')"
+            )
+        async with PostgresJournal(dsn, term=term) as journal:
+            return await _report(schema, journal, sqls, adopt_schema, True, now_us)
+    finally:
+        await lease.aclose()
+
+
 async def _run(
     schema: Schema, path: Path, sqls: list[str], adopt: bool, apply: bool, now_us: int
 ) -> MigrationReport:
     async with SqliteJournal(path) as journal:
-        check, store = await recover_checked(schema, journal, adopt=adopt)
-        plan = check.plan
-        if plan is None:
-            kind, diff, before = "new", "no stored schema yet: recorded as version 1", 0
-        else:
-            kind, diff, before = plan.kind, plan.diff(), plan.stored.version
-        rows = {
-            name: len(state.rows)
-            for name, state in store.tables.items()
-            if not name.startswith("syncd_")
-        }
-        checks = [_compiles(sql, check.schema) for sql in sqls]
-        applied = None
-        if apply:
-            offset = await record_migration(check, journal, Offset(store.offset), now_us)
-            applied = None if offset is None else int(offset)
-        return MigrationReport(
-            kind=kind,
-            diff=diff,
-            version_from=before,
-            version_to=check.schema.version,
-            rows=rows,
-            queries=checks,
-            applied_offset=applied,
-        )
+        return await _report(schema, journal, sqls, adopt, apply, now_us)
+
+
+async def _report(
+    schema: Schema, journal: Journal, sqls: list[str], adopt: bool, apply: bool, now_us: int
+) -> MigrationReport:
+    gate = await open_gate(schema, journal, adopt=adopt)
+    if gate.state == "stopped":  # an earlier stored version: it would migrate back
+        raise SchemaMismatch(f"module {schema.module_name!r}: {gate.reason}")
+    check, store = await recover_checked(schema, journal, adopt=adopt)
+    plan = check.plan
+    if plan is None:
+        kind, diff, before = "new", "no stored schema yet: recorded as version 1", 0
+    else:
+        kind, diff, before = plan.kind, plan.diff(), plan.stored.version
+    rows = {
+        name: len(state.rows)
+        for name, state in store.tables.items()
+        if not name.startswith("syncd_")
+    }
+    checks = [_compiles(sql, check.schema) for sql in sqls]
+    applied = None
+    if apply:
+        offset = await record_migration(check, journal, Offset(store.offset), now_us)
+        applied = None if offset is None else int(offset)
+    return MigrationReport(
+        kind=kind,
+        diff=diff,
+        version_from=before,
+        version_to=check.schema.version,
+        rows=rows,
+        queries=checks,
+        applied_offset=applied,
+    )
 
 
 def _compiles(sql: str, schema: Schema) -> QueryCheck:

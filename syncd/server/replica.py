@@ -16,6 +16,7 @@ import asyncio
 import heapq
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -142,6 +143,12 @@ class Replica:
         # Every open connection (welcomed), and how many each identity has.
         self.connections: set[Connection] = set()
         self.per_identity: dict[str, int] = {}
+        # Why this replica applies nothing more (a journal entry it cannot read, or a stored
+        # schema its module does not follow: `server.schema_gate`); None while it follows.
+        self.halted: str | None = None
+        # Called after a schema migration transaction is applied, and when an entry does not
+        # read (a newer schema version?): the owner re-reads the stored schema.
+        self.on_schema_event: Callable[[], None] = lambda: None
 
     # -- applying transactions ---------------------------------------------------------------
 
@@ -151,7 +158,7 @@ class Replica:
 
     def on_tx(self, tx: Tx) -> None:
         """Take a committed transaction from the broker (any order, possibly duplicated)."""
-        if tx.offset <= self.store.offset:
+        if self.halted is not None or tx.offset <= self.store.offset:
             return
         if tx.offset > self.store.offset + 1:
             self._early[tx.offset] = tx
@@ -178,7 +185,10 @@ class Replica:
                     continue
                 for offset, payload in entries:
                     if offset == self.store.offset + 1:
-                        self.on_tx(decode_tx(self.schema, payload))
+                        tx = self._decode(offset, payload)
+                        if tx is None:
+                            return
+                        self.on_tx(tx)
         except (JournalError, LookupError):
             logger.exception("filling the gap after offset %d failed", self.store.offset)
         finally:
@@ -186,12 +196,36 @@ class Replica:
 
     async def catch_up(self) -> None:
         """Apply everything the journal holds beyond our offset."""
-        while True:
+        while self.halted is None:
             entries = await self.journal.read(self.offset, READ_CHUNK)
             if not entries:
                 return
-            for _, payload in entries:
-                self.on_tx(decode_tx(self.schema, payload))
+            for offset, payload in entries:
+                tx = self._decode(offset, payload)
+                if tx is None:
+                    return
+                self.on_tx(tx)
+
+    def _decode(self, offset: Offset, payload: bytes) -> Tx | None:
+        """The entry at `offset`, or None (and the replica halts) when it does not read under
+        this replica's schema: a newer version written by a newer module, most likely. The
+        owner re-reads the stored schema to say why; applying past it would corrupt state."""
+        try:
+            return decode_tx(self.schema, payload)
+        except ValueError as exc:
+            if self.halted is None:
+                self.halted = (
+                    f"the journal entry at offset {offset} does not read under this replica's "
+                    f"schema (version {self.schema.version}): {exc}"
+                )
+                logger.error("replica halted: %s", self.halted)
+                self.on_schema_event()
+            return None
+
+    def halt(self, reason: str) -> None:
+        """Apply nothing more (see `halted`)."""
+        if self.halted is None:
+            self.halted = reason
 
     def reload(self, snap: snapshot.Snapshot) -> None:
         """Start over from a snapshot (this replica fell behind what the journal retains).
@@ -209,6 +243,8 @@ class Replica:
     def _apply(self, tx: Tx) -> None:
         self.store.apply(tx.changes, tx.offset)
         self.window.append(tx)
+        if is_migration(tx):
+            self.on_schema_event()
         if self._key_groups:
             try:
                 index = self.index
