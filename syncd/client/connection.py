@@ -727,6 +727,10 @@ class Connection:
                 if not self.reconnect or not should_reconnect(code):
                     self._finish(code, reason)
                     return
+                if code == CloseCode.SCHEMA_CHANGED:
+                    # That replica serves no client now (its module is not the stored
+                    # schema's): resume on the next one first.
+                    self._next_endpoint()
                 ws = await self._reconnect_loop()
         except asyncio.CancelledError:
             raise

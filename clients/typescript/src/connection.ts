@@ -950,8 +950,10 @@ export class SyncdClient {
       this.finish(new ConnectionError("the client was closed", { closeCode: code, reason }));
       return;
     }
-    // An attempt that never got its Welcome moves on to the next replica's URL.
-    if (!welcomed && this.urls.length > 1) this.urlIndex = (this.urlIndex + 1) % this.urls.length;
+    // An attempt that never got its Welcome moves on to the next replica's URL, and so does a
+    // connection closed with SCHEMA_CHANGED (that replica serves no client now).
+    const moveOn = !welcomed || code === CloseCode.SCHEMA_CHANGED;
+    if (moveOn && this.urls.length > 1) this.urlIndex = (this.urlIndex + 1) % this.urls.length;
     let again = false;
     if (this.firstWelcome !== null) {
       // The first connection failed: try the other replicas, then connect() rejects.
