@@ -637,34 +637,3 @@ def row_problem(tdef: TableDef, state: Any) -> str | None:
         except (TypeError, ValueError, AssertionError) as exc:
             return f"a row of {tdef.name}: column {col.name} holds {cell!r}: {exc}"
     return None
-
-
-# -- between two stored versions --------------------------------------------------------------
-
-
-def changes_between(old: StoredSchema, new: StoredSchema) -> tuple[Change, ...]:
-    """What changed from stored version `old` to `new` (both already stored), for telling a
-    replica that runs `old` what it misses. Pure; the `automatic` flags are as `plan` would
-    have judged the change."""
-    changes: list[Change] = []
-    for table in old.tables:
-        after = new.table(table.name)
-        if after is None:
-            changes.append(Change(f"table {table.name} dropped", False, "it was dropped"))
-        else:
-            changes.extend(_table_changes(table, after))
-    changes.extend(
-        Change(f"table {t.name} added", True) for t in new.tables if old.table(t.name) is None
-    )
-    before = {r.name: r.description for r in old.reducers}
-    after_reducers = {r.name: r.description for r in new.reducers}
-    for name in sorted(before.keys() - after_reducers.keys()):
-        changes.append(Change(f"reducer {name} removed", True))
-    for name, desc in after_reducers.items():
-        if name not in before:
-            changes.append(Change(f"reducer {name} added", True))
-        elif before[name] != desc:
-            changes.append(Change(f"reducer {name} changed", True))
-    if old.presence != new.presence:
-        changes.append(Change("the presence visibility rule changed", True))
-    return tuple(changes)
