@@ -12,12 +12,14 @@ Supported::
     SELECT * FROM t [WHERE cond]
     SELECT t.* FROM t JOIN u ON t.a = u.b [WHERE cond]      -- a semijoin: rows of t only
 
-`cond` is built from `=`, `<>`/`!=`, `<`, `<=`, `>`, `>=`, `IN (...)`, `IS [NOT] NULL`, `AND`,
-`OR`, `NOT`, a boolean column, and operands that are columns, literals (integers, floats,
-strings, TRUE/FALSE, NULL) or named parameters (`:sender`, `:name`). In the join form, `cond` may
-use columns of both tables, and `t` is in the result when *some* row of `u` with `u.b = t.a`
-makes `cond` true. Both join columns must be served by the primary key or an index. Anything
-else raises `SubscriptionError` naming the part that is not supported.
+`cond` is built from `=`, `<>`/`!=`, `<`, `<=`, `>`, `>=`, `IN (...)`, `IS [NOT] NULL`,
+`[NOT] BETWEEN a AND b` (the same as `>= a AND <= b`), `[NOT] LIKE` / `ILIKE 'pattern'
+[ESCAPE 'c']` (see `syncd.core.like`), `AND`, `OR`, `NOT`, a boolean column, and operands
+that are columns, literals (integers, floats, strings, TRUE/FALSE, NULL) or named parameters
+(`:sender`, `:name`). In the join form, `cond` may use columns of both tables, and `t` is in
+the result when *some* row of `u` with `u.b = t.a` makes `cond` true. Both join columns
+must be served by the primary key or an index. Anything else raises `SubscriptionError`
+naming the part that is not supported.
 
 Semantics follow SQL: conditions compare *visible* values (an enum's string value, an LWW
 register's value, a counter's total), NULL compares as unknown (`a = NULL` is never true; use
@@ -28,6 +30,7 @@ column name with capitals: `"roomId"`.
 
 from __future__ import annotations
 
+import difflib
 import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -38,8 +41,9 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ParseError, SqlglotError
 
+from syncd.core.like import DEFAULT_ESCAPE, LikePattern, PatternError
 from syncd.core.schema import Schema, TableDef
-from syncd.core.store import Row, Store
+from syncd.core.store import OrderedIndex, Row, Store
 from syncd.core.values import (
     BoolType,
     ColumnType,
@@ -67,6 +71,7 @@ __all__ = [
     "InList",
     "IsNull",
     "Join",
+    "Like",
     "Not",
     "Or",
     "Param",
@@ -155,6 +160,20 @@ class IsNull:
 
 
 @dataclass(frozen=True, slots=True)
+class Like:
+    """`column [I]LIKE pattern [ESCAPE 'c']` (`NOT LIKE` is `Not(Like(...))`).
+
+    `pattern` is a string `Const` (None: NULL, never matches) or a `Param`; `escape` is ""
+    for none. `ignore_case` is ILIKE (both sides lower-cased).
+    """
+
+    column: Col
+    pattern: Value
+    escape: str
+    ignore_case: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Truth:
     """A boolean column, or TRUE/FALSE, used as a condition on its own."""
 
@@ -176,7 +195,7 @@ class Or:
     terms: tuple[Cond, ...]
 
 
-Cond = Compare | InList | IsNull | Truth | Not | And | Or
+Cond = Compare | InList | IsNull | Like | Truth | Not | And | Or
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +296,97 @@ class Query:
             raise SubscriptionError(f"parameter {names} has no value")
         where = None if self.where is None else _substitute(self.where, values)
         return BoundQuery(self, where)
+
+
+@dataclass(frozen=True, slots=True)
+class RangeScan:
+    """A range of an ordered index: where a query's rows can be read from (see
+    `BoundQuery.range_source`). Bounds are on the index's first column; a missing lower
+    bound still skips NULLs (no comparison or LIKE is true of NULL)."""
+
+    index: OrderedIndex = field(repr=False)
+    column: str
+    lo: object
+    hi: object
+    include_lo: bool
+    include_hi: bool
+    has_lo: bool
+    has_hi: bool
+    #: How many index entries the range holds.
+    count: int
+
+    @classmethod
+    def of(cls, index: OrderedIndex, column: str, bounds: list[tuple[str, object]]) -> RangeScan:
+        """The range of `index` that the (op, value) bounds on its first column allow."""
+        lo: object = None
+        hi: object = None
+        include_lo = include_hi = has_lo = has_hi = False
+        for op, value in bounds:
+            if op in (">", ">="):
+                if not has_lo or _greater(value, lo):
+                    lo, include_lo, has_lo = value, op == ">=", True
+                elif value == lo and op == ">":
+                    include_lo = False
+            elif not has_hi or _greater(hi, value):
+                hi, include_hi, has_hi = value, op == "<=", True
+            elif value == hi and op == "<":
+                include_hi = False
+        empty = (
+            has_lo
+            and has_hi
+            and (_greater(lo, hi) or (lo == hi and not (include_lo and include_hi)))
+        )
+        scan = cls(index, column, lo, hi, include_lo, include_hi, has_lo, has_hi, 0)
+        if empty:
+            return scan
+        start, stop = scan._span()
+        return cls(index, column, lo, hi, include_lo, include_hi, has_lo, has_hi, stop - start)
+
+    def _span(self) -> tuple[int, int]:
+        single = len(self.index.idef.columns) == 1
+        lo = self.lo if single else (self.lo,)
+        hi = self.hi if single else (self.hi,)
+        # Without a lower bound, start after the NULLs (they sort first).
+        return self.index.span(
+            lo,
+            hi,
+            include_lo=self.include_lo and self.has_lo,
+            include_hi=self.include_hi,
+            has_lo=True,
+            has_hi=self.has_hi,
+        )
+
+    def pks(self) -> list[Any]:
+        """The primary keys in the range, in index order."""
+        if self.count == 0:
+            return []
+        start, stop = self._span()
+        entries = self.index.sorted
+        return [entries[i][1] for i in range(start, stop)]
+
+    def describe(self) -> str:
+        """The range in SQL words, for EXPLAIN."""
+        parts = []
+        if self.has_lo:
+            parts.append(f"{self.column} {'>=' if self.include_lo else '>'} {self.lo!r}")
+        else:
+            parts.append(f"{self.column} IS NOT NULL")
+        if self.has_hi:
+            parts.append(f"{self.column} {'<=' if self.include_hi else '<'} {self.hi!r}")
+        return " AND ".join(parts)
+
+
+def _greater(a: object, b: object) -> bool:
+    # a > b for values of one column (numbers, strings, booleans, bytes).
+    return bool(a > b)  # type: ignore[operator]
+
+
+def _after_prefix(prefix: str) -> str | None:
+    """The least string greater than every string starting with `prefix` (None: none)."""
+    stripped = prefix.rstrip("\U0010ffff")
+    if not stripped:
+        return None
+    return stripped[:-1] + chr(ord(stripped[-1]) + 1)
 
 
 class BoundQuery:
@@ -386,6 +496,66 @@ class BoundQuery:
             out.append((col.position, values))
         return out
 
+    def prefixes(self, side: int) -> list[tuple[int, str]]:
+        """Top-level conjuncts `column LIKE 'abc...'` (case-sensitive, a literal prefix before
+        any wildcard) on one side: (column position, prefix). A row whose column does not
+        start with the prefix can never make the condition true. Used for routing."""
+        out: list[tuple[int, str]] = []
+        for term in _conjuncts(self.where):
+            if (
+                isinstance(term, Like)
+                and not term.ignore_case
+                and term.column.side == side
+                and isinstance(term.pattern, Const)
+                and isinstance(term.pattern.value, str)
+            ):
+                prefix = LikePattern.compile(term.pattern.value, term.escape).prefix
+                if prefix:
+                    out.append((term.column.position, prefix))
+        return out
+
+    def range_source(self, store: Store) -> RangeScan | None:
+        """The narrowest range of an ordered index (its first column) that holds every row of
+        the result, from top-level `<`, `<=`, `>`, `>=` (and so BETWEEN) and LIKE-prefix
+        conjuncts on the result table; None if no ordered index serves one. Its `count` comes
+        from the index (O(log n)), so choosing it reads no rows."""
+        bounds: dict[int, list[tuple[str, object]]] = {}
+        for term in _conjuncts(self.where):
+            if (
+                isinstance(term, Compare)
+                and term.op in ("<", "<=", ">", ">=")
+                and term.left.side == 0
+                and isinstance(term.right, Const)
+                and term.right.value is not None
+            ):
+                bounds.setdefault(term.left.position, []).append((term.op, term.right.value))
+        for position, prefix in self.prefixes(0):
+            bounds.setdefault(position, []).append((">=", prefix))
+            upper = _after_prefix(prefix)
+            if upper is not None:
+                bounds[position].append(("<", upper))
+        if not bounds:
+            return None
+        tdef = self._tdef
+        state = store.tables[tdef.name]
+        best: RangeScan | None = None
+        for position, found in bounds.items():
+            name = tdef.columns[position].name
+            index = next(
+                (
+                    ix
+                    for ix in state.indexes.values()
+                    if isinstance(ix, OrderedIndex) and ix.idef.columns[0] == name
+                ),
+                None,
+            )
+            if index is None:
+                continue
+            scan = RangeScan.of(index, name, found)
+            if best is None or scan.count < best.count:
+                best = scan
+        return best
+
     def matches(self, row: Row, state: RowSource | None = None) -> bool:
         """True when `row` (stored form, of `self.table`) is in the result at `state`.
 
@@ -481,14 +651,28 @@ class BoundQuery:
         """
         view = StoreView(store)
         candidates: Iterable[Row] | None = None
-        source = self.candidate_source(store)
-        if source is not None:
+        source, ranged = self.access(store)
+        if ranged is not None:
+            rows_by_pk = store.tables[self.table].rows
+            candidates = [rows_by_pk[pk] for pk in ranged.pks()]
+        elif source is not None:
             side, name, values, _ = source
             rows = self._lookup(side, name, values, store)
             candidates = rows if side == 0 else self._partners_of(rows, store)
         if candidates is None:
             candidates = store.tables[self.table].rows.values()
         return [row for row in candidates if self.contains(row, view)]
+
+    def access(
+        self, store: Store
+    ) -> tuple[tuple[int, str, tuple[object, ...], int] | None, RangeScan | None]:
+        """How `initial_rows` finds candidates: (equality source, None), (None, range) when
+        an ordered index range finds fewer rows than any equality, or (None, None): a scan."""
+        source = self.candidate_source(store)
+        ranged = self.range_source(store)
+        if ranged is not None and (source is None or ranged.count < source[3]):
+            return None, ranged
+        return source, None
 
     def candidate_source(self, store: Store) -> tuple[int, str, tuple[object, ...], int] | None:
         """Where `initial_rows` takes its candidates from: (side, indexed column, values,
@@ -566,8 +750,13 @@ def query_cost(query: BoundQuery, store: Store, *, limit: int = 0) -> int:
     values: dict[object, int] | None = None  # join value -> candidates holding it
     rows: Iterable[Row] | None = None
     count = 0
-    source = query.candidate_source(store)
-    if source is not None and source[0] == 0:
+    source, ranged = query.access(store)
+    if ranged is not None:
+        count = ranged.count
+        if join is not None:
+            by_pk = state.rows
+            rows = (by_pk[pk] for pk in ranged.pks())
+    elif source is not None and source[0] == 0:
         _, name, keys, count = source
         if join is not None:
             rows = (row for value in keys for row in state.lookup(name, value))
@@ -637,7 +826,7 @@ def _at_most_one(udef: TableDef, join: Join | None) -> bool:
 
 
 def compile_query(sql: str, schema: Schema, *, name_private: bool = False) -> Query:
-    """Parse and check a subscription query.
+    """Parse and check a subscription query (one-off queries: `syncd.core.oneoff`).
 
     Args:
         sql: one SELECT statement (see the module docstring for what is supported).
@@ -848,9 +1037,13 @@ _FLIPPED: dict[Op, Op] = {"=": "=", "<>": "<>", "<": ">", "<=": ">=", ">": "<", 
 
 
 class _Compiler:
-    def __init__(self, sql: str, schema: Schema, *, name_private: bool = False) -> None:
+    def __init__(
+        self, sql: str, schema: Schema, *, name_private: bool = False, what: str = "subscription"
+    ) -> None:
         self.sql = sql
         self.schema = schema
+        # What the query is, in refusals: "subscription", "a one-off query" or "a rule".
+        self.what = what
         # Whether a private table is named as such (rules) or as unknown (clients).
         self.name_private = name_private
         # name or alias (as written, case-folded) -> table; filled from FROM and JOIN
@@ -877,11 +1070,14 @@ class _Compiler:
     # -- statement --------------------------------------------------------------------------
 
     def compile(self) -> Query:
-        select = self.parse()
+        return self.compile_select(parse_select(self.sql))
+
+    def compile_select(self, select: Any) -> Query:
+        """Check a parsed SELECT (a one-off query's, with its one-off-only parts taken out)."""
         for name, value in select.args.items():
             if name not in _SELECT_ARGS and value:
                 clause = _CLAUSES.get(name, name.upper())
-                raise self.fail(f"{clause} is not supported in a subscription query", value)
+                raise self.fail(self.clause_refusal(clause), value)
         source = select.args.get("from_") or select.args.get("from")
         if source is None:
             raise self.fail("the query needs FROM <table>")
@@ -915,42 +1111,26 @@ class _Compiler:
         key = _select_sql(result.name, join) + (f" WHERE {template}" if template else "")
         return Query(result.name, join, where, frozenset(self.params), key, self.schema)
 
-    def parse(self) -> Any:
-        try:
-            statements = sqlglot.parse(self.sql)
-        except ParseError as exc:
-            first = exc.errors[0] if exc.errors else {}
-            raise SubscriptionError(
-                f"cannot parse the query: {first.get('description', exc)}",
-                position=self.parse_error_position(first),
-            ) from None
-        except SqlglotError as exc:
-            raise SubscriptionError(f"cannot parse the query: {exc}") from None
-        found: list[Any] = [s for s in statements if s is not None]
-        if len(found) != 1:
-            raise SubscriptionError(
-                f"a subscription query is exactly one SELECT statement, got {len(found)}"
-            )
-        (statement,) = found
-        if not isinstance(statement, exp.Select):
-            raise self.fail(
-                f"only SELECT queries are supported, got {statement.key.upper()}", statement
-            )
-        return statement
-
-    def parse_error_position(self, error: Mapping[str, Any]) -> int | None:
-        line, col = error.get("line"), error.get("col")
-        if not isinstance(line, int) or not isinstance(col, int):
-            return None
-        lines = self.sql.split("\n")
-        offset = sum(len(text) + 1 for text in lines[: line - 1])
-        return max(0, offset + col - len(error.get("highlight") or " "))
+    def clause_refusal(self, clause: str) -> str:
+        if self.what == "subscription":
+            if clause in ("ORDER BY", "LIMIT", "OFFSET"):
+                return (
+                    f"{clause} is not supported in a subscription yet (live ordered windows are "
+                    "planned): run it as a one-off query"
+                )
+            if clause in ("GROUP BY", "HAVING"):
+                return (
+                    f"{clause} is not supported in a subscription: aggregates are not live "
+                    "yet; use a one-off query"
+                )
+            return f"{clause} is not supported in a subscription"
+        return f"{clause} is not supported in {self.what}"
 
     def table_of(self, node: Any) -> tuple[TableDef, str]:
         if isinstance(node, exp.Subquery | exp.Select):
             raise self.fail("subqueries are not supported", node)
         if not isinstance(node, exp.Table) or not isinstance(node.this, exp.Identifier):
-            raise self.fail(f"unsupported FROM item: {node.sql()}", node)
+            raise self.fail(f"unsupported FROM item: {_snippet(node)}", node)
         for part in ("db", "catalog"):
             if node.args.get(part):
                 raise self.fail(f"qualified table names are not supported: {node.sql()}", node)
@@ -960,7 +1140,8 @@ class _Compiler:
         name = _ident(node.this)
         tdef = self.schema.tables.get(name)
         if tdef is None or (not tdef.public and not self.name_private):
-            raise self.fail(f"unknown table {name}", node)
+            known = [t.name for t in self.schema.tables.values() if t.public or self.name_private]
+            raise self.fail(f"unknown table {name}{_suggest(name, known)}", node)
         if not tdef.public:
             raise self.fail(f"table {name} is private: it cannot be subscribed to", node)
         alias_node = node.args.get("alias")
@@ -1052,6 +1233,12 @@ class _Compiler:
             return IsNull(self.column_operand(node.this, node))
         if isinstance(node, exp.In):
             return self.in_list(node)
+        if isinstance(node, exp.Escape):
+            return self.like(node.this, node)
+        if isinstance(node, exp.Like | exp.ILike):
+            return self.like(node, None)
+        if isinstance(node, exp.Between):
+            return self.between(node)
         if isinstance(node, exp.Column):
             col = self.column(node)
             if not isinstance(self.plain_type(col), BoolType):
@@ -1062,15 +1249,91 @@ class _Compiler:
         raise self.unsupported(node)
 
     def unsupported(self, node: Any) -> SubscriptionError:
+        text = _snippet(node)
         if isinstance(node, exp.Subquery | exp.Select | exp.Exists):
-            return self.fail(f"subqueries are not supported: {node.sql()}", node)
+            return self.fail(f"subqueries are not supported: {text}", node)
+        if isinstance(node, exp.AggFunc):
+            return self.fail(f"aggregate {text} is not allowed in a condition", node)
+        if isinstance(node, exp.Case | exp.If):
+            return self.fail(f"CASE is not supported: {text}", node)
+        if isinstance(node, exp.Cast | exp.TryCast):
+            return self.fail(f"CAST is not supported: {text}", node)
         if isinstance(node, exp.Func):
-            return self.fail(f"functions are not supported: {node.sql()}", node)
-        return self.fail(f"unsupported expression {node.key.upper()}: {node.sql()}", node)
+            return self.fail(f"functions are not supported: {text}", node)
+        if isinstance(node, exp.Binary) and not isinstance(node, exp.Connector):
+            return self.fail(
+                f"arithmetic and operators other than comparisons are not supported: {text}", node
+            )
+        if isinstance(node, exp.Neg):
+            return self.fail(f"negating a column is not supported: {text}", node)
+        if isinstance(node, exp.Parameter):
+            return self.fail(f"parameters are written :name, not {text}", node)
+        if isinstance(node, exp.Star):
+            return self.fail("* is only allowed as the projection", node)
+        if isinstance(node, exp.Literal | exp.Null | exp.Boolean):
+            return self.fail(f"a value on its own is not a condition: {text}", node)
+        return self.fail(f"{text} is not supported here", node)
 
     def compare(self, node: Any) -> Cond:
-        op = _OPS[type(node)]
-        left, right = _unparen(node.this), _unparen(node.expression)
+        return self.comparison(_OPS[type(node)], node.this, node.expression, node)
+
+    def between(self, node: Any) -> Cond:
+        # `a BETWEEN lo AND hi` is `a >= lo AND a <= hi`, NULLs included, so it is indexed,
+        # routed and rendered as those two comparisons.
+        for name, value in node.args.items():
+            if name not in ("this", "low", "high") and value:
+                raise self.fail(f"only plain BETWEEN is supported: {_snippet(node)}", node)
+        low = self.comparison(">=", node.this, node.args["low"], node)
+        high = self.comparison("<=", node.this, node.args["high"], node)
+        return And((low, high))
+
+    def like(self, node: Any, escape_node: Any) -> Cond:
+        word = "ILIKE" if isinstance(node, exp.ILike) else "LIKE"
+        if not isinstance(node, exp.Like | exp.ILike):
+            raise self.fail(f"ESCAPE only follows LIKE or ILIKE: {_snippet(escape_node)}", node)
+        outer = node if escape_node is None else escape_node
+        col = self.column_operand(node.this, outer)
+        plain = self.plain_type(col)
+        if _family(plain) != "text":
+            raise self.fail(
+                f"{word} needs a text column: {col.table}.{col.name} is {plain}", node.this
+            )
+        escape = DEFAULT_ESCAPE
+        if escape_node is not None:
+            found = _unparen(escape_node.expression)
+            if not (isinstance(found, exp.Literal) and found.is_string) or len(found.this) > 1:
+                raise self.fail(
+                    f"ESCAPE takes one character in quotes, or '': not {_snippet(found)}", found
+                )
+            escape = found.this
+        right = _unparen(node.expression)
+        pattern: Value
+        if isinstance(right, exp.Placeholder):
+            if not isinstance(right.this, str) or not right.this:
+                raise self.fail("positional parameters are not supported: use :name", right)
+            self.params.add(right.this)
+            pattern = Param(right.this, StrType(), f"the {word} pattern")
+        elif isinstance(right, exp.Null):
+            pattern = Const(None)
+        elif isinstance(right, exp.Literal) and right.is_string:
+            try:
+                LikePattern.compile(right.this, escape)
+            except PatternError as exc:
+                raise self.fail(str(exc), right) from None
+            pattern = Const(right.this)
+        elif _is_value(right) or isinstance(right, exp.Column):
+            raise self.fail(
+                f"{word} needs a string pattern in quotes, not {_snippet(right)}", right
+            )
+        elif isinstance(right, exp.Any | exp.All):
+            raise self.fail(f"{word} ANY/ALL is not supported: {_snippet(node)}", right)
+        else:
+            raise self.unsupported(right)
+        result: Cond = Like(col, pattern, escape, word == "ILIKE")
+        return Not(result) if node.args.get("negate") else result
+
+    def comparison(self, op: Op, left: Any, right: Any, node: Any) -> Cond:
+        left, right = _unparen(left), _unparen(right)
         if isinstance(left, exp.Column) and isinstance(right, exp.Column):
             a, b = self.column(left), self.column(right)
             self.check_comparable(a, b, node)
@@ -1084,7 +1347,7 @@ class _Compiler:
             for operand in (left, right):
                 if not _is_value(operand):
                     raise self.unsupported(operand)
-            raise self.fail(f"a comparison needs a column on one side: {node.sql()}", node)
+            raise self.fail(f"a comparison needs a column on one side: {_snippet(node)}", node)
         col = self.column(left)
         self.check_operator(col, op, node)
         return Compare(op, col, self.value(right, col))
@@ -1122,12 +1385,19 @@ class _Compiler:
                 raise self.fail(f"unknown table {_ident(qualifier)} in {node.sql()}", node)
             owners = [tdef] if name in tdef.positions else []
             if not owners:
-                raise self.fail(f"unknown column {name} in table {tdef.name}", node)
+                raise self.fail(
+                    f"unknown column '{name}' in table {tdef.name}{_suggest(name, tdef.names)}",
+                    node,
+                )
         else:
             owners = [t for t in self.scope.values() if name in t.positions]
             if not owners:
-                tables = " or ".join(sorted(t.name for t in self.scope.values()))
-                raise self.fail(f"unknown column {name} in table {tables}", node)
+                scope = list(dict.fromkeys(self.scope.values()))
+                tables = " or ".join(sorted(t.name for t in scope))
+                names = [n for t in scope for n in t.names]
+                raise self.fail(
+                    f"unknown column '{name}' in table {tables}{_suggest(name, names)}", node
+                )
             if len(owners) > 1:
                 raise self.fail(
                     f"column {name} is ambiguous: qualify it as "
@@ -1191,6 +1461,110 @@ class _Compiler:
             raise self.fail(
                 f"cannot compare {a.table}.{a.name} ({ta}) with {b.table}.{b.name} ({tb})", node
             )
+
+
+def parse_select(sql: str) -> Any:
+    """Parse one SELECT statement (sqlglot's tree), or raise SubscriptionError saying, in the
+    query's own words and with the character position, what does not parse: never a parser
+    class or token name."""
+    _check_quotes(sql)
+    try:
+        statements = sqlglot.parse(sql)
+    except ParseError as exc:
+        first = exc.errors[0] if exc.errors else {}
+        position = _parse_error_position(sql, first)
+        raise SubscriptionError(
+            f"cannot parse the query: {_parse_problem(first, sql, position)}", position=position
+        ) from None
+    except SqlglotError:
+        raise SubscriptionError("cannot parse the query: check its quotes and brackets") from None
+    found: list[Any] = [s for s in statements if s is not None]
+    if len(found) != 1:
+        raise SubscriptionError(f"a query is exactly one SELECT statement, got {len(found)}")
+    (statement,) = found
+    if not isinstance(statement, exp.Select):
+        if isinstance(statement, exp.Union | exp.Intersect | exp.Except):
+            word = statement.key.upper()  # the SQL keyword itself
+        else:
+            word = next((t.upper() for t, _ in _lex(sql)), "nothing")
+        raise SubscriptionError(f"only SELECT queries are supported, got {word[:40]}")
+    return statement
+
+
+def _check_quotes(sql: str) -> None:
+    # An unterminated literal or quoted name, found as `prescan` lexes (sqlglot's own error
+    # for it quotes the whole rest of the query).
+    for token, start in _lex(sql):
+        quote = token[0]
+        if quote in "'\"" and (len(token) == 1 or not token.endswith(quote) or _odd_end(token)):
+            kind = "string" if quote == "'" else "quoted name"
+            raise SubscriptionError(
+                f"cannot parse the query: the {kind} starting here has no closing {quote}",
+                position=start,
+            )
+
+
+def _odd_end(token: str) -> bool:
+    # `'ab''` ends with a doubled (escaped) quote, not a closing one.
+    body = token[1:]
+    run = len(body) - len(body.rstrip(token[0]))
+    return run % 2 == 0
+
+
+def _parse_error_position(sql: str, error: Mapping[str, Any]) -> int | None:
+    line, col = error.get("line"), error.get("col")
+    if not isinstance(line, int) or not isinstance(col, int):
+        return None
+    lines = sql.split("\n")
+    offset = sum(len(text) + 1 for text in lines[: line - 1])
+    return max(0, min(len(sql), offset + col - len(error.get("highlight") or " ")))
+
+
+_GOT = re.compile(r"text: (.*?), line:")
+_EXPECTED = re.compile(r"^Expect(?:ed|ing) (.+?)(?: but got .*)?$", re.DOTALL)
+
+
+def _parse_problem(error: Mapping[str, Any], sql: str, position: int | None) -> str:
+    """sqlglot's description of a parse error, in the query's words."""
+    description = str(error.get("description") or "")
+    highlight = str(error.get("highlight") or "").strip()
+    if not highlight and position is not None:
+        highlight = (
+            sql[position : position + 20].split(maxsplit=1)[0] if sql[position:].strip() else ""
+        )
+    near = f"{highlight[:40]!r}" if highlight else "the end of the query"
+    if description.startswith("Required keyword"):
+        return f"something is missing around {near} (an operand, a value or a keyword)"
+    if description.startswith("Invalid expression") or "Unexpected token" in description:
+        return f"unexpected {near}"
+    expected = _EXPECTED.match(description)
+    if expected:
+        what = expected.group(1).strip()
+        what = {"table name": "a table name", "type": "a type"}.get(what, what)[:40]
+        got = _GOT.search(description)
+        if got and got.group(1) != "SENTINEL":
+            return f"expected {what}, got {got.group(1)[:40]!r}"
+        return f"expected {what} near {near}"
+    return f"syntax error near {near}"
+
+
+def _snippet(node: Any, limit: int = 60) -> str:
+    """`node` as SQL text for a message, cut to `limit` characters."""
+    try:
+        text = str(node.sql())
+    except Exception:  # a message must not fail: sqlglot cannot render every tree it builds
+        text = "this expression"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _suggest(name: str, known: Iterable[str]) -> str:
+    """ "; did you mean 'x'?" for the closest of `known` to a mistyped `name`, or ""."""
+    names = list(known)
+    for other in names:
+        if other.lower() == name.lower() and other != name:
+            return f'; did you mean "{other}"? (quote names that have capitals)'
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _ident(node: Any) -> str:
@@ -1262,6 +1636,14 @@ def _substitute(cond: Cond, values: Mapping[str, object]) -> Cond:
         )
     if isinstance(cond, InList):
         return InList(cond.column, tuple(_bind_value(i, values) for i in cond.items))
+    if isinstance(cond, Like) and isinstance(cond.pattern, Param):
+        bound = _bind_value(cond.pattern, values)
+        if isinstance(bound.value, str):
+            try:
+                LikePattern.compile(bound.value, cond.escape)
+            except PatternError as exc:
+                raise SubscriptionError(f"parameter :{cond.pattern.name}: {exc}") from None
+        return Like(cond.column, bound, cond.escape, cond.ignore_case)
     if isinstance(cond, Not):
         return Not(_substitute(cond.term, values))
     if isinstance(cond, And):
@@ -1333,6 +1715,12 @@ def _render(cond: Cond) -> str:
         return f"{_render_operand(cond.column)} IN ({items})"
     if isinstance(cond, IsNull):
         return f"{_render_operand(cond.column)} IS NULL"
+    if isinstance(cond, Like):
+        word = "ILIKE" if cond.ignore_case else "LIKE"
+        text = f"{_render_operand(cond.column)} {word} {_render_operand(cond.pattern)}"
+        if cond.escape != DEFAULT_ESCAPE:
+            text += " ESCAPE " + _render_operand(Const(cond.escape))
+        return text
     if isinstance(cond, Truth):
         return _render_operand(cond.operand)
     if isinstance(cond, Not):
@@ -1391,7 +1779,7 @@ def _sides(cond: Cond) -> set[int]:
         if isinstance(cond.right, Col):
             sides.add(cond.right.side)
         return sides
-    if isinstance(cond, InList | IsNull):
+    if isinstance(cond, InList | IsNull | Like):
         return {cond.column.side}
     if isinstance(cond, Truth):
         return {cond.operand.side} if isinstance(cond.operand, Col) else set()
@@ -1444,6 +1832,8 @@ def _compile(cond: Cond) -> Pred:
     if isinstance(cond, IsNull):
         s, p = cond.column.side, cond.column.position
         return lambda rows: rows[s][p] is None
+    if isinstance(cond, Like):
+        return _compile_like(cond)
     if isinstance(cond, Truth):
         operand = cond.operand
         if isinstance(operand, Const):
@@ -1490,6 +1880,37 @@ def _compile(cond: Cond) -> Pred:
 def _truth(value: object) -> bool | None:
     # A boolean column's visible value as a truth value (NULL stays unknown).
     return None if value is None else bool(value)
+
+
+def _compile_like(cond: Like) -> Pred:
+    s, p = cond.column.side, cond.column.position
+    pattern = cond.pattern
+    assert isinstance(pattern, Const), "parameters are bound before compiling"
+    if not isinstance(pattern.value, str):
+        return lambda rows: None  # LIKE NULL: unknown for every row
+    compiled = LikePattern.compile(pattern.value, cond.escape)
+    if cond.ignore_case:
+        lowered = compiled.lower()
+
+        def ilike(rows: Sequence[Row]) -> bool | None:
+            value = rows[s][p]
+            return None if value is None else lowered.matches(str(value).lower())
+
+        return ilike
+    if compiled.is_prefix:
+        prefix = compiled.prefix
+
+        def starts(rows: Sequence[Row]) -> bool | None:
+            value = rows[s][p]
+            return None if value is None else str(value).startswith(prefix)
+
+        return starts
+
+    def like(rows: Sequence[Row]) -> bool | None:
+        value = rows[s][p]
+        return None if value is None else compiled.matches(str(value))
+
+    return like
 
 
 def _compile_compare(cond: Compare) -> Pred:
@@ -1620,6 +2041,8 @@ def _on_side(cond: Cond, side: int) -> Cond:
         return InList(col(cond.column), cond.items)
     if isinstance(cond, IsNull):
         return IsNull(col(cond.column))
+    if isinstance(cond, Like):
+        return Like(col(cond.column), cond.pattern, cond.escape, cond.ignore_case)
     if isinstance(cond, Truth):
         return Truth(col(cond.operand) if isinstance(cond.operand, Col) else cond.operand)
     if isinstance(cond, Not):

@@ -154,6 +154,25 @@ class OrderedIndex(HashIndex):
         For a multi-column index, `lo`/`hi` are tuples compared as prefixes.
         """
         s = self.sorted
+        start, stop = self.span(
+            lo, hi, include_lo=include_lo, include_hi=include_hi, has_lo=has_lo, has_hi=has_hi
+        )
+        for i in range(start, stop):
+            yield s[i][1]
+
+    def span(
+        self,
+        lo: Any = None,
+        hi: Any = None,
+        *,
+        include_lo: bool = True,
+        include_hi: bool = False,
+        has_lo: bool = True,
+        has_hi: bool = True,
+    ) -> tuple[int, int]:
+        """The positions in `sorted` that `range` with the same arguments yields (O(log n)):
+        `stop - start` counts its keys without reading them."""
+        s = self.sorted
         start, stop = 0, len(s)
         if has_lo:
             k = self._bound(lo)
@@ -161,8 +180,7 @@ class OrderedIndex(HashIndex):
         if has_hi:
             k = self._bound(hi)
             stop = self._after(k) if include_hi else bisect_left(s, (k,))
-        for i in range(start, stop):
-            yield s[i][1]
+        return start, max(start, stop)
 
     def _bound(self, value: Any) -> Any:
         if self._single:
