@@ -454,8 +454,13 @@ class Connection:
     async def sql(self, query: str) -> list[Row]:
         """Run one SQL query once (`OneOffQuery`), without subscribing.
 
+        A one-off query may select columns, aggregate (`COUNT(*)`, `SUM(col)`, ... with
+        `GROUP BY`), order and page (`ORDER BY ... LIMIT n OFFSET m`) and `EXPLAIN`
+        (docs/protocol.md, "The query language").
+
         Returns:
-            The matching rows, as dicts, read at a durable offset.
+            The result rows, as dicts keyed by result column name (whole rows for
+            `SELECT *`), in the query's order, read at a durable offset.
 
         Raises:
             SubscriptionError: the query is invalid or refused (`QueryRejected`).
@@ -1019,7 +1024,12 @@ class Connection:
         if request is None:
             return
         try:
-            rows = self._rows(self._info(msg.table or ""), msg.rows)
+            info = self._info(msg.table or "")
+            if msg.columns is None or tuple(msg.columns) == tuple(info.columns):
+                rows = self._rows(info, msg.rows)
+            else:
+                b64 = self.fmt == "json"
+                rows = [info.result_row(msg.columns, r, base64_bytes=b64) for r in msg.rows]
         except ProtocolError as exc:
             self._settle(msg.request_id, error=exc)
             return

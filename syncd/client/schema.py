@@ -90,6 +90,29 @@ class TableInfo:
                     row[name] = _b64(row[name])
         return row
 
+    def result_row(
+        self, columns: Sequence[str], values: Sequence[Any], *, base64_bytes: bool = False
+    ) -> Row:
+        """A one-off query's result row (a column list, aggregates, EXPLAIN) as a dict.
+
+        Over JSON, a value under the name of one of the table's bytes columns is decoded
+        from base64 (a bytes column selected under another name stays base64 text).
+
+        Raises:
+            ProtocolError: the row does not have one value per column, or bad base64.
+        """
+        if len(values) != len(columns):
+            raise ProtocolError(
+                f"a one-off result row has {len(values)} values for {len(columns)} columns"
+            )
+        row = dict(zip(columns, values, strict=True))
+        if base64_bytes:
+            for position in self.bytes_positions:
+                name = self.columns[position]
+                if row.get(name) is not None:
+                    row[name] = _b64(row[name])
+        return row
+
     def pk(self, value: Any, *, base64_bytes: bool = False) -> Any:
         """A primary key from the wire (a delete), decoded like `row` decodes the column."""
         if base64_bytes and self.pk_is_bytes:

@@ -7,6 +7,9 @@ subscribed queries:
 * a query with a top-level conjunct `col = value` (or `col IN (...)`, or a bare boolean column)
   on the table that changed is filed under (table, column, value) and is looked at only when a
   changed row, before or after, holds that value;
+* a query with a top-level `col LIKE 'abc%...'` (case-sensitive, a literal prefix) and no
+  equality on that table is filed under (table, column, prefix): a changed row reaches it only
+  when its value starts with the prefix (one dict probe per distinct prefix length filed);
 * a semijoin `t JOIN u ON t.a = u.b` whose only such conjunct is on the *other* table is
   reached through the join: a changed `t` row finds its `u` partners by index (in the state
   before and after the transaction) and their values pick the queries; likewise the other way;
@@ -29,7 +32,7 @@ from typing import Any
 from syncd.core.query import BoundQuery, QueryKey, RowSource, StoreView
 from syncd.core.store import Change, ChangeSet, Row, Store
 
-__all__ = ["QueryDelta", "RouteStats", "StateBefore", "SubscriptionIndex"]
+__all__ = ["QueryDelta", "RouteStats", "StateBefore", "SubscriptionIndex", "filing"]
 
 
 @dataclass(slots=True)
@@ -75,6 +78,43 @@ class _Filed:
     # same), and visible value -> query keys.
     visible: Callable[[object], object] | None
     by_value: dict[object, _Keys]
+
+
+@dataclass(slots=True)
+class _Prefixed:
+    # Queries filed under prefixes of one column: stored -> visible conversion (None: the
+    # same), prefix length -> how many prefixes of that length are filed, prefix -> keys.
+    visible: Callable[[object], object] | None
+    lengths: dict[int, int]
+    by_prefix: dict[str, _Keys]
+
+
+#: How a query is filed for changes of one table: ("eq", position, values), ("prefix",
+#: position, (prefix,)), ("via", route, values) or ("scan", None, ()).
+Filing = tuple[str, Any, tuple[object, ...]]
+
+
+def filing(query: BoundQuery, side: int) -> Filing:
+    """How `SubscriptionIndex` files `query` for changes of its table on `side` (0: the
+    result table, 1: the joined one): the cheapest route, as EXPLAIN reports it."""
+    own = query.equalities(side)
+    if own:
+        position, values = min(own, key=lambda e: len(e[1]))
+        return ("eq", position, values)
+    prefixes = query.prefixes(side)
+    if prefixes:
+        position, prefix = max(prefixes, key=lambda p: len(p[1]))
+        return ("prefix", position, (prefix,))
+    join = query.join
+    other = query.equalities(1 - side) if join is not None else []
+    if join is not None and other:
+        position, values = min(other, key=lambda e: len(e[1]))
+        if side == 0:
+            via: _Via = (join.column, join.position, join.table, join.other_column, position)
+        else:
+            via = (join.other_column, join.other_position, query.table, join.column, position)
+        return ("via", via, values)
+    return ("scan", None, ())
 
 
 @dataclass(slots=True)
@@ -143,6 +183,8 @@ class SubscriptionIndex:
         self._entries: dict[QueryKey, _Entry] = {}
         # table -> column position -> queries with a conjunct `col = value`, by visible value
         self._eq: dict[str, dict[int, _Filed]] = {}
+        # table -> column position -> queries with a conjunct `col LIKE 'prefix%'`
+        self._prefix: dict[str, dict[int, _Prefixed]] = {}
         # table -> join route -> visible value of the partner's column -> queries
         self._via: dict[str, dict[_Via, dict[object, _Keys]]] = {}
         # table -> queries evaluated for every change of the table
@@ -195,6 +237,20 @@ class SubscriptionIndex:
         for kind, table, detail, values in entry.slots:
             if kind == "scan":
                 _discard(self._scan, table, key)
+            elif kind == "prefix":
+                by_position = self._prefix[table]
+                filed = by_position[detail]
+                for value in values:
+                    assert isinstance(value, str)
+                    _discard(filed.by_prefix, value, key)
+                    if value not in filed.by_prefix:
+                        filed.lengths[len(value)] -= 1
+                        if not filed.lengths[len(value)]:
+                            del filed.lengths[len(value)]
+                if not filed.by_prefix:
+                    del by_position[detail]
+                    if not by_position:
+                        del self._prefix[table]
             elif kind == "eq":
                 by_column = self._eq[table]
                 for value in values:
@@ -217,32 +273,37 @@ class SubscriptionIndex:
         self, query: BoundQuery, side: int, table: str
     ) -> tuple[str, str, Any, tuple[object, ...]]:
         # File the query for changes of `table` (its side `side`), by the cheapest route.
-        own = query.equalities(side)
-        if own:
-            position, values = min(own, key=lambda e: len(e[1]))
+        kind, detail, values = filing(query, side)
+        if kind in ("eq", "prefix"):
+            ctype = query.query.schema.tables[table].columns[detail].type
+            # Only CRDT cells differ from their visible value (the usual case is plain).
+            visible = ctype.visible if ctype.is_crdt else None
+        if kind == "eq":
             by_position = self._eq.setdefault(table, {})
-            if position not in by_position:
-                ctype = query.query.schema.tables[table].columns[position].type
-                # Only CRDT cells differ from their visible value (the usual case is plain).
-                by_position[position] = _Filed(ctype.visible if ctype.is_crdt else None, {})
-            by_value = by_position[position].by_value
+            if detail not in by_position:
+                by_position[detail] = _Filed(visible, {})
+            by_value = by_position[detail].by_value
             for value in values:
                 by_value.setdefault(value, {})[query.key] = None
-            return ("eq", table, position, values)
-        join = query.join
-        other = query.equalities(1 - side) if join is not None else []
-        if join is not None and other:
-            position, values = min(other, key=lambda e: len(e[1]))
-            if side == 0:
-                via: _Via = (join.column, join.position, join.table, join.other_column, position)
-            else:
-                via = (join.other_column, join.other_position, query.table, join.column, position)
-            by_value = self._via.setdefault(table, {}).setdefault(via, {})
+        elif kind == "prefix":
+            prefixed = self._prefix.setdefault(table, {})
+            if detail not in prefixed:
+                prefixed[detail] = _Prefixed(visible, {}, {})
+            filed = prefixed[detail]
+            for value in values:
+                assert isinstance(value, str)
+                keys = filed.by_prefix.get(value)
+                if keys is None:
+                    keys = filed.by_prefix[value] = {}
+                    filed.lengths[len(value)] = filed.lengths.get(len(value), 0) + 1
+                keys[query.key] = None
+        elif kind == "via":
+            by_value = self._via.setdefault(table, {}).setdefault(detail, {})
             for value in values:
                 by_value.setdefault(value, {})[query.key] = None
-            return ("via", table, via, values)
-        self._scan.setdefault(table, {})[query.key] = None
-        return ("scan", table, None, ())
+        else:
+            self._scan.setdefault(table, {})[query.key] = None
+        return (kind, table, detail, values)
 
     def route(
         self, changes: ChangeSet, store: Store, *, budget: int = 0
@@ -302,6 +363,22 @@ class SubscriptionIndex:
                             value = new[position] if visible is None else visible(new[position])
                             for key in by_value.get(value, ()):
                                 touch(key, table, pk, change)
+            prefixed = self._prefix.get(table)
+            if prefixed is not None:
+                for position, by_prefixes in prefixed.items():
+                    visible = by_prefixes.visible
+                    lengths, by_prefix = by_prefixes.lengths, by_prefixes.by_prefix
+                    for pk, change in rows.items():
+                        for row in change:
+                            if row is None:
+                                continue
+                            value = row[position] if visible is None else visible(row[position])
+                            if not isinstance(value, str):
+                                continue
+                            for length in lengths:
+                                if len(value) >= length:
+                                    for key in by_prefix.get(value[:length], ()):
+                                        touch(key, table, pk, change)
             via_filed = self._via.get(table)
             if via_filed is not None:
                 for via, by_value in via_filed.items():

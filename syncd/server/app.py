@@ -910,15 +910,14 @@ class Server:
             return _error(ErrorCode.RATE_LIMITED, refusal, 429)
         replica = self.replica
         try:
-            (query,) = replica.bind([sql], principal)
-            rows = replica.initial_update(query).inserts
+            result = replica.one_off(sql, principal)
         except (LimitExceeded, SubscriptionError) as exc:
             return _error(error_code(exc), str(exc), 400)
         return _json_response(
             {
-                "table": query.table,
-                "columns": list(self.schema.tables[query.table].names),
-                "rows": rows,
+                "table": result.table,
+                "columns": list(result.columns),
+                "rows": result.rows,
                 "offset": replica.offset,
             }
         )

@@ -770,8 +770,7 @@ class Connection:
     def _one_off(self, msg: OneOffQuery) -> None:
         replica = self.server.replica
         try:
-            (query,) = replica.bind([msg.sql], self._principal())
-            rows = replica.initial_update(query).inserts
+            result = replica.one_off(msg.sql, self._principal())
         except (LimitExceeded, SubscriptionError) as exc:
             self.session.send(
                 QueryResult(
@@ -784,9 +783,10 @@ class Connection:
                 QueryResult(
                     request_id=msg.request_id,
                     ok=True,
-                    table=query.table,
-                    rows=rows,
+                    table=result.table,
+                    rows=result.rows,
                     offset=replica.offset,
+                    columns=list(result.columns),
                 )
             )
         except ENCODE_ERRORS:

@@ -25,6 +25,7 @@ from syncd.config import Limits
 from syncd.core import snapshot
 from syncd.core.access import rule_params
 from syncd.core.ids import Epoch, Offset, QuerySetId
+from syncd.core.oneoff import OneOffPlan, Result, compile_one_off
 from syncd.core.protocol.codec import ENCODE_ERRORS, Codec, Format
 from syncd.core.protocol.messages import QueryUpdate
 from syncd.core.query import (
@@ -138,6 +139,8 @@ class Replica:
         self._flush_scheduled = False
         # (SQL text, visibility rules applied) -> compiled query (LRU).
         self._compiled: OrderedDict[tuple[str, bool], Query] = OrderedDict()
+        # One-off plans by (SQL, restricted), with their base query (visibility applied).
+        self._plans: OrderedDict[tuple[str, bool], tuple[OneOffPlan, Query]] = OrderedDict()
         # Characters of SQL text held as keys of `_compiled`.
         self._compiled_bytes = 0
         # Every open connection (welcomed), and how many each identity has.
@@ -444,6 +447,53 @@ class Replica:
         else:
             self._compiled.move_to_end(key)
         return query
+
+    def one_off(self, sql: str, principal: Principal) -> Result:
+        """Run a one-off query (`syncd.core.oneoff`: column lists, aggregates, ORDER BY,
+        LIMIT/OFFSET, EXPLAIN) for a caller, on the state now: the visibility rules restrict
+        the rows before they are aggregated, as for a subscription's initial rows.
+
+        Raises:
+            SubscriptionError: the query does not compile or bind (BAD_QUERY).
+            LimitExceeded: its base rows would cost more than `max_query_cost`, or its result
+                has more than `max_initial_rows` rows.
+        """
+        auth = principal.auth
+        restricted = auth.role not in BYPASS_ROLES
+        key = (sql, restricted)
+        found = self._plans.get(key)
+        limits = self.limits
+        if found is None:
+            prescan(sql, max_bytes=limits.max_query_bytes, max_terms=limits.max_query_terms)
+            plan = compile_one_off(sql, self.schema)
+            base = with_visibility(plan.base, self.schema) if restricted else plan.base
+            terms = term_count(base.where)
+            if terms > limits.max_query_terms:
+                raise LimitExceeded(
+                    f"the query has {terms} conditions (IN list items count one each); "
+                    f"the limit is {limits.max_query_terms}"
+                )
+            found = self._plans[key] = (plan, base)
+            while len(self._plans) > COMPILED_CACHE // 4:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        plan, base = found
+        query = base.bind(rule_params(principal.identity, auth))
+        if plan.explain:
+            rules = any(self.schema.tables[t].visible for t in query.tables)
+            return plan.explain_rows(query, self.store, show_sizes=not (restricted and rules))
+        self.check_cost(query)
+        tdef = self.schema.tables[query.table]
+        visible = tdef.visible_row
+        rows = [visible(r) for r in query.initial_rows(self.store)]
+        result = plan.run(rows, tdef)
+        if len(result.rows) > limits.max_initial_rows:
+            raise LimitExceeded(
+                f"the query returns {len(result.rows)} rows, more than the limit of "
+                f"{limits.max_initial_rows}; narrow it with a WHERE clause or LIMIT"
+            )
+        return result
 
     def bind(self, sqls: list[str], principal: Principal) -> list[BoundQuery]:
         """Compile and bind a query set for a caller: its identity is `:sender`, and unless its

@@ -398,7 +398,12 @@ export class SyncdClient {
     return this.merge(table, pk, column, [[this.writerId, next.p, next.n]]);
   }
 
-  /** Run one query (subscription grammar) once; rows are not cached. Rejects with a `QueryError`. */
+  /**
+   * Run one query once; rows are not cached. One-off queries may also select columns,
+   * aggregate (`COUNT(*)`, `SUM(col)` ... `GROUP BY`), `ORDER BY ... LIMIT n OFFSET m` and
+   * `EXPLAIN` (docs/protocol.md, "The query language"): rows are keyed by result column name,
+   * in the query's order. Rejects with a `QueryError`.
+   */
   sql<Row extends object = Record<string, unknown>>(query: string): Promise<Row[]> {
     if (typeof query !== "string" || query === "") return Promise.reject(new TypeError("sql: query must be a non-empty string"));
     return new Promise<Row[]>((resolve, reject) => {
@@ -416,7 +421,13 @@ export class SyncdClient {
               return;
             }
             const info = this.schema.table(msg.table);
-            resolve(msg.rows.map((r) => info.row(r, this.codec.base64Bytes) as Row));
+            const columns = msg.columns;
+            const whole = columns === null || (columns.length === info.columns.length && columns.every((c, i) => c === info.columns[i]));
+            resolve(
+              msg.rows.map(
+                (r) => (whole ? info.row(r, this.codec.base64Bytes) : info.resultRow(columns, r, this.codec.base64Bytes)) as Row,
+              ),
+            );
           } catch (error) {
             reject(error);
           }

@@ -59,7 +59,7 @@ export type ServerMessage =
   | { type: "unsubbed"; request_id: number; query_set_id: number }
   | { type: "tx"; epoch: number; offset: number; updates: QuerySetUpdate[] }
   | { type: "result"; request_id: number; ok: boolean; offset: number | null; code: number | null; message: string | null }
-  | { type: "query_result"; request_id: number; ok: boolean; table: string | null; rows: unknown[][]; offset: number | null; code: number | null; message: string | null }
+  | { type: "query_result"; request_id: number; ok: boolean; table: string | null; rows: unknown[][]; offset: number | null; code: number | null; message: string | null; columns: string[] | null }
   | { type: "error"; code: number; message: string; request_id: number | null }
   | { type: "pong"; nonce: number };
 
@@ -221,6 +221,15 @@ function strOrNull(m: Record<string, unknown>, field: string): string | null {
   return m[field] === undefined || m[field] === null ? null : str(m, field);
 }
 
+function strListOrNull(m: Record<string, unknown>, field: string): string[] | null {
+  if (m[field] === undefined || m[field] === null) return null;
+  const v = list(m, field);
+  for (const item of v) {
+    if (typeof item !== "string") throw new ProtocolViolation(`${String(m.type)}: ${field} holds a non-string`);
+  }
+  return v as string[];
+}
+
 function list(m: Record<string, unknown>, field: string): unknown[] {
   const v = m[field];
   if (v === undefined || v === null) return [];
@@ -302,6 +311,7 @@ export function normalize(m: Record<string, unknown>): ServerMessage {
         offset: intOrNull(m, "offset"),
         code: intOrNull(m, "code"),
         message: strOrNull(m, "message"),
+        columns: strListOrNull(m, "columns"),
       };
     case "error":
       return { type: "error", code: int(m, "code"), message: str(m, "message"), request_id: intOrNull(m, "request_id") };

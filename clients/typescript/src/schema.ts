@@ -131,6 +131,28 @@ export class TableInfo {
     return row;
   }
 
+  /**
+   * A one-off query's result row (a column list, aggregates, EXPLAIN) keyed by `columns`.
+   * Over JSON a value under the name of one of the table's bytes columns is decoded from base64.
+   */
+  resultRow(columns: readonly string[], values: unknown, base64Bytes: boolean): Record<string, unknown> {
+    if (!Array.isArray(values) || values.length !== columns.length) {
+      const got = Array.isArray(values) ? `${values.length} values` : typeof values;
+      throw new ProtocolViolation(`a one-off result row has ${got} for ${columns.length} columns`);
+    }
+    const row: Record<string, unknown> = {};
+    columns.forEach((name, i) => {
+      row[name] = values[i];
+    });
+    if (base64Bytes) {
+      for (const i of this.bytesPositions) {
+        const name = this.columns[i] as string;
+        if (name in row && row[name] !== null) row[name] = decodeBytes(row[name]);
+      }
+    }
+    return row;
+  }
+
   /** A primary key from the wire (a delete), decoded as `row` decodes its column. */
   pk(value: unknown, base64Bytes: boolean): unknown {
     return base64Bytes && this.bytesPositions.includes(this.pkPosition) ? decodeBytes(value) : value;

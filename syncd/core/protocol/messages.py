@@ -434,6 +434,9 @@ class QueryResult(_Message, frozen=True, tag="query_result"):
         offset: the durable offset the rows were read at, when `ok`.
         code: an `ErrorCode` when not `ok` (`BAD_QUERY`, `FORBIDDEN`, `LIMIT_EXCEEDED`).
         message: why not, when not `ok`.
+        columns: the names of each row's values, in order, when `ok` (for `SELECT *`, the
+            table's columns; a column list, aggregates or EXPLAIN name their own). Absent
+            from servers before column lists: rows are then whole rows of `table`.
     """
 
     request_id: ReqId
@@ -443,6 +446,7 @@ class QueryResult(_Message, frozen=True, tag="query_result"):
     offset: OffsetT | None = None
     code: int | None = None
     message: str | None = None
+    columns: list[Name] | None = None
 
 
 class Error(_Message, frozen=True, tag="error"):
