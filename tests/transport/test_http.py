@@ -72,7 +72,7 @@ async def test_sql_returns_rows_and_refuses_bad_queries(notes: ServerProcess) ->
     for bad, says in [
         ("SELECT * FROM nowhere", "nowhere"),
         ("SELECT * FROM audit", "unknown table audit"),
-        ("SELECT id FROM folder", "SELECT *"),
+        ("SELECT nme FROM folder", "did you mean 'name'"),
         ("", "SELECT"),
     ]:
         status, error = await ahttp(notes, "POST", "/v1/sql", bad)
