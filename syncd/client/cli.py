@@ -207,13 +207,22 @@ def add_commands(subparsers: Any) -> None:
     sql = subparsers.add_parser(
         "sql",
         help="run one SQL query and print the rows",
-        description="Run one SELECT over the server's public tables and print each row as a "
-        "JSON object on its own line.",
-        epilog='example:\n  syncd sql ws://127.0.0.1:3000 "SELECT * FROM message WHERE id > 10"',
+        description="Run one SELECT over the server's public tables (a one-off query: column "
+        "lists, COUNT/SUM/MIN/MAX/AVG with GROUP BY, ORDER BY, LIMIT/OFFSET; EXPLAIN SELECT "
+        "... says how it is indexed) and print each result row as a JSON object on its own "
+        "line, keyed by result column name.",
+        epilog="examples:\n"
+        '  syncd sql ws://127.0.0.1:3000 "SELECT * FROM message WHERE id > 10"\n'
+        '  syncd sql ws://127.0.0.1:3000 "SELECT sender, COUNT(*) FROM message GROUP BY sender"\n'
+        "  syncd sql ws://127.0.0.1:3000 \"EXPLAIN SELECT * FROM message WHERE text LIKE 'a%%'\"",
         formatter_class=formatter,
     )
     _common(sql)
-    sql.add_argument("query", metavar="QUERY", help="SELECT * FROM table [WHERE ...]")
+    sql.add_argument(
+        "query",
+        metavar="QUERY",
+        help="[EXPLAIN] SELECT ... FROM table [WHERE ...] [GROUP BY ...] [ORDER BY ...] [LIMIT n]",
+    )
     sql.set_defaults(func=_sql)
 
     call = subparsers.add_parser(

@@ -84,6 +84,19 @@ async def test_call_then_sql(chat_server: ServerProcess) -> None:
     rows = lines(out)
     assert [r["text"] for r in rows] == ["hello world", "42"]
     assert set(rows[0]) == {"id", "sender", "sent", "text"}
+    for fmt in ("json", "msgpack"):
+        code, out, err = await syncd_cli(
+            "sql",
+            chat_server.ws_url,
+            "SELECT text, COUNT(*) AS n FROM message WHERE text LIKE '%o%' GROUP BY text",
+            "--fmt",
+            fmt,
+        )
+        assert (code, err, lines(out)) == (0, "", [{"text": "hello world", "n": 1}])
+    code, out, err = await syncd_cli(
+        "sql", chat_server.ws_url, "EXPLAIN SELECT * FROM message ORDER BY id DESC LIMIT 1"
+    )
+    assert code == 0 and [r["part"] for r in lines(out)][:2] == ["query", "rows"]
 
 
 @pytest.mark.integration
