@@ -8,6 +8,10 @@ Prints one JSON line per result:
 * `route_matching`: the same change routed to 1k distinct queries that all match it (each
   produces an insert); to 1k semijoins of which the change affects one (reached through the
   joined table's index); and to 1k semijoins that it all affects;
+* `route_like_prefix`: a one-row change routed with 10k subscribed `text LIKE '<prefix>%'`
+  queries (distinct prefixes of 3 to 6 characters, filed by prefix) that it does not match,
+  and with 10k equality queries `room_id = <i>` it does not match, and their ratio (LIKE over
+  equality; the goal of issue 14 is within 2x);
 * `bind`: the cost of binding one compiled query per subscriber (setup, not routing).
 
 Run: `.venv/bin/python bench/routing.py [--repeat 7]`.
@@ -100,6 +104,35 @@ def main() -> None:
         ratio_to_0=round(best[args.queries] / best[0], 3),
         ratio_to_1=round(best[args.queries] / best[1], 3),
         goal=1.2,
+    )
+
+    # LIKE-prefix vs equality: 10k queries each, none matching the changed row. Prefixes of
+    # 3-6 characters: the router probes one dict per distinct prefix length (4 here).
+    store = Store(SCHEMA)
+    changes = insert(store, "message", (1, -1, "alice", "zzzzzz no match"))
+    by_prefix = compile_query("SELECT * FROM message WHERE text LIKE :p", SCHEMA)
+    likes, equals = SubscriptionIndex(), SubscriptionIndex()
+    for i in range(10_000):
+        likes.add(by_prefix.bind({"p": f"{i:0{3 + i % 4}d}%"}))
+        equals.add(by_room.bind({"room": i}))
+    assert likes.route(changes, store) == {} and len(likes) == 10_000
+    assert likes.last_stats.candidates == 0
+    timed = {"like": likes, "equality": equals}
+    best_of = dict.fromkeys(timed, float("inf"))
+    for _ in range(args.repeat * 3):
+        for name, subs in timed.items():
+            best_of[name] = min(best_of[name], per_call(partial(subs.route, changes, store), 1))
+    for name, seconds in best_of.items():
+        emit(
+            bench="route_like_prefix",
+            queries=10_000,
+            kind=name,
+            us_per_route=round(seconds * 1e6, 3),
+        )
+    emit(
+        bench="route_like_prefix",
+        ratio_like_to_equality=round(best_of["like"] / best_of["equality"], 3),
+        goal=2.0,
     )
 
     # Matching: 1k distinct queries, all filed under room 7 and all admitting the new row.
