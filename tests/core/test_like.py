@@ -255,3 +255,13 @@ def test_prefix_patterns_use_the_ordered_index_and_prefix_routing() -> None:
     assert [r[0] for r in deltas[query.key].inserts] == [6]
     index.remove(query.key)
     assert len(index) == 0
+
+
+def test_visibility_rules_use_like_and_between() -> None:
+    """A visibility rule is compiled by the same compiler: LIKE and BETWEEN work in it."""
+    from syncd.core.query import compile_rule
+
+    rule = compile_rule("item", "name LIKE 'pub%' AND price BETWEEN 0 AND 9", SCHEMA).bind()
+    assert rule.matches((1, "public", None, 3))
+    assert not rule.matches((2, "private", None, 3))
+    assert not rule.matches((3, None, None, 3))  # NULL never matches LIKE
