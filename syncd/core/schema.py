@@ -34,6 +34,7 @@ LIFECYCLES: tuple[Lifecycle, ...] = ("init", "client_connected", "client_disconn
 _SPEC = "__syncd_table__"
 _REDUCER = "__syncd_reducer__"
 _PRESENCE = "__syncd_presence__"
+_MIGRATION = "__syncd_migration__"
 _META = "syncd"
 
 C = TypeVar("C", bound=type)
@@ -59,6 +60,7 @@ class _ColumnOptions:
     unique: bool = False
     index: IndexKind | None = None
     merge: MergeRule | None = None
+    renamed_from: str | None = None
 
 
 def column(
@@ -70,6 +72,7 @@ def column(
     default: Any = _MISSING,
     default_factory: Callable[[], Any] = _MISSING,
     merge: MergeRule | None = None,
+    renamed_from: str | None = None,
 ) -> Any:
     """Declare a column's options. Use as a class attribute's value in a `@table` class.
 
@@ -86,6 +89,9 @@ def column(
             check `fn(ctx: MergeContext) -> bool` run by the writer, or False (reducers only,
             overriding the table's `merge`). None: the table's `merge`; if that is None too,
             only reducers write the cell.
+        renamed_from: the column's name in the stored schema, when the data was written with
+            the column under that name: it keeps its values (docs/operations.md, "Changing a
+            module"). Harmless once the rename is recorded; remove it whenever you like.
     """
     kind: IndexKind | None = None
     if index is True or index == "hash":
@@ -96,23 +102,27 @@ def column(
         kind = index  # reported by load_schema
     if auto_inc and default is _MISSING and default_factory is _MISSING:
         default = 0
-    options = _ColumnOptions(primary_key, auto_inc, unique, kind, merge)
+    options = _ColumnOptions(primary_key, auto_inc, unique, kind, merge, renamed_from)
     return field(default=default, default_factory=default_factory, metadata={_META: options})
 
 
-def primary_key(*, auto_inc: bool = False, default: Any = _MISSING) -> Any:
+def primary_key(
+    *, auto_inc: bool = False, default: Any = _MISSING, renamed_from: str | None = None
+) -> Any:
     """The table's primary key. With `auto_inc`, 0 (or omitting it) means "assign the next"."""
-    return column(primary_key=True, auto_inc=auto_inc, default=default)
+    return column(primary_key=True, auto_inc=auto_inc, default=default, renamed_from=renamed_from)
 
 
-def unique(*, default: Any = _MISSING) -> Any:
+def unique(*, default: Any = _MISSING, renamed_from: str | None = None) -> Any:
     """A column whose values are unique across the table; `find` accepts it."""
-    return column(unique=True, default=default)
+    return column(unique=True, default=default, renamed_from=renamed_from)
 
 
-def index(kind: IndexKind = "hash", *, default: Any = _MISSING) -> Any:
+def index(
+    kind: IndexKind = "hash", *, default: Any = _MISSING, renamed_from: str | None = None
+) -> Any:
     """An indexed column: "hash" for equality, "ordered" for equality and ranges."""
-    return column(index=kind, default=default)
+    return column(index=kind, default=default, renamed_from=renamed_from)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +151,8 @@ class _TableSpec:
     visible: str | None
     merge: MergeRule | None
     problems: tuple[str, ...]
+    renamed_from: str | None = None
+    dropped: tuple[str, ...] = ()
 
 
 def table(
@@ -151,6 +163,8 @@ def table(
     indexes: Iterable[Index] = (),
     visible: str | None = None,
     merge: MergeRule | None = None,
+    renamed_from: str | None = None,
+    dropped: Iterable[str] = (),
 ) -> Any:
     """Declare a table. Use bare (`@table`) or with options (`@table(public=True)`).
 
@@ -163,6 +177,11 @@ def table(
             is visible when some row of `u` joined to it makes `cond` true). None: every row.
         merge: the default merge rule of the table's CRDT columns (see `column(merge=...)`).
             None: clients may not merge into them (only reducers write them).
+        renamed_from: the table's name in the stored schema, when the data was written with
+            the table under that name: it keeps its rows. Harmless once recorded.
+        dropped: columns of the stored table this module drops on purpose (their values are
+            lost; a column id is never reused). Harmless once recorded; a dropped name may
+            be declared again only after the drop was recorded (then it is a new column).
 
     The class becomes a keyword-only dataclass, so rows are built as `Message(text="hi")`.
     """
@@ -173,7 +192,18 @@ def table(
             klass = typing.cast(C, dataclasses.dataclass(kw_only=True, eq=True)(klass))
         except (TypeError, ValueError) as exc:
             problems.append(f"table {klass.__name__}: {exc}")
-        spec = _TableSpec(name, public, tuple(indexes), visible, merge, tuple(problems))
+        if isinstance(dropped, str):
+            problems.append(f"table {klass.__name__}: dropped= takes a tuple of column names")
+        spec = _TableSpec(
+            name,
+            public,
+            tuple(indexes),
+            visible,
+            merge,
+            tuple(problems),
+            renamed_from,
+            tuple(dropped) if not isinstance(dropped, str) else (),
+        )
         setattr(klass, _SPEC, spec)
         return klass
 
@@ -200,6 +230,72 @@ def presence(*, visible: str) -> Presence:
         visible: a visibility rule over `syncd_connection` (see `table(visible=...)`).
     """
     return Presence(visible)
+
+
+@dataclass(frozen=True, slots=True)
+class DropTables:
+    """What `drop_table(...)` returns: keep it in a module-level variable."""
+
+    names: tuple[str, ...]
+
+
+def drop_table(*names: str) -> DropTables:
+    """Drop stored tables on purpose: their rows are lost. Assign the result to a module-level
+    name::
+
+        DROPPED = syncd.drop_table("old_log", "draft")
+
+    Harmless once recorded. A dropped table's name may be used again by a new table (with no
+    rows) once the drop was recorded: remove the name from `drop_table` then.
+    """
+    return DropTables(tuple(names))
+
+
+@dataclass(frozen=True, slots=True)
+class _MigrationSpec:
+    table: str
+    name: str | None
+
+
+def migration(table: str, *, name: str | None = None) -> Callable[[F], F]:
+    """Declare a row function that migrates the stored rows of `table` once::
+
+        @syncd.migration("item")
+        def price_as_text(row: dict) -> dict | None:
+            row["price"] = f"{row['price']} EUR"
+            return row
+
+    It runs once per data directory (its name is recorded in the stored schema), in the
+    writer, before serving: it gets every stored row as a dict by column name, under the
+    layout the data was written with (columns the module dropped or retyped included, in
+    their stored form), and returns the row under the module's columns (a missing key takes
+    the column's default; keys of old columns are ignored) or None to delete it. The primary
+    key must stay. Its changes are one journaled transaction; an exception or an invalid row
+    changes nothing and the start fails, naming the function and the row.
+
+    A pending function makes changes of its table automatic that otherwise are refused: a
+    column added without a default, a type changed or narrowed.
+
+    Args:
+        table: the table's name in the module (after a rename).
+        name: the name recorded; defaults to the function's qualified name. Renaming the
+            function (without `name=`) makes it a new migration, which runs again.
+    """
+
+    def wrap(func: F) -> F:
+        setattr(func, _MIGRATION, _MigrationSpec(table, name))
+        return func
+
+    return wrap
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationDef:
+    """A checked row function (`migration`)."""
+
+    name: str
+    table: str
+    fn: Callable[[dict[str, Any]], dict[str, Any] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +346,8 @@ class ColumnDef:
     #: Who may merge into it (CRDT columns only): a rule, a check, or None (reducers only).
     #: Resolved: the table's default is already applied and False became None.
     merge: str | Callable[[Any], bool] | None = None
+    #: Its name in the stored schema, if the module renames it (`column(renamed_from=...)`).
+    renamed_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +374,10 @@ class TableDef:
     public: bool
     visible: str | None
     positions: dict[str, int] = field(default_factory=dict)
+    #: Its name in the stored schema, if the module renames it (`table(renamed_from=...)`).
+    renamed_from: str | None = None
+    #: Stored columns the module drops on purpose (`table(dropped=...)`).
+    dropped: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.positions.update({c.name: c.position for c in self.columns})
@@ -395,6 +497,10 @@ class Schema:
     #: The stored versions the data was written under (`core.stored_schema.attach`), the last
     #: being this module's; None: not checked against stored data (rows are read as version 1).
     history: SchemaHistory | None = None
+    #: Stored tables the module drops on purpose (`drop_table(...)`).
+    dropped_tables: tuple[str, ...] = ()
+    #: Row functions (`migration(...)`), in declaration order.
+    migrations: tuple[MigrationDef, ...] = ()
 
     @property
     def stored_version(self) -> int | None:
@@ -451,6 +557,8 @@ def load_schema(module: ModuleType | dict[str, Any], *, name: str = "") -> Schem
     tables: dict[str, TableDef] = {}
     reducers: dict[str, ReducerDef] = {}
     presences: list[Presence] = []
+    dropped_tables: list[str] = []
+    migrations: list[MigrationDef] = []
     seen: set[int] = set()
     for obj in list(namespace.values()):
         if id(obj) in seen:
@@ -460,6 +568,27 @@ def load_schema(module: ModuleType | dict[str, Any], *, name: str = "") -> Schem
             presences.append(obj)
             if not isinstance(obj.visible, str) or not obj.visible.strip():
                 problems.append("presence(visible=...) needs a rule (an SQL condition)")
+        elif isinstance(obj, DropTables):
+            for dropped in obj.names:
+                if not isinstance(dropped, str) or not _IDENT.match(dropped):
+                    problems.append(f"drop_table: {dropped!r} is not a table name")
+                elif dropped not in dropped_tables:
+                    dropped_tables.append(dropped)
+        elif callable(obj) and isinstance(getattr(obj, _MIGRATION, None), _MigrationSpec):
+            mspec: _MigrationSpec = getattr(obj, _MIGRATION)
+            mname = mspec.name or getattr(obj, "__qualname__", "")
+            if not isinstance(mname, str) or not mname:
+                problems.append(f"migration {obj!r}: needs a name (name=...)")
+            elif any(m.name == mname for m in migrations):
+                problems.append(f"duplicate migration name {mname!r}")
+            elif (
+                inspect.iscoroutinefunction(obj)
+                or inspect.isgeneratorfunction(obj)
+                or inspect.isasyncgenfunction(obj)
+            ):
+                problems.append(f"migration {mname}: must be a plain function (row -> row)")
+            else:
+                migrations.append(MigrationDef(mname, mspec.table, obj))
         elif isinstance(obj, type) and isinstance(obj.__dict__.get(_SPEC), _TableSpec):
             tdef = _check_table(obj, namespace, problems)
             if tdef is None:
@@ -485,10 +614,32 @@ def load_schema(module: ModuleType | dict[str, Any], *, name: str = "") -> Schem
             problems.append(f"more than one {kind} reducer: {', '.join(named)}")
     if len(presences) > 1:
         problems.append(f"more than one presence(...) declaration ({len(presences)})")
+    for m in migrations:
+        if m.table not in tables:
+            problems.append(f"migration {m.name}: no table {m.table!r} in the module")
+    for dropped in dropped_tables:
+        if dropped in tables:
+            problems.append(
+                f"drop_table({dropped!r}): the module declares a table {dropped!r} too; drop "
+                "it first (start once), then declare the new table without drop_table"
+            )
+    renamed = [t.renamed_from for t in tables.values() if t.renamed_from is not None]
+    for old in sorted({n for n in renamed if renamed.count(n) > 1}):
+        problems.append(f"more than one table is renamed_from {old!r}")
+    for t in tables.values():
+        if t.renamed_from is not None and t.renamed_from in dropped_tables:
+            problems.append(f"table {t.name}: renamed_from {t.renamed_from!r}, which is dropped")
     if problems:
         raise SchemaError(problems)
     chosen = presences[0].visible if presences else None
-    return Schema(tables, reducers, module_name, chosen)
+    return Schema(
+        tables,
+        reducers,
+        module_name,
+        chosen,
+        dropped_tables=tuple(dropped_tables),
+        migrations=tuple(migrations),
+    )
 
 
 def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> TableDef | None:
@@ -522,7 +673,11 @@ def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> T
         default = NO_DEFAULT if f.default is _MISSING else f.default
         factory = None if f.default_factory is _MISSING else typing.cast(Any, f.default_factory)
         merge = _merge_rule(where, f.name, ctype, options.merge, spec, problems)
-        columns.append(ColumnDef(f.name, pos, ctype, default, factory, merge))
+        if options.renamed_from is not None and not (
+            isinstance(options.renamed_from, str) and options.renamed_from
+        ):
+            problems.append(f"{where}.{f.name}: renamed_from= must be a column name")
+        columns.append(ColumnDef(f.name, pos, ctype, default, factory, merge, options.renamed_from))
         if options.primary_key:
             pks.append(pos)
             if isinstance(ctype, CrdtType | OptionalType):
@@ -570,6 +725,27 @@ def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> T
             continue
         positions = tuple(by_name[c].position for c in declared.columns)
         indexes.append(IndexDef(iname, declared.columns, positions, declared.kind, declared.unique))
+    names = {c.name for c in columns}
+    for dropped in spec.dropped:
+        if not isinstance(dropped, str) or not dropped:
+            problems.append(f"{where}: dropped= holds {dropped!r}, not a column name")
+        elif dropped in names:
+            problems.append(
+                f"{where}: column {dropped!r} is both declared and dropped; drop it first "
+                "(start once), then declare the new column"
+            )
+    hinted = [c.renamed_from for c in columns if c.renamed_from is not None]
+    for old in sorted({n for n in hinted if hinted.count(n) > 1}):
+        problems.append(f"{where}: more than one column is renamed_from {old!r}")
+    for col in columns:
+        if col.renamed_from is not None and col.renamed_from in spec.dropped:
+            problems.append(
+                f"{where}.{col.name}: renamed_from {col.renamed_from!r}, which is dropped"
+            )
+    if spec.renamed_from is not None and not (
+        isinstance(spec.renamed_from, str) and _IDENT.match(spec.renamed_from)
+    ):
+        problems.append(f"{where}: renamed_from= must be a table name, not {spec.renamed_from!r}")
     if len(problems) > start:
         return None
     return TableDef(
@@ -581,6 +757,8 @@ def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> T
         indexes=tuple(indexes),
         public=spec.public,
         visible=spec.visible,
+        renamed_from=spec.renamed_from,
+        dropped=spec.dropped,
     )
 
 

@@ -107,19 +107,29 @@ def decode(schema: Schema, data: bytes) -> Snapshot:
     if raw.version != FORMAT_VERSION:
         raise ValueError(f"snapshot format {raw.version} is not supported (want {FORMAT_VERSION})")
     tables: dict[str, list[Row]] = {}
-    for name, states in raw.tables.items():
+    older = raw.schema_version != schema.version
+    if older and schema.history is None:
+        raise ValueError(
+            f"snapshot written under schema version {raw.schema_version}; this server knows "
+            "version 1 only"
+        )
+
+    def current(written: str) -> tuple[str, Any] | None:
+        """The table's name now and its converter (by identity); None: dropped since."""
+        if not older:
+            return written, None
+        assert schema.history is not None
+        return schema.history.reader(raw.schema_version, written)
+
+    for written, states in raw.tables.items():
+        found = current(written)
+        if found is None:
+            continue  # a table dropped since (a new table of its name is another one)
+        name, convert = found
         tdef = schema.tables.get(name)
         if tdef is None:
             raise ValueError(f"snapshot has table {name!r}, which the schema does not declare")
         width = len(tdef.columns)
-        convert = None
-        if raw.schema_version != schema.version:
-            if schema.history is None:
-                raise ValueError(
-                    f"snapshot written under schema version {raw.schema_version}; this server "
-                    "knows version 1 only"
-                )
-            convert = schema.history.converter(raw.schema_version, name)
         rows: list[Row] = []
         for state in states:
             if convert is not None:
@@ -133,10 +143,15 @@ def decode(schema: Schema, data: bytes) -> Snapshot:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"snapshot row of {name} does not decode: {exc}") from exc
         tables[name] = rows
-    for name in raw.next_ids:
-        if name not in schema.tables:
-            raise ValueError(f"snapshot has a next id for {name!r}, which the schema lacks")
-    return Snapshot(Offset(raw.offset), dict(raw.next_ids), tables)
+    next_ids: dict[str, int] = {}
+    for written, next_id in raw.next_ids.items():
+        found = current(written)
+        if found is None:
+            continue
+        if found[0] not in schema.tables:
+            raise ValueError(f"snapshot has a next id for {found[0]!r}, which the schema lacks")
+        next_ids[found[0]] = next_id
+    return Snapshot(Offset(raw.offset), next_ids, tables)
 
 
 def schema_version_of(data: bytes) -> int:

@@ -1,30 +1,48 @@
 """The stored schema: what the data was written under, and how a module may change it.
 
 A module's `Schema` (core.schema) is what the code says today; a `StoredSchema` is the version of
-it the data was written under, kept in the journal with the data. Each column has a stable `id`
-(never reused within its table), so rows written under an older version are read by column
-identity, not by position: a column inserted in the middle of a class, or two columns swapped,
-cannot shift values into the wrong column.
+it the data was written under, kept in the journal with the data. Each table and each column
+has a stable `id` (a table id is never reused, a column id never within its table), so rows
+written under an older version are read by identity, not by name or position: a column
+inserted in the middle of a class, two columns swapped, a renamed table or a new table reusing a
+dropped table's name cannot put values into the wrong place.
 
-Identity is by name: a module column matches the stored column of the same name in the same
-table. A rename therefore looks like a drop plus an add, and is refused (rename hints are not
-supported yet, issue 11).
+Identity is by name unless the module says otherwise: a module column matches the stored column
+of the same name in the same table. The module says what to do with a change that is not
+automatic in three ways (docs/operations.md, "Changing a module"):
 
-`plan(stored, module)` compares the two and classifies every difference:
+- a rename hint, `column(renamed_from="old")` or `table(renamed_from="old")`: the column keeps
+  its id (its values), the table its id (its rows). Once recorded the stored name is the new
+  one, so the hint matches nothing and is ignored; a hint naming nothing stored is refused;
+- an explicit drop, `table(dropped=("col",))` or `drop_table("t")`: the values or rows are lost
+  and the id is never reused. A drop of a name the stored schema no longer has but once had is
+  harmless (already recorded); of a name it never had, refused (a typo);
+- a row function, `@migration("t")` (core.schema), pending until its name is in the stored
+  schema's `migrations`: it makes the changes of its table automatic that else are refused (a
+  column added without a default, a type changed or narrowed). A column whose type changes
+  gets a new id, so rows written before read it as its `fill` (a valid value of the new type:
+  its default, else the type's zero), until the migration transaction (server.schema_check)
+  writes the function's rows.
+
+`plan(stored, module, history=...)` compares the two and classifies every difference:
 
 - automatic: adding a table; adding a column that has a default (at any position); moving a
   column; changing a default (only new rows see it); adding or dropping a non-unique index;
   public <-> private; changing a visibility, merge or presence rule; widening a type so that
   every stored value stays valid (`T -> T | None`, a new enum member, the same inside `LWW[...]`);
-  adding, removing or changing reducers.
-- refused: dropping or renaming a table or column; adding a column without a default (old rows
-  have no value for it); narrowing or changing a type; removing an enum member; changing the
-  primary key or auto_inc; adding a unique index (existing rows are not checked yet).
+  adding, removing or changing reducers; a hinted rename or drop; a pending row function;
+- automatic if the data allows (`Plan.checks`, run by the server against the recovered rows
+  before anything is written): adding a unique index (no duplicates), narrowing a type
+  (`T | None -> T`, an enum member removed) when no stored value is outside the new type;
+- refused: dropping or renaming a table or column without a hint; adding a column without a
+  default, or changing or narrowing a type (of a CRDT column) without a row function; changing
+  the primary key or auto_inc; a hint that names nothing stored or clashes.
 
 The result of an automatic plan is the next stored version. Rows written under any earlier
-version convert to it with `SchemaHistory.converter`: each current column takes the stored cell
-of the same id, or its `fill` (the state of its default, fixed when the column was added, so
-every replica and every replay fills the same value).
+version convert to it with `SchemaHistory.reader`: each current column takes the stored cell of
+the same id, or its `fill` (the state of its default, fixed when the column was added, so
+every replica and every replay fills the same value); rows of a table dropped since are
+skipped.
 
 Everything here is pure: the server reads and writes the encoded history (`encode_history`,
 `decode_history`) through the journal.
@@ -34,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,10 +60,11 @@ import msgspec
 
 from syncd.core.hlc import Stamp
 from syncd.core.schema import NO_DEFAULT, ColumnDef, Schema, TableDef
-from syncd.core.values import CrdtType
+from syncd.core.values import ColumnType, CrdtType, EnumType, OptionalType
 
 __all__ = [
     "Change",
+    "DataCheck",
     "Plan",
     "SchemaHistory",
     "StoredColumn",
@@ -74,7 +93,7 @@ class StoredColumn(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         id: stable within its table, never reused; rows are read by it.
-        name: the column's name (its identity against a module).
+        name: the column's name (its identity against a module, unless it is renamed).
         type: `ColumnType.describe()`.
         nullable: the type is `X | None`.
         has_default: the module declares a default (or a default factory).
@@ -108,7 +127,11 @@ class StoredIndex(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StoredTable(msgspec.Struct, frozen=True, kw_only=True):
-    """A table as stored: columns in the module's order, the primary key by column id."""
+    """A table as stored: columns in the module's order, the primary key by column id.
+
+    `id` is stable across versions (renames keep it) and never reused; 0 only in histories
+    written before tables had ids (`decode_history` numbers those).
+    """
 
     name: str
     columns: list[StoredColumn]
@@ -119,6 +142,7 @@ class StoredTable(msgspec.Struct, frozen=True, kw_only=True):
     visible: str | None
     #: The id the next added column gets (ids of dropped columns are never reused).
     next_column_id: int
+    id: int = 0
 
     def column(self, name: str) -> StoredColumn | None:
         for c in self.columns:
@@ -151,6 +175,9 @@ class StoredSchema(msgspec.Struct, frozen=True, kw_only=True):
         module: the name of the module that recorded this version (what `syncd restore` to a
             point before a later migration says to start with); "" in versions recorded before
             it was kept.
+        next_table_id: the id the next added table gets (ids are never reused).
+        migrations: the names of the row functions (`core.schema.migration`) already applied
+            to this data, or declared when it was created (they never run on it).
     """
 
     version: int
@@ -158,6 +185,8 @@ class StoredSchema(msgspec.Struct, frozen=True, kw_only=True):
     reducers: list[StoredReducer]
     presence: str | None = None
     module: str = ""
+    next_table_id: int = 0
+    migrations: list[str] = msgspec.field(default_factory=list)
 
     def table(self, name: str) -> StoredTable | None:
         for t in self.tables:
@@ -165,10 +194,18 @@ class StoredSchema(msgspec.Struct, frozen=True, kw_only=True):
                 return t
         return None
 
+    def table_by_id(self, table_id: int) -> StoredTable | None:
+        for t in self.tables:
+            if t.id == table_id:
+                return t
+        return None
+
     @classmethod
     def from_schema(cls, schema: Schema, *, version: int = 1) -> StoredSchema:
-        """The module's schema as a fresh stored schema: column ids 1, 2, ... in class order."""
-        return _stored(schema, None, version)
+        """The module's schema as a fresh stored schema: table and column ids 1, 2, ... in
+        order; its row functions count as applied (there are no older rows to migrate)."""
+        fresh = _stored(schema, None, version, {}, {}, set())
+        return msgspec.structs.replace(fresh, migrations=[m.name for m in schema.migrations])
 
 
 _history_encoder = msgspec.msgpack.Encoder()
@@ -181,7 +218,8 @@ def encode_history(versions: list[StoredSchema]) -> bytes:
 
 
 def decode_history(data: bytes) -> list[StoredSchema]:
-    """Inverse of `encode_history`.
+    """Inverse of `encode_history`. Tables of histories written before tables had ids are
+    numbered by name (before, a table could neither be renamed nor dropped).
 
     Raises:
         ValueError: the bytes are not a history, or its versions are not 1, 2, 3, ...
@@ -192,7 +230,23 @@ def decode_history(data: bytes) -> list[StoredSchema]:
         raise ValueError(f"the stored schema does not decode: {exc}") from exc
     if [v.version for v in versions] != list(range(1, len(versions) + 1)):
         raise ValueError(f"stored schema versions are not 1..n: {[v.version for v in versions]}")
-    return versions
+    return _numbered(versions)
+
+
+def _numbered(versions: list[StoredSchema]) -> list[StoredSchema]:
+    if all(t.id for v in versions for t in v.tables):
+        return versions
+    ids: dict[str, int] = {}
+    out: list[StoredSchema] = []
+    for v in versions:
+        tables = []
+        for t in v.tables:
+            if not t.id:
+                t = msgspec.structs.replace(t, id=ids.setdefault(t.name, len(ids) + 1))
+            tables.append(t)
+        top = max([v.next_table_id - 1, *(t.id for t in tables), len(ids)])
+        out.append(msgspec.structs.replace(v, tables=tables, next_table_id=top + 1))
+    return out
 
 
 # -- building a stored schema from a module ---------------------------------------------------
@@ -215,14 +269,9 @@ class _Unfit:
 _UNFIT: Any = _Unfit()
 
 
-def _fill(col: ColumnDef) -> Any:
-    """The state of the column's default, as old rows will read it; None without a default,
-    `_UNFIT` when the default is not a valid value of the column."""
-    if col.default is NO_DEFAULT and col.default_factory is None:
-        return None
-    ctype = col.type
+def _state_of(ctype: ColumnType, value: Any) -> Any:
+    """The state form of a python value of the column (`_UNFIT` when it is not valid)."""
     try:
-        value = col.default if col.default is not NO_DEFAULT else col.default_factory()  # type: ignore[misc]
         if isinstance(ctype, CrdtType):
             stored = ctype.assign(None, value, Stamp(0, 0, FILL_WRITER))
         else:
@@ -232,18 +281,64 @@ def _fill(col: ColumnDef) -> Any:
         return _UNFIT
 
 
-def _column(col: ColumnDef, column_id: int, previous: StoredColumn | None) -> StoredColumn:
+def _fill(col: ColumnDef) -> Any:
+    """The state of the column's default, as old rows will read it; None without a default,
+    `_UNFIT` when the default is not a valid value of the column."""
+    if col.default is NO_DEFAULT and col.default_factory is None:
+        return None
+    try:
+        value = col.default if col.default is not NO_DEFAULT else col.default_factory()  # type: ignore[misc]
+    except (TypeError, ValueError):
+        return _UNFIT
+    return _state_of(col.type, value)
+
+
+def _zero_value(ctype: ColumnType) -> Any:
+    """Some valid python value of the type (None, 0, "", the first enum member, ...)."""
+    if isinstance(ctype, OptionalType):
+        return None
+    if isinstance(ctype, EnumType):
+        return next(iter(ctype.cls)).value
+    inner = getattr(ctype, "inner", None)
+    if ctype.kind == "lww" and isinstance(inner, ColumnType):
+        return _zero_value(inner)
+    for candidate in (0, "", False, 0.0, b"", "-", None):
+        try:
+            ctype.check(candidate)
+        except (TypeError, ValueError):
+            continue
+        return candidate
+    return _UNFIT
+
+
+def _zero(col: ColumnDef) -> Any:
+    """The fill of a column a row function writes: its default if that fits, else the state of
+    a zero value of its type (rows read it only until the migration transaction)."""
+    fill = _fill(col)
+    has_default = col.default is not NO_DEFAULT or col.default_factory is not None
+    if has_default and fill is not _UNFIT:
+        return fill
+    value = _zero_value(col.type)
+    return _UNFIT if value is _UNFIT else _state_of(col.type, value)
+
+
+def _column(
+    col: ColumnDef, column_id: int, previous: StoredColumn | None, *, by_function: bool = False
+) -> StoredColumn:
     has_default = col.default is not NO_DEFAULT or col.default_factory is not None
     default = None
     factory = None
-    fill = previous.fill if previous is not None else _fill(col)
+    if previous is not None:
+        fill = previous.fill
+    else:
+        fill = _zero(col) if by_function else _fill(col)
     fits = _fill(col) is not _UNFIT
     if col.default_factory is not None:
         factory = _rule(col.default_factory)
     elif has_default:
         default = _fill(col) if fits else repr(col.default)
     if fill is _UNFIT:
-        fill = None  # never read: adding a column whose default does not fit is refused
+        fill = None  # never read: adding a column without a valid fill is refused
     return StoredColumn(
         id=column_id,
         name=col.name,
@@ -258,15 +353,35 @@ def _column(col: ColumnDef, column_id: int, previous: StoredColumn | None) -> St
     )
 
 
-def _table(tdef: TableDef, previous: StoredTable | None) -> StoredTable:
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """How a module table maps onto its stored table: the stored column each module column
+    continues (None: a new column), the ones that get a new id anyway (their type changes
+    under a row function), and whether a row function writes the new columns."""
+
+    match: dict[str, StoredColumn | None]
+    fresh: frozenset[str] = frozenset()
+    by_function: bool = False
+
+
+def _by_name(tdef: TableDef, previous: StoredTable | None) -> _Layout:
+    return _Layout(
+        {c.name: None if previous is None else previous.column(c.name) for c in tdef.columns}
+    )
+
+
+def _table(
+    tdef: TableDef, previous: StoredTable | None, table_id: int, layout: _Layout | None = None
+) -> StoredTable:
+    layout = layout or _by_name(tdef, previous)
     next_id = previous.next_column_id if previous is not None else 1
     columns: list[StoredColumn] = []
     for col in tdef.columns:
-        before = previous.column(col.name) if previous is not None else None
-        if before is not None:
+        before = layout.match.get(col.name)
+        if before is not None and col.name not in layout.fresh:
             columns.append(_column(col, before.id, before))
         else:
-            columns.append(_column(col, next_id, None))
+            columns.append(_column(col, next_id, None, by_function=layout.by_function))
             next_id += 1
     ids = {c.name: c.id for c in columns}
     return StoredTable(
@@ -283,21 +398,38 @@ def _table(tdef: TableDef, previous: StoredTable | None) -> StoredTable:
         public=tdef.public,
         visible=tdef.visible,
         next_column_id=next_id,
+        id=table_id,
     )
 
 
-def _stored(schema: Schema, previous: StoredSchema | None, version: int) -> StoredSchema:
+def _stored(
+    schema: Schema,
+    previous: StoredSchema | None,
+    version: int,
+    tables: dict[str, StoredTable | None],
+    layouts: dict[str, _Layout],
+    applied: set[str],
+) -> StoredSchema:
+    next_table = previous.next_table_id if previous is not None else 1
+    out: list[StoredTable] = []
+    for t in schema.tables.values():
+        before = tables.get(t.name)
+        if before is None:
+            table_id, next_table = next_table, next_table + 1
+        else:
+            table_id = before.id
+        out.append(_table(t, before, table_id, layouts.get(t.name)))
+    done = list(previous.migrations) if previous is not None else []
     return StoredSchema(
         version=version,
-        tables=[
-            _table(t, previous.table(t.name) if previous is not None else None)
-            for t in schema.tables.values()
-        ],
+        tables=out,
         reducers=[
             StoredReducer(name=r.name, description=r.describe()) for r in schema.reducers.values()
         ],
         presence=schema.presence,
         module=schema.module_name,
+        next_table_id=next_table,
+        migrations=done + [m.name for m in schema.migrations if m.name in applied],
     )
 
 
@@ -325,6 +457,26 @@ class Change:
 
 
 @dataclass(frozen=True, slots=True)
+class DataCheck:
+    """A change that is automatic only if the stored rows allow it. The server checks it
+    against the rows recovered under the new version (after any row function), before
+    anything is written (`server.schema_check`).
+
+    Attributes:
+        kind: "unique": no two rows share the key of the unique index `name`; "values": every
+            value of column `name` is valid under its (narrowed) type.
+        table: the table's name in the module.
+        name: the index or column.
+        what: the change, as the diff says it.
+    """
+
+    kind: Literal["unique", "values"]
+    table: str
+    name: str
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """What starting a module over stored data does.
 
@@ -335,12 +487,16 @@ class Plan:
         stored: the stored schema the data is under.
         target: the stored schema to run under: `stored` when identical, the next version
             when automatic, None when refused.
+        checks: what the stored rows must allow before the migration may be recorded.
+        functions: the row functions that run (by name), in declaration order.
     """
 
     kind: Literal["identical", "automatic", "refused"]
     changes: tuple[Change, ...]
     stored: StoredSchema
     target: StoredSchema | None
+    checks: tuple[DataCheck, ...] = ()
+    functions: tuple[str, ...] = ()
 
     def diff(self) -> str:
         """A readable report: one line per change, refused ones saying why."""
@@ -354,29 +510,108 @@ class Plan:
         }[self.kind]
         return "\n".join([head, *(str(c) for c in self.changes)])
 
+    def indexes_to_build(self) -> list[tuple[str, str]]:
+        """(table, index) of every index the new version has and the stored one lacks (or
+        has with other columns): built from the rows at start."""
+        if self.target is None:
+            return []
+        out: list[tuple[str, str]] = []
+        for t in self.target.tables:
+            old = self.stored.table_by_id(t.id)
+            before = {i.name: i for i in old.indexes} if old is not None else {}
+            out.extend((t.name, i.name) for i in t.indexes if before.get(i.name) != i)
+        return out
 
-def plan(stored: StoredSchema, schema: Schema) -> Plan:
+    def tables_rewritten(self) -> list[str]:
+        """Tables (by their new name) whose stored rows read differently under the new
+        version: renamed, or a column added, dropped or given a new id."""
+        if self.target is None:
+            return []
+        out: list[str] = []
+        for t in self.target.tables:
+            old = self.stored.table_by_id(t.id)
+            if old is None:
+                continue
+            if old.name != t.name or [c.id for c in old.columns] != [c.id for c in t.columns]:
+                out.append(t.name)
+        return out
+
+    def tables_dropped(self) -> list[str]:
+        """Stored tables (by their stored name) the new version no longer has."""
+        if self.target is None:
+            return []
+        return [t.name for t in self.stored.tables if self.target.table_by_id(t.id) is None]
+
+
+def plan(stored: StoredSchema, schema: Schema, *, history: Sequence[StoredSchema] = ()) -> Plan:
     """Compare a module's schema with the stored schema the data was written under.
+
+    Args:
+        stored: the last stored version.
+        schema: the module's.
+        history: every stored version (`stored` last), to tell a drop already recorded
+            (harmless) from a drop of a name never stored (a typo: refused).
 
     Pure; never raises for a difference (a refused change is a `Plan` of kind "refused").
     """
+    past = tuple(history) or (stored,)
     changes: list[Change] = []
+    checks: list[DataCheck] = []
+    pending = [m for m in schema.migrations if m.name not in stored.migrations]
+    with_function = {m.table for m in pending}
+    matched: dict[str, StoredTable | None] = {name: stored.table(name) for name in schema.tables}
+    claimed = {name for name, old in matched.items() if old is not None}
+    for name, tdef in schema.tables.items():
+        hint = tdef.renamed_from
+        if matched[name] is not None or hint is None:
+            continue
+        old = stored.table(hint)
+        what = f"table {name}: renamed_from {hint!r}"
+        if old is None:
+            gone = " (it was dropped)" if any(v.table(hint) for v in past) else ""
+            changes.append(Change(what, False, f"the stored schema has no table {hint!r}{gone}"))
+        elif hint in claimed:
+            changes.append(Change(what, False, f"the module still declares table {hint} too"))
+        else:
+            matched[name] = old
+            claimed.add(hint)
+            changes.append(Change(f"table {hint} renamed to {name} (rows kept)", True))
     for old in stored.tables:
-        new_def = schema.tables.get(old.name)
-        if new_def is None:
+        if old.name in claimed:
+            continue
+        if old.name in schema.dropped_tables:
+            changes.append(
+                Change(f"table {old.name} dropped (drop_table: its rows are lost)", True)
+            )
+        else:
             changes.append(
                 Change(
                     f"table {old.name} dropped (or renamed)",
                     False,
-                    "its rows would be lost; a rename is a drop plus an add (renamed_from= "
-                    "is not supported yet)",
+                    "its rows would be lost; say what to do: table(renamed_from="
+                    f"{old.name!r}) on the table it became, or syncd.drop_table({old.name!r})",
                 )
             )
+    for name in schema.dropped_tables:
+        if stored.table(name) is None and not any(v.table(name) for v in past):
+            changes.append(
+                Change(f"drop_table({name!r})", False, "no table of that name was ever stored")
+            )
+    layouts: dict[str, _Layout] = {}
+    for name, tdef in schema.tables.items():
+        old = matched[name]
+        if old is None:
+            if tdef.renamed_from is None or stored.table(tdef.renamed_from) is None:
+                changes.append(Change(f"table {name} added", True))
             continue
-        changes.extend(_table_changes(old, _table(new_def, old)))
-    for name in schema.tables:
-        if stored.table(name) is None:
-            changes.append(Change(f"table {name} added", True))
+        found, data, layout = _table_changes(old, tdef, name in with_function, past)
+        changes.extend(found)
+        checks.extend(data)
+        layouts[name] = layout
+    for m in pending:
+        changes.append(
+            Change(f"table {m.table}: migration {m.name} runs over every stored row, once", True)
+        )
     old_reducers = {r.name: r for r in stored.reducers}
     new_reducers = {r.name: r.describe() for r in schema.reducers.values()}
     for name in sorted(old_reducers.keys() - new_reducers.keys()):
@@ -391,8 +626,16 @@ def plan(stored: StoredSchema, schema: Schema) -> Plan:
     if not changes:
         return Plan("identical", (), stored, stored)
     if all(c.automatic for c in changes):
-        target = _stored(schema, stored, stored.version + 1)
-        return Plan("automatic", tuple(changes), stored, target)
+        names = {m.name for m in pending}
+        target = _stored(schema, stored, stored.version + 1, matched, layouts, names)
+        return Plan(
+            "automatic",
+            tuple(changes),
+            stored,
+            target,
+            tuple(checks),
+            tuple(m.name for m in pending),
+        )
     return Plan("refused", tuple(changes), stored, None)
 
 
@@ -401,15 +644,15 @@ def changes_between(old: StoredSchema, new: StoredSchema) -> list[Change]:
     in the words of `plan`: what a restore to a point under `old` leaves out."""
     changes: list[Change] = []
     for table in new.tables:
-        before = old.table(table.name)
+        before = old.table_by_id(table.id)
         if before is None:
             changes.append(Change(f"table {table.name} added", True))
         else:
-            changes.extend(_table_changes(before, table))
+            changes.extend(_stored_changes(before, table))
     changes.extend(
         Change(f"table {t.name} dropped", False, "")
         for t in old.tables
-        if new.table(t.name) is None
+        if new.table_by_id(t.id) is None
     )
     old_reducers = {r.name: r.description for r in old.reducers}
     for r in new.reducers:
@@ -424,6 +667,71 @@ def changes_between(old: StoredSchema, new: StoredSchema) -> list[Change]:
     if old.presence != new.presence:
         changes.append(Change("the presence visibility rule changed", True))
     return changes
+
+
+def _stored_changes(old: StoredTable, new: StoredTable) -> list[Change]:
+    """What one stored table's later version changed (columns and tables by identity)."""
+    where = f"table {new.name}"
+    out: list[Change] = []
+    if old.name != new.name:
+        out.append(Change(f"table {old.name} renamed to {new.name}", True))
+    for col in old.columns:
+        if new.column_by_id(col.id) is None:
+            out.append(Change(f"{where}: column {col.name} ({_type_text(col.type)}) dropped", True))
+    for pos, col in enumerate(new.columns):
+        before = old.column_by_id(col.id)
+        if before is None:
+            shown = f"default {col.default!r}" if col.factory is None else col.factory
+            out.append(
+                Change(
+                    f"{where}: column {col.name} ({_type_text(col.type)}, {shown}) added at "
+                    f"position {pos}",
+                    True,
+                )
+            )
+            continue
+        if before.name != col.name:
+            out.append(Change(f"{where}: column {before.name} renamed to {col.name}", True))
+        if before.type != col.type:
+            verb = "widened" if widens(before.type, col.type) else "type changed"
+            out.append(
+                Change(
+                    f"{where}: column {col.name} {verb} from {_type_text(before.type)} to "
+                    f"{_type_text(col.type)}",
+                    True,
+                )
+            )
+        if (before.has_default, before.default, before.factory) != (
+            col.has_default,
+            col.default,
+            col.factory,
+        ):
+            out.append(Change(f"{where}: column {col.name} default changed", True))
+        if before.merge != col.merge:
+            out.append(Change(f"{where}: column {col.name} merge rule changed", True))
+    old_ids = {c.id for c in old.columns}
+    new_ids = {c.id for c in new.columns}
+    if [c.id for c in old.columns if c.id in new_ids] != [
+        c.id for c in new.columns if c.id in old_ids
+    ]:
+        names = ", ".join(c.name for c in new.columns if c.id in old_ids)
+        out.append(Change(f"{where}: columns reordered ({names}); rows follow names", True))
+    if old.primary_key != new.primary_key or old.auto_inc != new.auto_inc:
+        out.append(Change(f"{where}: primary key changed", False, ""))
+    old_idx = {i.name: i for i in old.indexes}
+    new_idx = {i.name: i for i in new.indexes}
+    for name, idx in old_idx.items():
+        if new_idx.get(name) != idx:
+            out.append(Change(f"{where}: index {name} dropped", True))
+    for name, idx in new_idx.items():
+        if old_idx.get(name) != idx:
+            kind = "unique index" if idx.unique else "index"
+            out.append(Change(f"{where}: {kind} {name} added (built at start)", True))
+    if old.public != new.public:
+        out.append(Change(f"{where}: made {'public' if new.public else 'private'}", True))
+    if old.visible != new.visible:
+        out.append(Change(f"{where}: visibility rule changed", True))
+    return out
 
 
 def _type_text(t: dict[str, Any]) -> str:
@@ -451,61 +759,134 @@ def widens(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return False
 
 
-def _table_changes(old: StoredTable, new: StoredTable) -> list[Change]:
-    where = f"table {old.name}"
+def _ever_had(past: Sequence[StoredSchema], table_id: int, column: str) -> bool:
+    for v in past:
+        t = v.table_by_id(table_id)
+        if t is not None and t.column(column) is not None:
+            return True
+    return False
+
+
+_ADD_HELP = "declare a @syncd.migration for the table to write it"
+
+
+def _table_changes(
+    old: StoredTable, tdef: TableDef, by_function: bool, past: Sequence[StoredSchema]
+) -> tuple[list[Change], list[DataCheck], _Layout]:
+    where = f"table {tdef.name}"
     out: list[Change] = []
-    for col in old.columns:
-        if new.column(col.name) is None:
+    checks: list[DataCheck] = []
+    match: dict[str, StoredColumn | None] = {c.name: old.column(c.name) for c in tdef.columns}
+    claimed = {c.name for c in match.values() if c is not None}
+    for col in tdef.columns:
+        hint = col.renamed_from
+        if match[col.name] is not None or hint is None:
+            continue
+        before = old.column(hint)
+        what = f"{where}: column {col.name} renamed_from {hint!r}"
+        if before is None:
+            gone = " (it was dropped)" if _ever_had(past, old.id, hint) else ""
+            out.append(Change(what, False, f"table {old.name} has no stored column {hint!r}{gone}"))
+        elif hint in claimed:
+            out.append(Change(what, False, f"the module still declares column {hint} too"))
+        else:
+            match[col.name] = before
+            claimed.add(hint)
+            out.append(Change(f"{where}: column {hint} renamed to {col.name} (values kept)", True))
+    for stored_col in old.columns:
+        if stored_col.name in claimed:
+            continue
+        shown = f"{where}: column {stored_col.name} ({_type_text(stored_col.type)}) dropped"
+        if stored_col.name in tdef.dropped:
+            out.append(Change(f"{shown} (dropped=: its values are lost)", True))
+        else:
             out.append(
                 Change(
-                    f"{where}: column {col.name} ({_type_text(col.type)}) dropped (or renamed)",
+                    f"{shown} (or renamed)",
                     False,
-                    "its values would be lost; a rename is a drop plus an add (renamed_from= "
-                    "is not supported yet)",
+                    "its values would be lost; say what to do: column(renamed_from="
+                    f"{stored_col.name!r}) on the column it became, or table(dropped="
+                    f"({stored_col.name!r},))",
                 )
             )
-    old_order = [c.name for c in old.columns if new.column(c.name) is not None]
+    for name in tdef.dropped:
+        if old.column(name) is None and not _ever_had(past, old.id, name):
+            out.append(
+                Change(
+                    f"{where}: dropped={name!r}",
+                    False,
+                    f"table {old.name} never had a stored column {name!r}",
+                )
+            )
+    fresh: set[str] = set()
+    for col in tdef.columns:
+        before = match[col.name]
+        new_type = col.type.describe()
+        if before is None or before.type == new_type:
+            continue
+        change = f"from {_type_text(before.type)} to {_type_text(new_type)}"
+        if widens(before.type, new_type):
+            out.append(Change(f"{where}: column {col.name} widened {change}", True))
+        elif by_function:
+            fresh.add(col.name)
+            out.append(
+                Change(
+                    f"{where}: column {col.name} type changed {change} (a new column, written "
+                    "by the migration function)",
+                    True,
+                )
+            )
+        elif widens(new_type, before.type) and not col.type.is_crdt:
+            what = f"{where}: column {col.name} narrowed {change}"
+            out.append(Change(f"{what} (if no stored value is outside it: checked at start)", True))
+            checks.append(DataCheck("values", tdef.name, col.name, what))
+        else:
+            out.append(
+                Change(
+                    f"{where}: column {col.name} type changed {change}",
+                    False,
+                    "stored values may not be valid under the new type (only widening, "
+                    "like T -> T | None or a new enum member, is automatic; narrowing is when "
+                    f"no stored value is outside the new type); {_ADD_HELP}",
+                )
+            )
+    layout = _Layout(match, frozenset(fresh), by_function)
+    new = _table(tdef, old, old.id, layout)
+    old_ids = {c.id for c in old.columns}
+    new_ids = {c.id for c in new.columns}
     for pos, col in enumerate(new.columns):
-        before = old.column(col.name)
-        if before is None:
+        if col.name in fresh:
+            continue
+        if col.id not in old_ids:
+            kind = _type_text(col.type)
             if col.has_default and col.default_fits:
                 shown = f"default {col.default!r}" if col.factory is None else col.factory
                 out.append(
                     Change(
-                        f"{where}: column {col.name} ({_type_text(col.type)}, {shown}) added "
-                        f"at position {pos}",
+                        f"{where}: column {col.name} ({kind}, {shown}) added at position {pos}",
+                        True,
+                    )
+                )
+            elif by_function and _zero(tdef.columns[pos]) is not _UNFIT:
+                out.append(
+                    Change(
+                        f"{where}: column {col.name} ({kind}) added at position {pos}, written "
+                        f"by the migration function (rows before it read {col.fill!r})",
                         True,
                     )
                 )
             else:
                 out.append(
                     Change(
-                        f"{where}: column {col.name} ({_type_text(col.type)}) added",
+                        f"{where}: column {col.name} ({kind}) added",
                         False,
                         "it has no default (or one that is not a valid value of its type), so "
-                        "existing rows would have no value (give it a default)",
+                        f"existing rows would have no value (give it a default, or {_ADD_HELP})",
                     )
                 )
             continue
-        if before.type != col.type:
-            if widens(before.type, col.type):
-                out.append(
-                    Change(
-                        f"{where}: column {col.name} widened from {_type_text(before.type)} "
-                        f"to {_type_text(col.type)}",
-                        True,
-                    )
-                )
-            else:
-                out.append(
-                    Change(
-                        f"{where}: column {col.name} type changed from "
-                        f"{_type_text(before.type)} to {_type_text(col.type)}",
-                        False,
-                        "stored values may not be valid under the new type (only widening, "
-                        "like T -> T | None or a new enum member, is automatic)",
-                    )
-                )
+        before = old.column_by_id(col.id)
+        assert before is not None
         if (before.has_default, before.default, before.factory) != (
             col.has_default,
             col.default,
@@ -514,14 +895,14 @@ def _table_changes(old: StoredTable, new: StoredTable) -> list[Change]:
             out.append(Change(f"{where}: column {col.name} default changed", True))
         if before.merge != col.merge:
             out.append(Change(f"{where}: column {col.name} merge rule changed", True))
-    new_order = [c.name for c in new.columns if old.column(c.name) is not None]
+    old_order = [c.id for c in old.columns if c.id in new_ids]
+    new_order = [c.id for c in new.columns if c.id in old_ids]
     if old_order != new_order:
-        out.append(
-            Change(f"{where}: columns reordered ({', '.join(new_order)}); rows follow names", True)
-        )
+        names = ", ".join(c.name for c in new.columns if c.id in old_ids)
+        out.append(Change(f"{where}: columns reordered ({names}); rows follow names", True))
     old_pk = old.column_by_id(old.primary_key)
     new_pk = new.column_by_id(new.primary_key)
-    if (old_pk and old_pk.name) != (new_pk and new_pk.name) or old.auto_inc != new.auto_inc:
+    if old.primary_key != new.primary_key or old.auto_inc != new.auto_inc:
         out.append(
             Change(
                 f"{where}: primary key changed from {old_pk and old_pk.name}"
@@ -539,13 +920,11 @@ def _table_changes(old: StoredTable, new: StoredTable) -> list[Change]:
     for name, idx in new_idx.items():
         if old_idx.get(name) != idx:
             if idx.unique:
+                what = f"{where}: unique index {name} added"
                 out.append(
-                    Change(
-                        f"{where}: unique index {name} added",
-                        False,
-                        "existing rows are not checked for duplicates yet",
-                    )
+                    Change(f"{what} (if no two stored rows share a key: checked at start)", True)
                 )
+                checks.append(DataCheck("unique", tdef.name, name, what))
             else:
                 out.append(Change(f"{where}: index {name} added (built at start)", True))
     if old.public != new.public:
@@ -554,7 +933,7 @@ def _table_changes(old: StoredTable, new: StoredTable) -> list[Change]:
         )
     if old.visible != new.visible:
         out.append(Change(f"{where}: visibility rule changed", True))
-    return out
+    return out, checks, layout
 
 
 # -- reading rows of older versions -----------------------------------------------------------
@@ -577,29 +956,44 @@ class SchemaHistory:
     def current(self) -> StoredSchema:
         return self.versions[-1]
 
-    @functools.cache  # noqa: B019 (one history per server; the cache lives as long as it)
-    def converter(self, version: int, table: str) -> Callable[[StateRow], StateRow] | None:
-        """Turns a state row of `table` written under `version` into the current layout.
-
-        Returns:
-            None when rows of that version already have the current layout.
+    def at(self, version: int) -> StoredSchema:
+        """The stored schema of `version`.
 
         Raises:
-            ValueError: no such version, or the table did not exist under it.
+            ValueError: no such version.
         """
         if not 1 <= version <= len(self.versions):
             raise ValueError(
                 f"data written under schema version {version}; this server knows 1.."
                 f"{len(self.versions)}"
             )
-        cur = self.current.table(table)
-        old = self.versions[version - 1].table(table)
-        if cur is None or old is None:
+        return self.versions[version - 1]
+
+    @functools.cache  # noqa: B019 (one history per server; the cache lives as long as it)
+    def reader(
+        self, version: int, table: str, to: int | None = None
+    ) -> tuple[str, Callable[[StateRow], StateRow] | None] | None:
+        """How to read state rows of `table` (its name under `version`) under version `to`
+        (None: the current one).
+
+        Returns:
+            (the table's name under `to`, a converter or None when rows of `version` already
+            have that layout), or None when the table does not exist under `to`: dropped since
+            (a new table of the same name is another table, with another id).
+
+        Raises:
+            ValueError: no such version, or the table did not exist under it.
+        """
+        old = self.at(version).table(table)
+        if old is None:
             raise ValueError(f"table {table!r} does not exist in schema version {version}")
+        cur = (self.current if to is None else self.at(to)).table_by_id(old.id)
+        if cur is None:
+            return None
         where = {c.id: i for i, c in enumerate(old.columns)}
         picks = tuple((where.get(c.id), c.fill) for c in cur.columns)
         if len(old.columns) == len(cur.columns) and all(p == i for i, (p, _) in enumerate(picks)):
-            return None
+            return cur.name, None
         width = len(old.columns)
 
         def convert(state: StateRow) -> StateRow:
@@ -610,7 +1004,18 @@ class SchemaHistory:
                 )
             return [fill if pos is None else state[pos] for pos, fill in picks]
 
-        return convert
+        return cur.name, convert
+
+    def converter(self, version: int, table: str) -> Callable[[StateRow], StateRow] | None:
+        """`reader` for a table that still exists (under the same name or another).
+
+        Raises:
+            ValueError: no such version, the table did not exist under it, or it was dropped.
+        """
+        found = self.reader(version, table)
+        if found is None:
+            raise ValueError(f"table {table!r} of schema version {version} was dropped since")
+        return found[1]
 
 
 def attach(schema: Schema, versions: list[StoredSchema]) -> Schema:

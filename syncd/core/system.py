@@ -55,4 +55,4 @@ def with_system_tables(schema: Schema) -> Schema:
     system = dict(_SYSTEM.tables)
     rule = schema.presence or DEFAULT_PRESENCE
     system[CONNECTION_TABLE] = dataclasses.replace(system[CONNECTION_TABLE], visible=rule)
-    return Schema({**schema.tables, **system}, schema.reducers, schema.module_name, schema.presence)
+    return dataclasses.replace(schema, tables={**schema.tables, **system})

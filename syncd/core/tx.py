@@ -93,21 +93,28 @@ def changes_from_state(
     schema: Schema, state: dict[str, list[Any]], version: int | None = None
 ) -> ChangeSet:
     """Inverse of `changes_to_state`, for state written under stored schema `version`
-    (None: the schema's current one).
+    (None: the schema's current one). Tables are named as under `version`; the result names
+    them as the schema does, without tables dropped since.
 
     Raises:
         ValueError: the version is unknown or a table did not exist under it.
     """
     tables: dict[str, dict[Any, Change]] = {}
-    for name, pairs in state.items():
-        tdef = schema.tables[name]
+    for written, pairs in state.items():
+        name = written
         convert = None
         if version is not None and version != schema.version:
             if schema.history is None:
                 raise ValueError(
                     f"written under schema version {version}; this server knows version 1 only"
                 )
-            convert = schema.history.converter(version, name)
+            # By table identity: the table may have been renamed since, or dropped (its rows
+            # are skipped, even if a new table took its name).
+            found = schema.history.reader(version, written)
+            if found is None:
+                continue
+            name, convert = found
+        tdef = schema.tables[name]
         rows: dict[Any, Change] = {}
         for old_s, new_s in pairs:
             if convert is not None:
