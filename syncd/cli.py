@@ -191,6 +191,18 @@ def _migrate(args: argparse.Namespace) -> int:
     print(report.diff)
     for table, count in sorted(report.rows.items()):
         print(f"  table {table}: {count} rows")
+    for table, count in sorted(report.affected.items()):
+        done = report.functions.get(table)
+        how = (
+            f"{done['changed']} changed, {done['deleted']} deleted by its migration function"
+            if done is not None
+            else "read under the new layout"
+            if table in report.rows
+            else "lost (dropped)"
+        )
+        print(f"  rows affected in {table}: {count} ({how})")
+    for table, index, count in report.indexes:
+        print(f"  index to build: {table}.{index} over {count} rows")
     for check in report.queries:
         verdict = "compiles" if check.error is None else f"stops compiling: {check.error}"
         print(f"  query {check.sql!r}: {verdict}")
@@ -201,6 +213,9 @@ def _migrate(args: argparse.Namespace) -> int:
         "dry_run": args.dry_run,
         "migration_offset": report.applied_offset,
         "rows": report.rows,
+        "rows_affected": report.affected,
+        "indexes_to_build": [[t, i] for t, i, _ in report.indexes],
+        "functions": report.functions,
         "broken_queries": [c.sql for c in report.queries if c.error is not None],
     }
     print(json.dumps(summary))

@@ -608,7 +608,18 @@ def plan(stored: StoredSchema, schema: Schema, *, history: Sequence[StoredSchema
         changes.extend(found)
         checks.extend(data)
         layouts[name] = layout
+    seen_tables: dict[str, str] = {}
     for m in pending:
+        if m.table in seen_tables:
+            changes.append(
+                Change(
+                    f"table {m.table}: migrations {seen_tables[m.table]} and {m.name} both due",
+                    False,
+                    "each would see the stored rows, not the other's; run one per start",
+                )
+            )
+            continue
+        seen_tables[m.table] = m.name
         changes.append(
             Change(f"table {m.table}: migration {m.name} runs over every stored row, once", True)
         )
@@ -854,47 +865,47 @@ def _table_changes(
     new = _table(tdef, old, old.id, layout)
     old_ids = {c.id for c in old.columns}
     new_ids = {c.id for c in new.columns}
-    for pos, col in enumerate(new.columns):
-        if col.name in fresh:
+    for pos, scol in enumerate(new.columns):
+        if scol.name in fresh:
             continue
-        if col.id not in old_ids:
-            kind = _type_text(col.type)
-            if col.has_default and col.default_fits:
-                shown = f"default {col.default!r}" if col.factory is None else col.factory
+        if scol.id not in old_ids:
+            kind = _type_text(scol.type)
+            if scol.has_default and scol.default_fits:
+                shown = f"default {scol.default!r}" if scol.factory is None else scol.factory
                 out.append(
                     Change(
-                        f"{where}: column {col.name} ({kind}, {shown}) added at position {pos}",
+                        f"{where}: column {scol.name} ({kind}, {shown}) added at position {pos}",
                         True,
                     )
                 )
             elif by_function and _zero(tdef.columns[pos]) is not _UNFIT:
                 out.append(
                     Change(
-                        f"{where}: column {col.name} ({kind}) added at position {pos}, written "
-                        f"by the migration function (rows before it read {col.fill!r})",
+                        f"{where}: column {scol.name} ({kind}) added at position {pos}, written "
+                        f"by the migration function (rows before it read {scol.fill!r})",
                         True,
                     )
                 )
             else:
                 out.append(
                     Change(
-                        f"{where}: column {col.name} ({kind}) added",
+                        f"{where}: column {scol.name} ({kind}) added",
                         False,
                         "it has no default (or one that is not a valid value of its type), so "
                         f"existing rows would have no value (give it a default, or {_ADD_HELP})",
                     )
                 )
             continue
-        before = old.column_by_id(col.id)
+        before = old.column_by_id(scol.id)
         assert before is not None
         if (before.has_default, before.default, before.factory) != (
-            col.has_default,
-            col.default,
-            col.factory,
+            scol.has_default,
+            scol.default,
+            scol.factory,
         ):
-            out.append(Change(f"{where}: column {col.name} default changed", True))
-        if before.merge != col.merge:
-            out.append(Change(f"{where}: column {col.name} merge rule changed", True))
+            out.append(Change(f"{where}: column {scol.name} default changed", True))
+        if before.merge != scol.merge:
+            out.append(Change(f"{where}: column {scol.name} merge rule changed", True))
     old_order = [c.id for c in old.columns if c.id in new_ids]
     new_order = [c.id for c in new.columns if c.id in old_ids]
     if old_order != new_order:

@@ -291,12 +291,14 @@ class Server:
             await journal.aclose()
             raise
         self.schema = check.schema
+        try:
+            # Row functions and data checks, then the history and the migration transaction;
+            # the store then holds the functions' rows at the migration's offset.
+            await record_migration(check, journal, replica_store, self.clock())
+        except BaseException:
+            await journal.aclose()
+            raise
         leader_store = snapshot.copy(replica_store)
-        migrated = await record_migration(
-            check, journal, Offset(replica_store.offset), self.clock()
-        )
-        if migrated is not None:
-            leader_store.offset = replica_store.offset = migrated
         self._last_snapshot = replica_store.offset
         secret = await journal.get_meta(ANON_SECRET_KEY)
         if secret is None:

@@ -2,13 +2,16 @@
 it without serving.
 
 The plan is `check_schema`'s (docs/operations.md, "Changing a module"): the changes, whether
-each is automatic, the rows of each table the new version reads (old rows get the defaults of
-added columns as they are read; nothing is rewritten), and, for queries the operator names
-(`--query`, for example the ones the application's clients subscribe to), whether each still
-compiles against the new schema.
+each is automatic, the rows of each table the new version reads, the rows affected (read under
+a new layout: old rows get the defaults of added columns as they are read, nothing is
+rewritten; changed or deleted by a row function; lost with a dropped table), the indexes built
+at start and, for queries the operator names (`--query`, for example the ones the
+application's clients subscribe to), whether each still compiles against the new schema.
 
 A dry run works on a copy of the journal, taken with SQLite's backup API (so a running server's
-directory can be planned against, WAL included), and writes nothing to the data directory.
+directory can be planned against, WAL included), and writes nothing to the data directory; the
+migration runs on the copy exactly as it would at start (`record_migration`: row functions and
+data checks included), so a failing function or a refused data check shows up in the dry run.
 Without `--dry-run` the migration is recorded and journaled exactly as `syncd serve` would at
 start (one migration transaction), so the next start is an identical one.
 """
@@ -19,16 +22,18 @@ import asyncio
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 from syncd.core.ids import Offset
 from syncd.core.query import compile_query
 from syncd.core.schema import Schema
+from syncd.core.tx import decode_tx
 from syncd.errors import ConfigError, SchemaMismatch, SubscriptionError
 from syncd.persist.sqlite import DEFAULT_FILENAME, SqliteJournal
 from syncd.ports import Journal
 from syncd.server.app import recover_checked
 from syncd.server.backup import copy_sqlite
-from syncd.server.schema_check import record_migration
+from syncd.server.schema_check import record_migration, rows_at, written_version
 from syncd.server.schema_gate import open_gate
 
 
@@ -50,10 +55,17 @@ class MigrationReport:
         diff: the readable plan, one change a line.
         version_from: the stored schema version the data is under (0: none stored).
         version_to: the version the module runs as.
-        rows: per public and private table of the module, the rows it holds.
+        rows: per public and private table of the module, the rows it holds (after the
+            migration).
         queries: the named queries, each compiled against the new schema.
         applied_offset: the migration transaction's offset when one was written (not a dry
             run), else None.
+        affected: per table (its new name), the stored rows the migration touches: read under
+            a new layout (a column added, dropped, retyped, the table renamed), or, for a
+            table with a row function, the rows it changed or deleted. A dropped table (by its
+            stored name) counts the rows lost.
+        indexes: (table, index, rows) of each index built at start.
+        functions: per table, the rows its row function changed and deleted.
     """
 
     kind: str
@@ -63,6 +75,9 @@ class MigrationReport:
     rows: dict[str, int]
     queries: list[QueryCheck] = field(default_factory=list)
     applied_offset: int | None = None
+    affected: dict[str, int] = field(default_factory=dict)
+    indexes: list[tuple[str, str, int]] = field(default_factory=list)
+    functions: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 async def migrate(
@@ -78,7 +93,8 @@ async def migrate(
 
     Raises:
         ConfigError: `data_dir` holds no journal.
-        SchemaMismatch: the change is refused (the message is the diff); nothing was written.
+        SchemaMismatch: the change is refused (the message is the diff), a row function
+            fails or the stored rows do not allow a change; nothing was written.
         JournalError: the journal cannot be read, or (not a dry run) it is open in a server.
     """
     journal_path = data_dir / DEFAULT_FILENAME
@@ -158,16 +174,37 @@ async def _report(
         kind, diff, before = "new", "no stored schema yet: recorded as version 1", 0
     else:
         kind, diff, before = plan.kind, plan.diff(), plan.stored.version
+    affected: dict[str, int] = {}
+    indexes: list[tuple[str, str, int]] = []
+    history = check.schema.history
+    written = await written_version(journal, Offset(store.offset))
+    if plan is not None and plan.target is not None and history is not None and written:
+        for name in plan.tables_rewritten():
+            affected[name] = len(store.tables[name].rows)
+        for name in plan.tables_dropped():
+            gone = plan.stored.table(name)
+            assert gone is not None
+            affected[name] = len((await rows_at(journal, history, gone.id, written))[0])
+    # A dry run migrates too (row functions and data checks fail here as they would at
+    # start), into an overlay that keeps what would be written in memory.
+    target = journal if apply else cast(Journal, _Overlay(journal))
+    offset = await record_migration(check, target, store, now_us)
+    functions: dict[str, dict[str, int]] = {}
+    if offset is not None:
+        ((_, payload),) = await target.read(Offset(offset - 1), 1)
+        for name, changed in decode_tx(check.schema, payload).changes.tables.items():
+            deleted = sum(1 for _, new in changed.values() if new is None)
+            functions[name] = {"changed": len(changed) - deleted, "deleted": deleted}
+            affected[name] = len(changed)
+    if plan is not None:
+        for table, index in plan.indexes_to_build():
+            indexes.append((table, index, len(store.tables[table].rows)))
     rows = {
         name: len(state.rows)
         for name, state in store.tables.items()
         if not name.startswith("syncd_")
     }
     checks = [_compiles(sql, check.schema) for sql in sqls]
-    applied = None
-    if apply:
-        offset = await record_migration(check, journal, Offset(store.offset), now_us)
-        applied = None if offset is None else int(offset)
     return MigrationReport(
         kind=kind,
         diff=diff,
@@ -175,7 +212,10 @@ async def _report(
         version_to=check.schema.version,
         rows=rows,
         queries=checks,
-        applied_offset=applied,
+        applied_offset=None if offset is None or not apply else int(offset),
+        affected=affected,
+        indexes=indexes,
+        functions=functions,
     )
 
 
@@ -185,3 +225,45 @@ def _compiles(sql: str, schema: Schema) -> QueryCheck:
     except SubscriptionError as exc:
         return QueryCheck(sql, str(exc))
     return QueryCheck(sql, None)
+
+
+class _Overlay:
+    """A journal that reads through to `inner` and keeps what is written in memory: a dry
+    run's migration transaction and history, on a Postgres journal opened read-only (or a
+    copy), never reach the database. Only what `record_migration` and its readers call."""
+
+    def __init__(self, inner: Journal) -> None:
+        self._inner = inner
+        self._meta: dict[str, bytes | None] = {}
+        self._entries: list[tuple[Offset, bytes]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def get_meta(self, key: str) -> bytes | None:
+        if key in self._meta:
+            return self._meta[key]
+        return await self._inner.get_meta(key)
+
+    async def set_meta(self, key: str, value: bytes | None) -> None:
+        self._meta[key] = value
+
+    def append(self, offset: Offset, payload: bytes, **_: Any) -> None:
+        self._entries.append((offset, payload))
+
+    async def wait_durable(self, offset: Offset) -> None:
+        return None
+
+    async def latest_offset(self) -> Offset:
+        if self._entries:
+            return self._entries[-1][0]
+        return await self._inner.latest_offset()
+
+    async def read(self, after: Offset, limit: int | None = None) -> list[tuple[Offset, bytes]]:
+        ours = [e for e in self._entries if e[0] > after]
+        if ours and ours[0][0] == after + 1:
+            return ours[:limit]
+        found = await self._inner.read(after, limit)
+        if limit is None or len(found) < limit:
+            found = found + ours[: None if limit is None else limit - len(found)]
+        return found

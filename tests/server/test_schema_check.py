@@ -25,7 +25,7 @@ import pytest
 import syncd.client
 from syncd.core.ids import Offset, Timestamp
 from syncd.core.protocol.messages import Cursor, Hello, QuerySet, SubscribeApplied
-from syncd.core.store import ChangeSet
+from syncd.core.store import ChangeSet, Store
 from syncd.core.stored_schema import encode_history
 from syncd.core.tx import Tx, decode_tx, encode_tx, is_migration
 from syncd.persist.memory import MemoryJournal, MemoryLog
@@ -321,7 +321,7 @@ async def test_a_crash_between_recording_and_journaling_is_finished_at_the_next_
     async with MemoryJournal(log) as journal:
         first = await check_schema(v1, journal)
         assert first.plan is None and first.schema.version == 1
-        assert await record_migration(first, journal, Offset(0), 1) is None  # nothing stored
+        assert await record_migration(first, journal, Store(first.schema), 1) is None
         row = ChangeSet({"item": {1: (None, (1, "item1", 1))}})
         journal.append(Offset(1), encode_tx(first.schema, Tx(Offset(1), Timestamp(1), row)))
         await journal.wait_durable(Offset(1))
@@ -332,8 +332,11 @@ async def test_a_crash_between_recording_and_journaling_is_finished_at_the_next_
     async with MemoryJournal(log) as journal:
         third = await check_schema(v2, journal)
         assert third.plan is not None and third.plan.kind == "identical"
-        assert await record_migration(third, journal, Offset(1), 2) == 2
-        assert await record_migration(third, journal, Offset(2), 3) is None
+        store = Store(third.schema)
+        store.offset = 1
+        assert await record_migration(third, journal, store, 2) == 2
+        assert store.offset == 2
+        assert await record_migration(third, journal, store, 3) is None
         entries = await journal.read(Offset(0))
         txs = [decode_tx(third.schema, payload) for _, payload in entries]
         assert [is_migration(tx) for tx in txs] == [False, True]
