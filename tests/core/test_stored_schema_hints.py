@@ -7,11 +7,11 @@ import pytest
 
 from syncd.core.ids import Offset, Timestamp
 from syncd.core.store import ChangeSet, Store
-from syncd.core.stored_schema import StoredSchema, plan
+from syncd.core.stored_schema import StoredSchema, encode_history, plan
 from syncd.core.tx import Tx, decode_tx, encode_tx
 from syncd.errors import SchemaError, SchemaMismatch
 from syncd.persist.memory import MemoryJournal, MemoryLog
-from syncd.server.schema_check import SCHEMA_KEY, check_schema, record_migration
+from syncd.server.schema_check import SCHEMA_KEY, SchemaCheck, check_schema, record_migration
 from tests.core.test_stored_schema import BASE, module
 
 
@@ -198,3 +198,66 @@ async def test_an_enum_member_removed_is_checked_against_the_rows() -> None:
                     await record_migration(check, journal, store, 2)
                 assert await journal.get_meta(SCHEMA_KEY) == raw
                 assert await journal.latest_offset() == 1
+
+
+FN = BASE.replace("price: int = syncd.index()", "price: str = syncd.index()") + (
+    "\n@syncd.migration('item')\ndef as_text(row):\n"
+    "    if row['id'] == 13:\n        raise RuntimeError('unlucky')\n"
+    "    return {**row, 'price': str(row['price'])}\n"
+)
+
+
+async def recovered(check: SchemaCheck, journal: MemoryJournal) -> Store:
+    schema = check.schema
+    store = Store(schema)
+    for offset, payload in await journal.read(Offset(0)):
+        store.apply(decode_tx(schema, payload).changes, offset)
+    return store
+
+
+async def test_a_function_recorded_but_not_journaled_runs_at_the_next_start() -> None:
+    """A crash after the history (with the function) was recorded and before its transaction:
+    the next start finds the function due (the data is of the older version) and runs it; a
+    function failing changes nothing in the store either."""
+    log = MemoryLog()
+    async with MemoryJournal(log) as journal:
+        first = await check_schema(module(BASE), journal)
+        await record_migration(first, journal, Store(first.schema), 1)
+        rows = {i: (None, (i, f"n{i}", i)) for i in range(5)}
+        tx = Tx(Offset(1), Timestamp(1), ChangeSet({"item": rows}))
+        journal.append(Offset(1), encode_tx(first.schema, tx))
+        await journal.wait_durable(Offset(1))
+        second = await check_schema(module(FN), journal)
+        assert second.plan is not None and second.plan.functions == ("as_text",)
+        assert second.history is not None
+        await journal.set_meta(SCHEMA_KEY, encode_history(second.history))  # then "crash"
+    async with MemoryJournal(log) as journal:
+        third = await check_schema(module(FN), journal)
+        assert third.plan is not None and third.plan.kind == "identical"
+        store = await recovered(third, journal)
+        assert await record_migration(third, journal, store, 2) == 2
+        assert store.tables["item"].rows[3] == (3, "n3", "3")
+        txs = [decode_tx(third.schema, p) for _, p in await journal.read(Offset(0))]
+        assert txs[-1].meta == {"migration": {"from": 1, "to": 2, "functions": ["as_text"]}}
+        assert len(txs[-1].changes.tables["item"]) == 5
+
+
+async def test_a_failing_function_leaves_the_store_and_journal_as_they_were() -> None:
+    log = MemoryLog()
+    async with MemoryJournal(log) as journal:
+        first = await check_schema(module(BASE), journal)
+        await record_migration(first, journal, Store(first.schema), 1)
+        rows = {i: (None, (i, f"n{i}", i)) for i in range(20)}
+        tx = Tx(Offset(1), Timestamp(1), ChangeSet({"item": rows}))
+        journal.append(Offset(1), encode_tx(first.schema, tx))
+        await journal.wait_durable(Offset(1))
+        raw = await journal.get_meta(SCHEMA_KEY)
+        check = await check_schema(module(FN), journal)
+        store = await recovered(check, journal)
+        before = dict(store.tables["item"].rows)
+        with pytest.raises(
+            SchemaMismatch, match="as_text .* primary key 13: RuntimeError: unlucky"
+        ):
+            await record_migration(check, journal, store, 2)
+        assert store.tables["item"].rows == before and store.offset == 1
+        assert await journal.get_meta(SCHEMA_KEY) == raw and await journal.latest_offset() == 1
