@@ -8,6 +8,9 @@ directory (database), as a restarted server would:
 - a refused change raises `SchemaMismatch` and leaves the journal exactly as it was (every
   entry, the snapshot, the stored history, the offset); the previous module then starts as
   identical;
+- a change the stored rows decide (narrowing a type, an enum member removed from a type in
+  use, a unique index added: "conditional") is planned as automatic, then checked against the
+  recovered rows by `record_migration`: refused (nothing written) or migrated as below;
 - an automatic change is journaled as one migration transaction, and the recovered state equals
   a reference built from scratch with the new module: the same logical rows (by column name)
   inserted into a fresh `Store`, the columns added since each row was written holding the
@@ -231,7 +234,7 @@ def reference(schema: Schema, rows: Rows) -> dict[str, dict[Any, Row]]:
 
 # -- changes --------------------------------------------------------------------------------
 
-Kind = Literal["identical", "automatic", "refused"]
+Kind = Literal["identical", "automatic", "refused", "conditional"]
 
 
 @dataclass(frozen=True)
@@ -397,7 +400,7 @@ def narrow(m: Model, rnd: random.Random) -> Step | None:
     new = replace(c, optional=False)
     if c.default is None:
         new = replace(new, default=value_of(m, new, rnd))
-    return Step(m.with_table(t.name, t.with_column(c.name, new)), "refused")
+    return Step(m.with_table(t.name, t.with_column(c.name, new)), "conditional")
 
 
 def add_column_without_default(m: Model, rnd: random.Random) -> Step | None:
@@ -424,7 +427,7 @@ def remove_enum_member(m: Model, rnd: random.Random) -> Step | None:
     if len(m.colors) < 2 or not removable:
         return None
     gone = rnd.choice(removable)
-    kind: Kind = "refused" if m.uses_colors() else "identical"
+    kind: Kind = "conditional" if m.uses_colors() else "identical"
     return Step(replace(m, colors=tuple(c for c in m.colors if c != gone)), kind)
 
 
@@ -433,7 +436,8 @@ def add_unique_index(m: Model, rnd: random.Random) -> Step | None:
     if found is None:
         return None
     t, c = found
-    return Step(m.with_table(t.name, t.with_column(c.name, replace(c, index="unique"))), "refused")
+    new = t.with_column(c.name, replace(c, index="unique"))
+    return Step(m.with_table(t.name, new), "conditional")
 
 
 #: Every kind of module change the test draws from (name -> how to make one).
@@ -596,23 +600,28 @@ class Run:
         new_schema = load(step.model)
         if step.kind == "refused":
             await self.refused(new_schema)
-            # The previous module starts on it as before.
-            journal = self.journal
-            check, store = await recover_checked(load(self.model), journal)
-            assert check.plan is not None and check.plan.kind == "identical"
-            assert await record_migration(check, journal, Offset(store.offset), self.now()) is None
-            self.schema, self.store = check.schema, store
+            await self.previous_starts()
         else:
             journal = await self.restart()
             before = await journal_state(journal)
             versions = decode_history(before[4]) if before[4] is not None else []
             check, store = await recover_checked(new_schema, journal)
             assert check.plan is not None, "every sequence starts by recording version 1"
-            assert check.plan.kind == step.kind, check.plan.diff()
-            migrated = await record_migration(check, journal, Offset(store.offset), self.now())
-            if step.kind == "automatic":
+            kind = "automatic" if step.kind == "conditional" else step.kind
+            assert check.plan.kind == kind, check.plan.diff()
+            try:
+                migrated = await record_migration(check, journal, store, self.now())
+            except SchemaMismatch as exc:
+                # The stored rows do not allow it: refused, and nothing was written.
+                assert step.kind == "conditional", exc
+                assert "nothing was written" in str(exc)
+                assert await journal_state(journal) == before
+                await self.previous_starts()
+                await self.verify()
+                return
+            if kind == "automatic":
                 assert migrated is not None and migrated == before[1] + 1
-                store.offset = migrated
+                assert store.offset == migrated
                 assert check.schema.version == len(versions) + 1
                 (at, payload), *_ = await journal.read(Offset(before[1]))
                 assert at == migrated and is_migration(decode_tx(check.schema, payload))
@@ -621,9 +630,17 @@ class Run:
             self.model, self.schema, self.store = step.model, check.schema, store
             self.rows = step.rows(self.rows)
         await self.verify()
-        if step.kind == "automatic":
+        if step.kind in ("automatic", "conditional"):
             await self.write(self.rnd.randrange(2**32), 20)  # writes under the new module work
             await self.verify()
+
+    async def previous_starts(self) -> None:
+        """The previous module starts on the journal as before (identical)."""
+        journal = self.journal
+        check, store = await recover_checked(load(self.model), journal)
+        assert check.plan is not None and check.plan.kind == "identical"
+        assert await record_migration(check, journal, store, self.now()) is None
+        self.schema, self.store = check.schema, store
 
     async def verify(self) -> None:
         """The running store, a fresh start (through the snapshot, if any) and a replay from
@@ -652,7 +669,7 @@ async def run_sequence(
     schema = load(INITIAL)
     check, store = await recover_checked(schema, journal)
     assert check.plan is None  # a fresh journal: version 1 is recorded
-    await record_migration(check, journal, Offset(0), 0)
+    await record_migration(check, journal, store, 0)
     run = Run(
         open_journal,
         fingerprint,
@@ -779,7 +796,10 @@ def test_every_kind_of_change_plans_as_the_model_says() -> None:
             if step is None:
                 continue
             found = plan(StoredSchema.from_schema(load(model)), load(step.model))
-            assert found.kind == step.kind, f"{name}: {found.diff()}"
+            if step.kind == "conditional":  # automatic, with checks of the stored rows
+                assert found.kind == "automatic" and found.checks, f"{name}: {found.diff()}"
+            else:
+                assert found.kind == step.kind, f"{name}: {found.diff()}"
             seen.setdefault(name, set()).add(found.kind)
             if step.kind == "automatic":
                 model = step.model
