@@ -28,6 +28,7 @@ import logging
 from collections.abc import Callable
 from typing import Literal
 
+from syncd.core import snapshot
 from syncd.core.ids import Offset
 from syncd.core.schema import Schema
 from syncd.core.store import Store
@@ -189,8 +190,10 @@ class SchemaGate:
         check = self.check
         if self.state == "serving":
             check = SchemaCheck(check.schema, check.plan, None)  # stored already
-        # The one place a replica records a migration (the embedded server's entry point).
-        migrated = await record_migration(check, writer, Offset(store.offset), now_us)
+        # The one place a replica records a migration (the embedded server's entry point). On
+        # a copy: row functions change it, and the replica applies the migration transaction
+        # from the log like any other (its subscribers see the rows change).
+        migrated = await record_migration(check, writer, snapshot.copy(store), now_us)
         self.stored = list(self.running)
         self._raw = encode_history(self.running)
         self._set("serving", "")
