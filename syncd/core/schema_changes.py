@@ -28,12 +28,17 @@ def _type_text(t: dict[str, Any]) -> str:
 
 
 def _table_changes(name: str, old: StoredTable, new: StoredTable | None, at: int) -> list[str]:
+    """What version `at` changed of a table that was `old` before; nothing unless `old` was
+    public (what a private table is, was or became is never told: the client chose the name and
+    the cursor), and of a table made private only that."""
+    if not old.public:
+        return []
     where = f"in schema version {at}"
     if new is None:
         return [f"table {name} was dropped {where}"]
+    if not new.public:
+        return [f"table {name} was made private {where}"]
     out: list[str] = []
-    if old.public and not new.public:
-        out.append(f"table {name} was made private {where}")
     if old.visible != new.visible:
         out.append(f"the visibility rule of table {name} changed {where}")
     for col in old.columns:
@@ -59,7 +64,9 @@ def changes_since(history: SchemaHistory, version: int, tables: Iterable[str]) -
     """The changes after stored schema `version` up to the current one that concern `tables`
     (by the names they had under `version`), oldest first: a table dropped or made private, its
     visibility rule changed, a column dropped, renamed or retyped. Added tables, columns and
-    indexes are not named: they break no query.
+    indexes are not named: they break no query. Only what /v1/schema showed at some time is
+    named (a client may forge its cursor and guess names): nothing of a table while it is
+    private, of a table made private only that.
 
     A table is followed through the versions by name; once dropped it is not followed further.
     `version` out of range (older than 1, or not older than the current one) gives [].

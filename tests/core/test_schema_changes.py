@@ -119,3 +119,64 @@ def test_tables_named_reads_from_and_join_items_of_any_query() -> None:
     assert tables_named("not sql ((", **limits) == []
     assert tables_named("SELECT * FROM item WHERE " + " OR ".join(["a = 1"] * 100), **limits) == []
     assert tables_named("SELECT * FROM item" + " " * 5000, **limits) == []
+
+
+def edited_table(h: SchemaHistory, table: str, **fields: object) -> SchemaHistory:
+    """A copy of `h` with one more version where `table`'s own fields (public, visible) are
+    changed by hand."""
+    last = h.current
+    tables = [
+        msgspec.structs.replace(t, **fields) if t.name == table else t  # type: ignore[arg-type]
+        for t in last.tables
+    ]
+    nxt = msgspec.structs.replace(last, version=last.version + 1, tables=tables)
+    return SchemaHistory((*h.versions, nxt))
+
+
+def test_nothing_is_said_of_a_table_while_it_is_private() -> None:
+    """A client can forge its cursor and name any table in its query, so the explanation must
+    say nothing a client could not have seen in /v1/schema at some time: of a table always
+    private, not its columns dropped, renamed or retyped, not its visibility rule, not that it
+    was dropped; of a table made private, only that (not what the same or a later migration
+    did to its now private layout)."""
+    h = history(PRIVATE)
+    h = edited(h, "item", {"name": {"name": "secret_title"}, "price": {"name": "-"}})
+    h = edited_table(h, "item", visible="sender = owner")
+    h = edited(h, "item", {"drop": True})
+    for since in (1, 2, 3):
+        assert changes_since(h, since, ["item"]) == []
+    assert explain_failure(h, None, ["item"]) is None
+
+    # Made private and renamed a column in the same version: only "made private".
+    h = history(BASE)
+    h = edited(h, "item", {"name": {"name": "secret_title"}})
+    h = SchemaHistory(
+        (
+            *h.versions[:-1],
+            msgspec.structs.replace(
+                h.current,
+                tables=[msgspec.structs.replace(t, public=False) for t in h.current.tables],
+            ),
+        )
+    )
+    assert changes_since(h, 1, ["item"]) == ["table item was made private in schema version 2"]
+    # Later changes of the now private table are not followed.
+    h = edited(h, "item", {"price": {"type": {"kind": "bytes"}}})
+    h = edited_table(h, "item", visible="sender = owner")
+    h = edited(h, "item", {"drop": True})
+    assert changes_since(h, 1, ["item"]) == ["table item was made private in schema version 2"]
+    text = explain_failure(h, None, ["item"])
+    assert text is not None and "secret" not in text and "price" not in text
+    assert "visibility" not in text and "dropped" not in text
+    for since in (2, 3, 4):  # a cursor claiming a version where it was private
+        assert changes_since(h, since, ["item"]) == []
+
+
+def test_a_table_made_public_again_is_followed_from_then() -> None:
+    """Private, then public (its layout shown by /v1/schema from then), then a column dropped:
+    the drop is named, not what happened while it was private."""
+    h = history(PRIVATE)
+    h = edited(h, "item", {"name": {"name": "hidden_name"}})
+    h = edited_table(h, "item", public=True)
+    h = edited(h, "item", {"price": {"name": "-"}})
+    assert changes_since(h, 1, ["item"]) == ["column item.price was dropped in schema version 4"]
