@@ -29,7 +29,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from syncd.auth import Principal
 from syncd.core.access import NO_ROW
-from syncd.core.ids import ConnectionId, Offset, QuerySetId, RequestId
+from syncd.core.ids import ConnectionId, QuerySetId, RequestId
 from syncd.core.protocol.codec import ENCODE_ERRORS, Format
 from syncd.core.protocol.messages import (
     CallReducer,
@@ -74,7 +74,7 @@ from syncd.errors import (
 from syncd.server.admission import is_anonymous
 from syncd.server.leader import CallOutcome
 from syncd.server.replica import UNENCODABLE
-from syncd.server.schema_check import written_version
+from syncd.server.schema_check import cursor_version
 from syncd.server.wire import OP_BINARY, OP_TEXT, ws_frame
 
 if TYPE_CHECKING:
@@ -698,7 +698,7 @@ class Connection:
         version = None
         if cursor.epoch == replica.epoch:
             try:
-                version = await written_version(server.journal, Offset(cursor.offset))
+                version = await cursor_version(server.journal, cursor.offset, replica.offset)
             except BackendError:
                 version = None
         return explain_failure(server.schema.history, version, tables)

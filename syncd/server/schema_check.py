@@ -198,6 +198,28 @@ async def _check_unversioned(schema: Schema, journal: Journal) -> None:
         )
 
 
+async def cursor_version(journal: Journal, offset: int, head: int) -> int | None:
+    """The stored schema version of the transaction at a client's cursor `offset`, from that one
+    journal entry; None when it is not a transaction of this journal up to `head` (offset 0,
+    past the head, pruned, or an entry that does not decode).
+
+    A client chooses its cursor, so this reads at most one entry and never the snapshot (which
+    `written_version` may load whole): what a forged cursor costs is one indexed read.
+    """
+    if not 1 <= offset <= head:
+        return None
+    try:
+        entries = await journal.read(Offset(offset - 1), 1)
+    except LookupError:  # pruned
+        return None
+    if not entries or entries[0][0] != offset:
+        return None
+    try:
+        return payload_version(entries[0][1])
+    except ValueError:
+        return None
+
+
 async def written_version(journal: Journal, offset: Offset) -> int | None:
     """The stored schema version of the data at `offset` (its tx, else the snapshot at it);
     None when nothing was ever written."""

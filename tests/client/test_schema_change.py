@@ -20,9 +20,10 @@ import pytest
 
 import syncd.client
 from syncd.client import QueryRejected, StaleSchema
+from syncd.core.protocol.messages import MAX_ID, Cursor, Hello, QuerySet, SubscriptionFailed
 from tests.client.helpers import RECONNECT_TIMEOUT, close_pipe, eventually, quick_backoff
 from tests.server_proc import ServerProcess
-from tests.transport.wire import ahttp
+from tests.transport.wire import WireClient, ahttp
 from tests.utils import ROOT
 
 V1 = "tests/modules/shop_v1.py"
@@ -178,3 +179,46 @@ def altered(v2: dict[str, Any]) -> dict[str, Any]:
     (paint,) = [r for r in doc["reducers"] if r["name"] == "paint"]
     paint["params"].append({"name": "coat", "type": {"kind": "i64"}, "optional": False})
     return dict(doc)
+
+
+async def test_forged_cursors_get_the_change_of_a_once_public_table_only(
+    shop: ServerProcess,
+) -> None:
+    """After v1 -> v3 (item made private: schema version 2), a Hello with a cursor the client
+    made up (offset 0, past the head, the largest id, another epoch) and query sets naming item
+    and a table that never existed: each set fails with "unknown table", item's with only "made
+    private" (what /v1/schema showed before), the ghost's with nothing more; the connection
+    stays up."""
+    await put_items(shop, 0, 3)
+    await restart_with(shop, V3)
+    async with await WireClient.open(shop) as probe:
+        epoch = probe.epoch
+    for cursor in (
+        Cursor(epoch=epoch, offset=0),
+        Cursor(epoch=epoch, offset=10**6),
+        Cursor(epoch=epoch, offset=MAX_ID),
+        Cursor(epoch=epoch + 1, offset=3),
+    ):
+        sets = [
+            QuerySet(query_set_id=1, queries=["SELECT * FROM item"]),
+            QuerySet(
+                query_set_id=2, queries=["SELECT * FROM ghost JOIN item ON ghost.a = item.id"]
+            ),
+            QuerySet(query_set_id=3, queries=["SELECT * FROM ghost"]),
+        ]
+        hello = Hello(cursor=cursor, query_sets=sets)
+        async with await WireClient.open(shop, hello=hello) as client:
+            for qs_id in (1, 2, 3):
+                failed = await client.wait_for(
+                    lambda m, i=qs_id: isinstance(m, SubscriptionFailed) and m.query_set_id == i
+                )
+                assert isinstance(failed, SubscriptionFailed)
+                assert "unknown table" in failed.message, failed.message
+                if qs_id == 3:
+                    assert "schema" not in failed.message, failed.message
+                else:
+                    assert failed.message.endswith(
+                        "the schema changed since your cursor (now version 2): table item was "
+                        "made private in schema version 2"
+                    ), failed.message
+            assert (await client.query("SELECT * FROM syncd_connection")).ok

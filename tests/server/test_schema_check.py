@@ -30,7 +30,12 @@ from syncd.core.stored_schema import encode_history
 from syncd.core.tx import Tx, decode_tx, encode_tx, is_migration
 from syncd.persist.memory import MemoryJournal, MemoryLog
 from syncd.server.loader import load_module_schema
-from syncd.server.schema_check import SCHEMA_KEY, check_schema, record_migration
+from syncd.server.schema_check import (
+    SCHEMA_KEY,
+    check_schema,
+    cursor_version,
+    record_migration,
+)
 from tests.server_proc import ServerProcess
 from tests.transport.wire import WireClient, ahttp, eventually, readyz, sql
 from tests.utils import ROOT
@@ -387,3 +392,37 @@ async def test_an_older_syncd_refuses_a_directory_that_stores_schemas(
     assert proc.returncode != 0 and "syncd listening" not in out
     server = start(servers, V1, data_dir)
     assert len(await sql(server, "SELECT * FROM item")) == 10
+
+
+class SnapshotCountingJournal(MemoryJournal):
+    """A MemoryJournal that counts how often its latest snapshot is loaded (whole)."""
+
+    snapshot_reads = 0
+
+    async def latest_snapshot(self) -> tuple[Offset, bytes] | None:
+        self.snapshot_reads += 1
+        return await super().latest_snapshot()
+
+
+async def test_a_clients_cursor_costs_one_entry_read_never_the_snapshot() -> None:
+    """`cursor_version` (what a resumed query set that no longer compiles is explained with) is
+    asked about a cursor the client chose: offset 0, past the head, pruned, or at the snapshot
+    say None without loading the snapshot; a transaction there says its version."""
+    v1 = load_module_schema(ROOT / V1)
+    log = MemoryLog()
+    async with SnapshotCountingJournal(log) as journal:
+        check = await check_schema(v1, journal)
+        await record_migration(check, journal, Offset(0), 1)
+        for at in range(1, 5):
+            row = ChangeSet({"item": {at: (None, (at, f"item{at}", at))}})
+            journal.append(Offset(at), encode_tx(check.schema, Tx(Offset(at), Timestamp(at), row)))
+        await journal.wait_durable(Offset(4))
+        await journal.write_snapshot(Offset(2), b"not read" * 1000)
+        await journal.prune(Offset(2))
+        journal.snapshot_reads = 0
+        for offset in (0, 1, 2, 5, 2**53 - 1):
+            assert await cursor_version(journal, offset, 4) is None
+        assert await cursor_version(journal, 3, 2) is None  # durable but not applied here
+        assert await cursor_version(journal, 3, 4) == 1
+        assert await cursor_version(journal, 4, 4) == 1
+        assert journal.snapshot_reads == 0
