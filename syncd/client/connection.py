@@ -863,6 +863,14 @@ class Connection:
             schema = await self.endpoint.fetch_schema(
                 token=self.token, http_timeout=self._open_timeout
             )
+            if schema.version is not None and schema.version != self.schema_version:
+                # Another replica, not migrated yet (or migrated further): its columns are not
+                # those of this socket's rows. Drop the socket; the next attempt reads again.
+                raise ConnectFailed(
+                    self.endpoint.ws_url,
+                    f"{self.endpoint.schema_url} describes schema version {schema.version}, "
+                    f"the WebSocket serves version {self.schema_version}",
+                )
             self.schema = schema
             self._cache.set_tables(schema.tables.values())
             self._schema_changed = False

@@ -79,6 +79,11 @@ class FakeServer:
         self.connections: asyncio.Queue[FakeConnection] = asyncio.Queue()
         self._server: Server | None = None
         self.port = 0
+        #: The documents ``/v1/schema`` answers, one per request, in order; once one is left it
+        #: answers that one every time.
+        self.schemas: list[dict[str, Any]] = [SCHEMA]
+        #: How many times ``/v1/schema`` was read.
+        self.schema_reads = 0
 
     @property
     def url(self) -> str:
@@ -107,7 +112,9 @@ class FakeServer:
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/v1/schema":
-            return connection.respond(HTTPStatus.OK, json.dumps(SCHEMA))
+            self.schema_reads += 1
+            schema = self.schemas.pop(0) if len(self.schemas) > 1 else self.schemas[0]
+            return connection.respond(HTTPStatus.OK, json.dumps(schema))
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:

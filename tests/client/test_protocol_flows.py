@@ -4,8 +4,10 @@ middle of a resume, terminal closes, garbage, batches, requests made while disco
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
+import msgspec
 import pytest
 
 import syncd.client
@@ -29,7 +31,7 @@ from syncd.core.protocol.messages import (
     Welcome,
 )
 from syncd.errors import CloseCode, ConnectionClosed, ErrorCode
-from tests.client.fake_server import FakeConnection, FakeServer
+from tests.client.fake_server import SCHEMA, FakeConnection, FakeServer
 from tests.client.helpers import RECONNECT_TIMEOUT, eventually, quick_backoff
 
 ME = Identity("aa")
@@ -359,4 +361,47 @@ async def test_a_full_server_is_retried_with_backoff() -> None:
         await peer.send(welcome(1, 5))
         await eventually(lambda: conn.is_connected)
         assert not conn.closed
+        await conn.close()
+
+
+def schema_v(version: int, text_column: str = "text") -> dict[str, Any]:
+    """The fake server's schema at stored version `version`, its third column named so."""
+    schema = copy.deepcopy(SCHEMA)
+    schema["schema_version"] = version
+    schema["tables"][0]["columns"][2]["name"] = text_column
+    return schema
+
+
+async def test_a_schema_read_of_another_version_than_welcome_is_retried() -> None:
+    """After a migration the client re-reads /v1/schema; if that answers another version than
+    the Welcome (a replica behind the same load balancer not migrated yet), rows of the new
+    layout must not be read with it: the client drops the socket and reconnects, and uses the
+    schema once its version is the Welcome's."""
+    async with FakeServer() as server:
+        server.schemas = [schema_v(1)]
+        connecting = asyncio.ensure_future(
+            syncd.client.connect(server.url, backoff=quick_backoff())
+        )
+        peer = await server.accept()
+        await peer.recv()
+        await peer.send(msgspec.structs.replace(welcome(1, 5), schema_version=1))
+        conn = await connecting
+        sub = await subscribed(conn, peer, [row(1, "one")])
+        assert conn.schema.version == 1 and "text" in conn.db.message.rows()[0]
+
+        server.schemas = [schema_v(1), schema_v(2, "body")]  # stale first, then migrated
+        reads = server.schema_reads
+        await peer.close(CloseCode.SHUTDOWN, "restarting")
+        for _ in range(2):
+            peer = await server.accept()
+            await peer.recv()
+            full = QueryUpdate("message", inserts=[row(1, "one"), row(2, "two")])
+            await peer.send(
+                msgspec.structs.replace(welcome(1, 7), schema_version=2),
+                SubscribeApplied(None, sub.query_set_id, Offset(7), [full], resumed=False),
+            )
+        await eventually(lambda: sub.applied_count == 2, RECONNECT_TIMEOUT, what="resumed")
+        assert server.schema_reads == reads + 2
+        assert conn.schema.version == 2
+        assert sorted(r["body"] for r in conn.db.message.rows()) == ["one", "two"]
         await conn.close()
