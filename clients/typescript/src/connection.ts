@@ -143,9 +143,17 @@ export class SyncdClient {
   private schemaReadAt: number | null;
   /** Messages that arrived while the schema is being read again (handled, in order, after it). */
   private held: ServerMessage[] | null = null;
+  /** The size of the frames in `held` (bounded by `heldBytesLimit`). */
+  private heldBytes = 0;
   /** Whether `GET /v1/schema` was readable at connect: a failed re-read then drops and retries. */
   private schemaFetched: boolean;
   private staleBindingsValue: StaleBindingsError | null = null;
+  /**
+   * @internal The most bytes of messages kept waiting while the schema is read again after a
+   * migration; past it the socket is dropped (and the read tried again on the next one), so a
+   * slow `GET /v1/schema` cannot grow memory without bound. Tests lower it.
+   */
+  static heldBytesLimit = 64 << 20;
   private readonly cache: ClientCache;
   private readonly backoff: Backoff;
   private readonly reconnectEnabled: boolean;
@@ -669,6 +677,13 @@ export class SyncdClient {
     // Promise settlements run after the batch (they are microtasks), so a call's result is seen
     // after the callbacks of the transaction that came with it.
     if (this.held !== null) {
+      this.heldBytes += byteSize(data);
+      if (this.heldBytes > SyncdClient.heldBytesLimit) {
+        this.held = null;
+        const mib = Math.round(SyncdClient.heldBytesLimit / (1 << 20));
+        this.dropSocket(ws, CloseCode.ABNORMAL, `over ${mib} MiB of messages arrived before the new schema was read from ${schemaUrl(this.url)}`);
+        return;
+      }
       this.held.push(...messages);
       return;
     }
@@ -714,6 +729,14 @@ export class SyncdClient {
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       json = (await response.json()) as SchemaJson;
       if (this.ws !== ws) return;
+      const described = (json as { schema_version?: unknown } | null)?.schema_version;
+      if (typeof described === "number" && described !== version) {
+        // Another replica, not migrated yet (or migrated further): its columns are not those of
+        // this socket's rows. Drop the socket; the next Welcome reads again.
+        this.held = null;
+        this.dropSocket(ws, CloseCode.ABNORMAL, `${url} describes schema version ${described}, the WebSocket serves version ${version}`);
+        return;
+      }
       const schema = new ClientSchema(json);
       this.schema = schema;
       this.cache.setSchema(schema);
@@ -868,6 +891,7 @@ export class SyncdClient {
       if (this.schemaReadAt === null && known === null) this.schemaReadAt = msg.schema_version;
       if (known !== null && known !== msg.schema_version && this.ws !== null) {
         this.held = [];
+        this.heldBytes = 0;
         void this.refreshSchema(this.ws, msg.schema_version);
       }
     }
@@ -1118,3 +1142,11 @@ export async function connect(options: ConnectOptions): Promise<SyncdClient> {
 }
 
 export type { TableState };
+
+/** The size of a WebSocket frame's data in bytes (text: its UTF-16 length, close enough). */
+function byteSize(data: unknown): number {
+  if (typeof data === "string") return data.length;
+  if (data instanceof ArrayBuffer) return data.byteLength;
+  if (ArrayBuffer.isView(data)) return data.byteLength;
+  return 0;
+}

@@ -1,7 +1,7 @@
 /** The connection logic against a scripted socket: resume, close codes, retries, token refresh. */
 import assert from "node:assert/strict";
 import { beforeEach, describe, it } from "node:test";
-import { ConnectionError, ReducerError, SubscriptionError, connect, type ConnectOptions, type SyncdClient } from "../../src/index.js";
+import { ConnectionError, ReducerError, SubscriptionError, SyncdClient, connect, type ConnectOptions } from "../../src/index.js";
 import { base64Encode } from "../../src/base64.js";
 import { FakeWebSocket, SCHEMA, eventually, tick } from "./fixtures.js";
 
@@ -371,5 +371,115 @@ describe("liveness", () => {
     ws.deliver({ type: "result", request_id: c.request_id, ok: true, offset: 1 });
     assert.deepEqual(await ok, { offset: 1 });
     await client.close();
+  });
+});
+
+describe("following a migration", () => {
+  /** SCHEMA at stored version `version`, message's text column named `text`. */
+  function schemaV(version: number, text = "text"): Record<string, unknown> {
+    const copy = JSON.parse(JSON.stringify(SCHEMA)) as { tables: { name: string; columns: { name: string }[] }[] };
+    const message = copy.tables.find((t) => t.name === "message")!;
+    message.columns[3]!.name = text;
+    return { ...copy, schema_version: version };
+  }
+
+  /** A `fetch` answering `answers` in order (the last one from then on); a function answer is called. */
+  function scripted(answers: unknown[]): { fetch: NonNullable<ConnectOptions["fetch"]>; reads: () => number } {
+    let reads = 0;
+    const fetch = async (_url: string) => {
+      const answer = answers[Math.min(reads, answers.length - 1)];
+      reads += 1;
+      if (typeof answer === "function") return (answer as () => Promise<{ ok: boolean; status: number; json(): Promise<unknown> }>)();
+      return { ok: true, status: 200, json: async () => answer };
+    };
+    return { fetch, reads: () => reads };
+  }
+
+  /** Connected at schema version 1 with one live set over message holding row 1. */
+  async function liveAtV1(answers: unknown[], options: Partial<ConnectOptions> = {}) {
+    const script = scripted([schemaV(1), ...answers]);
+    const pending = connect({ url: "ws://fake:1/v1/ws", fetch: script.fetch, WebSocket: FakeWebSocket, reconnect: FAST, ...options });
+    await eventually(() => FakeWebSocket.instances.length > 0, 1000, "a socket");
+    const ws = FakeWebSocket.last();
+    ws.open();
+    ws.welcome({ schema_version: 1, offset: 1 });
+    const client = await pending;
+    const sub = client.subscribe(["SELECT * FROM message"]);
+    const s = ws.sentOfType("sub")[0]!;
+    ws.deliver({ type: "applied", request_id: s.request_id, query_set_id: s.query_set_id, offset: 1, queries: [{ table: "message", inserts: [msg(1, "one")] }] });
+    await sub.applied;
+    return { client, ws, sub, qs: s.query_set_id as number, reads: script.reads };
+  }
+
+  function resumeAtV2(ws: FakeWebSocket, qs: number): void {
+    ws.welcome({ schema_version: 2, offset: 3 });
+    ws.deliver({ type: "applied", request_id: null, query_set_id: qs, offset: 3, resumed: false, queries: [{ table: "message", inserts: [msg(1, "one"), msg(2, "two")] }] });
+  }
+
+  const texts = (client: SyncdClient, column: string) => client.table<Record<string, unknown>>("message").rows().map((r) => String(r[column])).sort();
+
+  it("does not read rows with a schema of another version than Welcome's; it reconnects and reads again", async () => {
+    const { client, ws, qs, reads } = await liveAtV1([schemaV(1), schemaV(2, "body")]);
+    ws.serverClose(1012, "restarting");
+    const second = await nextSocket(ws);
+    resumeAtV2(second, qs);
+    const third = await nextSocket(second); // the v1 answer made it drop the socket
+    resumeAtV2(third, qs);
+    await eventually(() => texts(client, "body").length === 2, 2000, "rows in the new layout");
+    assert.deepEqual(texts(client, "body"), ["one", "two"]);
+    assert.equal(reads(), 3);
+    await client.close();
+  });
+
+  it("a /v1/schema that answers garbage or fails drops the socket and is read again; nothing is applied with it", async () => {
+    const errors: unknown[] = [];
+    const garbage = ["nope", null, { tables: 5 }, () => Promise.resolve({ ok: false, status: 500, json: async () => ({}) }), () => Promise.reject(new Error("reset"))];
+    const { client, ws, qs, reads } = await liveAtV1([...garbage, schemaV(2, "body")], { onError: (e) => errors.push(e) });
+    let socket = ws;
+    socket.serverClose(1012, "restarting");
+    for (let i = 0; i <= garbage.length; i++) {
+      socket = await nextSocket(socket);
+      resumeAtV2(socket, qs);
+      if (i < garbage.length) await eventually(() => FakeWebSocket.last() !== socket, 2000, `dropped after answer ${i}`);
+    }
+    await eventually(() => texts(client, "body").length === 2, 2000, "rows in the new layout");
+    assert.equal(reads(), 2 + garbage.length);
+    assert.deepEqual(texts(client, "body"), ["one", "two"]);
+    await client.close();
+  });
+
+  it("a /v1/schema that never answers drops the socket after connectTimeoutMs", async () => {
+    const hang = () => new Promise<never>(() => {});
+    const { client, ws, qs } = await liveAtV1([hang, schemaV(2, "body")], { connectTimeoutMs: 200 });
+    ws.serverClose(1012, "restarting");
+    const second = await nextSocket(ws);
+    resumeAtV2(second, qs);
+    const third = await nextSocket(second);
+    resumeAtV2(third, qs);
+    await eventually(() => texts(client, "body").length === 2, 2000, "rows in the new layout");
+    await client.close();
+  });
+
+  it("messages that wait for the schema are bounded: past the limit the socket is dropped", async () => {
+    const before = SyncdClient.heldBytesLimit;
+    SyncdClient.heldBytesLimit = 10_000;
+    try {
+      let answer: (v: { ok: boolean; status: number; json(): Promise<unknown> }) => void = () => {};
+      const slow = () => new Promise<{ ok: boolean; status: number; json(): Promise<unknown> }>((resolve) => (answer = resolve));
+      const { client, ws, qs } = await liveAtV1([slow, schemaV(2, "body")]);
+      ws.serverClose(1012, "restarting");
+      const second = await nextSocket(ws);
+      resumeAtV2(second, qs);
+      for (let offset = 4; offset < 40 && FakeWebSocket.last() === second; offset++) {
+        second.deliver({ type: "tx", epoch: 1, offset, updates: [{ query_set_id: qs, query_index: 0, delta: { table: "message", inserts: [msg(offset, "x".repeat(1000))] } }] });
+      }
+      const third = await nextSocket(second);
+      answer({ ok: true, status: 200, json: async () => schemaV(2, "body") }); // too late for the second socket
+      resumeAtV2(third, qs);
+      await eventually(() => texts(client, "body").length === 2, 2000, "rows in the new layout");
+      await client.close();
+    } finally {
+      SyncdClient.heldBytesLimit = before;
+    }
   });
 });
