@@ -357,3 +357,69 @@ async def test_restore_before_a_migration_restores_the_schema_of_that_point(
     refused = restore_shop(SHOP_V1, data, tmp_path / "r1", "--at-offset", str(point + 2))
     assert refused.returncode == 2 and "is not automatic" in refused.stderr, refused.stderr
     assert not (tmp_path / "r1").exists()
+
+
+SHOP_V3 = "tests/modules/shop_v3_private.py"
+
+
+async def items(server: ServerProcess) -> list[list[Any]]:
+    return sorted(await sql(server, "SELECT * FROM item"))
+
+
+async def test_restore_at_around_and_between_migrations(tmp_path: Path) -> None:
+    """v1 -> v2 (migration at M) -> v3 (item made private, at M3). Restored at M itself, the
+    point is of version 2 (the migration is its first transaction) and v2 starts identical,
+    with the rows of just before plus the default; v1 is refused there, leaving nothing. At a
+    time between M and M3 the point is of version 2 with v3's change named as not restored.
+    Restored just before M with v1 and started with v2, the data equals the restore at M (the
+    same migration again)."""
+    data = tmp_path / "data"
+    with serving(SHOP_V1, data) as server:
+        await put_items(server, 0, 50)
+        before = (await readyz(server))["offset"]
+    with serving(SHOP_V2, data) as server:
+        migration = (await readyz(server))["offset"]
+        assert migration == before + 1
+        status, body = await ahttp(server, "POST", "/v1/call/paint", json.dumps([7, "red"]))
+        assert status == 200, body
+        await put_items(server, 50, 10)
+        between = (await readyz(server))["offset"]
+        at_v2 = await items(server)
+        moment = datetime.now(UTC).isoformat()
+    with serving(SHOP_V3, data):
+        pass
+
+    at_m = restore_shop(SHOP_V2, data, tmp_path / "at_m", "--at-offset", str(migration))
+    assert at_m.returncode == 0, at_m.stderr
+    printed = json.loads(at_m.stdout)
+    assert (printed["offset"], printed["schema_version"]) == (migration, 2)
+    assert {k: printed["point_schema"][k] for k in ("version", "latest")} == {
+        "version": 2,
+        "latest": 3,
+    }
+    assert any("item" in line for line in printed["point_schema"]["later"]), printed
+    with serving(SHOP_V2, tmp_path / "at_m") as restored:
+        await assert_shop_reports(restored, printed)
+        reference = await items(restored)
+    assert reference == sorted([i, "none", f"item{i}", i % 100] for i in range(50))
+
+    refused = restore_shop(SHOP_V1, data, tmp_path / "r1", "--at-offset", str(migration))
+    assert refused.returncode == 2, refused.stdout
+    assert "written under schema version 2" in refused.stderr, refused.stderr
+    assert not (tmp_path / "r1").exists()
+
+    timed = restore_shop(SHOP_V2, data, tmp_path / "timed", "--at-time", moment)
+    assert timed.returncode == 0, timed.stderr
+    printed = json.loads(timed.stdout)
+    assert (printed["at"], printed["schema_version"]) == (between, 2)
+    assert printed["point_schema"]["version"] == 2
+    with serving(SHOP_V2, tmp_path / "timed") as restored:
+        await assert_shop_reports(restored, printed)
+        assert await items(restored) == at_v2
+
+    old = restore_shop(SHOP_V1, data, tmp_path / "old", "--at-offset", str(before))
+    assert old.returncode == 0, old.stderr
+    with serving(SHOP_V2, tmp_path / "old") as restored:
+        assert (await readyz(restored))["offset"] == migration
+        assert await schema_version(restored) == 2
+        assert await items(restored) == reference
