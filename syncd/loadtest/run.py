@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import multiprocessing
 import queue as queue_module
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +27,8 @@ __all__ = ["LoadtestError", "Options", "Report", "run", "target_urls"]
 
 #: How long the coordinator waits for the workers' connections, past what connect_rate needs.
 CONNECT_GRACE_S = 60.0
+#: The largest /metrics page read (a syncd server's is a few KB).
+MAX_METRICS_BYTES = 4 << 20
 
 
 class LoadtestError(Exception):
@@ -151,11 +155,53 @@ def target_urls(url: str, metrics_url: str | None = None) -> tuple[str, str]:
     return ws, metrics
 
 
-def scrape(url: str, timeout: float = 5.0) -> tuple[dict[str, float], set[str]]:
-    """The samples of a Prometheus text page (name with labels → value) and which are counters."""
+def _fetch_page(url: str, timeout: float, deadline: float) -> bytes:
     request = urllib.request.Request(url, headers={"Accept": "text/plain"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        text = response.read(4 << 20).decode("utf-8", "replace")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            chunks: list[bytes] = []
+            size = 0
+            while chunk := response.read1(64 << 10):
+                size += len(chunk)
+                if size > MAX_METRICS_BYTES:
+                    raise ValueError(f"the page is over {MAX_METRICS_BYTES >> 20} MiB")
+                if time.monotonic() > deadline:
+                    raise ValueError(f"no complete page within {timeout:g} s")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except http.client.HTTPException as exc:
+        raise ValueError(f"not an HTTP answer ({type(exc).__name__}: {exc})") from None
+
+
+def scrape(url: str, timeout: float = 5.0) -> tuple[dict[str, float], set[str]]:
+    """The samples of a Prometheus text page (name with labels → value) and which are counters.
+
+    Bounded in time (`timeout` for the whole answer, however slowly it trickles in) and size
+    (MAX_METRICS_BYTES).
+
+    Raises:
+        OSError, urllib.error.URLError: it cannot be reached, or answers an HTTP error.
+        ValueError: the answer is not HTTP, too large, or not complete within `timeout`.
+    """
+    deadline = time.monotonic() + timeout
+    outcome: list[bytes | BaseException] = []
+
+    def fetch() -> None:
+        try:
+            outcome.append(_fetch_page(url, timeout, deadline))
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    # In a thread of its own: urllib's timeout is per socket operation, so headers that come a
+    # byte at a time would hold the caller forever. The thread ends at the socket's timeout.
+    thread = threading.Thread(target=fetch, name="syncd-loadtest-metrics", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise ValueError(f"no complete page within {timeout:g} s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    text = outcome[0].decode("utf-8", "replace")
     values: dict[str, float] = {}
     counters: set[str] = set()
     for line in text.splitlines():
