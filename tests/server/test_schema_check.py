@@ -412,7 +412,7 @@ async def test_a_clients_cursor_costs_one_entry_read_never_the_snapshot() -> Non
     log = MemoryLog()
     async with SnapshotCountingJournal(log) as journal:
         check = await check_schema(v1, journal)
-        await record_migration(check, journal, Offset(0), 1)
+        await record_migration(check, journal, Store(check.schema), 1)
         for at in range(1, 5):
             row = ChangeSet({"item": {at: (None, (at, f"item{at}", at))}})
             journal.append(Offset(at), encode_tx(check.schema, Tx(Offset(at), Timestamp(at), row)))
