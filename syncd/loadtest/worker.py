@@ -44,6 +44,12 @@ STAMP = re.compile(re.escape(STAMP_PREFIX).encode() + rb"(\d{16})")
 QUERY_SET = 1
 
 
+#: The largest frame a load connection takes: far above what a syncd server sends (its
+#: outbound queue is bounded by --max-outbound-bytes, 16 MiB by default), and a bound on what
+#: a hostile or broken server at the URL can make a worker hold (a larger frame closes that
+#: connection with 1009, counted as an error).
+MAX_FRAME_BYTES = 64 << 20
+
 class _Msg(msgspec.Struct, tag_field="type"):
     pass
 
@@ -251,7 +257,7 @@ class LoadConn:
             open_timeout=worker.config.connect_timeout_s,
             ping_interval=None,
             compression=None,
-            max_size=None,
+            max_size=MAX_FRAME_BYTES,
             close_timeout=2,
         )
         self.ws = ws
