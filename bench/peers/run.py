@@ -80,6 +80,7 @@ if str(ROOT) not in sys.path:
 from bench._common import (  # noqa: E402  (needs ROOT on the path)
     Client,
     ServerProc,
+    busy_cpu_seconds,
     emit,
     machine,
     now_us,
@@ -395,14 +396,12 @@ async def _readers(kind: Kind, url: str, n: int, pipe: Pipe) -> None:
     stats = Stats()
     tasks = [loop.create_task(read_loop(ws, stats, kind.heartbeat)) for ws in conns]
     pipe.send(("ready", n))
-    cpu0 = time.process_time()
     while True:
         command = await loop.run_in_executor(None, pipe.recv)
         if command[0] == "quit":
             break
         if command[0] == "window":
             stats.set_window(command[1], command[2])
-            cpu0 = time.process_time()
         elif command[0] == "count":
             pipe.send(stats.delivered)
         elif command[0] == "report":
@@ -410,7 +409,6 @@ async def _readers(kind: Kind, url: str, n: int, pipe: Pipe) -> None:
                 {
                     "delivered": stats.delivered,
                     "latency": stats.latency.state(),
-                    "cpu_s": time.process_time() - cpu0,
                     "closed": stats.closed,
                 }
             )
@@ -504,7 +502,8 @@ async def write_at(writer: Writer, rate: float, start: int, end: int) -> tuple[i
     return sent_in_window, skipped
 
 
-def server_cpu(pid: int) -> float:
+def cpu_of(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads)."""
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
 
@@ -548,13 +547,18 @@ async def window(
     writing = loop.create_task(write_at(writer, rate, start, end))
     await sleep_until(start)
     spy = profile_start(server.pid, seconds, profile) if profile else None
-    cpu0 = server_cpu(server.pid)
+    pids = [proc.pid for proc in readers.procs if proc.pid is not None]
+    cpu0, mine0, busy0 = cpu_of(server.pid), time.process_time(), busy_cpu_seconds()
+    readers0 = [cpu_of(pid) for pid in pids]
     await sleep_until(end)
-    cpu_window = server_cpu(server.pid) - cpu0
+    cpu_window = cpu_of(server.pid) - cpu0
+    reader_cpu = [(cpu_of(pid) - c0) / seconds for pid, c0 in zip(pids, readers0, strict=True)]
+    writer_cpu = time.process_time() - mine0
+    busy = busy_cpu_seconds() - busy0
     sent, skipped = await writing
     expected = sent * readers.n
     drained = await drain(readers, expected, quiet_s=1.0, limit_s=args.drain)
-    cpu_total = server_cpu(server.pid) - cpu0
+    cpu_total = cpu_of(server.pid) - cpu0
     results = await loop.run_in_executor(None, readers.ask, "report")
     if spy is not None:
         await loop.run_in_executor(None, spy.wait)
@@ -563,7 +567,7 @@ async def window(
         latency.merge(Histogram.from_state(r["latency"]))
     delivered = sum(r["delivered"] for r in results)
     lat = latency.summary_ms()
-    reader_cpu = [r["cpu_s"] / (seconds + drained + args.warmup) for r in results]
+    others = busy - cpu_window - writer_cpu - sum(reader_cpu) * seconds
     line: dict[str, Any] = {
         "target_rate": rate,
         "sent_per_s": round(sent / seconds, 1),
@@ -577,7 +581,10 @@ async def window(
         "server_cpu_pct": round(100 * cpu_window / seconds),
         "server_us_per_delivery": round(1e6 * cpu_total / delivered, 2) if delivered else None,
         "reader_worker_cpu_pct": [round(100 * c) for c in reader_cpu],
-        "generator_bound": any(c > 0.9 for c in reader_cpu),
+        "writer_cpu_pct": round(100 * writer_cpu / seconds),
+        # What other programs took (of 100 x cores): the machine may be shared.
+        "other_cpu_pct": round(100 * others / seconds),
+        "generator_bound": any(c > 0.9 for c in reader_cpu) or writer_cpu > 0.9 * seconds,
         "server_rss_mb": round(server_rss(server.pid) / 2**20, 1),
         "closed_readers": sum(r["closed"] for r in results),
         "failed_calls": writer.failed,
