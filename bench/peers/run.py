@@ -354,6 +354,7 @@ class Stats:
     def set_window(self, start: int, end: int) -> None:
         self.start, self.end = start, end
         self.delivered = 0
+        self.frames = 0  # frames that carried at least one of those deliveries
         self.latency = Histogram()
 
 
@@ -365,11 +366,14 @@ async def read_loop(ws: Any, stats: Stats, heartbeat: tuple[str, str] | None) ->
                 await ws.send(heartbeat[1])
                 continue
             stamps = (STAMP_BYTES if type(data) is bytes else STAMP_TEXT).findall(data)
+            counted = False
             for stamp in stamps:
                 sent = int(stamp)
                 if stats.start <= sent < stats.end:
                     stats.delivered += 1
                     stats.latency.add(now - sent)  # not bound once: set_window replaces it
+                    counted = True
+            stats.frames += counted
     except Exception:  # a closed connection ends its reader; counted below
         pass
     stats.closed += 1
@@ -408,6 +412,7 @@ async def _readers(kind: Kind, url: str, n: int, pipe: Pipe) -> None:
             pipe.send(
                 {
                     "delivered": stats.delivered,
+                    "frames": stats.frames,
                     "latency": stats.latency.state(),
                     "closed": stats.closed,
                 }
@@ -574,6 +579,8 @@ async def window(
         "skipped": skipped,
         "deliveries_per_s": round(delivered / seconds),
         "delivered_fraction": round(delivered / expected, 4) if expected else None,
+        # syncd sends what a tick committed in one frame; the peers one frame per message.
+        "frames_per_s": round(sum(r["frames"] for r in results) / seconds),
         "p50_ms": lat["p50"],
         "p95_ms": lat["p95"],
         "p99_ms": lat["p99"],
