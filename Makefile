@@ -34,3 +34,4 @@ bench:
 	$(PY) bench/replicas.py
 	$(PY) bench/visibility.py
 	$(PY) bench/visibility_e2e.py
+	$(PY) bench/peers/run.py
