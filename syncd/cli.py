@@ -151,6 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
             allow_anonymous=args.allow_anonymous,
         ),
         snapshot_every=args.snapshot_every,
+        held_queries_every_s=args.held_queries_every,
         retain_txs=args.retain_txs,
         limits=limits,
         replica_id=args.replica_id,
@@ -203,9 +204,33 @@ def _migrate(args: argparse.Namespace) -> int:
         print(f"  rows affected in {table}: {count} ({how})")
     for table, index, count in report.indexes:
         print(f"  index to build: {table}.{index} over {count} rows")
+    now_us = options["now_us"]
+
+    def ago(us: int) -> str:
+        return f"{max(0, now_us - us) / 1e6:.0f} s ago"
+
+    for source in report.held:
+        if source.error is not None:
+            print(f"  held queries of {source.server}: not read ({source.error})")
+            continue
+        cut = " (truncated: the most held first)" if source.truncated else ""
+        print(
+            f"  held queries of {source.server}: {source.queries}{cut}, recorded "
+            f"{ago(source.written_us)} under schema version {source.schema_version}"
+        )
+    if not report.held:
+        print("  held queries: none recorded (no server has recorded its clients' queries)")
     for check in report.queries:
         verdict = "compiles" if check.error is None else f"stops compiling: {check.error}"
-        print(f"  query {check.sql!r}: {verdict}")
+        where = []
+        if check.given:
+            where.append("given")
+        if check.held:
+            assert check.recorded_us is not None
+            role = "" if check.restricted else ", by a service role"
+            when = ago(check.recorded_us)
+            where.append(f"held by clients: {check.holders} query sets{role}, recorded {when}")
+        print(f"  query {check.sql!r} ({'; '.join(where)}): {verdict}")
     summary = {
         "kind": report.kind,
         "from": report.version_from,
@@ -217,6 +242,7 @@ def _migrate(args: argparse.Namespace) -> int:
         "indexes_to_build": [[t, i] for t, i, _ in report.indexes],
         "functions": report.functions,
         "broken_queries": [c.sql for c in report.queries if c.error is not None],
+        "held_queries": len([c for c in report.queries if c.held]),
     }
     print(json.dumps(summary))
     return 1 if summary["broken_queries"] else 0
@@ -431,6 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--snapshot-every", type=int, default=50_000, metavar="TXS")
     serve.add_argument(
+        "--held-queries-every",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="record the queries clients hold (for `syncd migrate --dry-run`) in the journal at "
+        "most this often, when they changed (0: never)",
+    )
+    serve.add_argument(
         "--adopt-schema",
         action="store_true",
         help="MODULE is exactly the module that wrote this data directory, which an earlier "
@@ -630,12 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(or a Postgres journal) does",
         description="Compare MODULE with the data directory's stored schema and print the plan: "
         "each change, automatic or refused, and the rows of each table. --query SQL (repeatable) "
-        "checks queries your clients hold against the new schema. With --dry-run it works on a "
+        "checks queries against the new schema, as are those the clients of the running "
+        "server(s) hold (recorded in the journal every few seconds). With --dry-run it works on a "
         "copy (a running server's directory too) and writes nothing; without it the migration is "
         "recorded as `syncd serve` would at start (stop the server first). With --postgres DSN "
         "the journal is the one replicas share: a dry run only reads it; applied, it takes the "
-        "lease and is refused while a replica leads. Exit 2: refused; 1: a named query stops "
-        "compiling; 0: fine.",
+        "lease and is refused while a replica leads. Exit 2: refused; 1: a named or held query "
+        "stops compiling; 0: fine.",
     )
     migrate.add_argument("module", metavar="MODULE")
     where = migrate.add_mutually_exclusive_group()

@@ -173,6 +173,9 @@ class Config:
     replica_id: str = "embedded"
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trusted_proxies: tuple[str, ...] = ()
+    #: Seconds between writes of the queries clients hold to the journal's meta, for
+    #: `syncd migrate --dry-run` (at most one write each, only when they changed; 0: never).
+    held_queries_every_s: float = 5.0
     #: The module is exactly the one that wrote a data directory from before stored schemas:
     #: record it as the directory's schema (`--adopt-schema`; see `check_schema`).
     adopt_schema: bool = False

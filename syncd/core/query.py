@@ -1961,6 +1961,10 @@ def compile_rule(table: str, rule: str, schema: Schema) -> Query:
     return compile_query(f"SELECT * FROM {t} WHERE {text}", schema, name_private=True)
 
 
+#: Ends the key of a query that `with_visibility` restricted (the rest is the query's own key).
+VISIBLE_MARK = " /* visible */"
+
+
 def with_visibility(query: Query, schema: Schema) -> Query:
     """`query` restricted by the visibility rules of the tables it reads.
 
@@ -2011,7 +2015,7 @@ def with_visibility(query: Query, schema: Schema) -> Query:
         join=join,
         where=where,
         params=frozenset(params),
-        key=QueryKey(f"{query.key} /* visible */"),
+        key=QueryKey(f"{query.key}{VISIBLE_MARK}"),
         schema=query.schema,
     )
 

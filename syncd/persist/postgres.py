@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
+from syncd.core.held import HELD_KEY
 from syncd.core.ids import Epoch, Offset
 from syncd.errors import JournalError
 from syncd.persist.memory import Entry, GroupCommitJournal
@@ -259,6 +260,36 @@ async def has_journal(dsn: str, *, connect_timeout: float = 2.0) -> bool:
         finally:
             await conn.close()
     return bool(found)
+
+
+async def live_meta(
+    dsn: str, prefix: str, within_s: float, *, connect_timeout: float = 2.0
+) -> dict[str, bytes]:
+    """Per live replica instance (a heartbeat within `within_s`, by the database's clock), its
+    meta value under `prefix + instance`, where it has one. Reads only (no table is created
+    or migrated, nothing is forgotten): for `syncd migrate --dry-run`.
+
+    Raises:
+        JournalError: the database cannot be reached or read.
+    """
+    with _map_errors("reading the live replicas' meta"):
+        conn = await asyncpg.connect(dsn, timeout=connect_timeout)
+        try:
+            if not await conn.fetchval(
+                "SELECT to_regclass('syncd_replica') IS NOT NULL "
+                "AND to_regclass('syncd_meta') IS NOT NULL"
+            ):
+                return {}
+            rows = await conn.fetch(
+                "SELECT r.instance, m.value FROM syncd_replica r "
+                "JOIN syncd_meta m ON m.key = $1 || r.instance "
+                "WHERE r.seen >= now() - $2::float8 * interval '1 second'",
+                prefix,
+                within_s,
+            )
+        finally:
+            await conn.close()
+    return {row["instance"]: bytes(row["value"]) for row in rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -855,11 +886,18 @@ class PostgresLease:
         """See `ports.LeaderLease.live_instances` (ages by the database's clock).
 
         Also forgets instances silent for a day (each replica boot is a new instance, so
-        their rows would otherwise pile up); the leader asks every second, so this is cheap.
+        their rows would otherwise pile up), and the records of held queries (`core.held`) of
+        instances forgotten (a replica that crashed left its own); the leader asks every
+        second, so this is cheap.
         """
 
         async def live(conn: Any) -> Any:
             await conn.execute("DELETE FROM syncd_replica WHERE seen < now() - interval '1 day'")
+            await conn.execute(
+                "DELETE FROM syncd_meta WHERE starts_with(key, $1) AND NOT EXISTS "
+                "(SELECT 1 FROM syncd_replica r WHERE $1 || r.instance = key)",
+                HELD_KEY + ":",
+            )
             return await conn.fetch(
                 "SELECT instance FROM syncd_replica "
                 "WHERE seen >= now() - $1::float8 * interval '1 second'",
@@ -868,6 +906,25 @@ class PostgresLease:
 
         rows = await self._query("reading the live instances", live)
         return {row["instance"] for row in rows}
+
+    async def set_meta(self, key: str, value: bytes | None) -> None:
+        """Store a replica's own meta value (None deletes it), on the lease's pool: unfenced
+        and outside any journal, so a failure (raised as JournalError) fails nothing else.
+        For values each replica keeps under a key of its own (`core.held.held_key`), never
+        for what the leader decides."""
+
+        async def write(conn: Any) -> None:
+            if value is None:
+                await conn.execute("DELETE FROM syncd_meta WHERE key = $1", key)
+            else:
+                await conn.execute(
+                    "INSERT INTO syncd_meta (key, value) VALUES ($1, $2) "
+                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    key,
+                    value,
+                )
+
+        await self._query(f"setting meta {key!r}", write)
 
     async def aclose(self) -> None:
         """See `ports.LeaderLease.aclose`."""

@@ -24,7 +24,7 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -41,6 +41,7 @@ from syncd.auth.apikey import ApiKeys, KeyStore, PostgresApiKeys
 from syncd.auth.jwt import JwtConfig, JwtVerifier
 from syncd.config import Config
 from syncd.core import snapshot
+from syncd.core.held import HELD_KEY, held_key
 from syncd.core.ids import Epoch, Identity, Offset
 from syncd.core.protocol.codec import Format, format_for_subprotocol
 from syncd.core.protocol.messages import SUBPROTOCOLS, Error
@@ -54,6 +55,7 @@ from syncd.errors import (
     ArgumentError,
     BackendError,
     CloseCode,
+    ConfigError,
     ErrorCode,
     InvalidToken,
     JournalError,
@@ -83,6 +85,7 @@ from syncd.server.connection import (
 )
 from syncd.server.forward import PATH as LINK_PATH
 from syncd.server.forward import Writer, serve_link
+from syncd.server.held import HeldRecorder
 from syncd.server.http_limits import limited_http_protocol
 from syncd.server.leader import Leader
 from syncd.server.limits import Limiter, SharedRateLimiter
@@ -237,6 +240,11 @@ class Server:
         # revoked is checked against it once verified (`Connection._signed_in_with`).
         self.revoked_keys: set[str] = set()
         self._last_snapshot = 0
+        # Writes the queries clients hold to the journal's meta (`server.held`); None: off.
+        self.held_recorder: HeldRecorder | None = None
+        every = config.held_queries_every_s
+        if not 0 <= every <= 86_400:
+            raise ConfigError(f"--held-queries-every must be 0..86400 seconds, got {every}")
         # /readyz?state=1: (offset, hash of the state at it, when computed).
         self._state_hash: tuple[int, str, float] = (-1, "", float("-inf"))
         self.started = False
@@ -314,6 +322,7 @@ class Server:
         )
         self.broker.subscribe(self.replica.on_tx)
         self.broker.subscribe(self._after_tx)
+        self._record_held(lambda value: journal.set_meta(HELD_KEY, value))
         leader = Leader(
             self.schema,
             leader_store,
@@ -407,12 +416,24 @@ class Server:
             gate=gate,
         )
         cluster.on_leader_change = leader_changed
+        lease = cluster.lease
+        assert isinstance(lease, PostgresLease)
+        key = held_key(self.instance)
+        self._record_held(lambda value: lease.set_meta(key, value))
         self.replica.on_schema_event = cluster.schema_event
         gate.on_change = self._schema_changed
         await cluster.beat()
         cluster.start()
         secret = await cluster.wait_for_meta(ANON_SECRET_KEY, within_s=60)
         await self._start_auth(secret)
+
+    def _record_held(self, write: Callable[[bytes | None], Awaitable[None]]) -> None:
+        every = self.config.held_queries_every_s
+        if every:
+            self.held_recorder = HeldRecorder(
+                self.replica.held, write, schema_version=lambda: self.schema.version, period_s=every
+            )
+            self.held_recorder.start()
 
     def _schema_changed(self, state: GateState) -> None:
         """The gate's state changed (see `server.schema_gate`). Stopped: apply nothing more,
@@ -504,6 +525,10 @@ class Server:
         """Close every connection (resumable), flush, and close the journal."""
         if self._revocations is not None:
             self._revocations.cancel()
+        if self.held_recorder is not None:
+            # A replica's clients resume elsewhere (and are recorded there): its record goes.
+            # The embedded server's stays: its clients come back with the same queries.
+            await self.held_recorder.stop(delete=self.cluster is not None)
         for conn in list(self.connections):
             conn.close(CloseCode.SHUTDOWN, "server shutting down")
         if self.connections:

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
+from syncd.config import ClusterConfig, Limits
+from syncd.core.held import HELD_KEY, decode_record
 from syncd.core.ids import Offset
-from syncd.core.query import compile_query
+from syncd.core.query import compile_query, prescan, term_count, with_visibility
 from syncd.core.schema import Schema
 from syncd.core.tx import decode_tx
-from syncd.errors import ConfigError, SchemaMismatch, SubscriptionError
+from syncd.errors import ConfigError, LimitExceeded, SchemaMismatch, SubscriptionError
 from syncd.persist.sqlite import DEFAULT_FILENAME, SqliteJournal
 from syncd.ports import Journal
 from syncd.server.app import recover_checked
@@ -39,10 +41,39 @@ from syncd.server.schema_gate import open_gate
 
 @dataclass(frozen=True, slots=True)
 class QueryCheck:
-    """One named query against the new schema: None when it compiles, else why not."""
+    """One query against the new schema: `error` is None when it compiles, else why not.
+
+    Attributes:
+        given: named by the operator (`--query`).
+        held: held by clients when a server last recorded them (`syncd.core.held`): the
+            canonical text, compiled as the server compiles it for a client whose role
+            `restricted` says (visibility rules applied, `:sender` and the other rule
+            parameters bound).
+        holders: how many query sets held it, across the records.
+        recorded_us: when the newest record holding it was written (wall clock, µs).
+    """
 
     sql: str
     error: str | None
+    given: bool = True
+    held: bool = False
+    restricted: bool = True
+    holders: int = 0
+    recorded_us: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeldSource:
+    """One record of held queries that was read: the server it came from ("embedded" or a
+    replica instance), when it was written (µs), the schema version then, how many texts it
+    holds, whether some were left out, or why it could not be read."""
+
+    server: str
+    written_us: int = 0
+    schema_version: int = 0
+    queries: int = 0
+    truncated: bool = False
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +88,9 @@ class MigrationReport:
         version_to: the version the module runs as.
         rows: per public and private table of the module, the rows it holds (after the
             migration).
-        queries: the named queries, each compiled against the new schema.
+        queries: the named (`given`) and held (`held`) queries, each compiled against the
+            new schema.
+        held: the records of held queries read (none: no server recorded any yet).
         applied_offset: the migration transaction's offset when one was written (not a dry
             run), else None.
         affected: per table (its new name), the stored rows the migration touches: read under
@@ -78,6 +111,7 @@ class MigrationReport:
     affected: dict[str, int] = field(default_factory=dict)
     indexes: list[tuple[str, str, int]] = field(default_factory=list)
     functions: dict[str, dict[str, int]] = field(default_factory=dict)
+    held: list[HeldSource] = field(default_factory=list)
 
 
 async def migrate(
@@ -130,14 +164,19 @@ async def migrate_postgres(
         SchemaMismatch: the change is refused, or the module is an earlier stored version.
         JournalError: the database cannot be read (or written).
     """
-    from syncd.persist.postgres import PostgresJournal, PostgresLease, has_journal
+    from syncd.persist.postgres import PostgresJournal, PostgresLease, has_journal, live_meta
 
     if not await has_journal(dsn):
         raise ConfigError("the database holds no syncd journal (no syncd_journal table)")
     sqls = queries or []
+    # The records of the replicas alive now (a replica that stopped removed its own; one
+    # that crashed left a record no longer read once its heartbeat lapsed).
+    lapse = ClusterConfig().heartbeat_lapse_s
+    found = await live_meta(dsn, HELD_KEY + ":", lapse)
+    held = sorted(found.items())
     if dry_run:
         async with PostgresJournal(dsn) as journal:  # read-only: append raises
-            return await _report(schema, journal, sqls, adopt_schema, False, now_us)
+            return await _report(schema, journal, sqls, adopt_schema, False, now_us, held)
     lease = PostgresLease(dsn)
     try:
         term = await lease.try_acquire("syncd-migrate", "")
@@ -150,7 +189,7 @@ async def migrate_postgres(
                 "stop every replica and run this again (docs/operations.md, 'Changing a module')"
             )
         async with PostgresJournal(dsn, term=term) as journal:
-            return await _report(schema, journal, sqls, adopt_schema, True, now_us)
+            return await _report(schema, journal, sqls, adopt_schema, True, now_us, held)
     finally:
         await lease.aclose()
 
@@ -159,11 +198,19 @@ async def _run(
     schema: Schema, path: Path, sqls: list[str], adopt: bool, apply: bool, now_us: int
 ) -> MigrationReport:
     async with SqliteJournal(path) as journal:
-        return await _report(schema, journal, sqls, adopt, apply, now_us)
+        found = await journal.get_meta(HELD_KEY)
+        held = [] if found is None else [("embedded", found)]
+        return await _report(schema, journal, sqls, adopt, apply, now_us, held)
 
 
 async def _report(
-    schema: Schema, journal: Journal, sqls: list[str], adopt: bool, apply: bool, now_us: int
+    schema: Schema,
+    journal: Journal,
+    sqls: list[str],
+    adopt: bool,
+    apply: bool,
+    now_us: int,
+    held: list[tuple[str, bytes]],
 ) -> MigrationReport:
     gate = await open_gate(schema, journal, adopt=adopt)
     if gate.state == "stopped":  # an earlier stored version: it would migrate back
@@ -204,7 +251,16 @@ async def _report(
         for name, state in store.tables.items()
         if not name.startswith("syncd_")
     }
-    checks = [_compiles(sql, check.schema) for sql in sqls]
+    checks = [_compiles(sql, check.schema) for sql in dict.fromkeys(sqls)]
+    given = {c.sql: i for i, c in enumerate(checks)}
+    sources, held_checks = _held_checks(held, check.schema)
+    for found in held_checks:
+        i = given.get(found.sql)
+        if i is None:
+            checks.append(found)
+        else:  # named and held: both verdicts count
+            error = checks[i].error or found.error
+            checks[i] = replace(found, error=error, given=True)
     return MigrationReport(
         kind=kind,
         diff=diff,
@@ -216,6 +272,7 @@ async def _report(
         affected=affected,
         indexes=indexes,
         functions=functions,
+        held=sources,
     )
 
 
@@ -225,6 +282,74 @@ def _compiles(sql: str, schema: Schema) -> QueryCheck:
     except SubscriptionError as exc:
         return QueryCheck(sql, str(exc))
     return QueryCheck(sql, None)
+
+
+# What the visibility rules and held queries are bound with: a placeholder caller whose role
+# and email are NULL (as for a client without them). A `:sender` compared with a column that
+# cannot hold an identity fails to bind, as it would for every client.
+_CALLER = {"sender": "syncd-migrate-check", "role": None, "email": None}
+
+
+def _held_checks(
+    held: list[tuple[str, bytes]], schema: Schema
+) -> tuple[list[HeldSource], list[QueryCheck]]:
+    """The records read (`held`: per server, the stored bytes), and each distinct held text
+    compiled as a server compiles a client's query (merged across records: holders summed,
+    the newest record's time)."""
+    sources: list[HeldSource] = []
+    merged: dict[tuple[str, bool], tuple[int, int]] = {}
+    for server, data in held:
+        try:
+            record = decode_record(data)
+        except ValueError as exc:
+            sources.append(HeldSource(server, error=str(exc)))
+            continue
+        sources.append(
+            HeldSource(
+                server,
+                written_us=record.written_us,
+                schema_version=record.schema_version,
+                queries=len(record.queries),
+                truncated=record.truncated,
+            )
+        )
+        for query in record.queries:
+            key = (query.sql, query.restricted)
+            holders, newest = merged.get(key, (0, 0))
+            merged[key] = (holders + query.holders, max(newest, record.written_us))
+    checks = [
+        QueryCheck(
+            sql,
+            _held_error(sql, restricted, schema),
+            given=False,
+            held=True,
+            restricted=restricted,
+            holders=holders,
+            recorded_us=newest,
+        )
+        for (sql, restricted), (holders, newest) in sorted(merged.items())
+    ]
+    return sources, checks
+
+
+def _held_error(sql: str, restricted: bool, schema: Schema) -> str | None:
+    """Why the server would refuse `sql` under `schema` (`Replica.bind`), or None. The limits
+    are the defaults (a server started with other limits may judge a long query otherwise)."""
+    limits = Limits()
+    try:
+        prescan(sql, max_bytes=limits.max_query_bytes, max_terms=limits.max_query_terms)
+        query = compile_query(sql, schema)
+        if restricted:
+            query = with_visibility(query, schema)
+        terms = term_count(query.where)
+        if terms > limits.max_query_terms:
+            raise LimitExceeded(
+                f"the query has {terms} conditions; the limit is {limits.max_query_terms}"
+            )
+        query.bind(_CALLER)
+    except (SubscriptionError, LimitExceeded) as exc:
+        return str(exc)
+    return None
 
 
 class _Overlay:

@@ -24,11 +24,13 @@ from syncd.auth.principal import Principal
 from syncd.config import Limits
 from syncd.core import snapshot
 from syncd.core.access import rule_params
+from syncd.core.held import HeldQueries
 from syncd.core.ids import Epoch, Offset, QuerySetId
 from syncd.core.oneoff import OneOffPlan, Result, compile_one_off
 from syncd.core.protocol.codec import ENCODE_ERRORS, Codec, Format
 from syncd.core.protocol.messages import QueryUpdate
 from syncd.core.query import (
+    VISIBLE_MARK,
     BoundQuery,
     Query,
     QueryKey,
@@ -152,6 +154,12 @@ class Replica:
         # Called after a schema migration transaction is applied, and when an entry does not
         # read (a newer schema version?): the owner re-reads the stored schema.
         self.on_schema_event: Callable[[], None] = lambda: None
+        # The distinct query texts connections hold, for `syncd migrate --dry-run` (recorded
+        # in the journal's meta by `server.held.HeldRecorder`).
+        self.held = HeldQueries()
+        # (connection, query set) -> whether the visibility rules applied when it was bound (a
+        # Reauth may change the role; the held queries keep their binding).
+        self._held_restricted: dict[tuple[Connection, QuerySetId], bool] = {}
 
     # -- applying transactions ---------------------------------------------------------------
 
@@ -547,15 +555,19 @@ class Replica:
         their initial rows (no transaction can fall between the two), after adding the set to
         `conn.query_sets`."""
         self.emit_pending()
+        restricted = self._held_restricted[(conn, qs_id)] = _restricted(conn)
         for query in queries:
             self.index.add(query)
+            self.held.add(held_text(query), restricted)
         self._regroup(conn)
 
     def unsubscribe(self, conn: Connection, qs_id: QuerySetId, queries: list[BoundQuery]) -> None:
         """Stop routing a query set to `conn`, after removing it from `conn.query_sets`."""
         self.emit_pending()
+        restricted = self._held_restricted.pop((conn, qs_id), True)
         for query in queries:
             self.index.remove(query.key)
+            self.held.remove(held_text(query), restricted)
         self._regroup(conn)
 
     def _regroup(self, conn: Connection) -> None:
@@ -721,10 +733,24 @@ class Replica:
             else:
                 del self.per_identity[identity]
         self.emit_pending()
-        for queries in conn.query_sets.values():
+        for qs_id, queries in conn.query_sets.items():
+            restricted = self._held_restricted.pop((conn, qs_id), True)
             for query in queries:
                 self.index.remove(query.key)
+                self.held.remove(held_text(query), restricted)
         conn.query_sets.clear()
         self._regroup(conn)
         self.connections.discard(conn)
         self._dirty.discard(conn)
+
+
+def held_text(query: BoundQuery) -> str:
+    """The text a held query is recorded under: its canonical SQL, parameters unbound and
+    without the visibility rules (compiling it again gives the same query)."""
+    return query.query.key.removesuffix(VISIBLE_MARK)
+
+
+def _restricted(conn: Connection) -> bool:
+    """Whether the visibility rules apply to `conn`'s queries (as in `Replica.bind`)."""
+    principal = conn.principal
+    return principal is None or principal.auth.role not in BYPASS_ROLES

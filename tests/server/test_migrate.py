@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import pytest
 
+import syncd.client
 from syncd.errors import JournalError, SchemaMismatch
 from syncd.server.loader import load_module_schema
-from syncd.server.migrate import migrate
-from tests.server_proc import ServerProcess
+from syncd.server.migrate import QueryCheck, migrate
+from tests.client.helpers import eventually
+from tests.server_proc import ServerProcess, serving
 from tests.transport.wire import ahttp, readyz, sql
 from tests.utils import ROOT
 
@@ -119,3 +121,76 @@ async def test_a_refused_change_writes_nothing(running_v1: ServerProcess) -> Non
         assert len(await sql(server, "SELECT * FROM item")) == ROWS
     finally:
         server.kill()
+
+
+V3_PRIVATE = "tests/modules/shop_v3_private.py"
+HELD = "SELECT * FROM item WHERE price > 5"
+HELD_CANONICAL = "SELECT * FROM item WHERE item.price > 5"
+
+
+async def held_checks(module: str, data: Path) -> list[QueryCheck]:
+    """The held queries a dry run of `module` over `data` reports now."""
+    report = await migrate(load_module_schema(ROOT / module), data, dry_run=True)
+    return [c for c in report.queries if c.held]
+
+
+async def test_a_dry_run_reports_the_queries_clients_hold(tmp_path: Path) -> None:
+    """A client of the running server holds a query that making `item` private breaks: the
+    dry run reports it as held (with where it came from) and stops compiling (exit 1), while
+    for a module that keeps it the same record compiles (exit 0). Once the client leaves, the
+    next record holds nothing, and only the given query is judged."""
+    with serving(V2, tmp_path / "data", "--held-queries-every", "0.2") as server:
+        data = server.data_dir
+        async with syncd.client.connect(server.ws_url) as conn:
+            await conn.subscribe(HELD)
+            await conn.subscribe([HELD, "SELECT * FROM item WHERE id = 3"])
+            found = await eventually(lambda: held_checks(V3_PRIVATE, data), what="a record")
+            by_sql = {c.sql: c for c in found}
+            assert set(by_sql) == {HELD_CANONICAL, "SELECT * FROM item WHERE item.id = 3"}
+            held = by_sql[HELD_CANONICAL]
+            assert held.held and not held.given and held.holders == 2 and held.restricted
+            assert held.error is not None and "item" in held.error
+            result = cli(str(ROOT / V3_PRIVATE), "--data", str(data), "--dry-run")
+            assert result.returncode == 1, result.stderr
+            assert "held queries of embedded: 2, recorded" in result.stdout
+            line = next(x for x in result.stdout.splitlines() if HELD_CANONICAL in x)
+            assert "held by clients: 2 query sets, recorded" in line, line
+            assert "stops compiling" in line, line
+            summary = json.loads(result.stdout.splitlines()[-1])
+            assert sorted(summary["broken_queries"]) == sorted(by_sql)
+            same = cli(str(ROOT / V2), "--data", str(data), "--dry-run", "--query", HELD)
+            assert same.returncode == 0, same.stdout + same.stderr
+            assert f"query {HELD!r} (given): compiles" in same.stdout
+            assert "(held by clients: 2 query sets, recorded" in same.stdout
+        await eventually(
+            lambda: _empty(held_checks(V3_PRIVATE, data)), what="the client's queries gone"
+        )
+        result = cli(str(ROOT / V3_PRIVATE), "--data", str(data), "--dry-run", "--query", HELD)
+        assert result.returncode == 1, result.stderr
+        assert "held queries of embedded: 0, recorded" in result.stdout
+        summary = json.loads(result.stdout.splitlines()[-1])
+        assert summary["broken_queries"] == [HELD] and summary["held_queries"] == 0
+
+
+async def _empty(checks: Awaitable[list[QueryCheck]]) -> bool:
+    return not await checks
+
+
+async def test_no_record_is_written_when_recording_is_off(tmp_path: Path) -> None:
+    """`--held-queries-every 0`: nothing is recorded and the dry run says so; a negative
+    period is refused at start."""
+    with serving(V2, tmp_path / "data", "--held-queries-every", "0") as server:
+        async with syncd.client.connect(server.ws_url) as conn:
+            await conn.subscribe(HELD)
+            result = cli(str(ROOT / V3_PRIVATE), "--data", str(server.data_dir), "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "held queries: none recorded" in result.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "syncd", "serve", str(ROOT / V2), "--data", str(tmp_path / "x")]
+        + ["--port", "0", "--held-queries-every", "-1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0 and "--held-queries-every" in bad.stderr, bad.stderr
