@@ -177,14 +177,17 @@ async def _empty(checks: Awaitable[list[QueryCheck]]) -> bool:
 
 
 async def test_no_record_is_written_when_recording_is_off(tmp_path: Path) -> None:
-    """`--held-queries-every 0`: nothing is recorded and the dry run says so; a negative
-    period is refused at start."""
+    """`--held-queries-every 0`: nothing is recorded and the dry run says so."""
     with serving(V2, tmp_path / "data", "--held-queries-every", "0") as server:
         async with syncd.client.connect(server.ws_url) as conn:
             await conn.subscribe(HELD)
             result = cli(str(ROOT / V3_PRIVATE), "--data", str(server.data_dir), "--dry-run")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "held queries: none recorded" in result.stdout
+
+
+def test_a_negative_recording_period_is_refused(tmp_path: Path) -> None:
+    """`--held-queries-every -1`: refused at start with the flag named."""
     bad = subprocess.run(
         [sys.executable, "-m", "syncd", "serve", str(ROOT / V2), "--data", str(tmp_path / "x")]
         + ["--port", "0", "--held-queries-every", "-1"],
