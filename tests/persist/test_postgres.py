@@ -15,10 +15,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from syncd.core.held import HELD_KEY, held_key
 from syncd.core.ids import Offset
 from syncd.errors import JournalError
 from syncd.persist import postgres as postgres_module
-from syncd.persist.postgres import SCHEMA_VERSION, PostgresJournal, PostgresLease
+from syncd.persist.postgres import SCHEMA_VERSION, PostgresJournal, PostgresLease, live_meta
 from syncd.ports import LeaderInfo
 from tests.contracts.journal import (
     CountingJournal,
@@ -208,6 +209,32 @@ async def test_heartbeats_use_the_database_clock(pg_dsn: str, lease: PostgresLea
     assert await lease.live_instances(10.0) == {"r1", "r2"}
     rows = await sql(pg_dsn, "SELECT address FROM syncd_replica WHERE instance = 'r2'")
     assert rows[0]["address"] == "http://r2-moved"
+
+
+async def test_replica_meta_is_read_for_live_instances_and_forgotten_with_them(
+    pg_dsn: str, lease: PostgresLease
+) -> None:
+    """`set_meta` on the lease stores a replica's own value; `live_meta` reads those of the
+    instances alive now, writing nothing; `live_instances` forgets the held-queries records of
+    instances no longer in the heartbeat table (a crashed replica's), not other keys."""
+    for instance in ("r1", "r2"):
+        await lease.heartbeat(instance, f"http://{instance}")
+    for instance in ("r1", "r2", "gone"):
+        await lease.set_meta(held_key(instance), instance.encode())
+    await lease.set_meta("syncd.held_queriesX", b"not a record key")
+    await sql(
+        pg_dsn,
+        "UPDATE syncd_replica SET seen = now() - interval '30 seconds' WHERE instance = 'r2'",
+    )
+    assert await live_meta(pg_dsn, HELD_KEY + ":", 10.0) == {"r1": b"r1"}
+    assert await live_meta(pg_dsn, HELD_KEY + ":", 60.0) == {"r1": b"r1", "r2": b"r2"}
+    await lease.live_instances(10.0)
+    rows = await sql(pg_dsn, "SELECT key FROM syncd_meta WHERE key LIKE 'syncd.held%'")
+    assert sorted(r["key"] for r in rows) == sorted(
+        [held_key("r1"), held_key("r2"), "syncd.held_queriesX"]
+    )
+    await lease.set_meta(held_key("r1"), None)
+    assert await live_meta(pg_dsn, HELD_KEY + ":", 10.0) == {}
 
 
 LEASE_HOLDER = """
