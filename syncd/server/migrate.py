@@ -5,8 +5,9 @@ The plan is `check_schema`'s (docs/operations.md, "Changing a module"): the chan
 each is automatic, the rows of each table the new version reads, the rows affected (read under
 a new layout: old rows get the defaults of added columns as they are read, nothing is
 rewritten; changed or deleted by a row function; lost with a dropped table), the indexes built
-at start and, for queries the operator names (`--query`, for example the ones the
-application's clients subscribe to), whether each still compiles against the new schema.
+at start and, for queries the operator names (`--query`) and those the clients of the running
+server(s) hold (recorded in the journal's meta by each server: `syncd.core.held`), whether each
+still compiles against the new schema.
 
 A dry run works on a copy of the journal, taken with SQLite's backup API (so a running server's
 directory can be planned against, WAL included), and writes nothing to the data directory; the
