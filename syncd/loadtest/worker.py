@@ -50,6 +50,7 @@ QUERY_SET = 1
 #: connection with 1009, counted as an error).
 MAX_FRAME_BYTES = 64 << 20
 
+
 class _Msg(msgspec.Struct, tag_field="type"):
     pass
 
