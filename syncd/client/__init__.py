@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from syncd.client.backoff import Backoff
 from syncd.client.cache import CallbackHandle, Database, TableCache
-from syncd.client.connection import Connection, Subscription, connect
+from syncd.client.connection import CallResult, Connection, Subscription, connect
 from syncd.client.endpoint import Endpoint
 from syncd.client.errors import (
     CallForbidden,
@@ -32,6 +32,7 @@ from syncd.client.schema import ClientSchema, Row, TableInfo, stale_differences
 __all__ = [
     "Backoff",
     "CallForbidden",
+    "CallResult",
     "CallInterrupted",
     "CallbackHandle",
     "ClientSchema",

@@ -93,8 +93,11 @@ def _call(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         async with _connect(args, reconnect=False) as conn:
-            offset = await conn.call(args.reducer, *values, idempotency_key=args.idempotency_key)
-        _emit({"ok": True, "offset": offset})
+            called = await conn.call(args.reducer, *values, idempotency_key=args.idempotency_key)
+        answer: dict[str, Any] = {"ok": True, "offset": called.offset}
+        if called.value is not None:
+            answer["value"] = called.value
+        _emit(answer)
         return 0
 
     return _run("call", args, main)

@@ -5,7 +5,7 @@
     async with syncd.client.connect("ws://127.0.0.1:3000") as conn:
         sub = await conn.subscribe(["SELECT * FROM message"])
         conn.db["message"].on_insert(print)
-        offset = await conn.call("send_message", "hello")
+        offset = (await conn.call("send_message", "hello")).offset
 
 Lifecycle. `connect` fetches ``/v1/schema`` (to turn rows into dicts), opens the WebSocket,
 sends `Hello` and waits for `Welcome`. Failures there raise at once (`ConnectFailed`,
@@ -120,6 +120,20 @@ _ABNORMAL = 1006
 
 SubscriptionState: TypeAlias = Literal["pending", "live", "failed", "ended"]
 _Kind: TypeAlias = Literal["call", "merge", "query", "sub", "unsub"]
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """The answer to `Connection.call`.
+
+    Attributes:
+        offset: the committed transaction's offset; None when the reducer changed nothing.
+        value: what the reducer returned, of its declared return type (ints, str, bytes,
+            JSON values, ...; an enum's value as its str); None when it declares none.
+    """
+
+    offset: Offset | None
+    value: Any = None
 
 
 @dataclass(eq=False)
@@ -392,7 +406,7 @@ class Connection:
 
     async def call(
         self, reducer: str, *args: Any, idempotency_key: str | None = None
-    ) -> Offset | None:
+    ) -> CallResult:
         """Run a reducer on the server as a transaction.
 
         Every call carries an idempotency key (a random one unless given), and keeps it when
@@ -405,8 +419,9 @@ class Connection:
             idempotency_key: a key of your own, e.g. to retry after `CallInterrupted`.
 
         Returns:
-            The offset of the committed transaction (its `TransactionUpdate`s already reached
-            the cache); None when the reducer changed nothing.
+            The transaction's offset (its `TransactionUpdate`s already reached the cache; None
+            when the reducer changed nothing) and the value the reducer returned (None when it
+            declares no return type), as a `CallResult`.
 
         Raises:
             TypeError: an argument is not plain data (nothing was sent).
@@ -421,11 +436,19 @@ class Connection:
         wire_args = list(args)
         for position, arg in enumerate(wire_args):
             _check_plain(arg, f"argument {position} of {reducer!r}")
-        result: Offset | None = await self._request(
+        answer: ReducerResult = await self._request(
             "call",
             lambda rid: CallReducer(rid, reducer, wire_args, idempotency_key=key),
         )
-        return result
+        value = answer.value
+        if self.fmt == "json" and isinstance(value, str):
+            info = self.schema.reducers.get(reducer)
+            if info is not None and info.returns_bytes:
+                try:
+                    value = self._codec.bytes_value(value)
+                except ValueError as exc:
+                    raise ProtocolError(f"{reducer} returned bytes that are not base64") from exc
+        return CallResult(answer.offset, value)
 
     async def merge(self, table: str, pk: Any, column: str, op: Any) -> Offset | None:
         """Merge a CRDT operation into one cell (`MergeCrdt`), as its own transaction.
@@ -446,10 +469,10 @@ class Connection:
         """
         _check_plain(pk, "the primary key")
         _check_plain(op, "the operation")
-        result: Offset | None = await self._request(
+        answer: ReducerResult = await self._request(
             "merge", lambda rid: MergeCrdt(rid, table, pk, column, op)
         )
-        return result
+        return answer.offset
 
     async def sql(self, query: str) -> list[Row]:
         """Run one SQL query once (`OneOffQuery`), without subscribing.
@@ -1045,7 +1068,7 @@ class Connection:
 
     def _on_result(self, msg: ReducerResult) -> None:
         if msg.ok:
-            self._settle(msg.request_id, msg.offset)
+            self._settle(msg.request_id, msg)
         else:
             self._settle(msg.request_id, error=call_error(msg.code, msg.message))
 

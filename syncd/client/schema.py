@@ -127,10 +127,13 @@ class ReducerInfo:
     Attributes:
         name: the reducer's name.
         params: parameter names, in order.
+        returns_bytes: its declared return type is bytes (or bytes | None): in JSON the
+            value travels as base64 text, turned back into bytes by `Connection.call`.
     """
 
     name: str
     params: tuple[str, ...]
+    returns_bytes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +181,9 @@ class ClientSchema:
                 )
             reducers = {
                 str(r["name"]): ReducerInfo(
-                    name=str(r["name"]), params=tuple(str(p["name"]) for p in r.get("params", []))
+                    name=str(r["name"]),
+                    params=tuple(str(p["name"]) for p in r.get("params", [])),
+                    returns_bytes=_is_bytes_type(r.get("returns")),
                 )
                 for r in described.get("reducers", [])
             }

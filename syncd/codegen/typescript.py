@@ -172,6 +172,8 @@ class _Reducer:
     name: str
     params: tuple[_Param, ...]
     roles: tuple[str, ...] | None
+    #: The declared return type; None: the reducer returns no value.
+    returns: _Type | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +316,9 @@ def _parse(described: Mapping[str, object]) -> _Module:
             if raw_roles is None
             else tuple(read.text(x, f"{where}.roles") for x in read.items(raw_roles, where))
         )
-        reducers.append(_Reducer(name, params, roles))
+        raw_returns = r.get("returns")
+        returns = None if raw_returns is None else read.type(raw_returns, f"{where}.returns")
+        reducers.append(_Reducer(name, params, roles, returns))
     if read.problems:
         raise ConfigError("not a syncd schema: " + "; ".join(read.problems))
     public = {**root, "tables": public_tables, "reducers": public_reducers}
@@ -458,6 +462,8 @@ class _Emitter:
         for r in self.module.reducers:
             for p in r.params:
                 visit(p.type)
+            if r.returns is not None:
+                visit(r.returns)
         return found
 
     def ts_type(self, t: _Type) -> str:
@@ -658,12 +664,21 @@ class _Emitter:
                 extra.append(f"Only callers with role {' or '.join(r.roles)} may call it.")
             body.append("")
             body += _doc([*doc, *([""] if doc else []), *extra], "  ")
-            line = f"  async {method}({', '.join(signature)}): Promise<CallResult> {{"
+            # The promise carries the returned value's type (CallResult's `value`), if any.
+            value = "" if r.returns is None else f"<{self.ts_type(r.returns)}>"
+            result = f"Promise<CallResult{value}>"
+            line = f"  async {method}({', '.join(signature)}): {result} {{"
             if len(line) > _WIDTH:
                 listed = "".join(f"    {s},\n" for s in signature)
-                line = f"  async {method}(\n{listed}  ): Promise<CallResult> {{"
+                line = f"  async {method}(\n{listed}  ): {result} {{"
             body.append(line)
-            body.append(f"    return this.client.call({_string(r.name)}, {args}, {options});")
+            call = f"    return this.client.call{value}({_string(r.name)}, {args}, {options});"
+            if len(call) > _WIDTH:
+                call = (
+                    f"    return this.client.call{value}(\n"
+                    f"      {_string(r.name)},\n      {args},\n      {options},\n    );"
+                )
+            body.append(call)
             body.append("  }")
         lines: list[str] = []
         if needs_trim:

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
+import msgspec
+
 from syncd.core.hlc import Stamp
 from syncd.core.ids import ConnectionId, Identity, Timestamp
 from syncd.core.schema import NO_DEFAULT, ReducerDef, Schema, TableDef
@@ -411,6 +413,58 @@ def check_role(rdef: ReducerDef, auth: AuthInfo) -> None:
     raise Forbidden(f"reducer {rdef.name} requires role {' or '.join(sorted(roles))}")
 
 
+#: Bytes a `ReducerResult` (or an HTTP call answer) takes around its value, at most: the value
+#: must fit the server's message limit less this.
+RESULT_ENVELOPE = 128
+
+_encode_msgpack = msgspec.msgpack.Encoder().encode
+_encode_json = msgspec.json.Encoder().encode
+
+
+def encode_result(value: object) -> bytes:
+    """A checked return value (`check_result`) as the journal keeps it for idempotent retries
+    (MessagePack); `decode_result` reverses it."""
+    return _encode_msgpack(value)
+
+
+def decode_result(data: bytes) -> object:
+    """Inverse of `encode_result`. Trusts its input (it came from our own journal)."""
+    return msgspec.msgpack.decode(data)
+
+
+def check_result(rdef: ReducerDef, value: object, *, max_size: int | None = None) -> object:
+    """The wire form of what a reducer returned: its declared type's visible form (None when it
+    declares none: what it returned is dropped).
+
+    `max_size`, if given, bounds the value encoded in either subprotocol (JSON carries bytes as
+    base64, MessagePack has a header per item), in bytes.
+
+    Raises:
+        ReducerError: the value does not fit the declared type (wrong type, an int beyond 64
+            bits, a float that is NaN or infinite, a str UTF-8 cannot encode), or is larger
+            than `max_size` encoded. Both are bugs in the module, and said so.
+    """
+    rtype = rdef.returns
+    if rtype is None:
+        return None
+    try:
+        wire = rtype.visible(rtype.check(value))
+    except ValueError as exc:
+        raise ReducerError(
+            f"reducer {rdef.name} returned a value that is not its declared return type "
+            f"{rtype}: {exc} (a bug in the module; the call was rolled back)"
+        ) from None
+    if max_size is not None and wire is not None:
+        size = max(len(_encode_msgpack(wire)), len(_encode_json(wire)))
+        if size > max_size:
+            raise ReducerError(
+                f"reducer {rdef.name} returned a value of {size} bytes encoded, over the "
+                f"{max_size} bytes a result may carry (the server's --max-message-size less "
+                f"{RESULT_ENVELOPE}; a bug in the module; the call was rolled back)"
+            )
+    return wire
+
+
 def run_reducer(
     store: Store,
     rdef: ReducerDef,
@@ -424,15 +478,46 @@ def run_reducer(
     before_commit: Callable[[Transaction], None] | None = None,
     run_user: RunUser | None = None,
 ) -> ChangeSet:
+    """Run one reducer as one transaction (`run_reducer_returning`, without the value)."""
+    return run_reducer_returning(
+        store,
+        rdef,
+        args,
+        sender=sender,
+        connection_id=connection_id,
+        timestamp=timestamp,
+        stamp=stamp,
+        auth=auth,
+        before_commit=before_commit,
+        run_user=run_user,
+    )[0]
+
+
+def run_reducer_returning(
+    store: Store,
+    rdef: ReducerDef,
+    args: Sequence[Any] | Mapping[str, Any],
+    *,
+    sender: Identity,
+    connection_id: ConnectionId | None,
+    timestamp: Timestamp,
+    stamp: Stamp,
+    auth: AuthInfo | None = None,
+    before_commit: Callable[[Transaction], None] | None = None,
+    run_user: RunUser | None = None,
+    max_result_size: int | None = None,
+) -> tuple[ChangeSet, object]:
     """Run one reducer as one transaction.
 
     `before_commit`, if given, runs inside the same transaction after the reducer returned
     (the server uses it to record system rows atomically with lifecycle reducers).
     `run_user`, if given, calls the reducer's function (`run_user(fn, ctx, *args)`); it may
     stop it by raising `Interrupted` (the leader's time budget).
+    `max_result_size` bounds the returned value encoded (`check_result`), before the commit.
 
     Returns:
-        The committed change set (possibly empty).
+        The committed change set (possibly empty), and the returned value in its wire form
+        (`check_result`; None when the reducer declares no return type).
 
     Raises:
         ArgumentError: bad arguments (nothing ran).
@@ -442,6 +527,8 @@ def run_reducer(
             message is cut to `MAX_ERROR_MESSAGE` bytes (it goes to the caller, maybe through
             another replica: a reducer's 20 MiB message must not travel).
         ReducerTimeout: `run_user` interrupted the reducer; the store is exactly as before.
+        ReducerError: also when the returned value does not fit the declared return type, or
+            `max_result_size` (`check_result`); the store is exactly as before.
     """
     auth = auth or AuthInfo()
     check_role(rdef, auth)
@@ -455,6 +542,7 @@ def run_reducer(
             if close is not None:
                 close()
             raise ReducerError(f"reducer {rdef.name} must not be async")
+        value = check_result(rdef, result, max_size=max_result_size)
     except ReducerError as exc:
         tx.rollback()
         _bound_message(exc)
@@ -486,7 +574,7 @@ def run_reducer(
         except BaseException:
             tx.rollback()
             raise
-    return tx.commit()
+    return tx.commit(), value
 
 
 def _bound_message(exc: ReducerError) -> None:

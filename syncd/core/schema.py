@@ -463,13 +463,16 @@ class ReducerDef:
     params: tuple[ParamDef, ...]
     lifecycle: Lifecycle | None
     roles: frozenset[str] | None
+    #: The declared return type (its annotation); None: the reducer returns no value (`-> None`
+    #: or no annotation), and whatever it returns is dropped.
+    returns: ColumnType | None = None
 
     @property
     def callable_by_clients(self) -> bool:
         return self.lifecycle is None
 
     def describe(self) -> dict[str, Any]:
-        return {
+        described: dict[str, Any] = {
             "name": self.name,
             "lifecycle": self.lifecycle,
             "roles": sorted(self.roles) if self.roles is not None else None,
@@ -482,6 +485,11 @@ class ReducerDef:
                 for p in self.params
             ],
         }
+        # Only when there is one: a reducer that returns nothing is described as before, so
+        # the stored schema of existing modules does not change (no new version on upgrade).
+        if self.returns is not None:
+            described["returns"] = self.returns.describe()
+        return described
 
 
 @dataclass(frozen=True, eq=False)
@@ -846,7 +854,28 @@ def _check_reducer(
         params.append(ParamDef(p.name, ptype, default, ptype.python_is_stored()))
     if spec.lifecycle is not None and len(plist) > 1:
         problems.append(f"{where}: lifecycle reducers take only the context")
+    returns = _return_type(where, hints, problems)
+    if spec.lifecycle is not None and returns is not None:
+        # Nobody would receive it: refused rather than dropped, so the author is not misled.
+        problems.append(
+            f"{where}: lifecycle reducers return no value (declare `-> None`, not {returns})"
+        )
     if len(problems) > start:
         return None
     lifecycle = typing.cast(Lifecycle | None, spec.lifecycle)
-    return ReducerDef(name, fn, tuple(params), lifecycle, spec.roles)
+    return ReducerDef(name, fn, tuple(params), lifecycle, spec.roles, returns)
+
+
+def _return_type(where: str, hints: dict[str, Any], problems: list[str]) -> ColumnType | None:
+    """The column type of a reducer's return annotation; None for `-> None` or none."""
+    if "return" not in hints or hints["return"] is type(None):
+        return None
+    try:
+        rtype = column_type_for(hints["return"])
+    except ValueError as exc:
+        problems.append(f"{where}: return type: {exc}")
+        return None
+    if isinstance(rtype, CrdtType):
+        problems.append(f"{where}: return type can't be a CRDT type ({rtype})")
+        return None
+    return rtype

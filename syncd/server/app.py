@@ -331,6 +331,7 @@ class Server:
             writer=f"{self.config.replica_id}:{journal.epoch}",
             now_us=self.clock,
             reducer_budget_ms=self.config.limits.reducer_budget_ms,
+            max_message_size=self.config.limits.max_message_size,
         )
         self.leader = leader
         leader.start()
@@ -1026,7 +1027,11 @@ class Server:
                     # Durable, but this replica is behind (cut off from the journal and the
                     # broker): answer anyway rather than hold the caller.
                     logger.warning("offset %d not applied here yet; answering", outcome.offset)
-            return _json_response({"ok": True, "offset": outcome.offset})
+            answer: dict[str, Any] = {"ok": True, "offset": outcome.offset}
+            if outcome.value is not None:
+                # JSON: a bytes value is base64 text, as in the JSON subprotocol.
+                answer["value"] = outcome.value
+            return _json_response(answer)
         error = outcome.error
         assert error is not None
         code = error_code(error)

@@ -274,6 +274,7 @@ class Cluster:
             writer=f"{self.instance}:{term}",
             now_us=self._now_us,
             reducer_budget_ms=self.replica.limits.reducer_budget_ms,
+            max_message_size=self.replica.limits.max_message_size,
         )
         leader.start()
         try:

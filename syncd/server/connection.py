@@ -566,7 +566,11 @@ class Connection:
         if outcome.ok:
             # The caller's own TransactionUpdate for this offset goes out first.
             self.server.replica.emit_pending()
-            self.session.send(ReducerResult(request_id=request_id, ok=True, offset=outcome.offset))
+            self.session.send(
+                ReducerResult(
+                    request_id=request_id, ok=True, offset=outcome.offset, value=outcome.value
+                )
+            )
         else:
             self.server.calls_failed += 1
             error = outcome.error or SyncdError("failed")

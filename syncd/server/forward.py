@@ -16,7 +16,8 @@ Frames are MessagePack arrays:
   [role, claims], idempotency_key), `merge` (table, pk, column, op, sender, [role, claims],
   idempotency_key: the leader authorizes the merge with the caller's auth),
   `connect` (identity, connection_id, [role, claims], replica), `disconnect` (connection_id);
-* reply: `[request_id, ok, offset, error_code, message]`.
+* reply: `[request_id, ok, offset, error_code, message]`, plus the reducer's returned value
+  (its wire form) as a sixth item when there is one.
 
 A reply is sent in whatever order outcomes resolve; requests are run in the order received,
 so one replica's calls keep their order at the leader.
@@ -133,6 +134,8 @@ def error_from_wire(code: int, message: str) -> SyncdError:
 
 def outcome_reply(request_id: int, outcome: CallOutcome, code_of: Callable[[Any], int]) -> bytes:
     if outcome.ok:
+        if outcome.value is not None:
+            return _encode([request_id, True, outcome.offset, 0, "", outcome.value])
         return _encode([request_id, True, outcome.offset, 0, ""])
     error = outcome.error or SyncdError("failed")
     # Bounded here too: the replica relays it to its client (docs/protocol.md §9.1).
@@ -211,13 +214,14 @@ class LeaderLink:
             async for data in ws:
                 if not isinstance(data, bytes):
                     continue
-                request_id, ok, offset, code, message = _decode(data)
+                request_id, ok, offset, code, message, *rest = _decode(data)
                 entry = self._pending.pop(request_id, None)
                 if entry is None or entry[0].done():
                     continue
                 fut = entry[0]
                 if ok:
-                    fut.set_result(CallOutcome(True, None if offset is None else Offset(offset)))
+                    at = None if offset is None else Offset(offset)
+                    fut.set_result(CallOutcome(True, at, value=rest[0] if rest else None))
                 else:
                     fut.set_result(CallOutcome(False, error=error_from_wire(code, message)))
                     if message == NOT_LEADER:

@@ -28,7 +28,16 @@ from typing import Any, Protocol
 from syncd.core.access import MergePolicy
 from syncd.core.hlc import MAX_DRIFT_MS, HybridClock, Stamp
 from syncd.core.ids import ConnectionId, Identity, Offset, Timestamp
-from syncd.core.reducers import AuthInfo, RunUser, run_reducer, run_system
+from syncd.core.reducers import (
+    RESULT_ENVELOPE,
+    AuthInfo,
+    RunUser,
+    decode_result,
+    encode_result,
+    run_reducer,
+    run_reducer_returning,
+    run_system,
+)
 from syncd.core.schema import Schema
 from syncd.core.store import ChangeSet, Store, Transaction
 from syncd.core.system import CONNECTION_TABLE
@@ -49,6 +58,11 @@ logger = logging.getLogger("syncd.leader")
 
 # How many recent idempotency keys the leader answers from memory (older ones: the journal).
 RECENT_KEYS = 100_000
+# Largest encoded return value kept in memory with its key; a larger one is read back from
+# the journal for a retry (100k keys holding megabyte values each would not fit in memory).
+RECENT_VALUE_BYTES = 1024
+# Stands for a value kept in the journal only.
+_IN_JOURNAL = object()
 
 
 class Publisher(Protocol):
@@ -57,11 +71,16 @@ class Publisher(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class CallOutcome:
-    """What happened to a call. `offset` is None when the call changed nothing."""
+    """What happened to a call. `offset` is None when the call changed nothing.
+
+    `value` is what the reducer returned, in its wire form (`core.reducers.check_result`);
+    None when it declares no return type, or when the call failed.
+    """
 
     ok: bool
     offset: Offset | None = None
     error: SyncdError | None = None
+    value: Any = None
 
 
 def latest_stamp(
@@ -117,8 +136,14 @@ class Leader:
         writer: str,
         now_us: Callable[[], int],
         reducer_budget_ms: int = 0,
+        max_message_size: int | None = None,
     ) -> None:
         self.schema = schema
+        # Bound on a reducer's encoded return value (None: none): the answer carrying it must
+        # fit the server's message limit, and is refused before the commit when it cannot.
+        self.max_result_size = (
+            None if max_message_size is None else max(0, max_message_size - RESULT_ENVELOPE)
+        )
         # Who may merge into which CRDT cell (the module's rules, compiled once).
         self.merge_policy = MergePolicy(schema)
         # The leader's own store: durable state plus the batch being committed.
@@ -166,8 +191,9 @@ class Leader:
         # Highest offset appended to the journal; highest published.
         self.appended = store.offset
         self.published = store.offset
-        # Recent idempotency keys -> offset (bounded; the journal remembers the rest).
-        self._keys: OrderedDict[str, int] = OrderedDict()
+        # Recent idempotency keys -> (offset, the call's value, or _IN_JOURNAL when it is
+        # large) (bounded; the journal remembers the rest).
+        self._keys: OrderedDict[str, tuple[int, Any]] = OrderedDict()
         # Set once the journal failed: the store is ahead of the log and must not be used.
         self.failed: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
@@ -237,7 +263,7 @@ class Leader:
                 return early
         timestamp, stamp = self._timing()
         try:
-            changes = run_reducer(
+            changes, value = run_reducer_returning(
                 self.store,
                 rdef,
                 args,
@@ -247,10 +273,11 @@ class Leader:
                 stamp=stamp,
                 auth=auth,
                 run_user=self._run_user,
+                max_result_size=self.max_result_size,
             )
         except SyncdError as exc:
             return _done(CallOutcome(False, error=exc))
-        return self._finish(changes, timestamp, name, sender, key, None)
+        return self._finish(changes, timestamp, name, sender, key, None, value)
 
     async def merge(
         self,
@@ -411,19 +438,26 @@ class Leader:
         return key, (await self._seen(key) if key is not None else None)
 
     async def _seen(self, key: str) -> asyncio.Future[CallOutcome] | None:
-        offset = self._keys.get(key)
-        if offset is None:
+        recent = self._keys.get(key)
+        if recent is None or recent[1] is _IN_JOURNAL:
             try:
                 found = await self.journal.find_idempotent(key)
             except JournalError as exc:
                 return _done(CallOutcome(False, error=exc))
             # Another call with this key may have run while we awaited the journal.
-            offset = self._keys.get(key, found[0] if found is not None else None)
-        if offset is None:
+            if found is not None:
+                value = None if found[1] is None else decode_result(found[1])
+                recent = (found[0], value)
+            else:
+                recent = self._keys.get(key)
+        if recent is None:
             return None
+        offset, value = recent
+        # The first call's value: a retry is answered as the first call was.
+        outcome = CallOutcome(True, Offset(offset), value=value)
         if offset > self.published:
-            return self._when_published(offset, CallOutcome(True, Offset(offset)))
-        return _done(CallOutcome(True, Offset(offset)))
+            return self._when_published(offset, outcome)
+        return _done(outcome)
 
     def _when_published(self, offset: int, outcome: CallOutcome) -> asyncio.Future[CallOutcome]:
         """A future resolved with `outcome` once `offset` is published (or with an error)."""
@@ -446,29 +480,34 @@ class Leader:
         caller: Identity,
         key: str | None,
         meta: dict[str, Any] | None,
+        value: Any = None,
     ) -> asyncio.Future[CallOutcome]:
         if not changes:
-            # Nothing to log, but the call may have read state that is not durable yet.
+            # Nothing to log, but the call may have read state that is not durable yet. (Nor
+            # is its key: a retry runs again, reading the state then; it changes nothing.)
             if self.appended > self.published:
-                return self._when_published(self.appended, CallOutcome(True))
-            return _done(CallOutcome(True))
+                return self._when_published(self.appended, CallOutcome(True, value=value))
+            return _done(CallOutcome(True, value=value))
         offset = Offset(self.appended + 1)
         tx = Tx(offset, timestamp, changes, reducer, caller, key, meta)
         payload = encode_tx(self.schema, tx)
+        # Kept with the key, so a retry is answered with this value (`_seen`).
+        result = None if value is None or key is None else encode_result(value)
         try:
-            self.journal.append(offset, payload, idempotency_key=key)
+            self.journal.append(offset, payload, idempotency_key=key, result=result)
         except JournalError as exc:
             self._failed(exc)
             return _done(CallOutcome(False, error=exc))
         self.appended = offset
         self.store.offset = offset
         if key is not None:
-            self._keys[key] = offset
+            small = result is None or len(result) <= RECENT_VALUE_BYTES
+            self._keys[key] = (offset, value if small else _IN_JOURNAL)
             if len(self._keys) > RECENT_KEYS:
                 self._keys.popitem(last=False)
         self._queue.append((tx, payload))
         self._wake.set()
-        return self._when_published(offset, CallOutcome(True, offset))
+        return self._when_published(offset, CallOutcome(True, offset, value=value))
 
     async def _publish_loop(self) -> None:
         while True:

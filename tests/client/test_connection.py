@@ -66,7 +66,7 @@ async def test_a_writer_and_a_subscriber(chat_server: ServerProcess) -> None:
         events = Events(b)
 
         await a.call("set_name", "alice")
-        offset = await a.call("send_message", "hello")
+        offset = (await a.call("send_message", "hello")).offset
         assert isinstance(offset, int)
 
         message = await eventually(lambda: b.db["message"].rows())
@@ -83,7 +83,7 @@ async def test_a_rolled_back_call_reaches_no_subscriber(chat_server: ServerProce
     url = chat_server.ws_url
     async with syncd.client.connect(url) as a, syncd.client.connect(url) as b:
         await b.subscribe(CHAT)
-        first = await a.call("send_message", "one")
+        first = (await a.call("send_message", "one")).offset
         await eventually(lambda: len(b.db.message) == 1)
         events = Events(b)
         cursor = b.cursor
@@ -94,7 +94,7 @@ async def test_a_rolled_back_call_reaches_no_subscriber(chat_server: ServerProce
             await a.call("set_name", "")
         assert b.cursor == cursor
 
-        second = await a.call("send_message", "two")
+        second = (await a.call("send_message", "two")).offset
         assert first is not None and second == first + 1  # the failures took no offset
         await eventually(lambda: len(b.db.message) == 2)
         assert [(op, t, row["text"]) for op, t, row in events.seen] == [
@@ -231,7 +231,7 @@ async def test_a_call_in_flight_is_retried_once_after_reconnect(
         assert not call.done()
         a.websocket.transport.abort()
 
-        offset = await asyncio.wait_for(call, RECONNECT_TIMEOUT)
+        offset = (await asyncio.wait_for(call, RECONNECT_TIMEOUT)).offset
         assert a.reconnects == 1
         rows = await b.sql("SELECT * FROM message")
         assert [r["text"] for r in rows] == ["exactly once"]
@@ -262,9 +262,10 @@ async def test_without_reconnect_a_call_in_flight_fails_retryably(
 
         async with syncd.client.connect(url, token=a.token, reconnect=False) as again:
             assert again.identity == a.identity
-            offset = await again.call(
+            called = await again.call(
                 "send_message", "once", idempotency_key=info.value.idempotency_key
             )
+            offset = called.offset
         assert offset == b.cursor[1]  # type: ignore[index]
         assert [r["text"] for r in await b.sql("SELECT * FROM message")] == ["once"]
         await a.close()
@@ -316,8 +317,8 @@ async def test_an_idempotency_key_belongs_to_its_caller(chat_server: ServerProce
     url = chat_server.ws_url
     async with syncd.client.connect(url) as a, syncd.client.connect(url) as b:
         await b.subscribe("SELECT * FROM user")
-        first = await a.call("send_message", "from a", idempotency_key="order-1")
-        second = await b.call("set_name", "bob", idempotency_key="order-1")
+        first = (await a.call("send_message", "from a", idempotency_key="order-1")).offset
+        second = (await b.call("set_name", "bob", idempotency_key="order-1")).offset
         assert second != first
         assert b.db.user.find(b.identity)["name"] == "bob"  # type: ignore[index]
 

@@ -110,7 +110,7 @@ async def test_a_call_on_any_replica_reaches_subscribers_on_every_replica(
         for conn in conns:
             await conn.subscribe(["SELECT * FROM message"])
         for i, conn in enumerate(conns):
-            offset = await conn.call("send_message", f"hello from r{i + 1}")
+            offset = (await conn.call("send_message", f"hello from r{i + 1}")).offset
             assert offset is not None
             # The caller's own update arrived before its result.
             assert any(r["text"] == f"hello from r{i + 1}" for r in conn.db["message"].rows())

@@ -363,11 +363,11 @@ export class SyncdClient {
    * stopped before an answer came). A call in flight when the socket dropped is sent again after
    * the reconnect with the same idempotency key, so it applies once.
    */
-  call(reducer: string, args: unknown[], options: CallOptions = {}): Promise<CallResult> {
+  call<T = unknown>(reducer: string, args: unknown[], options: CallOptions = {}): Promise<CallResult<T>> {
     if (typeof reducer !== "string" || reducer === "") throw new TypeError("call: reducer must be a non-empty string");
     if (!Array.isArray(args)) throw new TypeError("call: args must be an array");
     const key = options.idempotencyKey ?? `${this.writerId}-${randomId()}`;
-    return this.resultRequest(reducer, key, (request_id) => ({
+    return this.resultRequest<T>(reducer, key, (request_id) => ({
       type: "call",
       request_id,
       reducer,
@@ -520,13 +520,23 @@ export class SyncdClient {
     console.error("syncd:", e);
   }
 
-  private resultRequest(reducer: string, key: string | null, build: (requestId: number) => ClientMessage): Promise<CallResult> {
-    return new Promise<CallResult>((resolve, reject) => {
+  private resultRequest<T = unknown>(reducer: string, key: string | null, build: (requestId: number) => ClientMessage): Promise<CallResult<T>> {
+    return new Promise<CallResult<T>>((resolve, reject) => {
       this.request({
         build,
         resolve: (msg) => {
           if (msg.type !== "result") return;
-          if (msg.ok) resolve({ offset: msg.offset });
+          if (msg.ok) {
+            let value: unknown;
+            try {
+              value = this.schema.returnValue(reducer, msg.value, this.codec.base64Bytes);
+            } catch (error) {
+              reject(error);
+              return;
+            }
+            // The value's type is the reducer's declared return type (the generated bindings name it).
+            resolve({ offset: msg.offset, value: value as T });
+          }
           else reject(reducerFailure(reducer, msg.code ?? 0, msg.message ?? "the call failed", key));
         },
         fail: reject,

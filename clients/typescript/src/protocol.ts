@@ -58,7 +58,7 @@ export type ServerMessage =
   | { type: "sub_failed"; request_id: number | null; query_set_id: number; code: number; message: string }
   | { type: "unsubbed"; request_id: number; query_set_id: number }
   | { type: "tx"; epoch: number; offset: number; updates: QuerySetUpdate[] }
-  | { type: "result"; request_id: number; ok: boolean; offset: number | null; code: number | null; message: string | null }
+  | { type: "result"; request_id: number; ok: boolean; offset: number | null; code: number | null; message: string | null; value: unknown }
   | { type: "query_result"; request_id: number; ok: boolean; table: string | null; rows: unknown[][]; offset: number | null; code: number | null; message: string | null; columns: string[] | null }
   | { type: "error"; code: number; message: string; request_id: number | null }
   | { type: "pong"; nonce: number };
@@ -300,6 +300,8 @@ export function normalize(m: Record<string, unknown>): ServerMessage {
         offset: intOrNull(m, "offset"),
         code: intOrNull(m, "code"),
         message: strOrNull(m, "message"),
+        // Any value; typed by the reducer's declared return type (absent: null).
+        value: m.value === undefined ? null : m.value,
       };
     case "query_result":
       return {

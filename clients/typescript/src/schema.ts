@@ -45,6 +45,8 @@ export interface ReducerSchema {
   lifecycle: string | null;
   roles: string[] | null;
   params: ParamSchema[];
+  /** The declared return type; absent when the reducer returns no value. */
+  returns?: ColumnType;
 }
 
 /**
@@ -173,6 +175,8 @@ export class ClientSchema {
   readonly module: string;
   readonly tables: ReadonlyMap<string, TableInfo>;
   readonly json: SchemaJson;
+  /** Reducers whose return type is bytes: over JSON their value is decoded from base64. */
+  readonly bytesReducers: ReadonlySet<string>;
 
   constructor(json: SchemaJson) {
     if (json === null || typeof json !== "object" || !Array.isArray(json.tables)) {
@@ -183,6 +187,13 @@ export class ClientSchema {
     const tables = new Map<string, TableInfo>();
     for (const table of json.tables) tables.set(table.name, new TableInfo(table));
     this.tables = tables;
+    const reducers = Array.isArray(json.reducers) ? json.reducers : [];
+    this.bytesReducers = new Set(reducers.filter((r) => isBytesType(r?.returns)).map((r) => r.name));
+  }
+
+  /** A reducer's returned value from the wire, bytes decoded from base64 when `base64Bytes`. */
+  returnValue(reducer: string, value: unknown, base64Bytes: boolean): unknown {
+    return base64Bytes && value !== null && this.bytesReducers.has(reducer) ? decodeBytes(value) : value;
   }
 
   table(name: string): TableInfo {

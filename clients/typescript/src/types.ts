@@ -129,7 +129,12 @@ export interface CallOptions {
   idempotencyKey?: string;
 }
 
-export interface CallResult {
+export interface CallResult<T = unknown> {
   /** The transaction's offset; null when the call changed nothing. */
   offset: number | null;
+  /**
+   * What the reducer returned, of its declared return type (`returns` in the schema; bytes
+   * decoded from base64 over JSON); null when it declares none (and for merges).
+   */
+  value: T;
 }

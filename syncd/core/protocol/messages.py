@@ -414,6 +414,9 @@ class ReducerResult(_Message, frozen=True, tag="result"):
             call changed nothing.
         code: an `ErrorCode` when not `ok`; null otherwise.
         message: why not, when not `ok` (the reducer's error message); null otherwise.
+        value: what the reducer returned, when `ok` and it declares a return type (`returns`
+            in /v1/schema), as a value of that type (bytes are base64 text in JSON); absent
+            (null) otherwise. A retry with the same idempotency key gets the first call's.
     """
 
     request_id: ReqId
@@ -421,6 +424,7 @@ class ReducerResult(_Message, frozen=True, tag="result"):
     offset: OffsetT | None = None
     code: int | None = None
     message: str | None = None
+    value: Any = None
 
 
 class QueryResult(_Message, frozen=True, tag="query_result"):

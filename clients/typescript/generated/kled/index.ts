@@ -218,7 +218,8 @@ export const schema: SchemaJson = {
       "name": "create_workspace",
       "lifecycle": null,
       "roles": null,
-      "params": [{"name": "name", "type": {"kind": "string"}, "optional": false}]
+      "params": [{"name": "name", "type": {"kind": "string"}, "optional": false}],
+      "returns": {"kind": "i64"}
     },
     {
       "name": "rename_workspace",
@@ -749,8 +750,8 @@ export class Reducers {
    *
    * Calls reducer `create_workspace`; resolves once its transaction is durable.
    */
-  async createWorkspace(name: string, options?: CallOptions): Promise<CallResult> {
-    return this.client.call("create_workspace", [name], options);
+  async createWorkspace(name: string, options?: CallOptions): Promise<CallResult<number>> {
+    return this.client.call<number>("create_workspace", [name], options);
   }
 
   /** Calls reducer `rename_workspace`; resolves once its transaction is durable. */

@@ -37,9 +37,10 @@ for (const format of ["msgpack", "json"] as const) {
       const workspaces = c.table<Workspace>("workspace");
       const sub = c.subscribe(["SELECT * FROM workspace WHERE owner = :sender", "SELECT * FROM member WHERE identity = :sender"]);
       await sub.applied;
-      await c.call("create_workspace", [`home ${format}`]);
+      const created = await c.call<number>("create_workspace", [`home ${format}`]);
       const ws = workspaces.filter("owner", c.identity)[0];
       assert.ok(ws !== undefined);
+      assert.equal(created.value, ws.id, "create_workspace returns the new workspace's id");
       assert.equal(ws.name, `home ${format}`, "LWW[str] arrives as its value");
       assert.equal(ws.edits, 0, "Counter arrives as its total");
       assert.deepEqual(ws.settings, {}, "Json arrives as a plain value");

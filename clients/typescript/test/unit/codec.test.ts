@@ -73,7 +73,7 @@ describe("codec", () => {
       offset: 4191,
       updates: [{ query_set_id: 1, query_index: 0, delta: { table: "task", inserts: [], updates: [[42, "c2", "spec", true, 2]], deletes: [] } }],
     },
-    { type: "result", request_id: 13, ok: true, offset: 4191, code: null, message: null },
+    { type: "result", request_id: 13, ok: true, offset: 4191, code: null, message: null, value: null },
   ];
 
   it("decodes a MessagePack Batch into its messages, defaults filled in", () => {

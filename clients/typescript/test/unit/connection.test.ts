@@ -87,7 +87,7 @@ describe("calls", () => {
         { type: "result", request_id: c.request_id, ok: true, offset: 2 },
       ],
     });
-    assert.deepEqual(await result, { offset: 2 });
+    assert.deepEqual(await result, { offset: 2, value: null });
     assert.equal(client.table<{ text: string }>("message").find("id", 1)?.text, "hi");
     assert.deepEqual(client.cursor, { epoch: 1, offset: 2 });
     await client.close();
@@ -116,7 +116,7 @@ describe("calls", () => {
     assert.equal(ws2.sent[0]!.type, "hello", "Hello goes first");
     ws2.welcome();
     ws2.deliver({ type: "result", request_id: again[0]!.request_id, ok: true, offset: 5 });
-    assert.deepEqual(await result, { offset: 5 });
+    assert.deepEqual(await result, { offset: 5, value: null });
     await client.close();
   });
 
@@ -369,9 +369,31 @@ describe("liveness", () => {
     const ok = client.call("send_message", ["fine"]);
     const c = ws.sentOfType("call")[0]!;
     ws.deliver({ type: "result", request_id: c.request_id, ok: true, offset: 1 });
-    assert.deepEqual(await ok, { offset: 1 });
+    assert.deepEqual(await ok, { offset: 1, value: null });
     await client.close();
   });
+
+  for (const format of ["msgpack", "json"] as const) {
+    it(`resolves with the reducer's returned value, bytes decoded by its declared type (${format})`, async () => {
+      const reducers = [
+        ...SCHEMA.reducers,
+        { name: "blob", lifecycle: null, roles: null, params: [], returns: { kind: "bytes" as const } },
+        { name: "count", lifecycle: null, roles: null, params: [], returns: { kind: "i64" as const } },
+      ];
+      const { client, ws } = await open({ format, schema: { ...SCHEMA, reducers } });
+      const blob = client.call<Uint8Array>("blob", []);
+      const count = client.call<number>("count", []);
+      const [b, n] = ws.sentOfType("call");
+      // Over JSON bytes are base64 text; over MessagePack the test's server sends the same text,
+      // which must then stay a string (only the JSON subprotocol carries bytes as base64).
+      ws.deliver({ type: "result", request_id: b!.request_id, ok: true, offset: 3, value: "AAEC" });
+      ws.deliver({ type: "result", request_id: n!.request_id, ok: true, value: 7 });
+      const expected = format === "json" ? new Uint8Array([0, 1, 2]) : "AAEC";
+      assert.deepEqual(await blob, { offset: 3, value: expected });
+      assert.deepEqual(await count, { offset: null, value: 7 });
+      await client.close();
+    });
+  }
 });
 
 describe("following a migration", () => {
