@@ -25,6 +25,7 @@ import syncd.client
 from syncd.client import Connection
 from syncd.core.access import NO_ROW
 from syncd.core.protocol.messages import (
+    CallReducer,
     Cursor,
     Hello,
     MergeCrdt,
@@ -85,7 +86,7 @@ async def call_until_done(conn: Connection, text: str, *, within: float = 30.0) 
     deadline = time.monotonic() + within
     while True:
         try:
-            return await conn.call("send_message", text, idempotency_key=key)
+            return (await conn.call("send_message", text, idempotency_key=key)).offset
         except BackendError:
             if time.monotonic() > deadline:
                 raise
@@ -603,3 +604,33 @@ async def test_a_merge_forwarded_by_a_follower_is_authorized_by_the_leader(
         result = await ann.query("SELECT * FROM workspace")
         assert result.ok and [r[2] for r in result.rows] == ["Renamed"]
         assert (await eve.query("SELECT * FROM workspace")).rows == []
+
+
+async def test_a_reducers_value_comes_back_through_a_follower(replicas_factory: Any) -> None:
+    """kled's create_workspace returns the new id: a follower forwards the call and relays
+    the leader's value in ReducerResult (both subprotocols), in its HTTP answer and to the
+    Python client; a retry through the follower with the same key gets the same value and
+    creates nothing (ids are consecutive: no id was taken by a retry)."""
+    group = replicas_factory(2, module="schema/kled.py")
+    leader = await leader_of(list(group))
+    follower = next(s for s in group if s is not leader)
+    values: list[Any] = []
+    for fmt in ("msgpack", "json"):
+        async with await WireClient.open(follower, fmt=fmt) as ann:
+            made = await ann.call("create_workspace", f"Team {fmt}")
+            values.append(made.value)
+            for _ in range(2):
+                rid = ann.request_id()
+                call = CallReducer(rid, "create_workspace", ["Keyed"], idempotency_key="once")
+                await ann.send(call)
+                keyed = await ann.result(rid)
+                assert keyed.ok and keyed.offset is not None
+                values.append(keyed.value)
+            mine = await ann.query("SELECT * FROM workspace")
+            assert sorted(row[0] for row in mine.rows) == [made.value, keyed.value]
+    status, body = await ahttp(follower, "POST", "/v1/call/create_workspace", '["Over HTTP"]')
+    assert status == 200, body
+    values.append(body["value"])
+    async with client(follower) as conn:
+        values.append((await conn.call("create_workspace", "From Python")).value)
+    assert values == [1, 2, 2, 3, 4, 4, 5, 6]
