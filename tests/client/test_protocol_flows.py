@@ -269,7 +269,7 @@ async def test_requests_made_while_disconnected_go_out_after_the_handshake() -> 
                 [QueryUpdate("message", inserts=[row(1, "x")])],
             ),
         )
-        assert await in_flight == 6 and await later == 7
+        assert (await in_flight).offset == 6 and (await later).offset == 7
         assert (await subscribing).is_live and texts(conn) == {1: "x"}
         await conn.close()
 
