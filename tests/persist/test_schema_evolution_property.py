@@ -25,12 +25,20 @@ and loaded as the server loads a module; the logical rows are kept beside it as
 Examples: `settings().max_examples // 10` (5 with the "fast" profile, 100 with
 `HYPOTHESIS_PROFILE=thorough`), each a sequence starting with a batch of thousands of rows.
 
-**Adding a kind of change** (rename hints, explicit drops, row migration functions): write a
-function `(Model, Random) -> Step | None` that returns the changed model, the kind `plan()`
-should find, and how the logical rows change (`Step.rows`, e.g. renaming a key, or applying
-the same function as the module's migration), then list it in `CHANGES`. New column or table
-options go in `Column`/`Table` and are rendered in `_column_source`/`_render` (a
-`renamed_from=` would be one more option there).
+What the module says to do (rename hints, explicit drops, row functions) is part of the
+model: `Column.renamed_from`, `Table.renamed_from`/`dropped`, `Model.dropped_tables` and
+`Model.functions` (row functions as source, rendered in `_render`; `Step.rows` applies the same
+transformation to the logical rows). A rename keeps the rows (the primary key's too), a drop
+loses them, a dropped table's name is reused by a later table with no rows, and a row function
+retypes a column (`int` -> `str` by `str(v)`, ...), computes a column added without a default,
+or deletes rows; one that raises ("fails") writes nothing, not a byte. Once a change is
+recorded, a start with its hints still declared is identical, and `Model.recorded` removes
+them (a later change may reuse the names they free).
+
+**Adding a kind of change**: write a function `(Model, Random) -> Step | None` that returns the
+changed model, the kind `plan()` should find, and how the logical rows change (`Step.rows`),
+then list it in `CHANGES`. New column or table options go in `Column`/`Table` and are rendered
+in `_column_source`/`_render`.
 """
 
 from __future__ import annotations
@@ -91,6 +99,8 @@ class Column:
     optional: bool = False
     default: Any = NO  # a state-form value, or NO
     index: IndexKind = ""
+    #: A rename hint (`column(renamed_from=...)`): the stored name this column had.
+    renamed_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,10 @@ class Table:
     auto_inc: bool = False
     public: bool = True
     visible: str | None = None
+    #: A rename hint (`table(renamed_from=...)`).
+    renamed_from: str | None = None
+    #: Stored columns dropped on purpose (`table(dropped=...)`).
+    dropped: tuple[str, ...] = ()
 
     def column(self, name: str) -> Column:
         return next(c for c in self.columns if c.name == name)
@@ -116,10 +130,26 @@ class Table:
 
 
 @dataclass(frozen=True)
+class Function:
+    """A row function (`@syncd.migration(table, name=name)`): its body's lines, over `row`."""
+
+    name: str
+    table: str
+    body: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Model:
     tables: tuple[Table, ...]
     colors: tuple[str, ...] = ("red", "green")
     reducers: tuple[str, ...] = ("noop",)
+    #: Tables dropped on purpose (`syncd.drop_table(...)`).
+    dropped_tables: tuple[str, ...] = ()
+    functions: tuple[Function, ...] = ()
+    #: Names of tables dropped (recorded) earlier: a later table may reuse one.
+    gone_tables: tuple[str, ...] = ()
+    #: Row functions made so far (their names are recorded for good: never reused).
+    serial: int = 0
 
     def table(self, name: str) -> Table:
         return next(t for t in self.tables if t.name == name)
@@ -130,6 +160,22 @@ class Model:
 
     def uses_colors(self) -> bool:
         return any(c.base == "color" for t in self.tables for c in t.columns)
+
+    def recorded(self) -> Model:
+        """The model once its change is recorded: hints, drops and row functions are
+        harmless then (`Run.change` checks that), and a later change may reuse the names
+        they free, so they are removed."""
+        tables = tuple(
+            replace(
+                t,
+                renamed_from=None,
+                dropped=(),
+                columns=tuple(replace(c, renamed_from=None) for c in t.columns),
+            )
+            for t in self.tables
+        )
+        gone = self.gone_tables + tuple(n for n in self.dropped_tables if n not in self.gone_tables)
+        return replace(self, tables=tables, dropped_tables=(), functions=(), gone_tables=gone)
 
 
 #: Logical rows: table -> pk -> column name -> state-form value.
@@ -156,15 +202,19 @@ def _literal(col: Column, value: Any) -> str:
 
 def _column_source(table: Table, col: Column) -> str:
     """One field of a table class (the extension point for new column options)."""
+    hint = [] if col.renamed_from is None else [f"renamed_from={col.renamed_from!r}"]
     if col.name == table.pk:
         options = ["auto_inc=True"] if table.auto_inc else []
-        value = f"syncd.primary_key({', '.join(options)})"
+        value = f"syncd.primary_key({', '.join(options + hint)})"
     else:
         options = [] if col.default is NO else [f"default={_literal(col, col.default)}"]
+        options += hint
         if col.index == "index":
             value = f"syncd.index({', '.join(options)})"
         elif col.index == "unique":
             value = f"syncd.unique({', '.join(options)})"
+        elif hint:
+            value = f"syncd.column({', '.join(options)})"
         elif col.default is not NO:
             value = _literal(col, col.default)
         else:
@@ -179,10 +229,19 @@ def _render(model: Model) -> str:
         args = [f"name={t.name!r}", f"public={t.public}"]
         if t.visible is not None:
             args.append(f"visible={t.visible!r}")
+        if t.renamed_from is not None:
+            args.append(f"renamed_from={t.renamed_from!r}")
+        if t.dropped:
+            args.append(f"dropped={t.dropped!r}")
         out += [f"@syncd.table({', '.join(args)})", f"class Table_{t.name}:"]
         out += [_column_source(t, c) for c in t.columns]
     for name in model.reducers:
         out += ["@syncd.reducer", f"def {name}(ctx: ReducerContext) -> None:", "    pass"]
+    if model.dropped_tables:
+        out.append(f"DROPPED = syncd.drop_table({', '.join(map(repr, model.dropped_tables))})")
+    for f in model.functions:
+        out += [f"@syncd.migration({f.table!r}, name={f.name!r})", f"def {f.name}(row):"]
+        out += [f"    {line}" for line in f.body]
     return "\n".join(out) + "\n"
 
 
@@ -249,7 +308,9 @@ def exact(dump: dict[str, dict[Any, Row]]) -> dict[str, dict[Any, tuple[Any, ...
 
 # -- changes --------------------------------------------------------------------------------
 
-Kind = Literal["identical", "automatic", "refused", "conditional"]
+#: "fails": a row function that raises, planned as automatic; the start fails (nothing
+#: written) when the function's table (`Step.table`) has rows, else migrates.
+Kind = Literal["identical", "automatic", "refused", "conditional", "fails"]
 
 
 @dataclass(frozen=True)
@@ -260,6 +321,7 @@ class Step:
     model: Model
     kind: Kind
     rows: Callable[[Rows], Rows] = lambda rows: rows
+    table: str = ""
 
 
 def _new_name(existing: list[str], prefix: str) -> str:
@@ -359,7 +421,8 @@ def change_visibility(m: Model, rnd: random.Random) -> Step | None:
     t = _pick(rnd, [t for t in m.tables if t.public])
     if t is None:
         return None
-    rule = rnd.choice([r for r in RULES if r != t.visible])
+    rules = [None if r is None else r.replace("id", t.pk) for r in RULES]  # (a renamed key)
+    rule = rnd.choice([r for r in rules if r != t.visible])
     return Step(m.with_table(t.name, replace(t, visible=rule)), "automatic")
 
 
@@ -455,6 +518,213 @@ def add_unique_index(m: Model, rnd: random.Random) -> Step | None:
     return Step(m.with_table(t.name, new), "conditional")
 
 
+# Hints, explicit drops and row functions (`Model.recorded` removes them once recorded).
+
+
+def _rename_key(rows: dict[Any, dict[str, Any]], old: str, new: str) -> dict[Any, dict[str, Any]]:
+    return {pk: {(new if k == old else k): v for k, v in row.items()} for pk, row in rows.items()}
+
+
+def rename_column(m: Model, rnd: random.Random) -> Step | None:
+    """`column(renamed_from=old)`, the primary key included: the values stay."""
+    t = rnd.choice(m.tables)
+    # (visibility rules name the primary key `id`)
+    c = rnd.choice(t.columns if t.visible is None else t.others() or t.columns)
+    if c.name == t.pk and t.visible is not None:
+        return None
+    name = _new_name([x.name for x in t.columns], "r")
+    new = t.with_column(c.name, replace(c, name=name, renamed_from=c.name))
+    if c.name == t.pk:
+        new = replace(new, pk=name)
+
+    def rows(r: Rows) -> Rows:
+        return {**r, t.name: _rename_key(r[t.name], c.name, name)}
+
+    return Step(m.with_table(t.name, new), "automatic", rows)
+
+
+def rename_table(m: Model, rnd: random.Random) -> Step | None:
+    """`table(renamed_from=old)`: the rows stay (old journal entries name the old table)."""
+    t = rnd.choice(m.tables)
+    taken = [x.name for x in m.tables] + list(m.gone_tables)
+    name = _new_name(taken, "n")
+
+    def rows(r: Rows) -> Rows:
+        out = {k: v for k, v in r.items() if k != t.name}
+        out[name] = r[t.name]
+        return out
+
+    return Step(m.with_table(t.name, replace(t, name=name, renamed_from=t.name)), "automatic", rows)
+
+
+def bad_hint(m: Model, rnd: random.Random) -> Step | None:
+    """A column or table under a new name with a rename hint naming nothing stored (a typo):
+    refused. (A hint on a name that is stored matches nothing and is ignored: what makes a
+    recorded hint harmless.)"""
+    t = rnd.choice(m.tables)
+    if rnd.random() < 0.5:
+        c = rnd.choice(t.others() or t.columns)
+        if c.name == t.pk and t.visible is not None:
+            return None
+        name = _new_name([x.name for x in t.columns], "r")
+        new = t.with_column(c.name, replace(c, name=name, renamed_from="nothing_stored"))
+        if c.name == t.pk:
+            new = replace(new, pk=name)
+        return Step(m.with_table(t.name, new), "refused")
+    name = _new_name([x.name for x in m.tables] + list(m.gone_tables), "n")
+    new = replace(t, name=name, renamed_from="nothing_stored")
+    return Step(m.with_table(t.name, new), "refused")
+
+
+def drop_column_on_purpose(m: Model, rnd: random.Random) -> Step | None:
+    """`table(dropped=(name,))`: the values are lost."""
+    found = _pick(rnd, _columns(m, lambda t, c: True))
+    if found is None:
+        return None
+    t, c = found
+    new = replace(t.with_column(c.name, None), dropped=(c.name,))
+
+    def rows(r: Rows) -> Rows:
+        kept = {pk: {k: v for k, v in row.items() if k != c.name} for pk, row in r[t.name].items()}
+        return {**r, t.name: kept}
+
+    return Step(m.with_table(t.name, new), "automatic", rows)
+
+
+def drop_table_on_purpose(m: Model, rnd: random.Random) -> Step | None:
+    """`syncd.drop_table(name)`: the rows are lost."""
+    if len(m.tables) < 2:
+        return None
+    t = rnd.choice(m.tables)
+    new = replace(m.with_table(t.name, None), dropped_tables=(t.name,))
+    return Step(new, "automatic", lambda r: {k: v for k, v in r.items() if k != t.name})
+
+
+def reuse_dropped_table(m: Model, rnd: random.Random) -> Step | None:
+    """A new table under the name of one dropped (and recorded) earlier: it has no rows, and
+    the dropped table's rows (in old entries and snapshots) never read into it."""
+    name = _pick(rnd, [n for n in m.gone_tables if n not in {t.name for t in m.tables}])
+    if name is None:
+        return None
+    cols = [Column("id", "int")]
+    for _ in range(rnd.randint(0, 3)):
+        cols.append(_random_column(m, rnd, _new_name([c.name for c in cols], "c"), default=True))
+    table = Table(name, tuple(cols), public=rnd.random() < 0.7)
+    return Step(replace(m, tables=(*m.tables, table)), "automatic", lambda r: {**r, name: {}})
+
+
+def _function(m: Model, table: str, body: list[str]) -> tuple[Model, Function]:
+    f = Function(f"mig{m.serial + 1}", table, tuple(body))
+    return replace(m, serial=m.serial + 1, functions=(*m.functions, f)), f
+
+
+#: A row function's conversion of a retyped column's stored value (which it gets in its stored
+#: form) as source, and the same in Python for the logical rows: (old base, new base).
+CONVERSIONS: dict[tuple[str, str], tuple[str, Callable[[Any, tuple[str, ...]], Any]]] = {
+    ("int", "str"): ("str(v)", lambda v, colors: str(v)),
+    ("color", "str"): ("str(v)", lambda v, colors: str(v)),
+    ("str", "int"): ("len(v)", lambda v, colors: len(v)),
+    ("color", "int"): ("len(v)", lambda v, colors: len(v)),
+    ("int", "color"): ("COLORS[v % len(COLORS)]", lambda v, colors: colors[v % len(colors)]),
+    ("str", "color"): (
+        "COLORS[len(v) % len(COLORS)]",
+        lambda v, colors: colors[len(v) % len(colors)],
+    ),
+}
+
+
+def retype_by_function(m: Model, rnd: random.Random) -> Step | None:
+    """A type changed (`int` -> `str` by `str(v)`, ...), the rows rewritten by a row function."""
+    found = _pick(rnd, _columns(m, lambda t, c: c.index != "unique"))
+    if found is None:
+        return None
+    t, c = found
+    base: Base = rnd.choice([b for b in ("int", "str", "color") if b != c.base])
+    new = replace(c, base=base)
+    if c.default is not NO and c.default is not None:
+        new = replace(new, default=value_of(m, replace(new, optional=False), rnd))
+    source, convert = CONVERSIONS[(c.base, base)]
+    colors = m.colors
+    body = [
+        f"COLORS = {list(colors)!r}",
+        f"v = row[{c.name!r}]",
+        f"row[{c.name!r}] = None if v is None else {source}",
+        "return row",
+    ]
+    model, _ = _function(m.with_table(t.name, t.with_column(c.name, new)), t.name, body)
+
+    def rows(r: Rows) -> Rows:
+        out = {}
+        for pk, row in r[t.name].items():
+            v = row[c.name]
+            out[pk] = {**row, c.name: None if v is None else convert(v, colors)}
+        return {**r, t.name: out}
+
+    return Step(model, "automatic", rows)
+
+
+def add_computed_column(m: Model, rnd: random.Random) -> Step | None:
+    """A column added without a default, its values computed by a row function from the
+    primary key."""
+    t = rnd.choice(m.tables)
+    name = _new_name([c.name for c in t.columns], "c")
+    base: Base = rnd.choice(["int", "str"])
+    col = Column(name, base, optional=rnd.random() < 0.3, index=rnd.choice(["", "index"]))
+    cols = list(t.columns)
+    cols.insert(rnd.randint(0, len(cols)), col)
+    source, compute = (
+        (f"row[{t.pk!r}] * 3 + 1", lambda pk: pk * 3 + 1)
+        if base == "int"
+        else (f"'k' + str(row[{t.pk!r}])", lambda pk: f"k{pk}")
+    )
+    body = [f"row[{name!r}] = {source}", "return row"]
+    model, _ = _function(m.with_table(t.name, replace(t, columns=tuple(cols))), t.name, body)
+
+    def rows(r: Rows) -> Rows:
+        return {**r, t.name: {pk: {**v, name: compute(pk)} for pk, v in r[t.name].items()}}
+
+    return Step(model, "automatic", rows)
+
+
+def delete_by_function(m: Model, rnd: random.Random) -> Step | None:
+    """A row function alone (no other change) that deletes some rows and changes a column of
+    the others (a str column gets a suffix, if the table has one)."""
+    t = rnd.choice(m.tables)
+    k, rest = rnd.choice([2, 3, 5]), rnd.randrange(2)
+    strs = [c for c in t.others() if c.base == "str" and c.index != "unique"]
+    s = _pick(rnd, strs)
+    body = [f"if row[{t.pk!r}] % {k} == {rest}:", "    return None"]
+    if s is not None:
+        body += [f"v = row[{s.name!r}]", f"row[{s.name!r}] = None if v is None else v + '!'"]
+    body.append("return row")
+    model, _ = _function(m, t.name, body)
+
+    def rows(r: Rows) -> Rows:
+        out = {}
+        for pk, row in r[t.name].items():
+            if pk % k == rest:
+                continue
+            if s is not None and row[s.name] is not None:
+                row = {**row, s.name: row[s.name] + "!"}
+            out[pk] = row
+        return {**r, t.name: out}
+
+    return Step(model, "automatic", rows)
+
+
+def failing_function(m: Model, rnd: random.Random) -> Step | None:
+    """A row function that raises (sometimes with a column added without a default, which
+    only it allows): a start with rows in its table fails and writes nothing."""
+    t = rnd.choice(m.tables)
+    new = t
+    if rnd.random() < 0.5:
+        col = Column(_new_name([c.name for c in t.columns], "c"), "int")
+        new = replace(t, columns=(*t.columns, col))
+    body = ["raise ValueError('this row does not migrate')"]
+    model, _ = _function(m.with_table(t.name, new), t.name, body)
+    return Step(model, "fails", table=t.name)
+
+
 #: Every kind of module change the test draws from (name -> how to make one).
 CHANGES: dict[str, Callable[[Model, random.Random], Step | None]] = {
     f.__name__: f
@@ -477,6 +747,16 @@ CHANGES: dict[str, Callable[[Model, random.Random], Step | None]] = {
         change_primary_key,
         remove_enum_member,
         add_unique_index,
+        rename_column,
+        rename_table,
+        bad_hint,
+        drop_column_on_purpose,
+        drop_table_on_purpose,
+        reuse_dropped_table,
+        retype_by_function,
+        add_computed_column,
+        delete_by_function,
+        failing_function,
     )
 }
 
@@ -559,9 +839,11 @@ class Run:
             table = self.rows[t.name]
             tdef = schema.tables[t.name]
             op = rnd.random()
-            pk = rnd.randrange(max(1, self.next_ids.get(t.name, 1)))
+            # (a renamed table starts after its rows' keys; a reused name after the old ones)
+            top = max(self.next_ids.get(t.name, 1), max(table, default=0) + 1)
+            pk = rnd.randrange(top)
             if op < 0.6 or pk not in table:
-                pk = self.next_ids.get(t.name, 1)
+                pk = top
                 self.next_ids[t.name] = pk + 1 + rnd.randrange(3)
                 values = {c.name: value_of(self.model, c, rnd) for c in t.others()}
                 values[t.pk] = pk
@@ -617,23 +899,33 @@ class Run:
             await self.refused(new_schema)
             await self.previous_starts()
         else:
-            journal = await self.restart()
+            await self.journal.aclose()
+            files = self.fingerprint()
+            self.journal = journal = await self.open_journal()
             before = await journal_state(journal)
             versions = decode_history(before[4]) if before[4] is not None else []
             check, store = await recover_checked(new_schema, journal)
             assert check.plan is not None, "every sequence starts by recording version 1"
-            kind = "automatic" if step.kind == "conditional" else step.kind
+            kind = "automatic" if step.kind in ("conditional", "fails") else step.kind
             assert check.plan.kind == kind, check.plan.diff()
             try:
                 migrated = await record_migration(check, journal, store, self.now())
             except SchemaMismatch as exc:
-                # The stored rows do not allow it: refused, and nothing was written.
-                assert step.kind == "conditional", exc
+                # The stored rows do not allow it, or the row function failed: refused, and
+                # nothing was written (not a byte, where the journal has files).
+                assert step.kind in ("conditional", "fails"), exc
                 assert "nothing was written" in str(exc)
+                if step.kind == "fails":
+                    assert self.rows[step.table], "a function over no rows cannot fail"
+                    assert "this row does not migrate" in str(exc), exc
                 assert await journal_state(journal) == before
+                await journal.aclose()
+                assert self.fingerprint() == files
+                self.journal = await self.open_journal()
                 await self.previous_starts()
                 await self.verify()
                 return
+            assert step.kind != "fails" or not self.rows[step.table], "the function did not run"
             if kind == "automatic":
                 assert migrated is not None and migrated == before[1] + 1
                 assert store.offset == migrated
@@ -644,8 +936,10 @@ class Run:
                 assert migrated is None and check.schema.version == len(versions)
             self.model, self.schema, self.store = step.model, check.schema, store
             self.rows = step.rows(self.rows)
-        await self.verify()
-        if step.kind in ("automatic", "conditional"):
+        await self.verify()  # hints, drops and functions still declared: harmless now
+        self.model = self.model.recorded()
+        if step.kind in ("automatic", "conditional", "fails"):
+            await self.verify()  # and removed
             await self.write(self.rnd.randrange(2**32), 20)  # writes under the new module work
             await self.verify()
 
@@ -813,9 +1107,11 @@ def test_every_kind_of_change_plans_as_the_model_says() -> None:
             found = plan(StoredSchema.from_schema(load(model)), load(step.model))
             if step.kind == "conditional":  # automatic, with checks of the stored rows
                 assert found.kind == "automatic" and found.checks, f"{name}: {found.diff()}"
+            elif step.kind == "fails":  # automatic; the function fails when it runs
+                assert found.kind == "automatic", f"{name}: {found.diff()}"
             else:
                 assert found.kind == step.kind, f"{name}: {found.diff()}"
             seen.setdefault(name, set()).add(found.kind)
             if step.kind == "automatic":
-                model = step.model
+                model = step.model.recorded()
     assert set(seen) == set(CHANGES)
