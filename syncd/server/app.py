@@ -91,7 +91,13 @@ from syncd.server.leader import Leader
 from syncd.server.limits import Limiter, SharedRateLimiter
 from syncd.server.loader import load_module_schema
 from syncd.server.replica import Replica
-from syncd.server.schema_check import SchemaCheck, check_schema, record_migration
+from syncd.server.schema_check import (
+    SchemaCheck,
+    check_schema,
+    functions_due,
+    migration_functions,
+    record_migration,
+)
 from syncd.server.schema_gate import GateState, SchemaGate, open_gate
 
 logger = logging.getLogger("syncd")
@@ -302,6 +308,7 @@ class Server:
         try:
             # Row functions and data checks, then the history and the migration transaction;
             # the store then holds the functions' rows at the migration's offset.
+            functions = await functions_due(check, journal, replica_store)
             await record_migration(check, journal, replica_store, self.clock())
         except BaseException:
             await journal.aclose()
@@ -343,6 +350,8 @@ class Server:
             outcome = await (await leader.disconnect(connection_id))
             if not outcome.ok:
                 logger.warning("recovering %s: %s", connection_id, outcome.error)
+        if functions:
+            self._snapshot_soon(f"after the migration by {', '.join(functions)}")
 
     async def _start_cluster(self) -> None:
         from syncd.persist.postgres import PostgresJournal, PostgresLease
@@ -422,6 +431,7 @@ class Server:
         key = held_key(self.instance)
         self._record_held(lambda value: lease.set_meta(key, value))
         self.replica.on_schema_event = cluster.schema_event
+        self.replica.on_migration = self._after_migration
         gate.on_change = self._schema_changed
         await cluster.beat()
         cluster.start()
@@ -565,6 +575,25 @@ class Server:
         if self.cluster is not None:
             return self.cluster.writer_journal
         return self.journal
+
+    def _snapshot_soon(self, why: str) -> None:
+        """Write a snapshot in the background now (through the usual path), unless snapshots
+        are off (`snapshot_every` 0), one is being written, or this process writes none."""
+        if (
+            self.config.snapshot_every
+            and self._snapshot_task is None
+            and self._snapshot_journal() is not None
+        ):
+            logger.info("writing a snapshot %s", why)
+            self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_quietly())
+
+    def _after_migration(self, tx: Tx) -> None:
+        """A migration transaction applied from the log. One with a row function's rows is as
+        large as its table, and every start would replay it until a snapshot is written after
+        it: the leader that journaled it (the only one writing snapshots) writes one now."""
+        functions = migration_functions(tx)
+        if functions:
+            self._snapshot_soon(f"after the migration by {', '.join(functions)}")
 
     def _after_tx(self, tx: Tx) -> None:
         every = self.config.snapshot_every

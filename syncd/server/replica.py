@@ -160,6 +160,8 @@ class Replica:
         # (connection, query set) -> whether the visibility rules applied when it was bound (a
         # Reauth may change the role; the held queries keep their binding).
         self._held_restricted: dict[tuple[Connection, QuerySetId], bool] = {}
+        # Called with each migration transaction applied (from the log: a replica's).
+        self.on_migration: Callable[[Tx], None] = lambda tx: None
 
     # -- applying transactions ---------------------------------------------------------------
 
@@ -256,6 +258,7 @@ class Replica:
         self.window.append(tx)
         if is_migration(tx):
             self.on_schema_event()
+            self.on_migration(tx)
         if self._key_groups:
             try:
                 index = self.index

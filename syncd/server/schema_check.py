@@ -58,6 +58,8 @@ __all__ = [
     "SchemaCheck",
     "check_schema",
     "due_functions",
+    "functions_due",
+    "migration_functions",
     "record_migration",
     "rows_at",
     "written_version",
@@ -302,6 +304,23 @@ def _undo(store: Store, changes: dict[str, dict[Any, Change]]) -> None:
         for pk, (old, new) in rows.items():
             state.put(pk, new, old)
     changes.clear()
+
+
+async def functions_due(check: SchemaCheck, journal: Journal, store: Store) -> list[str]:
+    """The row functions `record_migration(check, journal, store, ...)` would run now (the
+    server writes a snapshot after them: the migration transaction is as large as the table)."""
+    history = check.schema.history
+    written = await written_version(journal, Offset(store.offset))
+    if history is None or written is None or written >= check.schema.version:
+        return []
+    return due_functions(history, written)
+
+
+def migration_functions(tx: Tx) -> list[str]:
+    """The row functions whose rows a migration transaction holds (none for other ones)."""
+    if tx.meta is None or not isinstance(tx.meta.get("migration"), dict):
+        return []
+    return list(tx.meta["migration"].get("functions") or [])
 
 
 def due_functions(history: SchemaHistory, written: int) -> list[str]:
