@@ -584,7 +584,7 @@ class Server:
             and self._snapshot_task is None
             and self._snapshot_journal() is not None
         ):
-            logger.info("writing a snapshot %s", why)
+            logger.warning("writing a snapshot %s", why)  # beside the migration's lines
             self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_quietly())
 
     def _after_migration(self, tx: Tx) -> None:

@@ -12,8 +12,10 @@ payload it cannot read, or the lease poll):
   (`lead`, through its fenced writer journal) before leading. A fresh database (nothing
   stored) waits the same way for its first leader to record version 1;
 - **stopped**: its module is *older* (it equals an earlier stored version) or does not match a
-  history that changed while it ran. It serves nothing (readyz 503 with the reason), stops
-  following the log and never campaigns: it would write under a schema that is not the
+  history that changed while it ran, or its migration failed when it took the lease (a row
+  function raised or returned a bad row, the stored rows refuse a change: `lead`; nothing was
+  written, and the lease is given back to the replicas of the previous module). It serves
+  nothing (readyz 503 with the reason), stops following the log and never campaigns: it would write under a schema that is not the
   data's. Only a restart (with the right module) leaves this state.
 
 At start, a module that is neither (a refused plan against the latest stored version) is a
@@ -181,7 +183,9 @@ class SchemaGate:
             The migration transaction's offset, or None when none was written.
 
         Raises:
-            SchemaMismatch: this replica may not lead (stopped); nothing was written.
+            SchemaMismatch: this replica may not lead (stopped), or its migration failed (a
+                row function, a check of the stored rows): it is stopped then, with the
+                reason; nothing was written.
             JournalError: the journal failed (or another leader fenced this one).
         """
         await self.refresh(writer)
@@ -193,7 +197,17 @@ class SchemaGate:
         # The one place a replica records a migration (the embedded server's entry point). On
         # a copy: row functions change it, and the replica applies the migration transaction
         # from the log like any other (its subscribers see the rows change).
-        migrated = await record_migration(check, writer, snapshot.copy(store), now_us)
+        try:
+            migrated = await record_migration(check, writer, snapshot.copy(store), now_us)
+        except SchemaMismatch as exc:
+            # A row function failed or the stored rows refuse a change: nothing was written,
+            # and the same data would refuse it at every take-over. Never campaign again (the
+            # replicas of the previous module keep leading and serving).
+            self.stop(
+                f"this replica cannot migrate to schema version {self.version}, so it may not "
+                f"lead: {exc}; restart it with a fixed module (or the previous one)"
+            )
+            raise
         self.stored = list(self.running)
         self._raw = encode_history(self.running)
         self._set("serving", "")
