@@ -15,8 +15,9 @@ payload it cannot read, or the lease poll):
   history that changed while it ran, or its migration failed when it took the lease (a row
   function raised or returned a bad row, the stored rows refuse a change: `lead`; nothing was
   written, and the lease is given back to the replicas of the previous module). It serves
-  nothing (readyz 503 with the reason), stops following the log and never campaigns: it would write under a schema that is not the
-  data's. Only a restart (with the right module) leaves this state.
+  nothing (readyz 503 with the reason), stops following the log and never campaigns: it
+  would write under a schema that is not the data's. Only a restart (with the right module)
+  leaves this state.
 
 At start, a module that is neither (a refused plan against the latest stored version) is a
 start failure, as for the embedded server (`check_schema` raises `SchemaMismatch`): no rolling
