@@ -97,6 +97,7 @@ from syncd.server.schema_check import (
     functions_due,
     migration_functions,
     record_migration,
+    written_version,
 )
 from syncd.server.schema_gate import GateState, SchemaGate, open_gate
 
@@ -379,6 +380,10 @@ class Server:
         except BaseException:
             await journal.aclose()
             raise
+        if gate.state != "stopped":
+            written = await written_version(journal, Offset(store.offset))
+            if written is not None:
+                gate.applied(written)
         if gate.state != "serving":
             logger.warning("not serving yet: %s", gate.reason)
         self._last_snapshot = store.offset
@@ -591,6 +596,8 @@ class Server:
         """A migration transaction applied from the log. One with a row function's rows is as
         large as its table, and every start would replay it until a snapshot is written after
         it: the leader that journaled it (the only one writing snapshots) writes one now."""
+        if self.gate is not None and tx.meta is not None:
+            self.gate.applied(int(tx.meta["migration"]["to"]))
         functions = migration_functions(tx)
         if functions:
             self._snapshot_soon(f"after the migration by {', '.join(functions)}")

@@ -122,6 +122,12 @@ class SchemaGate:
         # The stored history as last read, and its bytes (a changed value means re-judge).
         self.stored = stored
         self._raw = raw
+        # The stored schema version of the data this replica has applied (its recovered head,
+        # then each migration transaction it applies); None: none read yet (no data, or not
+        # known). A history that says "serving" is not enough: the leader records it before it
+        # journals the migration transaction, and until that transaction is applied here the
+        # rows a row function rewrites would be served with their placeholder values.
+        self.data_version: int | None = None
         self.state, self.reason = standing(module, self.running, stored)
         self.on_change: Callable[[GateState], None] = lambda _: None
 
@@ -172,8 +178,32 @@ class SchemaGate:
         except ValueError as exc:
             self._set("stopped", f"the stored schema is unreadable: {exc}")
             return self.state
-        self._set(*standing(self.module, self.running, self.stored))
+        self._judge()
         return self.state
+
+    def applied(self, version: int) -> None:
+        """The replica applied data written under `version` (a migration transaction from the
+        log): a gate waiting for it serves now."""
+        if self.data_version is None or version > self.data_version:
+            self.data_version = version
+        if self.state != "stopped":
+            self._judge()
+
+    def _judge(self) -> None:
+        state, reason = standing(self.module, self.running, self.stored)
+        if (
+            state == "serving"
+            and self.data_version is not None
+            and (self.data_version < self.version)
+        ):
+            state, reason = (
+                "waiting",
+                (
+                    f"the stored schema is version {self.version}, this replica's: waiting to "
+                    "apply its migration transaction from the log"
+                ),
+            )
+        self._set(state, reason)
 
     async def lead(self, writer: Journal, store: Store, now_us: int) -> Offset | None:
         """Before leading, with the lease held: re-read the stored history through the fenced
@@ -211,7 +241,9 @@ class SchemaGate:
             raise
         self.stored = list(self.running)
         self._raw = encode_history(self.running)
-        self._set("serving", "")
+        # Serving once the replica has applied the migration transaction (`applied`, from the
+        # log, which the leader reads next), never on the rows before it.
+        self._judge()
         return migrated
 
 

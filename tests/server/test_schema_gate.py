@@ -157,3 +157,28 @@ async def test_a_replica_halts_on_an_entry_of_a_newer_version(journal: MemoryJou
     replica.on_tx(Tx(Offset(2), Timestamp(2), ChangeSet({})))
     await replica.catch_up()
     assert replica.offset == 1
+
+
+async def test_a_waiting_replica_serves_only_once_it_applied_the_migration(
+    journal: MemoryJournal,
+) -> None:
+    """The leader records the new history before it journals the migration transaction: a
+    replica of the new module that reads the history in between must keep waiting (the rows a
+    row function rewrites would otherwise be served with their placeholders) until it has
+    applied the transaction, then serve. A replica whose data is already of its version, or
+    that holds no data, serves on the history alone."""
+    await journal.set_meta(SCHEMA_KEY, encode_history(history(V1)))
+    gate = await open_gate(V2, journal)
+    assert gate.state == "waiting"
+    gate.applied(1)  # its recovered head was written under version 1
+    await journal.set_meta(SCHEMA_KEY, encode_history(history(V1, V2)))
+    assert await gate.refresh(journal) == "waiting"
+    assert "waiting to apply its migration transaction" in gate.reason
+    gate.applied(2)  # the migration transaction, from the log
+    assert gate.state == "serving" and gate.reason == ""
+    # Data of its own version already (a restart after the migration), or none at all.
+    for data in (2, None):
+        other = await open_gate(V2, journal)
+        if data is not None:
+            other.applied(data)
+        assert other.state == "serving"
