@@ -11,17 +11,24 @@ the first change, and when the outermost transaction ends compares it with the v
 last one. Callbacks fire only for real differences: a row that leaves one query and enters
 another in the same transaction fires nothing; a row replaced by an equal value fires nothing.
 
+Each table keeps a hash index on every column `TableInfo.indexed_columns` names (the unique
+columns and the first column of every declared index, as in the TypeScript client), updated
+with every row that enters, changes or leaves, so `TableCache.find` by a unique column and
+`TableCache.filter` by an indexed one cost a dict lookup, not a scan.
+
 This module does no I/O and never awaits; `connection.py` feeds it decoded deltas.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
-from syncd.client.schema import Row, TableInfo
+from syncd.client.errors import NotIndexed
+from syncd.client.schema import Row, TableInfo, type_text, value_fits
 
 __all__ = ["CallbackHandle", "Database", "HolderKey", "RowCache", "TableCache"]
 
@@ -31,6 +38,18 @@ logger = logging.getLogger("syncd.client")
 HolderKey = tuple[int, int]
 
 _F = TypeVar("_F", bound=Callable[..., object])
+
+_MISSING: Any = object()
+
+
+def _index_key(value: Any) -> Any:
+    """The dict key of an indexed value: the value itself, or canonical JSON for a list or
+    dict (a Json column), which cannot be hashed."""
+    try:
+        hash(value)
+    except TypeError:
+        return ("json", json.dumps(value, sort_keys=True, default=repr))
+    return value
 
 
 class CallbackHandle(Generic[_F]):
@@ -72,6 +91,10 @@ class TableCache:
         self._rows: dict[Any, Row] = {}
         # pk -> how many holders have the key; a key is in _rows iff it is here.
         self._refs: dict[Any, int] = {}
+        # Indexed column (not the primary key) -> value -> the keys of the rows holding it
+        # (a dict as an ordered set: filter returns rows in the order they were indexed).
+        self._indexes: dict[str, dict[Any, dict[Any, None]]] = {}
+        self._build_indexes()
         # Callbacks, in registration order.
         self._on_insert: list[InsertCallback] = []
         self._on_update: list[UpdateCallback] = []
@@ -89,9 +112,74 @@ class TableCache:
         """Every cached row, in the order they entered the cache."""
         return list(self._rows.values())
 
-    def find(self, pk: Any) -> Row | None:
-        """The cached row with primary key `pk`, or None if no subscribed query returns it."""
-        return self._rows.get(pk)
+    def find(self, key_or_column: Any, value: Any = _MISSING) -> Row | None:
+        """The cached row with a given primary key or unique value, or None.
+
+        ``find(pk)`` looks up by primary key; ``find(column, value)`` by a unique column
+        (`TableInfo.unique_columns`; the primary key's name works too), as the TypeScript
+        client's ``find(column, value)``. None: no subscribed query returns such a row.
+
+        Raises:
+            NotIndexed: `column` is not unique (use `filter`), or not a column.
+            TypeError: the value cannot be a value of that column (``"1"`` for an int key,
+                ``True`` for an int: dicts would take ``True`` for ``1``).
+        """
+        info = self.info
+        if value is _MISSING:
+            column, value = info.primary_key, key_or_column
+        else:
+            column = key_or_column
+            if column not in info.unique_columns:
+                what = "not a column" if column not in info.columns else "not unique"
+                raise NotIndexed(
+                    f"{info.name}.find: {column!r} is {what}: find takes the primary key or a "
+                    f"unique column ({', '.join(sorted(info.unique_columns))}); use filter() "
+                    "for an indexed column"
+                )
+        self._check_value("find", column, value)
+        if column == info.primary_key:
+            return self._rows.get(value)
+        keys = self._indexes[column].get(_index_key(value))
+        if not keys:
+            return None
+        return self._rows.get(next(iter(keys)))
+
+    def filter(self, column: str, value: Any) -> list[Row]:
+        """The cached rows whose `column` equals `value`, from the column's index (no scan).
+
+        `column` must be indexed (`TableInfo.indexed_columns`: the primary key, unique
+        columns, and the first column of every declared index). For anything else, scan:
+        ``[r for r in table if ...]``.
+
+        Raises:
+            NotIndexed: the cache keeps no index on `column` (or there is no such column);
+                the message lists the columns that have one.
+            TypeError: the value cannot be a value of that column.
+        """
+        info = self.info
+        if column not in info.indexed_columns:
+            what = "not a column" if column not in info.columns else "not indexed"
+            raise NotIndexed(
+                f"{info.name}.filter: {column!r} is {what} (indexed: "
+                f"{', '.join(sorted(info.indexed_columns))}); scan instead: "
+                f"[row for row in db[{info.name!r}] if ...]"
+            )
+        self._check_value("filter", column, value)
+        if column == info.primary_key:
+            row = self._rows.get(value)
+            return [] if row is None else [row]
+        keys = self._indexes[column].get(_index_key(value))
+        if not keys:
+            return []
+        return [self._rows[k] for k in keys]
+
+    def _check_value(self, what: str, column: str, value: Any) -> None:
+        described = self.info.column_type(column)
+        if not value_fits(described, value):
+            raise TypeError(
+                f"{self.info.name}.{what}: {column} holds {type_text(described)} values, "
+                f"got {type(value).__name__} {value!r}"
+            )
 
     def refcount(self, pk: Any) -> int:
         """How many subscribed queries currently return the row with key `pk` (0: none)."""
@@ -128,6 +216,42 @@ class TableCache:
 
     # -- used by RowCache ----------------------------------------------------------------------
 
+    def _set_info(self, info: TableInfo) -> None:
+        self.info = info
+        self._build_indexes()
+
+    def _build_indexes(self) -> None:
+        self._indexes = {c: {} for c in self.info.indexed_columns if c != self.info.primary_key}
+        for pk, row in self._rows.items():
+            self._index(pk, row)
+
+    def _index(self, pk: Any, row: Row) -> None:
+        for column, index in self._indexes.items():
+            index.setdefault(_index_key(row.get(column)), {})[pk] = None
+
+    def _unindex(self, pk: Any, row: Row) -> None:
+        for column, index in self._indexes.items():
+            value = _index_key(row.get(column))
+            keys = index.get(value)
+            if keys is not None:
+                keys.pop(pk, None)
+                if not keys:
+                    del index[value]
+
+    def _store(self, pk: Any, row: Row) -> None:
+        old = self._rows.get(pk)
+        if old is not None:
+            if self._indexes:
+                self._unindex(pk, old)
+        self._rows[pk] = row
+        if self._indexes:
+            self._index(pk, row)
+
+    def _drop(self, pk: Any) -> None:
+        old = self._rows.pop(pk)
+        if self._indexes:
+            self._unindex(pk, old)
+
     def _fire(self, old: Row | None, new: Row | None) -> None:
         if old is None:
             if new is not None:
@@ -141,7 +265,7 @@ class TableCache:
                 _safely(update, old, new)
 
 
-def _safely(callback: Callable[..., object], *args: Row) -> None:
+def _safely(callback: Callable[..., object], *args: Any) -> None:
     try:
         callback(*args)
     except Exception:
@@ -155,7 +279,8 @@ class _Holder:
 
     def __init__(self, table: TableCache) -> None:
         self.table = table
-        self.keys: set[Any] = set()
+        # An ordered set (dict keys): `rows_of` lists rows in the order the query sent them.
+        self.keys: dict[Any, None] = {}
 
 
 class RowCache:
@@ -177,6 +302,7 @@ class RowCache:
         self._depth = 0
         # (table, pk) -> the row before the open transaction touched it (None: absent).
         self._before: dict[tuple[TableCache, Any], Row | None] = {}
+        self._on_commit: list[Callable[[], object]] = []
 
     def set_tables(self, tables: Iterable[TableInfo]) -> None:
         """The server's schema changed (a migration): new tables get a cache, existing ones
@@ -187,7 +313,7 @@ class RowCache:
             if cache is None:
                 self.tables[info.name] = TableCache(info)
             else:
-                cache.info = info
+                cache._set_info(info)
 
     def table(self, name: str) -> TableCache:
         """The cache of table `name`.
@@ -226,6 +352,9 @@ class RowCache:
         before, self._before = self._before, {}
         for (table, pk), old in before.items():
             table._fire(old, table._rows.get(pk))
+        if before:
+            for callback in list(self._on_commit):
+                _safely(callback)
 
     @property
     def in_transaction(self) -> bool:
@@ -238,6 +367,27 @@ class RowCache:
         """The keys query `holder` currently returns (empty if it holds none)."""
         h = self._holders.get(holder)
         return frozenset(h.keys) if h is not None else frozenset()
+
+    def rows_of(self, holders: Iterable[HolderKey]) -> list[Row]:
+        """The rows the queries `holders` return, each once, in query then arrival order."""
+        seen: set[tuple[str, Any]] = set()
+        out: list[Row] = []
+        for key in holders:
+            h = self._holders.get(key)
+            if h is None:
+                continue
+            name = h.table.name
+            for pk in h.keys:
+                if (name, pk) not in seen:
+                    seen.add((name, pk))
+                    out.append(h.table._rows[pk])
+        return out
+
+    def on_commit(self, callback: Callable[[], object]) -> CallbackHandle[Callable[[], object]]:
+        """Call ``callback()`` after each outermost transaction that touched a row (after the
+        row callbacks). Returns a handle that removes it."""
+        self._on_commit.append(callback)
+        return CallbackHandle(self._on_commit, callback)
 
     def holders(self) -> list[HolderKey]:
         """Every query holding rows (or registered with none)."""
@@ -260,22 +410,22 @@ class RowCache:
         table = h.table
         self._touch(table, pk)
         if pk not in h.keys:
-            h.keys.add(pk)
+            h.keys[pk] = None
             table._refs[pk] = table._refs.get(pk, 0) + 1
-        table._rows[pk] = row
+        table._store(pk, row)
 
     def _remove(self, h: _Holder, pk: Any) -> None:
         if pk not in h.keys:
             return  # a delete for a key this query never sent us (resume may do that)
         table = h.table
         self._touch(table, pk)
-        h.keys.discard(pk)
+        del h.keys[pk]
         refs = table._refs[pk] - 1
         if refs:
             table._refs[pk] = refs
         else:
             del table._refs[pk]
-            del table._rows[pk]
+            table._drop(pk)
 
     # -- the operations the protocol needs -----------------------------------------------------
 

@@ -6,6 +6,8 @@ Client-side additions to the tree::
     ├── InvalidURL (also ValueError)     the URL is not ws://, wss://, http:// or https://
     ├── StaleSchema                      the server's schema changed in a way the app's
     │                                    expected schema (its bindings) does not allow
+    ├── NotIndexed (also TypeError)      `find`/`filter` by a column the cache keeps no
+    │                                    (unique) index on
     ├── SubscriptionError
     │   └── QueryRejected                the server refused a query; carries its ErrorCode
     ├── ReducerError
@@ -14,7 +16,8 @@ Client-side additions to the tree::
     │   └── CallInterrupted (also ConnectionClosed)   the connection dropped before a call's
     │                                                 result came
     └── ConnectionClosed
-        └── ConnectFailed                no syncd server answered at the URL
+        ├── ConnectFailed                no syncd server answered at the URL
+        └── NotConnected                 `ping()` while the client is reconnecting
 
 Every exception built from a wire error keeps the server's message as its text.
 """
@@ -41,6 +44,8 @@ __all__ = [
     "CallInterrupted",
     "ConnectFailed",
     "InvalidURL",
+    "NotConnected",
+    "NotIndexed",
     "QueryRejected",
     "StaleSchema",
     "call_error",
@@ -90,6 +95,24 @@ class ConnectFailed(ConnectionClosed):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class NotConnected(ConnectionClosed):
+    """The client is between connections (reconnecting), so a request that cannot wait for
+    the next one (`Connection.ping`) was not sent. `code` is the last drop's close code."""
+
+    def __init__(self, message: str, code: int = ABNORMAL_CLOSURE) -> None:
+        super().__init__(code, message)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class NotIndexed(SyncdError, TypeError):
+    """`TableCache.find` by a column that is neither the primary key nor unique, or
+    `TableCache.filter` by a column the cache keeps no index on (or no such column). The
+    message lists the columns that work. Also a `TypeError`, like the TypeScript client's."""
 
 
 class QueryRejected(SubscriptionError):

@@ -11,12 +11,20 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from syncd.errors import ProtocolError
 
-__all__ = ["ClientSchema", "ReducerInfo", "Row", "TableInfo", "stale_differences"]
+__all__ = [
+    "ClientSchema",
+    "ReducerInfo",
+    "Row",
+    "TableInfo",
+    "stale_differences",
+    "type_text",
+    "value_fits",
+]
 
 #: A cached row: column name -> value. The cache replaces a row's dict when the row changes
 #: and never mutates it, so a dict you hold keeps the values it had; do not mutate it either.
@@ -33,6 +41,38 @@ def _is_bytes_type(described: object) -> bool:
             return False
         described = described.get("inner")
     return False
+
+
+def value_fits(described: object, value: object) -> bool:
+    """Whether `value` is a visible value of the ``/v1/schema`` type `described` (unknown
+    kinds accept anything). ``True`` is not an int here, nor ``1`` a bool: a lookup by the
+    wrong one would find the other's row (they hash alike)."""
+    if not isinstance(described, Mapping):
+        return True
+    kind = described.get("kind")
+    if kind == "option":
+        return value is None or value_fits(described.get("inner"), value)
+    if kind == "lww":
+        return value_fits(described.get("inner"), value)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind in ("i64", "timestamp", "counter"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "f64":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind in ("string", "identity"):
+        return isinstance(value, str)
+    if kind == "bytes":
+        return isinstance(value, bytes)
+    if kind == "enum":
+        values = described.get("values")
+        return isinstance(value, str) and (not isinstance(values, list) or value in values)
+    return True
+
+
+def type_text(described: object) -> str:
+    """A ``/v1/schema`` type as Python-ish text (``int | None``, ``LWW[str]``)."""
+    return _type_text(described)
 
 
 def _b64(value: object) -> object:
@@ -54,6 +94,13 @@ class TableInfo:
         primary_key: the primary key column's name.
         pk_position: its position in `columns`.
         bytes_positions: positions of columns whose values are bytes (or None).
+        unique_columns: columns `TableCache.find` accepts: the primary key and every column
+            with a single-column unique index.
+        indexed_columns: columns `TableCache.filter` accepts (the cache keeps an index on
+            each): the primary key, unique columns, and the first column of every declared
+            index (hash or ordered, unique or not), as in the TypeScript client.
+        column_types: each column's type as ``/v1/schema`` describes it (``{"kind": ...}``),
+            in `columns` order; empty when unknown (lookups then check no types).
     """
 
     name: str
@@ -61,6 +108,28 @@ class TableInfo:
     primary_key: str
     pk_position: int
     bytes_positions: tuple[int, ...] = ()
+    unique_columns: frozenset[str] = frozenset()
+    indexed_columns: frozenset[str] = frozenset()
+    column_types: tuple[Any, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        # The primary key is always unique and indexed (by the row dict itself).
+        object.__setattr__(self, "unique_columns", self.unique_columns | {self.primary_key})
+        object.__setattr__(self, "indexed_columns", self.indexed_columns | self.unique_columns)
+
+    def column_type(self, column: str) -> Any:
+        """`column`'s described type, or None when unknown.
+
+        Raises:
+            KeyError: the table has no such column.
+        """
+        try:
+            position = self.columns.index(column)
+        except ValueError:
+            raise KeyError(
+                f"{self.name} has no column {column!r} (columns: {', '.join(self.columns)})"
+            ) from None
+        return self.column_types[position] if position < len(self.column_types) else None
 
     @property
     def pk_is_bytes(self) -> bool:
@@ -170,6 +239,20 @@ class ClientSchema:
             for table in described["tables"]:
                 columns = tuple(str(c["name"]) for c in table["columns"])
                 primary_key = str(table["primary_key"])
+                unique: set[str] = set()
+                indexed: set[str] = set()
+                for index in table.get("indexes") or []:
+                    index_columns = [str(c) for c in index["columns"]]
+                    if not index_columns:
+                        continue
+                    if index_columns[0] not in columns:
+                        raise ValueError(
+                            f"index {index.get('name')!r} of {table['name']} names no column "
+                            f"{index_columns[0]!r}"
+                        )
+                    indexed.add(index_columns[0])
+                    if index.get("unique") and len(index_columns) == 1:
+                        unique.add(index_columns[0])
                 tables[table["name"]] = TableInfo(
                     name=str(table["name"]),
                     columns=columns,
@@ -178,6 +261,9 @@ class ClientSchema:
                     bytes_positions=tuple(
                         i for i, c in enumerate(table["columns"]) if _is_bytes_type(c.get("type"))
                     ),
+                    unique_columns=frozenset(unique),
+                    indexed_columns=frozenset(indexed),
+                    column_types=tuple(c.get("type") for c in table["columns"]),
                 )
             reducers = {
                 str(r["name"]): ReducerInfo(
