@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
@@ -62,11 +63,20 @@ from syncd.client.errors import (
     CallInterrupted,
     ConnectFailed,
     InvalidURL,
+    NotConnected,
     StaleSchema,
     call_error,
     query_error,
 )
-from syncd.client.schema import ClientSchema, Row, TableInfo, stale_differences
+from syncd.client.merges import MergeState, cell_key, check_writer_id
+from syncd.client.schema import (
+    ClientSchema,
+    Row,
+    TableInfo,
+    stale_differences,
+    type_text,
+    value_fits,
+)
 from syncd.core.ids import ConnectionId, Epoch, Identity, Offset, QuerySetId, RequestId
 from syncd.core.protocol.codec import Codec, Format
 from syncd.core.protocol.messages import (
@@ -99,6 +109,7 @@ from syncd.errors import (
     ConnectionClosed,
     ProtocolError,
     SubscriptionError,
+    SyncdError,
     should_reconnect,
 )
 
@@ -184,6 +195,13 @@ class Subscription:
     def __repr__(self) -> str:
         return f"<Subscription {self.query_set_id} {self.state} {list(self.queries)!r}>"
 
+    def rows(self) -> list[Row]:
+        """The cached rows this set's queries return now, each once (query order, then the
+        order rows arrived). Rows of several tables when its queries read several."""
+        return self.connection._cache.rows_of(
+            (self.query_set_id, i) for i in range(len(self.queries))
+        )
+
     @property
     def is_live(self) -> bool:
         """True while the server sends this set's updates (and between reconnects)."""
@@ -234,6 +252,8 @@ class Connection:
         get_token: TokenSource | None = None,
         endpoints: Sequence[Endpoint] = (),
         expect_schema: Mapping[str, Any] | None = None,
+        merge_state: MergeState | None = None,
+        owns_merge_state: bool = False,
     ) -> None:
         #: Where the server is (the one of `endpoints` in use).
         self.endpoint = endpoint
@@ -317,6 +337,13 @@ class Connection:
         self._closing = False
         self._on_disconnect: list[Callable[[int, str], object]] = []
         self._on_reconnect: list[Callable[[], object]] = []
+        # The last drop's close code, for NotConnected.
+        self._last_drop = _ABNORMAL
+        #: The writer id, clock and counter totals of `set_lww` and `increment`.
+        self.merge_state = merge_state or MergeState.memory()
+        # Closed with the connection when `connect` opened it (from a path).
+        self._owns_merge_state = owns_merge_state
+        self._warned_memory_counter = False
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open" if self._connected else "reconnecting"
@@ -474,6 +501,99 @@ class Connection:
         )
         return answer.offset
 
+    @property
+    def writer_id(self) -> str:
+        """The writer id `set_lww` and `increment` stamp operations with (`merge_state`)."""
+        return self.merge_state.writer_id
+
+    async def set_lww(self, table: str, pk: Any, column: str, value: Any) -> Offset | None:
+        """Set an `LWW[T]` cell to `value`, stamped with this device's clock and writer id.
+
+        The highest ``(ms, counter, writer)`` stamp wins, so a device whose clock runs behind
+        loses to one ahead. The cache changes when the server's update arrives (as in the
+        TypeScript client, nothing is applied before), which is before this returns.
+
+        Returns:
+            The transaction's offset, or None when the merge changed nothing.
+
+        Raises:
+            KeyError: no public table `table`.
+            TypeError: `column` is not an LWW column, or `pk` / `value` are of the wrong type
+                for it (nothing was sent).
+            ConstraintError: the server refused it: no such row, or not yours to merge into
+                (the module's merge rule), or a bad operation. `CallForbidden`: no client may
+                merge into the column. `ArgumentError`: a stamp past the server's clock bound.
+            BackendError, ConnectionClosed: as for `call`.
+        """
+        described = self._crdt_column("set_lww", table, pk, column, "lww")
+        inner = described.get("inner") if isinstance(described, Mapping) else None
+        if not value_fits(inner, value):
+            raise TypeError(
+                f"set_lww: {table}.{column} holds {type_text(inner)} values, got "
+                f"{type(value).__name__} {value!r}"
+            )
+        _check_plain(value, "the value")
+        return await self.merge(table, pk, column, self.merge_state.lww_op(value))
+
+    async def increment(self, table: str, pk: Any, column: str, by: int = 1) -> Offset | None:
+        """Add `by` (negative: subtract) to a `Counter` cell, as this writer's running totals.
+
+        The totals live in `merge_state`; keep it in a file (``connect(merge_state=path)``)
+        so that they, and the writer id, survive a restart (see `syncd.client.merges`).
+        A refused increment is taken back from the totals; one whose answer was lost to a
+        closed connection is not (the next increment of the cell carries it, so it counts
+        once either way).
+
+        Returns:
+            The transaction's offset, or None when the merge changed nothing.
+
+        Raises:
+            KeyError, TypeError: as for `set_lww` (`by` must be an int).
+            RangeError: a running total would leave the 64-bit range (nothing was sent).
+            ConstraintError, CallForbidden, ArgumentError (the counter's value would leave
+                the 64-bit range, or the cell is full of writers), BackendError,
+                ConnectionClosed: as for `set_lww`.
+        """
+        if isinstance(by, bool) or not isinstance(by, int):
+            raise TypeError(f"increment: by must be an int, got {type(by).__name__}")
+        self._crdt_column("increment", table, pk, column, "counter")
+        state = self.merge_state
+        if not state.persistent and not self._warned_memory_counter:
+            self._warned_memory_counter = True
+            logger.warning(
+                "increment with a merge state kept in memory: its counter totals are lost when "
+                "the process ends; pass connect(merge_state=PATH) for counters that a device "
+                "increments across runs"
+            )
+        cell = cell_key(table, pk, column)
+        before, after = state.add(cell, by)
+        try:
+            return await self.merge(table, pk, column, [[state.writer_id, after[0], after[1]]])
+        except ConnectionClosed:
+            raise  # it may have been merged: the totals stay (a later increment carries it)
+        except SyncdError:
+            state.undo(cell, before, after)  # refused: the server changed nothing
+            raise
+
+    def _crdt_column(self, what: str, table: str, pk: Any, column: str, kind: str) -> Any:
+        info = self.schema.tables.get(table)
+        if info is None:
+            known = ", ".join(sorted(self.schema.tables)) or "none"
+            raise KeyError(f"{what}: no public table {table!r} (tables: {known})")
+        described = info.column_type(column)
+        if isinstance(described, Mapping) and described.get("kind") != kind:
+            raise TypeError(
+                f"{what}: {table}.{column} is {type_text(described)}, not "
+                f"{'an LWW' if kind == 'lww' else 'a Counter'} column"
+            )
+        pk_type = info.column_type(info.primary_key)
+        if not value_fits(pk_type, pk):
+            raise TypeError(
+                f"{what}: {table}'s primary key {info.primary_key} holds {type_text(pk_type)} "
+                f"values, got {type(pk).__name__} {pk!r}"
+            )
+        return described
+
     async def sql(self, query: str) -> list[Row]:
         """Run one SQL query once (`OneOffQuery`), without subscribing.
 
@@ -495,8 +615,23 @@ class Connection:
         return rows
 
     async def ping(self) -> float:
-        """Round-trip an application-level `Ping`; returns the time it took, in seconds."""
+        """Round-trip an application-level `Ping`; returns the time it took, in seconds.
+
+        A ping measures the connection that is up, so it is not queued like other requests.
+
+        Raises:
+            NotConnected: the client is reconnecting (raised at once, as the TypeScript
+                client rejects); also a `ConnectionClosed`.
+            ConnectionClosed: the connection ended for good, or the socket dropped before
+                the `Pong` came.
+        """
         self._check_open()
+        if not self._connected:
+            raise NotConnected(
+                f"not connected to {self.endpoint.ws_url} (reconnecting): ping needs a live "
+                "connection",
+                self._last_drop,
+            )
         self._next_request += 1
         nonce = self._next_request
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -550,6 +685,8 @@ class Connection:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._finish(CloseCode.NORMAL, "closed by the client")
+        if self._owns_merge_state:
+            self.merge_state.close()
 
     async def __aenter__(self) -> Connection:
         return self
@@ -822,6 +959,7 @@ class Connection:
         """The socket is gone: settle what cannot survive it."""
         self._ws = None
         self._connected = False
+        self._last_drop = code
         level = logging.DEBUG if code == CloseCode.NORMAL else logging.INFO
         logger.log(level, "disconnected from %s (%d %s)", self.endpoint.ws_url, code, reason)
         for nonce, fut in list(self._pings.items()):
@@ -1201,6 +1339,8 @@ def connect(
     open_timeout: float = DEFAULT_OPEN_TIMEOUT,
     max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
     expect_schema: Mapping[str, Any] | None = None,
+    merge_state: MergeState | str | os.PathLike[str] | None = None,
+    writer_id: str | None = None,
 ) -> _Connect:
     """Connect to a syncd server: ``conn = await connect(url)`` or ``async with connect(url)``.
 
@@ -1229,6 +1369,13 @@ def connect(
             table, column or reducer gone, a type or reducer parameters changed; additions
             never) raise `StaleSchema` from `connect`, or, after a later migration, are kept
             in `Connection.stale_schema` and logged.
+        merge_state: the writer id, clock and counter totals of `Connection.set_lww` and
+            `Connection.increment`: a path (a SQLite file, created on first use, closed with
+            the connection: the way for an app, so counters stay right across restarts), a
+            `MergeState`, or None (kept in memory for this `Connection`; it stays across
+            its reconnects). See `syncd.client.merges`.
+        writer_id: the writer id to use (say, a device id the app keeps), when the file is
+            created or for the memory state; a random one when None.
 
     Returns:
         An awaitable that is also an async context manager (closing the connection on exit).
@@ -1236,6 +1383,7 @@ def connect(
     Raises (when awaited):
         InvalidURL: the URL is not a ws/wss/http/https URL.
         ConnectFailed: the server is down or unreachable, or the URL is not a syncd endpoint.
+        ValueError: `writer_id` is not a valid writer id, or not the `merge_state` file's.
         ConnectionClosed: the server closed during the handshake; `code` and `reason` say why
             (4500 UNAUTHORIZED for a bad token, 4502 REJECTED by the module's
             `client_connected` reducer).
@@ -1244,6 +1392,8 @@ def connect(
     """
     if fmt not in ("msgpack", "json"):
         raise ValueError(f"fmt must be 'msgpack' or 'json', got {fmt!r}")
+    if writer_id is not None:
+        check_writer_id(writer_id)
     urls = [url] if isinstance(url, str) else list(url)
     if not urls:
         raise InvalidURL("expected a URL like ws://127.0.0.1:3000, got an empty list")
@@ -1260,21 +1410,41 @@ def connect(
         stale = _stale(expect_schema, schema)
         if stale is not None:
             raise stale
-        conn = Connection(
-            endpoint,
-            schema,
-            token=first,
-            get_token=get_token,
-            reconnect=reconnect,
-            fmt=fmt,
-            backoff=backoff or Backoff(),
-            open_timeout=open_timeout,
-            max_message_size=max_message_size,
-            endpoints=endpoints,
-            expect_schema=expect_schema,
-        )
-        await conn._start()
+        state, owned = open_state()
+        try:
+            conn = Connection(
+                endpoint,
+                schema,
+                token=first,
+                get_token=get_token,
+                reconnect=reconnect,
+                fmt=fmt,
+                backoff=backoff or Backoff(),
+                open_timeout=open_timeout,
+                max_message_size=max_message_size,
+                endpoints=endpoints,
+                expect_schema=expect_schema,
+                merge_state=state,
+                owns_merge_state=owned,
+            )
+            await conn._start()
+        except BaseException:
+            if owned:
+                state.close()
+            raise
         return conn
+
+    def open_state() -> tuple[MergeState, bool]:
+        if isinstance(merge_state, MergeState):
+            if writer_id is not None and writer_id != merge_state.writer_id:
+                raise ValueError(
+                    f"writer_id {writer_id!r} differs from the merge state's "
+                    f"{merge_state.writer_id!r}"
+                )
+            return merge_state, False
+        if merge_state is None:
+            return MergeState.memory(writer_id), False
+        return MergeState.open(merge_state, writer_id=writer_id), True
 
     async def make() -> Connection:
         first = token

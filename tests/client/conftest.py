@@ -34,3 +34,15 @@ def vault_server(tmp_path: Path) -> Iterator[ServerProcess]:
     finally:
         server.kill()
         close_pipe(server)
+
+
+@pytest.fixture
+def board_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A real `syncd serve tests/client/modules/board.py` (indexes, LWW and Counter cells
+    only their owner may merge)."""
+    server = ServerProcess("tests/client/modules/board.py", tmp_path / "board").start()
+    try:
+        yield server
+    finally:
+        server.kill()
+        close_pipe(server)
