@@ -9,7 +9,9 @@
         conn.db["message"].on_insert(lambda row: print(row["text"]))
         await conn.call("send_message", "hello")
 
-See `syncd.client.connection` for how reconnecting, resuming and retries work, and
+For scripts, `connect_sync` is the same client behind a blocking API (`syncd.client.sync`).
+See `syncd.client.connection` for how reconnecting, resuming and retries work,
+`syncd.client.merges` for the writer id behind `set_lww` and `increment`, and
 ``docs/client-python.md`` for a walk-through.
 """
 
@@ -24,10 +26,14 @@ from syncd.client.errors import (
     CallInterrupted,
     ConnectFailed,
     InvalidURL,
+    NotConnected,
+    NotIndexed,
     QueryRejected,
     StaleSchema,
 )
+from syncd.client.merges import MergeState
 from syncd.client.schema import ClientSchema, Row, TableInfo, stale_differences
+from syncd.client.sync import SyncConnection, SyncSubscription, connect_sync
 
 __all__ = [
     "Backoff",
@@ -41,12 +47,18 @@ __all__ = [
     "Database",
     "Endpoint",
     "InvalidURL",
+    "MergeState",
+    "NotConnected",
+    "NotIndexed",
     "QueryRejected",
     "Row",
     "StaleSchema",
     "Subscription",
+    "SyncConnection",
+    "SyncSubscription",
     "TableCache",
     "TableInfo",
     "connect",
+    "connect_sync",
     "stale_differences",
 ]
