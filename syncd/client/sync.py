@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
@@ -93,28 +94,29 @@ class SyncSubscription:
         on_commit = conn._cache.on_commit(changed.set)
         on_applied = sub.on_applied(lambda _: changed.set())
         rows: list[Row] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
         try:
-            async with asyncio.timeout(seconds):
-                while True:
-                    rows = sub.rows()
-                    if predicate(rows):
-                        return rows
-                    if sub.state == "failed" and sub.error is not None:
-                        raise sub.error
-                    if sub.state in ("failed", "ended") or conn.closed:
-                        raise ConnectionClosed(
-                            conn.close_code or 1000, conn.close_reason or "the query set ended"
-                        )
-                    changed.clear()
-                    try:
-                        async with asyncio.timeout(_RECHECK):
-                            await changed.wait()
-                    except TimeoutError:
-                        pass
-        except TimeoutError:
-            raise TimeoutError(
-                f"wait_for: the predicate was still false after {seconds:g}s ({len(rows)} rows)"
-            ) from None
+            while True:
+                rows = sub.rows()
+                if predicate(rows):
+                    return rows
+                if sub.state == "failed" and sub.error is not None:
+                    raise sub.error
+                if sub.state in ("failed", "ended") or conn.closed:
+                    raise ConnectionClosed(
+                        conn.close_code or 1000, conn.close_reason or "the query set ended"
+                    )
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"wait_for: the predicate was still false after {seconds:g}s "
+                        f"({len(rows)} rows)"
+                    )
+                changed.clear()
+                # One timer at a time (no nesting): a wake-up per change, or a re-check.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(_RECHECK, left))
         finally:
             on_commit()
             on_applied()
@@ -181,10 +183,11 @@ class SyncConnection:
             raise ConnectionClosed(1000, "the connection was closed")
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise TimeoutError(f"no answer within {timeout:g}s") from None
+            concurrent.futures.wait([future], timeout)
+            if not future.done():
+                future.cancel()
+                raise TimeoutError(f"no answer within {timeout:g}s")
+            return future.result()
         except BaseException:
             future.cancel()  # KeyboardInterrupt while waiting: stop the request too
             raise
