@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from syncd.client.cache import _MISSING
-from syncd.client.connection import Connection, Subscription, connect
+from syncd.client.connection import CallResult, Connection, Subscription, connect
 from syncd.client.schema import Row
 from syncd.core.ids import Identity, Offset
 from syncd.errors import ConnectionClosed
@@ -226,7 +226,7 @@ class SyncConnection:
         *args: Any,
         idempotency_key: str | None = None,
         timeout: float | None = _DEFAULT,
-    ) -> Offset | None:
+    ) -> CallResult:
         """`Connection.call`, blocking (at most `timeout` seconds, default `self.timeout`)."""
         return self._run(
             self.connection.call(reducer, *args, idempotency_key=idempotency_key), timeout

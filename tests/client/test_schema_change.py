@@ -161,7 +161,13 @@ async def test_expect_schema_raises_stale_schema_only_for_what_matters(
     async with syncd.client.connect(shop.ws_url, expect_schema=v2, backoff=quick_backoff()) as conn:
         assert conn.stale_schema is None
         await restart_with(shop, V3)
-        await eventually(lambda: conn.schema_version == 3, RECONNECT_TIMEOUT, what="migrated")
+        # schema_version is set by the Welcome, stale_schema by the schema re-read after it:
+        # wait for the second (waiting for the first raced it once).
+        await eventually(
+            lambda: conn.schema_version == 3 and conn.stale_schema is not None,
+            RECONNECT_TIMEOUT,
+            what="migrated and found stale",
+        )
         assert conn.stale_schema is not None
         assert conn.stale_schema.differences == [
             "table item was removed (dropped, renamed or made private)"
