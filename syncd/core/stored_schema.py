@@ -563,10 +563,18 @@ def plan(stored: StoredSchema, schema: Schema, *, history: Sequence[StoredSchema
     claimed = {name for name, old in matched.items() if old is not None}
     for name, tdef in schema.tables.items():
         hint = tdef.renamed_from
-        if matched[name] is not None or hint is None:
+        if hint is None:
+            continue
+        what = f"table {name}: renamed_from {hint!r}"
+        same = matched[name]
+        if same is not None:
+            other = stored.table(hint)
+            if other is not None and not any(
+                (t := v.table_by_id(same.id)) is not None and t.name == hint for v in past
+            ):
+                changes.append(Change(what, False, _contradicted("table", name, hint)))
             continue
         old = stored.table(hint)
-        what = f"table {name}: renamed_from {hint!r}"
         if old is None:
             gone = " (it was dropped)" if any(v.table(hint) for v in past) else ""
             changes.append(Change(what, False, f"the stored schema has no table {hint!r}{gone}"))
@@ -770,6 +778,28 @@ def widens(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return False
 
 
+def _column_was_named(
+    past: Sequence[StoredSchema], table_id: int, column_id: int, name: str
+) -> bool:
+    """Whether column `column_id` of table `table_id` was called `name` in some stored version
+    (a rename hint recorded before, harmless now)."""
+    for v in past:
+        t = v.table_by_id(table_id)
+        c = None if t is None else t.column_by_id(column_id)
+        if c is not None and c.name == name:
+            return True
+    return False
+
+
+def _contradicted(kind: str, name: str, hint: str) -> str:
+    return (
+        f"the stored schema has a {kind} {name} and a {kind} {hint}, and {name} was never "
+        f"called {hint!r}: matched by name, the hint would be ignored and nothing renamed. To "
+        f"swap two {kind}s' names, rename one to a name not stored in one start, then the "
+        "other, then the first again"
+    )
+
+
 def _ever_had(past: Sequence[StoredSchema], table_id: int, column: str) -> bool:
     for v in past:
         t = v.table_by_id(table_id)
@@ -791,10 +821,19 @@ def _table_changes(
     claimed = {c.name for c in match.values() if c is not None}
     for col in tdef.columns:
         hint = col.renamed_from
-        if match[col.name] is not None or hint is None:
+        if hint is None:
+            continue
+        what = f"{where}: column {col.name} renamed_from {hint!r}"
+        same = match[col.name]
+        if same is not None:
+            other = old.column(hint)
+            if other is not None and not _column_was_named(past, old.id, same.id, hint):
+                # Both names are stored and this one was never `hint`: the hint is not a
+                # recorded rename, and matching by name would ignore it in silence (a swap
+                # written as two hints would leave every value where it was).
+                out.append(Change(what, False, _contradicted("column", col.name, hint)))
             continue
         before = old.column(hint)
-        what = f"{where}: column {col.name} renamed_from {hint!r}"
         if before is None:
             gone = " (it was dropped)" if _ever_had(past, old.id, hint) else ""
             out.append(Change(what, False, f"table {old.name} has no stored column {hint!r}{gone}"))

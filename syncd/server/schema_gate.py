@@ -57,7 +57,7 @@ GateState = Literal["serving", "waiting", "stopped"]
 def _older_index(stored: list[StoredSchema], module: Schema) -> int | None:
     """The index of the latest stored version, before the last, that the module is."""
     for k in range(len(stored) - 2, -1, -1):
-        if plan(stored[k], module).kind == "identical":
+        if plan(stored[k], module, history=stored[: k + 1]).kind == "identical":
             return k
     return None
 
@@ -88,7 +88,7 @@ def standing(
             f"this replica runs schema version {older + 1}; the stored schema is version "
             f"{latest}: {what or 'changed'}; restart it with the new module"
         )
-    diff = plan(stored[-1], module).diff().replace("\n", ";")
+    diff = plan(stored[-1], module, history=stored).diff().replace("\n", ";")
     return "stopped", (
         f"the stored schema is version {latest}, which this replica's module (version {mine}) "
         f"does not follow: {diff}; restart it with the module of version {latest}"
@@ -262,7 +262,7 @@ async def open_gate(module: Schema, journal: Journal, *, adopt: bool = False) ->
             stored = decode_history(raw)
         except ValueError as exc:
             raise SchemaMismatch(f"the journal's stored schema is unreadable: {exc}") from None
-        if plan(stored[-1], module).kind != "identical":
+        if plan(stored[-1], module, history=stored).kind != "identical":
             older = _older_index(stored, module)
             if older is not None:
                 # Not through check_schema: an older module can look like an automatic change

@@ -261,3 +261,74 @@ async def test_a_failing_function_leaves_the_store_and_journal_as_they_were() ->
             await record_migration(check, journal, store, 2)
         assert store.tables["item"].rows == before and store.offset == 1
         assert await journal.get_meta(SCHEMA_KEY) == raw and await journal.latest_offset() == 1
+
+
+TWO_TEXTS = BASE.replace("    name: str\n", "    name: str\n    note: str\n")
+SWAPPED = TWO_TEXTS.replace(
+    "    name: str\n    note: str\n",
+    "    name: str = syncd.column(renamed_from='note')\n"
+    "    note: str = syncd.column(renamed_from='name')\n",
+)
+
+
+@pytest.mark.parametrize(
+    ("after", "expected"),
+    [
+        (SWAPPED, "column name renamed_from 'note': refused, the stored schema has a column name"),
+        (
+            # One hint onto a column the module still declares, both names stored.
+            TWO_TEXTS.replace(
+                "    name: str\n", "    name: str = syncd.column(renamed_from='note')\n"
+            ),
+            "column name renamed_from 'note': refused",
+        ),
+        (
+            TWO_TEXTS.replace("    name: str\n    note: str\n", "    name: str\n")
+            + "\n@syncd.table(public=True, renamed_from='item')\nclass Other:\n"
+            "    id: int = syncd.primary_key()\n"
+            + "\n@syncd.table(public=True, renamed_from='other')\nclass ItemX:\n"
+            "    id: int = syncd.primary_key()\n",
+            "table other: renamed_from 'item': refused, the stored schema has a table other",
+        ),
+    ],
+    ids=["column-swap", "hint-onto-stored-name", "table-swap"],
+)
+def test_a_hint_matching_by_name_would_ignore_is_refused_not_ignored(
+    after: str, expected: str
+) -> None:
+    """Two hints swapping two names (or one naming a column the module still declares, both names
+    stored): matched by name, the hints were skipped in silence and nothing was swapped;
+    now refused, saying how to swap."""
+    before = TWO_TEXTS
+    if "class Other" in after:
+        before = (
+            TWO_TEXTS
+            + "\n@syncd.table(public=True)\nclass Other:\n    id: int = syncd.primary_key()\n"
+        )
+    kind, diff = planned(before, after)
+    assert kind == "refused" and expected in diff, diff
+
+
+def test_a_recorded_rename_hint_stays_harmless_when_its_old_name_is_reused() -> None:
+    """name -> title recorded, then a new column `name`: the kept hint on title names a stored
+    column again, but title was once called 'name', so it is the recorded rename (identical)."""
+    renamed = BASE.replace(
+        "    name: str\n", "    title: str = syncd.column(renamed_from='name')\n"
+    )
+    reused = renamed.replace("    price: int", "    name: str = 'n'\n    price: int")
+    v1 = StoredSchema.from_schema(module(BASE))
+    v2 = plan(v1, module(renamed)).target
+    assert v2 is not None
+    v3 = plan(v2, module(reused), history=[v1, v2]).target
+    assert v3 is not None and v3.version == 3
+    assert plan(v3, module(reused), history=[v1, v2, v3]).kind == "identical"
+    table = BASE.replace(
+        "@syncd.table(public=True)", "@syncd.table(public=True, renamed_from='old')"
+    )
+    t1 = StoredSchema.from_schema(module(BASE.replace("class Item", "class Old")))
+    t2 = plan(t1, module(table)).target
+    assert t2 is not None
+    both = table + "\n@syncd.table(public=True)\nclass Old:\n    id: int = syncd.primary_key()\n"
+    t3 = plan(t2, module(both), history=[t1, t2]).target
+    assert t3 is not None
+    assert plan(t3, module(both), history=[t1, t2, t3]).kind == "identical"
