@@ -26,6 +26,7 @@ V1 = load_module_schema(ROOT / "tests/modules/shop_v1.py")
 V2 = load_module_schema(ROOT / "tests/modules/shop_v2.py")
 BAD = load_module_schema(ROOT / "tests/modules/shop_bad_type.py")
 INDEXED = load_module_schema(ROOT / "tests/cluster/modules/shop_indexed.py")
+FN_BAD = load_module_schema(ROOT / "tests/modules/shop_fn_bad.py")
 
 
 def history(*modules: Schema) -> list[StoredSchema]:
@@ -182,3 +183,33 @@ async def test_a_waiting_replica_serves_only_once_it_applied_the_migration(
         if data is not None:
             other.applied(data)
         assert other.state == "serving"
+
+
+async def test_a_migration_that_fails_as_leader_stops_the_gate(journal: MemoryJournal) -> None:
+    """A newer replica whose row function fails when it takes the lease writes nothing and
+    stops: it never campaigns again (else it would take the lease, rerun the function over
+    every row and give it back once a lease poll, forever)."""
+    await journal.set_meta(SCHEMA_KEY, encode_history(history(V1)))
+    v1 = attach(V1, history(V1))
+    rows = ChangeSet({"item": {i: (None, (i, f"n{i}", 5)) for i in (1, 1234)}})
+    journal.append(Offset(1), encode_tx(v1, Tx(Offset(1), Timestamp(1), rows, "put_items")))
+    await journal.wait_durable(Offset(1))
+    raw = await journal.get_meta(SCHEMA_KEY)
+    gate = await open_gate(FN_BAD, journal)
+    assert gate.state == "waiting" and gate.may_lead
+    store = Store(gate.schema)
+    for offset, payload in await journal.read(Offset(0)):
+        store.apply(decode_tx(gate.schema, payload).changes, offset)
+    before = dict(store.tables["item"].rows)
+    changes: list[str] = []
+    gate.on_change = changes.append
+    with pytest.raises(SchemaMismatch, match="price_as_text .* primary key 1234"):
+        await gate.lead(journal, store, 7)
+    assert gate.state == "stopped" and not gate.may_lead and changes == ["stopped"]
+    assert "cannot migrate to schema version 2" in gate.reason
+    assert store.tables["item"].rows == before and store.offset == 1
+    assert await journal.get_meta(SCHEMA_KEY) == raw and await journal.latest_offset() == 1
+    assert await gate.refresh(journal) == "stopped"  # stays stopped
+    with pytest.raises(SchemaMismatch):
+        await gate.lead(journal, store, 8)
+    assert await journal.latest_offset() == 1
