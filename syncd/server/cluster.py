@@ -221,11 +221,21 @@ class Cluster:
                         logger.debug("lease: %s", exc)
                         term = None
                     if term is not None:
+                        # Taking over may take long (catching up, a row function over every
+                        # row): the lease must hear from this replica meanwhile, or Postgres
+                        # ends its session and another replica takes over mid-way.
+                        alive = asyncio.get_running_loop().create_task(
+                            self._keep_lease(), name="keep-lease"
+                        )
                         try:
                             await self._become_leader(term)
                         except Exception as exc:  # whatever failed, give the lease back
                             logger.warning("taking over as leader (term %d) failed: %s", term, exc)
                             await self._step_down(f"take-over failed: {exc}")
+                        finally:
+                            alive.cancel()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await alive
             else:
                 reason = None
                 if self.leader.failed is not None:
@@ -237,6 +247,12 @@ class Cluster:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._schema_event.wait(), poll)
             self._schema_event.clear()
+
+    async def _keep_lease(self) -> None:
+        """While taking over: tell the lease this replica lives, every lease poll (a lost
+        lease is found then too: the next fenced write fails, and the election steps down)."""
+        while await self.lease.still_held():
+            await asyncio.sleep(self.config.lease_poll_s)
 
     async def _become_leader(self, term: int) -> None:
         writer = self._open_writer(term)

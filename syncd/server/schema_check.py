@@ -27,8 +27,10 @@ history records beyond the version the data was written under.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import time
 from typing import Any
 
 from syncd.core import snapshot
@@ -72,6 +74,11 @@ SCHEMA_KEY = "syncd.schema"
 #: At most this many misfit rows are listed when adopting an old data directory.
 MAX_PROBLEMS = 10
 _BATCH = 5_000
+#: A row function gives the event loop a turn at least this often (seconds), so a replica
+#: migrating as leader keeps its lease alive (server.cluster) and answers /readyz meanwhile.
+YIELD_EVERY_S = 0.05
+#: ... and logs its progress this often (a function over many rows is told from a stuck one).
+PROGRESS_EVERY_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -358,7 +365,7 @@ async def _run_functions(
         table = history.current.table(m.table)
         assert table is not None
         old_rows, old_table = await rows_at(journal, history, table.id, written)
-        _apply_function(m, schema, store, old_rows, old_table, stamp, changes)
+        await _apply_function(m, schema, store, old_rows, old_table, stamp, changes)
     return names
 
 
@@ -418,7 +425,7 @@ class _RowRefused(ValueError):
     """A row function's result does not fit the table."""
 
 
-def _apply_function(
+async def _apply_function(
     m: MigrationDef,
     schema: Schema,
     store: Store,
@@ -454,7 +461,23 @@ def _apply_function(
             f"{why}; nothing was written (fix the function and start again)"
         )
 
-    for pk, old_state in old_rows.items():
+    started = turn = logged = time.monotonic()
+    for done, (pk, old_state) in enumerate(old_rows.items()):
+        now = time.monotonic()
+        if now - turn >= YIELD_EVERY_S:
+            await asyncio.sleep(0)  # nothing else touches `store` (not serving yet, or a copy)
+            turn = time.monotonic()
+        if now - logged >= PROGRESS_EVERY_S:
+            logged = now
+            logger.warning(
+                "migration %s (table %s): %d of %d rows in %.0f s (nothing is written until "
+                "it ends: stopping the server now is safe)",
+                m.name,
+                m.table,
+                done,
+                len(old_rows),
+                now - started,
+            )
         row: dict[str, Any] = {}
         for name, col, cell in zip(old_names, readers, old_state, strict=True):
             row[name] = cell if col is None else col.type.to_python(col.type.from_state(cell))

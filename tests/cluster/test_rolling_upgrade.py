@@ -344,3 +344,37 @@ async def test_migrate_postgres_dry_run_and_refusal_beside_a_leader(
     await replica.astart()
     await eventually(lambda: _serving(replica, 2), 20, what="v2 serves")
     assert len(await sql(replica, "SELECT * FROM item WHERE color = 'none'")) == 7
+
+
+async def test_a_row_function_longer_than_the_lease_migrates(tmp_path: Path, pg_dsn: str) -> None:
+    """A replica taking the lease to migrate runs a row function for longer than the lease
+    lasts without a word to Postgres (here 15 rows of 0.2 s against a 1 s lease): it keeps the
+    lease meanwhile, so it records the migration and leads (it lost the lease mid-way and was
+    fenced at every try, forever)."""
+    fast = ("--lease-timeout", "1")
+    group = Replicas(tmp_path, pg_dsn, None, 1, V1, extra=fast).start()
+    try:
+        old = group[0]
+        token = await token_of(old)
+        code, _ = await ahttp(
+            old, "POST", "/v1/call/put_items", "[0, 15]", {"Authorization": f"Bearer {token}"}
+        )
+        assert code == 200
+        await asyncio.to_thread(old.stop)
+        group.module = "tests/cluster/modules/shop_slow_fn.py"
+        news = [group.add(), group.add()]  # the second takes the lease if the first loses it
+        for server in news:
+            server.start(timeout=60)
+
+        async def serving() -> bool:
+            with contextlib.suppress(Exception):  # busy migrating: may not answer in time
+                bodies = [await ready(s) for s in news]
+                return all(b["status"] == 200 for b in bodies)
+            return False
+
+        await eventually(serving, timeout=60)
+        new = await leader_of(news)
+        rows = await sql(new, "SELECT * FROM item")
+        assert sorted(r[2] for r in rows) == sorted(f"{i % 100} EUR" for i in range(15))
+    finally:
+        group.kill_all()

@@ -332,3 +332,31 @@ def test_a_recorded_rename_hint_stays_harmless_when_its_old_name_is_reused() -> 
     t3 = plan(t2, module(both), history=[t1, t2]).target
     assert t3 is not None
     assert plan(t3, module(both), history=[t1, t2, t3]).kind == "identical"
+
+
+async def test_a_long_row_function_says_how_far_it_is(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No bound on a start-time function (a big table legitimately takes minutes, and nothing
+    is written until it ends), but it logs its progress, so slow is told from stuck."""
+    import syncd.server.schema_check as schema_check
+
+    monkeypatch.setattr(schema_check, "PROGRESS_EVERY_S", 0.0)
+    log = MemoryLog()
+    async with MemoryJournal(log) as journal:
+        first = await check_schema(module(BASE), journal)
+        await record_migration(first, journal, Store(first.schema), 1)
+        rows = {i: (None, (i, f"n{i}", i)) for i in range(3)}
+        journal.append(
+            Offset(1),
+            encode_tx(first.schema, Tx(Offset(1), Timestamp(1), ChangeSet({"item": rows}))),
+        )
+        await journal.wait_durable(Offset(1))
+        check = await check_schema(module(FN), journal)
+        store = await recovered(check, journal)
+        with caplog.at_level("WARNING", logger="syncd"):
+            assert await record_migration(check, journal, store, 2) == 2
+    progress = [r.getMessage() for r in caplog.records if "rows in" in r.getMessage()]
+    assert progress and progress[-1].startswith("migration as_text (table item): 2 of 3 rows")
+    assert "stopping the server now is safe" in progress[-1]
+
