@@ -612,7 +612,10 @@ def plan(stored: StoredSchema, schema: Schema, *, history: Sequence[StoredSchema
             if tdef.renamed_from is None or stored.table(tdef.renamed_from) is None:
                 changes.append(Change(f"table {name} added", True))
             continue
-        found, data, layout = _table_changes(old, tdef, name in with_function, past)
+        spent = [
+            m.name for m in schema.migrations if m.table == name and m.name in stored.migrations
+        ]
+        found, data, layout = _table_changes(old, tdef, name in with_function, past, spent)
         changes.extend(found)
         checks.extend(data)
         layouts[name] = layout
@@ -812,9 +815,22 @@ _ADD_HELP = "declare a @syncd.migration for the table to write it"
 
 
 def _table_changes(
-    old: StoredTable, tdef: TableDef, by_function: bool, past: Sequence[StoredSchema]
+    old: StoredTable,
+    tdef: TableDef,
+    by_function: bool,
+    past: Sequence[StoredSchema],
+    spent: Sequence[str] = (),
 ) -> tuple[list[Change], list[DataCheck], _Layout]:
     where = f"table {tdef.name}"
+    add_help = _ADD_HELP
+    if spent:
+        # The module declares one, but under a name recorded as applied: it never runs again,
+        # and "declare a migration" alone would baffle.
+        add_help += (
+            f" (migration {', '.join(map(repr, spent))} of this table is recorded as applied "
+            "to this data already, so it does not run again: give a new function another "
+            "name, name=...)"
+        )
     out: list[Change] = []
     checks: list[DataCheck] = []
     match: dict[str, StoredColumn | None] = {c.name: old.column(c.name) for c in tdef.columns}
@@ -897,7 +913,7 @@ def _table_changes(
                     False,
                     "stored values may not be valid under the new type (only widening, "
                     "like T -> T | None or a new enum member, is automatic; narrowing is when "
-                    f"no stored value is outside the new type); {_ADD_HELP}",
+                    f"no stored value is outside the new type); {add_help}",
                 )
             )
     layout = _Layout(match, frozenset(fresh), by_function)
@@ -931,7 +947,7 @@ def _table_changes(
                         f"{where}: column {scol.name} ({kind}) added",
                         False,
                         "it has no default (or one that is not a valid value of its type), so "
-                        f"existing rows would have no value (give it a default, or {_ADD_HELP})",
+                        f"existing rows would have no value (give it a default, or {add_help})",
                     )
                 )
             continue

@@ -360,3 +360,15 @@ async def test_a_long_row_function_says_how_far_it_is(
     assert progress and progress[-1].startswith("migration as_text (table item): 2 of 3 rows")
     assert "stopping the server now is safe" in progress[-1]
 
+
+def test_a_new_function_under_an_applied_name_is_named_in_the_refusal() -> None:
+    """A module declares a row function whose name is recorded as applied (an old function's
+    default name reused): it does not run, and the refusal says so instead of only 'declare
+    a @syncd.migration' (which the module does)."""
+    fn = "\n@syncd.migration('item')\ndef fix(row):\n    return row\n"
+    v1 = StoredSchema.from_schema(module(BASE + fn))  # `fix` counts as applied
+    retyped = BASE.replace("price: int = syncd.index()", "price: str = syncd.index()") + fn
+    result = plan(v1, module(retyped), history=[v1])
+    assert result.kind == "refused"
+    assert "migration 'fix' of this table is recorded as applied" in result.diff(), result.diff()
+    assert "give a new function another name" in result.diff()
