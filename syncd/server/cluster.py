@@ -251,7 +251,9 @@ class Cluster:
     async def _keep_lease(self) -> None:
         """While taking over: tell the lease this replica lives, every lease poll (a lost
         lease is found then too: the next fenced write fails, and the election steps down)."""
-        while await self.lease.still_held():
+        while True:
+            if not await self.lease.still_held():
+                return
             await asyncio.sleep(self.config.lease_poll_s)
 
     async def _become_leader(self, term: int) -> None:
