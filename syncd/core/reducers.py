@@ -151,8 +151,11 @@ class TableHandle(Generic[R]):
         """Replace the row with the same primary key; returns it as stored.
 
         Raises:
-            ConstraintError: no row has that primary key, or a unique value is taken.
+            ConstraintError: no row has that primary key, or a unique value is taken, or this
+                is an event table (its rows are only inserted).
         """
+        if self._tdef.events:
+            return self._tx.update(self._tdef.name, ())  # refused, with the reason
         pk = self._pk(row)
         old = self._state.get(pk)
         if old is None:

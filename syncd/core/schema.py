@@ -153,6 +153,7 @@ class _TableSpec:
     problems: tuple[str, ...]
     renamed_from: str | None = None
     dropped: tuple[str, ...] = ()
+    events: bool = False
 
 
 def table(
@@ -165,6 +166,7 @@ def table(
     merge: MergeRule | None = None,
     renamed_from: str | None = None,
     dropped: Iterable[str] = (),
+    events: bool = False,
 ) -> Any:
     """Declare a table. Use bare (`@table`) or with options (`@table(public=True)`).
 
@@ -203,6 +205,7 @@ def table(
             tuple(problems),
             renamed_from,
             tuple(dropped) if not isinstance(dropped, str) else (),
+            events,
         )
         setattr(klass, _SPEC, spec)
         return klass
@@ -378,6 +381,8 @@ class TableDef:
     renamed_from: str | None = None
     #: Stored columns the module drops on purpose (`table(dropped=...)`).
     dropped: tuple[str, ...] = ()
+    #: An event table (`table(events=True)`): its rows are delivered, never stored.
+    events: bool = False
 
     def __post_init__(self) -> None:
         self.positions.update({c.name: c.position for c in self.columns})
@@ -435,6 +440,7 @@ class TableDef:
         return {
             "name": self.name,
             "public": self.public,
+            "events": self.events,
             "primary_key": self.pk_column.name,
             "auto_inc": self.auto_inc,
             "columns": [{"name": c.name, "type": c.type.describe()} for c in self.columns],
@@ -754,6 +760,10 @@ def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> T
         isinstance(spec.renamed_from, str) and _IDENT.match(spec.renamed_from)
     ):
         problems.append(f"{where}: renamed_from= must be a table name, not {spec.renamed_from!r}")
+    if not isinstance(spec.events, bool):
+        problems.append(f"{where}: events= must be True or False, not {spec.events!r}")
+    elif spec.events and any(c.merge is not None for c in columns):
+        problems.append(f"{where}: merge= is not for an event table (its rows are never stored)")
     if len(problems) > start:
         return None
     return TableDef(
@@ -767,6 +777,7 @@ def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> T
         visible=spec.visible,
         renamed_from=spec.renamed_from,
         dropped=spec.dropped,
+        events=spec.events,
     )
 
 

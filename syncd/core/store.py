@@ -357,6 +357,14 @@ class Store:
             )
         for name, rows in changes.tables.items():
             state = self.tables[name]
+            if state.tdef.events:
+                # Delivered, never stored; an auto_inc counter still moves past the ids used,
+                # so ids stay unique over recoveries and on a replica that becomes leader.
+                if state.tdef.auto_inc:
+                    for pk in rows:
+                        if pk >= state.next_id:
+                            state.next_id = pk + 1
+                continue
             for pk, (old, new) in rows.items():
                 current = state.rows.get(pk)
                 if current != old:
@@ -454,6 +462,7 @@ class Transaction:
         """
         self._check_open()
         state = self._state(table)
+        _refuse_event(state, "updated")
         pk = state.pk_of(row)
         if pk not in state.rows:
             raise ConstraintError(f"{table}: no row with primary key {pk!r} to update")
@@ -464,6 +473,7 @@ class Transaction:
         """Delete by primary key. Returns False if there was no such row."""
         self._check_open()
         state = self._state(table)
+        _refuse_event(state, "deleted")
         if pk not in state.rows:
             return False
         self._write(state, pk, None)
@@ -478,6 +488,7 @@ class Transaction:
         """
         self._check_open()
         state = self._state(table)
+        _refuse_event(state, "merged into")
         col = state.tdef.column(column)
         if col is None or not isinstance(col.type, CrdtType):
             raise ConstraintError(f"{table}.{column} is not a CRDT column")
@@ -513,6 +524,13 @@ class Transaction:
             # in what they encode (True and 1): `identical` decides.
             if old != new or not identical(old, new):
                 changes.setdefault(table, {})[pk] = (old, new)
+        for table in changes:
+            state = self.store.tables[table]
+            if state.tdef.events:
+                # Delivered with the change set, never kept: the store drops them (no undo:
+                # the transaction is over; the auto_inc counter stays where it moved).
+                for pk in changes[table]:
+                    state.put(pk, state.rows[pk], None)
         self._close()
         return ChangeSet(changes)
 
@@ -540,3 +558,10 @@ class Transaction:
     def _check_open(self) -> None:
         if not self.open:
             raise RuntimeError("transaction is closed")
+
+
+def _refuse_event(state: TableState, what: str) -> None:
+    if state.tdef.events:
+        raise ConstraintError(
+            f"{state.tdef.name} is an event table: its rows are only inserted, never {what}"
+        )

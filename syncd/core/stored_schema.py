@@ -28,7 +28,8 @@ automatic in three ways (docs/operations.md, "Changing a module"):
 
 - automatic: adding a table; adding a column that has a default (at any position); moving a
   column; changing a default (only new rows see it); adding or dropping a non-unique index;
-  public <-> private; changing a visibility, merge or presence rule; widening a type so that
+  public <-> private; changing a visibility, merge or presence rule; an event table made a
+  stored one (`table(events=...)`: it has no rows); widening a type so that
   every stored value stays valid (`T -> T | None`, a new enum member, the same inside `LWW[...]`);
   adding, removing or changing reducers; a hinted rename or drop; a pending row function;
 - automatic if the data allows (`Plan.checks`, run by the server against the recovered rows
@@ -36,7 +37,8 @@ automatic in three ways (docs/operations.md, "Changing a module"):
   (`T | None -> T`, an enum member removed) when no stored value is outside the new type;
 - refused: dropping or renaming a table or column without a hint; adding a column without a
   default, or changing or narrowing a type (of a CRDT column) without a row function; changing
-  the primary key or auto_inc; a hint that names nothing stored or clashes.
+  the primary key or auto_inc; making a stored table an event table (its rows would be lost:
+  drop it first); a hint that names nothing stored or clashes.
 
 The result of an automatic plan is the next stored version. Rows written under any earlier
 version convert to it with `SchemaHistory.reader`: each current column takes the stored cell of
@@ -143,6 +145,8 @@ class StoredTable(msgspec.Struct, frozen=True, kw_only=True):
     #: The id the next added column gets (ids of dropped columns are never reused).
     next_column_id: int
     id: int = 0
+    #: An event table (`table(events=True)`): it stores no rows.
+    events: bool = False
 
     def column(self, name: str) -> StoredColumn | None:
         for c in self.columns:
@@ -399,6 +403,7 @@ def _table(
         visible=tdef.visible,
         next_column_id=next_id,
         id=table_id,
+        events=tdef.events,
     )
 
 
@@ -753,7 +758,13 @@ def _stored_changes(old: StoredTable, new: StoredTable) -> list[Change]:
         out.append(Change(f"{where}: made {'public' if new.public else 'private'}", True))
     if old.visible != new.visible:
         out.append(Change(f"{where}: visibility rule changed", True))
+    if old.events != new.events:
+        out.append(Change(f"{where}: {_events_text(new.events)}", True))
     return out
+
+
+def _events_text(events: bool) -> str:
+    return "made an event table" if events else "made a stored table (it had no rows)"
 
 
 def _type_text(t: dict[str, Any]) -> str:
@@ -999,6 +1010,18 @@ def _table_changes(
         )
     if old.visible != new.visible:
         out.append(Change(f"{where}: visibility rule changed", True))
+    if old.events != tdef.events and tdef.events:
+        out.append(
+            Change(
+                f"{where}: {_events_text(True)}",
+                False,
+                "an event table stores no rows, so its stored rows would be lost; drop it "
+                f"first (syncd.drop_table({old.name!r}), start once), then declare the event "
+                "table",
+            )
+        )
+    elif old.events != tdef.events:
+        out.append(Change(f"{where}: {_events_text(False)}", True))
     return out, checks, layout
 
 
