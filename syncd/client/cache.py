@@ -16,6 +16,10 @@ columns and the first column of every declared index, as in the TypeScript clien
 with every row that enters, changes or leaves, so `TableCache.find` by a unique column and
 `TableCache.filter` by an indexed one cost a dict lookup, not a scan.
 
+Rows of an event table (`TableInfo.events`) are never cached: each one a delta inserts (or,
+on a resume, sends) fires `on_insert` once, after the transaction's other callbacks, and the
+table stays empty.
+
 This module does no I/O and never awaits; `connection.py` feeds it decoded deltas.
 """
 
@@ -195,7 +199,8 @@ class TableCache:
         return pk in self._rows
 
     def on_insert(self, callback: InsertCallback) -> CallbackHandle[InsertCallback]:
-        """Call ``callback(row)`` after a row enters the cache.
+        """Call ``callback(row)`` after a row enters the cache (for an event table: for each
+        event row delivered, which the cache does not keep).
 
         Callbacks run on the event loop, after the whole transaction (or resume) is applied,
         so the cache already holds the new state. An exception in a callback is logged, never
@@ -303,6 +308,8 @@ class RowCache:
         # (table, pk) -> the row before the open transaction touched it (None: absent).
         self._before: dict[tuple[TableCache, Any], Row | None] = {}
         self._on_commit: list[Callable[[], object]] = []
+        # Event rows delivered in the open transaction, in order: fired, never kept.
+        self._events: list[tuple[TableCache, Row]] = []
 
     def set_tables(self, tables: Iterable[TableInfo]) -> None:
         """The server's schema changed (a migration): new tables get a cache, existing ones
@@ -350,9 +357,12 @@ class RowCache:
         if self._depth:
             return
         before, self._before = self._before, {}
+        events, self._events = self._events, []
         for (table, pk), old in before.items():
             table._fire(old, table._rows.get(pk))
-        if before:
+        for table, row in events:
+            table._fire(None, row)
+        if before or events:
             for callback in list(self._on_commit):
                 _safely(callback)
 
@@ -433,6 +443,9 @@ class RowCache:
         """Query `holder` now returns `rows` (inserted or updated), besides what it held."""
         with self.transaction():
             h = self._holder(holder, table)
+            if h.table.info.events:
+                self._events.extend((h.table, row) for row in rows)
+                return
             pk_name = h.table.info.primary_key
             for row in rows:
                 self._add(h, row[pk_name], row)
@@ -455,6 +468,9 @@ class RowCache:
         """
         with self.transaction():
             h = self._holder(holder, table)
+            if h.table.info.events:
+                self._events.extend((h.table, row) for row in rows)
+                return
             pk_name = h.table.info.primary_key
             previous = set(h.keys)
             for row in rows:

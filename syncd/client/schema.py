@@ -101,6 +101,7 @@ class TableInfo:
             index (hash or ordered, unique or not), as in the TypeScript client.
         column_types: each column's type as ``/v1/schema`` describes it (``{"kind": ...}``),
             in `columns` order; empty when unknown (lookups then check no types).
+        events: an event table: its rows are delivered to `on_insert`, never cached.
     """
 
     name: str
@@ -130,6 +131,7 @@ class TableInfo:
                 f"{self.name} has no column {column!r} (columns: {', '.join(self.columns)})"
             ) from None
         return self.column_types[position] if position < len(self.column_types) else None
+    events: bool = False
 
     @property
     def pk_is_bytes(self) -> bool:
@@ -264,6 +266,7 @@ class ClientSchema:
                     unique_columns=frozenset(unique),
                     indexed_columns=frozenset(indexed),
                     column_types=tuple(c.get("type") for c in table["columns"]),
+                    events=table.get("events") is True,
                 )
             reducers = {
                 str(r["name"]): ReducerInfo(

@@ -1205,6 +1205,12 @@ class _Compiler:
                 on,
             )
         mine, theirs = (left, right) if left.side == 0 else (right, left)
+        if other.events:
+            raise self.fail(
+                f"{other.name} is an event table: its rows are never stored, so a join to it "
+                f"finds none (select from {other.name} itself)",
+                node,
+            )
         for col, tdef in ((mine, result), (theirs, other)):
             if not _serves_lookup(tdef, col.name):
                 raise self.fail(

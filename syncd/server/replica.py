@@ -658,7 +658,21 @@ class Replica:
         on the state then, join partners included), so a resuming client learns nothing
         about rows its queries never selected: not even, for a table visible through a
         semijoin (kled's workspaces), which of them changed while it was away.
+
+        For an event table (never stored): its rows in `txs` the query selects, as inserts.
         """
+        tdef = self.schema.tables[query.table]
+        if tdef.events:
+            # Never stored, so nothing is current: each event row the query selects is sent as
+            # an insert, in transaction order (visibility as it is now).
+            view = StoreView(self.store)
+            inserts = [
+                tdef.visible_row(new)
+                for tx in txs
+                for _old, new in tx.changes.tables.get(query.table, {}).values()
+                if new is not None and query.contains(new, view)
+            ]
+            return QueryUpdate(query.table, inserts=inserts)
         state = self.store.tables[query.table]
         join = query.join
         # table -> pk -> (row at the cursor, row now), for the tables the query reads

@@ -154,3 +154,12 @@ def test_the_stored_schema_records_events_and_plan_classifies_changes() -> None:
         "  + table ping: made a stored table (it had no rows)"
     ]
     assert plan(events, module(EVENTS, "ev_events")).kind == "identical"
+
+
+def test_a_join_to_an_event_table_is_refused() -> None:
+    from syncd.core.query import compile_query
+
+    with pytest.raises(syncd.SubscriptionError, match="typing is an event table"):
+        compile_query("SELECT member.* FROM member JOIN typing ON member.room = typing.room", SCHEMA)
+    # The event table itself, joined to a stored table, is fine (its visibility rule does it).
+    compile_query("SELECT typing.* FROM typing JOIN member ON typing.room = member.room", SCHEMA)
