@@ -115,6 +115,8 @@ export class TableState<R extends object = Row> implements TableCache<R> {
   readonly deleted = new Listeners<[R]>();
   // Rows as they were before the message being applied, for the keys it touched.
   private before: Map<string, R | undefined> | null = null;
+  // Event rows the message being applied delivered, in order: fired, never kept.
+  private events: R[] = [];
 
   constructor(info: TableInfo) {
     this.info = info;
@@ -212,6 +214,12 @@ export class TableState<R extends object = Row> implements TableCache<R> {
     this.index(key, value);
   }
 
+  /** An event row: `onInsert` fires for it at the end of the batch; it is not stored. */
+  event(row: R): void {
+    if (this.before === null) throw new Error("cache mutated outside a batch");
+    this.events.push(row);
+  }
+
   addRef(key: string): void {
     this.refs.set(key, (this.refs.get(key) ?? 0) + 1);
   }
@@ -266,6 +274,8 @@ export class TableState<R extends object = Row> implements TableCache<R> {
       else if (old !== undefined && now === undefined) calls.push(() => this.deleted.emit(report, old));
       else if (old !== undefined && now !== undefined) calls.push(() => this.updated.emit(report, old, now));
     }
+    for (const row of this.events) calls.push(() => this.inserted.emit(report, row));
+    this.events = [];
     return calls;
   }
 }
@@ -357,6 +367,10 @@ export class ClientCache {
   /** Apply a `QueryUpdate` to `(s, i)`: deletes, then inserts, then updates (§7). */
   applyUpdate(querySetId: number, queryIndex: number, update: QueryUpdate, base64Bytes: boolean): void {
     const table = this.table(update.table);
+    if (table.info.events) {
+      this.deliver(table, update, base64Bytes);
+      return;
+    }
     const ks = this.keySet(querySetId, queryIndex, table);
     for (const pk of update.deletes) {
       const key = keyOf(table.info.pk(pk, base64Bytes));
@@ -382,6 +396,10 @@ export class ClientCache {
    */
   replace(querySetId: number, queryIndex: number, update: QueryUpdate, base64Bytes: boolean): void {
     const table = this.table(update.table);
+    if (table.info.events) {
+      this.deliver(table, update, base64Bytes);
+      return;
+    }
     const ks = this.keySet(querySetId, queryIndex, table);
     const fresh = new Set<string>();
     for (const wire of [...update.inserts, ...update.updates]) {
@@ -395,6 +413,11 @@ export class ClientCache {
       if (!fresh.has(key)) table.release(key);
     }
     ks.keys = fresh;
+  }
+
+  /** The rows of an event table's update: each fires `onInsert`, none is kept (no key set). */
+  private deliver(table: TableState, update: QueryUpdate, base64Bytes: boolean): void {
+    for (const wire of [...update.inserts, ...update.updates]) table.event(table.info.row(wire, base64Bytes));
   }
 
   /** Drop query indexes at or past `queryCount` of a set (a snapshot with fewer queries). */

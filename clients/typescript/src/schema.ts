@@ -28,6 +28,8 @@ export interface IndexSchema {
 export interface TableSchema {
   name: string;
   public: boolean;
+  /** An event table: its rows are delivered (to `onInsert`), never cached. Absent: false. */
+  events?: boolean;
   primary_key: string;
   auto_inc: boolean;
   columns: ColumnSchema[];
@@ -83,9 +85,12 @@ export class TableInfo {
    * multi-column index is kept as an index on its first column, which `filter` narrows further.
    */
   readonly indexedColumns: ReadonlySet<string>;
+  /** An event table: each delivered row fires `onInsert` once; the cache never keeps one. */
+  readonly events: boolean;
 
   constructor(table: TableSchema) {
     this.name = table.name;
+    this.events = table.events === true;
     this.columns = table.columns.map((c) => c.name);
     this.primaryKey = table.primary_key;
     this.pkPosition = this.columns.indexOf(table.primary_key);
