@@ -47,7 +47,7 @@ def test_event_rows_are_in_the_change_set_and_not_in_the_store() -> None:
     store = Store(SCHEMA)
     changes, value = call(store, "typing", "r1")
     assert value == 1  # the reducer found its own row inside the transaction
-    (pk, (old, new)), = changes.tables["typing"].items()
+    ((pk, (old, new)),) = changes.tables["typing"].items()
     assert pk == 1 and old is None and new is not None and new[1] == "r1"
     assert list(changes.tables["notice"].values())[0][1] is not None
     assert len(store.tables["typing"]) == 0 and len(store.tables["notice"]) == 0
@@ -160,6 +160,8 @@ def test_a_join_to_an_event_table_is_refused() -> None:
     from syncd.core.query import compile_query
 
     with pytest.raises(syncd.SubscriptionError, match="typing is an event table"):
-        compile_query("SELECT member.* FROM member JOIN typing ON member.room = typing.room", SCHEMA)
+        compile_query(
+            "SELECT member.* FROM member JOIN typing ON member.room = typing.room", SCHEMA
+        )
     # The event table itself, joined to a stored table, is fine (its visibility rule does it).
     compile_query("SELECT typing.* FROM typing JOIN member ON typing.room = member.room", SCHEMA)

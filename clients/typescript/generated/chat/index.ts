@@ -18,6 +18,7 @@ export const schema: SchemaJson = {
     {
       "name": "user",
       "public": true,
+      "events": false,
       "primary_key": "identity",
       "auto_inc": false,
       "columns": [
@@ -33,6 +34,7 @@ export const schema: SchemaJson = {
     {
       "name": "message",
       "public": true,
+      "events": false,
       "primary_key": "id",
       "auto_inc": true,
       "columns": [
@@ -59,6 +61,7 @@ export const schema: SchemaJson = {
     {
       "name": "syncd_connection",
       "public": true,
+      "events": false,
       "primary_key": "connection_id",
       "auto_inc": false,
       "columns": [

@@ -18,6 +18,7 @@ export const schema: SchemaJson = {
     {
       "name": "workspace",
       "public": true,
+      "events": false,
       "primary_key": "id",
       "auto_inc": true,
       "columns": [
@@ -43,6 +44,7 @@ export const schema: SchemaJson = {
     {
       "name": "member",
       "public": true,
+      "events": false,
       "primary_key": "id",
       "auto_inc": true,
       "columns": [
@@ -83,6 +85,7 @@ export const schema: SchemaJson = {
     {
       "name": "preference",
       "public": true,
+      "events": false,
       "primary_key": "id",
       "auto_inc": true,
       "columns": [
@@ -112,6 +115,7 @@ export const schema: SchemaJson = {
     {
       "name": "device",
       "public": true,
+      "events": false,
       "primary_key": "id",
       "auto_inc": false,
       "columns": [
@@ -139,6 +143,7 @@ export const schema: SchemaJson = {
     {
       "name": "app_state",
       "public": true,
+      "events": false,
       "primary_key": "id",
       "auto_inc": true,
       "columns": [
@@ -191,6 +196,7 @@ export const schema: SchemaJson = {
     {
       "name": "syncd_connection",
       "public": true,
+      "events": false,
       "primary_key": "connection_id",
       "auto_inc": false,
       "columns": [
