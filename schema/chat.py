@@ -1,7 +1,8 @@
 """Chat: the quickstart module (the SpacetimeDB quickstart chat, on syncd).
 
 Users are created or marked online when they connect, offline when they leave; anyone connected
-can set a name and send messages.
+can set a name and send messages, and say they are typing (an event: delivered to everyone
+subscribed to `typing`, never stored).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ class Message:
     text: str
 
 
+@syncd.table(public=True, events=True)
+class Typing:
+    id: int = syncd.primary_key(auto_inc=True)
+    sender: Identity
+    at: Timestamp
+
+
 @syncd.reducer
 def set_name(ctx: ReducerContext, name: str) -> None:
     """Set the caller's display name."""
@@ -51,6 +59,12 @@ def send_message(ctx: ReducerContext, text: str) -> None:
     if len(text) > MAX_TEXT:
         raise syncd.ReducerError(f"messages are at most {MAX_TEXT} characters")
     ctx.db.message.insert(Message(sender=ctx.sender, sent=ctx.timestamp, text=text))
+
+
+@syncd.reducer
+def typing(ctx: ReducerContext) -> None:
+    """Tell the subscribers of `typing` that the caller is typing (not stored)."""
+    ctx.db.typing.insert(Typing(sender=ctx.sender, at=ctx.timestamp))
 
 
 @syncd.reducer(lifecycle="client_connected")

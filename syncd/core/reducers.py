@@ -155,7 +155,7 @@ class TableHandle(Generic[R]):
                 is an event table (its rows are only inserted).
         """
         if self._tdef.events:
-            return self._tx.update(self._tdef.name, ())  # refused, with the reason
+            self._tx.update(self._tdef.name, ())  # refused, with the reason
         pk = self._pk(row)
         old = self._state.get(pk)
         if old is None:

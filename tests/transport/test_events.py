@@ -189,3 +189,13 @@ async def test_a_restart_keeps_no_event_rows_and_ids_stay_unique(tmp_path: Path)
             await ok(client, "seen_events")
     finally:
         shutdown(server)
+
+
+async def test_chat_typing_is_delivered_and_not_stored(chat: ServerProcess) -> None:
+    async with await WireClient.open(chat) as sender, await WireClient.open(chat) as reader:
+        applied = await reader.subscribe(["SELECT * FROM typing"], query_set_id=1)
+        assert isinstance(applied, SubscribeApplied) and applied.queries[0].inserts == []
+        typed = await ok(sender, "typing")
+        await reached(reader, typed.offset)
+        assert [r[1] for r in inserts(reader, "typing")] == [sender.identity]
+    assert await sql(chat, "SELECT * FROM typing") == []

@@ -59,6 +59,19 @@ export const schema: SchemaJson = {
       ]
     },
     {
+      "name": "typing",
+      "public": true,
+      "events": true,
+      "primary_key": "id",
+      "auto_inc": true,
+      "columns": [
+        {"name": "id", "type": {"kind": "i64"}},
+        {"name": "sender", "type": {"kind": "identity"}},
+        {"name": "at", "type": {"kind": "timestamp"}}
+      ],
+      "indexes": []
+    },
+    {
       "name": "syncd_connection",
       "public": true,
       "events": false,
@@ -96,7 +109,8 @@ export const schema: SchemaJson = {
       "lifecycle": null,
       "roles": null,
       "params": [{"name": "text", "type": {"kind": "string"}, "optional": false}]
-    }
+    },
+    {"name": "typing", "lifecycle": null, "roles": null, "params": []}
   ]
 };
 
@@ -209,6 +223,55 @@ export class MessageTable {
   }
 }
 
+/** A row of table `typing` (primary key `id`). */
+export interface Typing {
+  readonly id: number;
+  readonly sender: string;
+  readonly at: number;
+}
+
+/** Typed access to the cached rows of table `typing`. */
+export class TypingTable {
+  /** The table's name in SQL and on the wire. */
+  static readonly tableName = "typing";
+  /** The runtime's untyped cache of this table. */
+  readonly cache: TableCache<Typing>;
+
+  constructor(cache: TableCache<Typing>) {
+    this.cache = cache;
+  }
+
+  /** Every cached row. */
+  rows(): Typing[] {
+    return this.cache.rows();
+  }
+
+  /** How many rows are cached. */
+  count(): number {
+    return this.cache.count();
+  }
+
+  /** The cached row whose primary key `id` equals `id`. */
+  findById(id: number): Typing | undefined {
+    return this.cache.find("id", id);
+  }
+
+  /** Call `cb` for each row inserted into the cache; returns a stopper. */
+  onInsert(cb: (row: Typing) => void): () => void {
+    return this.cache.onInsert(cb);
+  }
+
+  /** Call `cb` for each cached row replaced by a new version; returns a stopper. */
+  onUpdate(cb: (oldRow: Typing, newRow: Typing) => void): () => void {
+    return this.cache.onUpdate(cb);
+  }
+
+  /** Call `cb` for each row removed from the cache; returns a stopper. */
+  onDelete(cb: (row: Typing) => void): () => void {
+    return this.cache.onDelete(cb);
+  }
+}
+
 /** A row of table `syncd_connection` (primary key `connection_id`). */
 export interface SyncdConnection {
   readonly connection_id: string;
@@ -269,11 +332,13 @@ export class SyncdConnectionTable {
 export class Db {
   readonly user: UserTable;
   readonly message: MessageTable;
+  readonly typing: TypingTable;
   readonly syncdConnection: SyncdConnectionTable;
 
   constructor(client: SyncdClient) {
     this.user = new UserTable(client.table<User>("user"));
     this.message = new MessageTable(client.table<Message>("message"));
+    this.typing = new TypingTable(client.table<Typing>("typing"));
     this.syncdConnection = new SyncdConnectionTable(
       client.table<SyncdConnection>("syncd_connection"),
     );
@@ -282,7 +347,12 @@ export class Db {
 
 /** One `SELECT *` per public table, for `client.subscribe(...)`. */
 export function allTablesQueries(): string[] {
-  return ["SELECT * FROM user", "SELECT * FROM message", "SELECT * FROM syncd_connection"];
+  return [
+    "SELECT * FROM user",
+    "SELECT * FROM message",
+    "SELECT * FROM typing",
+    "SELECT * FROM syncd_connection",
+  ];
 }
 
 /** The module's client-callable reducers; arguments go positionally on the wire. */
@@ -310,6 +380,15 @@ export class Reducers {
    */
   async sendMessage(text: string, options?: CallOptions): Promise<CallResult> {
     return this.client.call("send_message", [text], options);
+  }
+
+  /**
+   * Tell the subscribers of `typing` that the caller is typing (not stored).
+   *
+   * Calls reducer `typing`; resolves once its transaction is durable.
+   */
+  async typing(options?: CallOptions): Promise<CallResult> {
+    return this.client.call("typing", [], options);
   }
 }
 
