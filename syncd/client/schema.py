@@ -112,6 +112,7 @@ class TableInfo:
     unique_columns: frozenset[str] = frozenset()
     indexed_columns: frozenset[str] = frozenset()
     column_types: tuple[Any, ...] = field(default=(), compare=False)
+    events: bool = False
 
     def __post_init__(self) -> None:
         # The primary key is always unique and indexed (by the row dict itself).
@@ -131,7 +132,6 @@ class TableInfo:
                 f"{self.name} has no column {column!r} (columns: {', '.join(self.columns)})"
             ) from None
         return self.column_types[position] if position < len(self.column_types) else None
-    events: bool = False
 
     @property
     def pk_is_bytes(self) -> bool:
