@@ -224,7 +224,7 @@ def test_example_modules_load() -> None:
     import schema.chat
     import schema.kled
 
-    assert set(load_schema(schema.chat).tables) == {"user", "message"}
+    assert set(load_schema(schema.chat).tables) == {"user", "message", "typing"}
     assert set(load_schema(schema.kled).tables) == {
         "workspace", "member", "preference", "device", "app_state",
     }  # fmt: skip
