@@ -16,6 +16,7 @@ import msgspec
 
 from syncd.core.hlc import Stamp
 from syncd.core.ids import ConnectionId, Identity, Timestamp
+from syncd.core.schedule import check_row as check_schedule_row
 from syncd.core.schema import NO_DEFAULT, ReducerDef, Schema, TableDef
 from syncd.core.store import ChangeSet, OrderedIndex, Row, Store, TableState, Transaction
 from syncd.core.values import CrdtType, RangeError
@@ -127,7 +128,10 @@ class TableHandle(Generic[R]):
                     values.append(ctype.check(value))
             except ValueError as exc:
                 raise ConstraintError(f"{tdef.name}.{col.name}: {exc}") from None
-        return tuple(values)
+        row = tuple(values)
+        if tdef.schedule is not None:
+            check_schedule_row(tdef, row)  # a row the scheduler could not run is refused
+        return row
 
     def _pk(self, value: Any) -> Any:
         col = self._tdef.pk_column

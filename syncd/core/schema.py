@@ -21,10 +21,14 @@ from syncd.core.values import ColumnType, CrdtType, OptionalType, column_type_fo
 from syncd.errors import SchemaError
 
 if TYPE_CHECKING:
+    from syncd.core.schedule import ScheduleDef
     from syncd.core.stored_schema import SchemaHistory
 
 IndexKind = Literal["hash", "ordered"]
 Lifecycle = Literal["init", "client_connected", "client_disconnected"]
+#: A reducer's kind when the server calls it: a lifecycle, or "scheduled" (named by a schedule
+#: table, `table(scheduled=...)`); None for reducers clients call.
+ReducerKind = Literal["init", "client_connected", "client_disconnected", "scheduled"]
 
 #: A merge rule: an SQL rule (like a visibility rule), a Python check called with a
 #: `MergeContext` (`syncd.core.access`), or False for "reducers only" (overrides a table default).
@@ -154,6 +158,8 @@ class _TableSpec:
     renamed_from: str | None = None
     dropped: tuple[str, ...] = ()
     events: bool = False
+    scheduled: str | None = None
+    catch_up: str = "once"
 
 
 def table(
@@ -167,6 +173,8 @@ def table(
     renamed_from: str | None = None,
     dropped: Iterable[str] = (),
     events: bool = False,
+    scheduled: str | None = None,
+    catch_up: Literal["once", "skip"] = "once",
 ) -> Any:
     """Declare a table. Use bare (`@table`) or with options (`@table(public=True)`).
 
@@ -184,6 +192,11 @@ def table(
         dropped: columns of the stored table this module drops on purpose (their values are
             lost; a column id is never reused). Harmless once recorded; a dropped name may
             be declared again only after the drop was recorded (then it is a new column).
+        scheduled: makes it a schedule table: the server runs this reducer when a row falls
+            due (`next_at`, µs; `every_us` or `cron` to repeat), with the row as its argument
+            (`syncd.core.schedule`; docs/operations.md, "Scheduled reducers").
+        catch_up: for repeating rows, what runs of due times missed while no leader ran do:
+            "once" (run the earliest, then continue from now) or "skip" (run none).
 
     The class becomes a keyword-only dataclass, so rows are built as `Message(text="hi")`.
     """
@@ -206,6 +219,8 @@ def table(
             renamed_from,
             tuple(dropped) if not isinstance(dropped, str) else (),
             events,
+            scheduled,
+            catch_up,
         )
         setattr(klass, _SPEC, spec)
         return klass
@@ -383,6 +398,8 @@ class TableDef:
     dropped: tuple[str, ...] = ()
     #: An event table (`table(events=True)`): its rows are delivered, never stored.
     events: bool = False
+    #: When its rows run a reducer (`table(scheduled=...)`); None: an ordinary table.
+    schedule: ScheduleDef | None = None
 
     def __post_init__(self) -> None:
         self.positions.update({c.name: c.position for c in self.columns})
@@ -467,11 +484,13 @@ class ReducerDef:
     name: str
     fn: Callable[..., Any]
     params: tuple[ParamDef, ...]
-    lifecycle: Lifecycle | None
+    lifecycle: ReducerKind | None
     roles: frozenset[str] | None
     #: The declared return type (its annotation); None: the reducer returns no value (`-> None`
     #: or no annotation), and whatever it returns is dropped.
     returns: ColumnType | None = None
+    #: The table class of its row argument (a scheduled reducer's `job: Table`); None: none.
+    row_of: type | None = None
 
     @property
     def callable_by_clients(self) -> bool:
@@ -643,6 +662,12 @@ def load_schema(module: ModuleType | dict[str, Any], *, name: str = "") -> Schem
     for t in tables.values():
         if t.renamed_from is not None and t.renamed_from in dropped_tables:
             problems.append(f"table {t.name}: renamed_from {t.renamed_from!r}, which is dropped")
+    if any(t.schedule is not None for t in tables.values()) or any(
+        r.row_of is not None for r in reducers.values()
+    ):
+        from syncd.core.schedule import check_reducers
+
+        check_reducers(tables, reducers, problems)
     if problems:
         raise SchemaError(problems)
     chosen = presences[0].visible if presences else None
@@ -766,7 +791,7 @@ def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> T
         problems.append(f"{where}: merge= is not for an event table (its rows are never stored)")
     if len(problems) > start:
         return None
-    return TableDef(
+    tdef = TableDef(
         name=name,
         cls=cls,
         columns=tuple(columns),
@@ -779,6 +804,14 @@ def _check_table(cls: type, namespace: dict[str, Any], problems: list[str]) -> T
         dropped=spec.dropped,
         events=spec.events,
     )
+    if spec.scheduled is None:
+        return tdef
+    from syncd.core.schedule import check_table
+
+    schedule = check_table(tdef, spec.scheduled, spec.catch_up, problems)
+    if len(problems) > start:
+        return None
+    return dataclasses.replace(tdef, schedule=schedule, positions={})
 
 
 def _merge_rule(
@@ -846,12 +879,20 @@ def _check_reducer(
         problems.append(f"{where}: the first parameter must be the context (ctx)")
         return None
     params: list[ParamDef] = []
+    row_of: type | None = None
     for p in plist[1:]:
         if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY, p.KEYWORD_ONLY):
             problems.append(f"{where}: *args and **kwargs are not supported ({p.name})")
             continue
         if p.name not in hints:
             problems.append(f"{where}: argument {p.name!r} needs a type annotation")
+            continue
+        hint = hints[p.name]
+        if isinstance(hint, type) and isinstance(hint.__dict__.get(_SPEC), _TableSpec):
+            # A scheduled reducer's row (checked with the schedule tables, `load_schema`).
+            if row_of is not None or params or len(plist) > 2:
+                problems.append(f"{where}: a row argument ({p.name}) must be the only one")
+            row_of = hint
             continue
         try:
             ptype = column_type_for(hints[p.name])
@@ -874,7 +915,7 @@ def _check_reducer(
     if len(problems) > start:
         return None
     lifecycle = typing.cast(Lifecycle | None, spec.lifecycle)
-    return ReducerDef(name, fn, tuple(params), lifecycle, spec.roles, returns)
+    return ReducerDef(name, fn, tuple(params), lifecycle, spec.roles, returns, row_of)
 
 
 def _return_type(where: str, hints: dict[str, Any], problems: list[str]) -> ColumnType | None:

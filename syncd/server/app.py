@@ -346,6 +346,7 @@ class Server:
         fresh = leader_store.offset == 0 and await journal.latest_snapshot() is None
         if fresh:
             await leader.run_init(SERVER_IDENTITY)
+        leader.start_scheduler(SERVER_IDENTITY)
         # Connections open when the process last stopped never got client_disconnected.
         for connection_id in list(leader_store.tables[CONNECTION_TABLE].rows):
             outcome = await (await leader.disconnect(connection_id))
@@ -904,6 +905,16 @@ class Server:
             if leader is not None:
                 gauge("appended_offset", leader.appended, "the last transaction appended")
                 gauge("published_offset", leader.published, "the last transaction published")
+                sched = leader.scheduler
+                if sched is not None:
+                    gauge("scheduled_pending", sched.pending, "rows in schedule tables")
+                    for counter, what in (
+                        ("runs", "scheduled reducer runs committed"),
+                        ("failures", "scheduled runs that failed (rolled back; advanced)"),
+                        ("skipped", "due times skipped by catch_up='skip'"),
+                    ):
+                        value = getattr(sched, counter)
+                        gauge(f"scheduled_{counter}_total", value, what, "counter")
         cluster = self.cluster
         if cluster is not None:
             gauge("lag", cluster.lag, "transactions in the journal not applied here yet")

@@ -299,6 +299,7 @@ class Cluster:
             fresh = head == 0 and await writer.latest_snapshot() is None
             if fresh:
                 await leader.run_init(self._server_identity)
+            leader.start_scheduler(self._server_identity)
         except BaseException:
             await leader.aclose()  # not leading after all: stop its publisher
             raise

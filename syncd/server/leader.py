@@ -23,7 +23,7 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from syncd.core.access import MergePolicy
 from syncd.core.hlc import MAX_DRIFT_MS, HybridClock, Stamp
@@ -53,6 +53,9 @@ from syncd.errors import (
 )
 from syncd.ports import Journal
 from syncd.server.budget import SignalBudget
+
+if TYPE_CHECKING:
+    from syncd.server.scheduler import Scheduler
 
 logger = logging.getLogger("syncd.leader")
 
@@ -201,6 +204,9 @@ class Leader:
         # that runs reducer code under it (None: unbounded).
         self.budget = SignalBudget(reducer_budget_ms)
         self._run_user: RunUser | None = None
+        # Runs the schedule tables' reducers (`start_scheduler`); None: not started, or the
+        # module has no schedule table.
+        self.scheduler: Scheduler | None = None
 
     def start(self) -> None:
         """Start publishing, and bound reducers by the budget (call on the main thread)."""
@@ -208,8 +214,38 @@ class Leader:
             self._run_user = self.budget.run
         self._task = asyncio.get_running_loop().create_task(self._publish_loop(), name="publish")
 
+    def start_scheduler(self, sender: Identity) -> None:
+        """Run the schedule tables' due rows from now on, as `sender` (call after `start`
+        and `run_init`). Nothing to do when the module has no schedule table."""
+        if self.scheduler is None and any(t.schedule for t in self.schema.tables.values()):
+            from syncd.server.scheduler import Scheduler
+
+            self.scheduler = Scheduler(self, sender)
+            self.scheduler.start()
+
+    @property
+    def now_us(self) -> Callable[[], int]:
+        return self._now_us
+
+    @property
+    def run_user(self) -> RunUser | None:
+        """What runs reducer code under the budget (None: unbounded)."""
+        return self._run_user
+
+    def timing(self) -> tuple[Timestamp, Any]:
+        """A transaction's timestamp and HLC stamp (for writers other than calls)."""
+        return self._timing()
+
+    def commit(
+        self, changes: ChangeSet, timestamp: Timestamp, reducer: str, caller: Identity
+    ) -> asyncio.Future[CallOutcome]:
+        """Journal and publish a change set the caller made on `store` (the scheduler)."""
+        return self._finish(changes, timestamp, reducer, caller, None, None)
+
     async def aclose(self) -> None:
         """Stop after publishing what is durable. Pending callers get a BackendError."""
+        if self.scheduler is not None:
+            await self.scheduler.aclose()
         self.budget.uninstall()
         self._run_user = None
         if self._task is not None:
@@ -500,6 +536,8 @@ class Leader:
             return _done(CallOutcome(False, error=exc))
         self.appended = offset
         self.store.offset = offset
+        if self.scheduler is not None:
+            self.scheduler.observe(changes)
         if key is not None:
             small = result is None or len(result) <= RECENT_VALUE_BYTES
             self._keys[key] = (offset, value if small else _IN_JOURNAL)
