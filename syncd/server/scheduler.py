@@ -92,6 +92,7 @@ class Scheduler:
 
     def observe(self, changes: ChangeSet) -> None:
         """Take note of a committed transaction's inserted and moved schedule rows."""
+        pushed = False
         for name, rows in changes.tables.items():
             tdef = self.tables.get(name)
             if tdef is None:
@@ -103,9 +104,14 @@ class Scheduler:
                     continue
                 entry = (new[pos], next(self._seq), name, pk)
                 heappush(self.heap, entry)
+                pushed = True
                 if self.heap[0] is entry:
                     self._wake.set()
-        if len(self.heap) > STALE_SLACK and len(self.heap) > 2 * self.pending + STALE_SLACK:
+        if (
+            pushed
+            and len(self.heap) > STALE_SLACK
+            and len(self.heap) > 2 * self.pending + STALE_SLACK
+        ):
             self.rebuild()
 
     def poke(self) -> None:
