@@ -79,7 +79,7 @@ def check_table(tdef: TableDef, reducer: str, catch_up: Any, problems: list[str]
                 )
         elif col.type.kind not in kinds:
             problems.append(f"{where}.{name}: must be {' or '.join(kinds)}, not {col.type}")
-    if getattr(tdef, "events", False):
+    if tdef.events:
         problems.append(f"{where}: a schedule table can't be an event table (its rows are kept)")
     if any(c.merge is not None for c in tdef.columns):
         problems.append(f"{where}: a schedule table takes no merge rules (only reducers write it)")

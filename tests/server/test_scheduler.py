@@ -246,6 +246,11 @@ class Other:
     id: int = syncd.primary_key()
     next_at: int
 
+@syncd.table(scheduled="merged", events=True)
+class Evented:
+    id: int = syncd.primary_key()
+    next_at: int
+
 @syncd.reducer
 def two_args(ctx: ReducerContext, a: int) -> None: ...
 
@@ -268,6 +273,7 @@ def not_scheduled(ctx: ReducerContext, job: Other) -> None: ...
         "bad_columns.next_at: must be i64 or timestamp",
         "bad_columns.every_us: must be i64",
         "merged: a schedule table takes no merge rules",
+        "evented: a schedule table can't be an event table",
         "takes a NoReducer row, but is scheduled by table other",
         "not_scheduled: takes a Other row, which only a scheduled reducer does",
     ):
