@@ -110,7 +110,7 @@ async def test_restore_at_an_offset_starts_a_new_epoch_there(tmp_path: Path) -> 
         "restored": str(tmp_path / "new"),
         "epoch": 2,
         "offset": last,
-        "rows": {"user": 1, "message": 4, "syncd_connection": 0},
+        "rows": {"user": 1, "message": 4, "typing": 0, "syncd_connection": 0},
         "at": last,
         "ended_connections": 0,
         "schema_version": 1,
