@@ -10,12 +10,14 @@ import logging
 import math
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from syncd.config import AuthConfig, ClusterConfig, Config, Limits
-from syncd.errors import ConfigError, JournalError
+from syncd.errors import ConfigError, SyncdError
+from syncd.persist.pg_errors import check_dsn, explain
 
 _LIMITS = Limits()
 _CLUSTER = ClusterConfig()
@@ -167,9 +169,23 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if config.cluster.redis_url and not config.cluster.postgres_url:
         raise ConfigError("--redis needs --postgres: replicas share the Postgres journal")
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    if config.cluster.postgres_url:
+        check_dsn(config.cluster.postgres_url)
+    _make_data_dir(config.data_dir)
     run(config, log_level=args.log_level)
     return 0
+
+
+def _make_data_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--data {path} is a file, not a directory: give a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the data directory {path}: {exc.strerror} (give a --data this "
+            "user may write)"
+        ) from None
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -186,6 +202,7 @@ def _migrate(args: argparse.Namespace) -> int:
         "now_us": time.time_ns() // 1000,
     }
     if args.postgres:
+        check_dsn(args.postgres)
         report = asyncio.run(migrate_postgres(schema, args.postgres, **options))
     else:
         report = asyncio.run(migrate(schema, Path(args.data), **options))
@@ -345,6 +362,42 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _iso(seconds: float | None) -> str | None:
+    """Unix seconds as ISO 8601 in UTC, e.g. 2026-11-28T12:00:00+00:00."""
+    if seconds is None:
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(seconds, tz=UTC).isoformat(timespec="seconds")
+
+
+def _keys_store(args: argparse.Namespace) -> tuple[str | None, Path | None]:
+    """(DSN, None) or (None, data directory): `--data`/`--postgres` given before or after the
+    action; neither: SYNCD_POSTGRES_URL, else SYNCD_DATA, else ./syncd-data."""
+    data = getattr(args, "data", None)
+    dsn = getattr(args, "postgres", None)
+    if data is not None and dsn is not None:
+        raise ConfigError(
+            "give --data (the keys of one server's data directory) or --postgres (those of "
+            "replicas sharing a database), not both"
+        )
+    if data is None and dsn is None:
+        dsn = os.environ.get("SYNCD_POSTGRES_URL") or None
+        if dsn is None:
+            data = os.environ.get("SYNCD_DATA", "syncd-data")
+    if dsn is not None:
+        check_dsn(dsn)
+        return dsn, None
+    assert data is not None
+    path = Path(data)
+    if not path.is_dir():
+        raise ConfigError(
+            f"no data directory {path}: give the --data of a server (`syncd serve` creates it), "
+            "or --postgres DSN for replicas"
+        )
+    return None, path
+
+
 def _keys(args: argparse.Namespace) -> int:
     from syncd.auth.apikey import ApiKey, ApiKeys, PostgresApiKeys
 
@@ -355,13 +408,14 @@ def _keys(args: argparse.Namespace) -> int:
                 "name": key.name,
                 "role": key.role,
                 "identity": key.identity,
-                "created_at": key.created_at,
-                "revoked_at": key.revoked_at,
+                "created_at": _iso(key.created_at),
+                "revoked_at": _iso(key.revoked_at),
             }
         )
 
-    if args.postgres:
-        shared = PostgresApiKeys(args.postgres)
+    dsn, data = _keys_store(args)
+    if dsn is not None:
+        shared = PostgresApiKeys(dsn)
 
         async def run(command: str) -> Any:
             try:
@@ -374,9 +428,18 @@ def _keys(args: argparse.Namespace) -> int:
                 await shared.aclose()
 
         def act(command: str) -> Any:
-            return asyncio.run(run(command))
+            try:
+                return asyncio.run(run(command))
+            except SyncdError:
+                raise
+            except Exception as exc:
+                explained = explain(exc, dsn)
+                if explained is None:
+                    raise
+                raise ConfigError(f"cannot reach the API keys: {explained}") from exc
     else:
-        local = ApiKeys(Path(args.data))
+        assert data is not None
+        local = ApiKeys(data)
 
         def act(command: str) -> Any:
             if command == "create":
@@ -407,6 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="syncd",
         description="syncd: a real-time state sync server (tables, reducers, SQL subscriptions).",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=os.environ.get("SYNCD_DEBUG", "") not in ("", "0"),
+        help="print the Python traceback of an error too (env SYNCD_DEBUG=1); without it an "
+        "error is one or two lines saying what is wrong and what to do",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -734,26 +804,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.set_defaults(func=_restore)
 
+    # Before or after the action (`keys --data D list`, `keys list --data D`): SUPPRESS keeps
+    # a value given before from being reset by the action's parser.
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument(
+        "--data",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="the data directory of a server (must exist; env SYNCD_DATA, default ./syncd-data)",
+    )
+    store.add_argument(
+        "--postgres",
+        default=argparse.SUPPRESS,
+        metavar="DSN",
+        help="manage the keys of replicas sharing this Postgres database instead "
+        "(env SYNCD_POSTGRES_URL, used when neither flag is given); not with --data",
+    )
     keys = sub.add_parser(
         "keys",
+        parents=[store],
         help="create, list and revoke API keys",
         description="Manage the API keys of a data directory (also while the server runs: "
         "revoking a key closes the connections that use it within a second).",
     )
-    keys.add_argument("--data", default=os.environ.get("SYNCD_DATA", "syncd-data"))
-    keys.add_argument(
-        "--postgres",
-        default=os.environ.get("SYNCD_POSTGRES_URL"),
-        metavar="DSN",
-        help="manage the keys of replicas sharing this Postgres database instead "
-        "(env SYNCD_POSTGRES_URL)",
-    )
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    create = keys_sub.add_parser("create", help="create a key; prints its secret once")
-    create.add_argument("--name", required=True)
+    create = keys_sub.add_parser(
+        "create", parents=[store], help="create a key; prints its secret once"
+    )
+    create.add_argument("--name", required=True, help="unique among the live keys")
     create.add_argument("--role", required=True, help='e.g. "service" or "authenticated"')
-    keys_sub.add_parser("list", help="list keys (never their secrets)")
-    revoke = keys_sub.add_parser("revoke", help="revoke a key by id or name")
+    keys_sub.add_parser("list", parents=[store], help="list keys (never their secrets)")
+    revoke = keys_sub.add_parser("revoke", parents=[store], help="revoke a key by id or name")
     revoke.add_argument("key", metavar="KEY_ID_OR_NAME")
     keys.set_defaults(func=_keys)
 
@@ -840,8 +921,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (ConfigError, JournalError) as exc:
+    except SyncdError as exc:
+        # ConfigError (a mistake to fix), JournalError/BackendError (a database unreachable,
+        # a directory in use): each says what is wrong and what to do.
+        if args.debug:
+            traceback.print_exc()
         print(f"syncd: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A file or directory the command was given (permissions, a full disk, a missing one).
+        if args.debug:
+            traceback.print_exc()
+        where = f": {exc.filename}" if exc.filename else ""
+        print(
+            f"syncd: {exc.strerror or exc}{where} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

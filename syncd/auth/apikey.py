@@ -111,6 +111,13 @@ def _check(key_id: str, digest: bytes, row: Any | None) -> ApiKey:
     return ApiKey(key_id, row[0], row[1], row[3], None)
 
 
+def _taken(name: str) -> ConfigError:
+    return ConfigError(
+        f"a live API key is named {name!r} already: choose another name, or revoke that key "
+        "first (`syncd keys revoke NAME`)"
+    )
+
+
 def _check_new(name: str, role: str) -> None:
     if not name.strip():
         raise ConfigError("an API key needs a name")
@@ -148,6 +155,11 @@ class ApiKeys:
         key_id, secret, digest = _new_key()
         created = time.time() if now is None else now
         with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")  # the check and the insert, one writer at a time
+            if conn.execute(
+                "SELECT 1 FROM api_keys WHERE name = ? AND revoked_at IS NULL", (name,)
+            ).fetchone():
+                raise _taken(name)
             conn.execute(
                 "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, NULL)",
                 (key_id, name, role, digest, created),
@@ -267,15 +279,24 @@ class PostgresApiKeys:
         key_id, secret, digest = _new_key()
         created = time.time()
         pool = await self._acquire_pool()
-        await pool.execute(
-            "INSERT INTO syncd_api_keys VALUES ($1, $2, $3, $4, $5, NULL)",
-            key_id,
-            name,
-            role,
-            digest,
-            created,
-            timeout=self.timeout,
-        )
+        async with pool.acquire(timeout=self.timeout) as conn, conn.transaction():
+            # One creator at a time, so two `keys create` of one name cannot both pass the check.
+            await conn.execute("SELECT pg_advisory_xact_lock(7306495411)", timeout=self.timeout)
+            if await conn.fetchval(
+                "SELECT 1 FROM syncd_api_keys WHERE name = $1 AND revoked_at IS NULL",
+                name,
+                timeout=self.timeout,
+            ):
+                raise _taken(name)
+            await conn.execute(
+                "INSERT INTO syncd_api_keys VALUES ($1, $2, $3, $4, $5, NULL)",
+                key_id,
+                name,
+                role,
+                digest,
+                created,
+                timeout=self.timeout,
+            )
         return ApiKey(key_id, name, role, created, None), f"{PREFIX}{key_id}_{secret}"
 
     async def all(self) -> list[ApiKey]:

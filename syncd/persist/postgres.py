@@ -66,6 +66,7 @@ from syncd.core.held import HELD_KEY
 from syncd.core.ids import Epoch, Offset
 from syncd.errors import JournalError
 from syncd.persist.memory import Entry, GroupCommitJournal
+from syncd.persist.pg_errors import explain
 from syncd.ports import LeaderInfo
 
 if TYPE_CHECKING:
@@ -200,15 +201,19 @@ _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, Timeou
 
 
 @contextlib.contextmanager
-def _map_errors(what: str) -> Iterator[None]:
-    """Translate asyncpg, OS and timeout errors into `JournalError` at the adapter boundary."""
+def _map_errors(what: str, dsn: str | None = None) -> Iterator[None]:
+    """Translate asyncpg, OS and timeout errors into `JournalError` at the adapter boundary.
+    Connection errors say what to check (`pg_errors.explain`), naming `dsn`'s host."""
     try:
         yield
     except _DRIVER_ERRORS as exc:
-        raise JournalError(f"{what}: {_describe(exc)}") from exc
+        raise JournalError(f"{what}: {_describe(exc, dsn)}") from exc
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, dsn: str | None = None) -> str:
+    explained = explain(exc, dsn)
+    if explained is not None:
+        return explained
     if isinstance(exc, TimeoutError):
         return "timed out"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -253,7 +258,7 @@ async def has_journal(dsn: str, *, connect_timeout: float = 2.0) -> bool:
     Raises:
         JournalError: the database cannot be reached.
     """
-    with _map_errors("cannot reach the database"):
+    with _map_errors("cannot reach the database", dsn):
         conn = await asyncpg.connect(dsn, timeout=connect_timeout)
         try:
             found = await conn.fetchval("SELECT to_regclass('syncd_journal') IS NOT NULL")
@@ -272,7 +277,7 @@ async def live_meta(
     Raises:
         JournalError: the database cannot be reached or read.
     """
-    with _map_errors("reading the live replicas' meta"):
+    with _map_errors("reading the live replicas' meta", dsn):
         conn = await asyncpg.connect(dsn, timeout=connect_timeout)
         try:
             if not await conn.fetchval(
@@ -410,7 +415,7 @@ class PostgresJournal(GroupCommitJournal):
 
     async def _open(self) -> tuple[Epoch, Offset, Offset]:
         what = "cannot open the journal"
-        with _map_errors(what):
+        with _map_errors(what, self.dsn):
             self._pool = await asyncpg.create_pool(
                 self.dsn,
                 min_size=1,
@@ -795,7 +800,7 @@ class PostgresLease:
         if self._term is not None and await self.still_held():
             return self._term
         async with self._lock:
-            with _map_errors("cannot acquire the lease"):
+            with _map_errors("cannot acquire the lease", self.dsn):
                 if self._conn is None or self._conn.is_closed():
                     self._conn = await asyncpg.connect(
                         self.dsn,
@@ -942,7 +947,7 @@ class PostgresLease:
     async def _query(self, what: str, query: Callable[[Any], Awaitable[T]]) -> T:
         if self._closed:
             raise JournalError(f"{what}: the lease is closed")
-        with _map_errors(what):
+        with _map_errors(what, self.dsn):
             if self._pool is None:
                 self._pool = await asyncpg.create_pool(
                     self.dsn,

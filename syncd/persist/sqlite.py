@@ -191,7 +191,9 @@ class SqliteJournal(GroupCommitJournal):
             except BlockingIOError:
                 os.close(fd)
                 raise JournalError(
-                    f"the journal {self.path} is open in another process (or journal)"
+                    f"the journal {self.path} is open in another process (or journal): a "
+                    "syncd server (or migrate) is running on this data directory; stop it "
+                    "first, or give another --data"
                 ) from None
             self._lock_fd = fd
 

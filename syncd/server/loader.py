@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import linecache
 import sys
+import traceback
 from pathlib import Path
 
 from syncd.core.query import compile_rule
@@ -34,12 +36,38 @@ def load_module_schema(path: Path | str) -> Schema:
         spec.loader.exec_module(module)
     except Exception as exc:
         sys.modules.pop(name, None)
-        raise ConfigError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        raise ConfigError(f"importing {path} failed: {import_error(exc, path)}") from exc
     finally:
         sys.path.remove(str(path.parent))
     schema = with_system_tables(load_schema(module, name=path.stem))
     check_rules(schema)
     return schema
+
+
+def import_error(exc: BaseException, path: Path) -> str:
+    """The module's own error: where it happened (file:line, the innermost frame outside
+    Python's import machinery, so the module's line, or a helper's it imported) and the error
+    line itself, never syncd's stack."""
+    what = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, SyntaxError) and exc.filename:
+        # str(SyntaxError) already carries "(file, line N)": say it once, as file:line.
+        text = (exc.text or "").strip()
+        code = f"\n    {text}" if text else ""
+        return f"{exc.filename}:{exc.lineno}: {type(exc).__name__}: {exc.msg}{code}"
+    where = theirs = None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        filename = frame.f_code.co_filename
+        if filename.startswith("<frozen ") or "importlib" in filename:
+            continue
+        where = (filename, lineno)
+        if Path(filename).is_relative_to(path.parent):
+            theirs = where  # the module's (or a sibling helper's) line beats a library's
+    where = theirs or where
+    if where is None:
+        return what
+    line = linecache.getline(where[0], where[1]).strip()
+    code = f"\n    {line}" if line else ""
+    return f"{where[0]}:{where[1]}: {what}{code}"
 
 
 def check_rules(schema: Schema) -> None:

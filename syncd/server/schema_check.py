@@ -133,6 +133,19 @@ async def check_schema(schema: Schema, journal: Journal, *, adopt: bool = False)
     except ValueError as exc:
         raise SchemaMismatch(f"the journal's stored schema is unreadable: {exc}") from None
     result = plan(versions[-1], schema, history=versions)
+    stored_module = versions[-1].module
+    stored_tables = {t.name for t in versions[-1].tables if not t.name.startswith("syncd_")}
+    shared = stored_tables & set(schema.tables)
+    if result.kind == "refused" and stored_module != schema.module_name and not shared:
+        # Most likely the wrong file (`restore --module`, a deploy's path): say that, not a
+        # diff of every table of two unrelated modules.
+        refused = sum(1 for c in result.changes if str(c).lstrip().startswith("!"))
+        raise SchemaMismatch(
+            f"this data belongs to module {stored_module or '(unnamed)'!r} (stored schema "
+            f"version {versions[-1].version}), not {schema.module_name!r}: they have no table "
+            f"in common ({refused} refused change(s); nothing was written).\nuse the module "
+            "the data belongs to, or see the changes with `syncd migrate MODULE --dry-run`"
+        )
     if result.kind == "refused":
         raise SchemaMismatch(
             f"module {schema.module_name!r}: {result.diff()}\nnothing was written; start with "
