@@ -98,6 +98,10 @@ class SchemaCheck:
     history: list[StoredSchema] | None
 
 
+#: Refused changes shown when a module shares no table with the stored data (the rest: migrate).
+MAX_WRONG_MODULE_CHANGES = 3
+
+
 async def check_schema(schema: Schema, journal: Journal, *, adopt: bool = False) -> SchemaCheck:
     """Compare the module with the journal's stored schema. Writes nothing.
 
@@ -137,14 +141,27 @@ async def check_schema(schema: Schema, journal: Journal, *, adopt: bool = False)
     stored_tables = {t.name for t in versions[-1].tables if not t.name.startswith("syncd_")}
     shared = stored_tables & set(schema.tables)
     if result.kind == "refused" and stored_module != schema.module_name and not shared:
-        # Most likely the wrong file (`restore --module`, a deploy's path): say that, not a
-        # diff of every table of two unrelated modules.
-        refused = sum(1 for c in result.changes if str(c).lstrip().startswith("!"))
+        # Most likely the wrong file (`restore --module`, a deploy's path): say that first,
+        # then only the first few refused changes, not a diff of two unrelated modules.
+        refused = [str(c) for c in result.changes if str(c).lstrip().startswith("!")]
+        shown = refused[:MAX_WRONG_MODULE_CHANGES]
+        more = len(refused) - len(shown)
         raise SchemaMismatch(
-            f"this data belongs to module {stored_module or '(unnamed)'!r} (stored schema "
-            f"version {versions[-1].version}), not {schema.module_name!r}: they have no table "
-            f"in common ({refused} refused change(s); nothing was written).\nuse the module "
-            "the data belongs to, or see the changes with `syncd migrate MODULE --dry-run`"
+            "\n".join(
+                [
+                    f"this data belongs to module {stored_module or '(unnamed)'!r} (stored "
+                    f"schema version {versions[-1].version}), not {schema.module_name!r}: they "
+                    "share no table and the change is not automatic (nothing was written):",
+                    *shown,
+                    *(
+                        [f"  ... and {more} more (`syncd migrate MODULE --dry-run` lists them)"]
+                        if more
+                        else []
+                    ),
+                    "use the module the data belongs to; or, if this is its new version, say "
+                    "what became of each table (docs/operations.md, 'Changing a module')",
+                ]
+            )
         )
     if result.kind == "refused":
         raise SchemaMismatch(

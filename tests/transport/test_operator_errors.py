@@ -163,12 +163,13 @@ def test_keys_postgres_duplicate_name(pg_dsn: str) -> None:
 def test_restore_with_the_wrong_module(running: ServerProcess, tmp_path: Path) -> None:
     out = tmp_path / "restored"
     done = syncd("restore", str(running.data_dir), "--data", str(out), "--module", KLED)
-    refused(done, "this data belongs to module 'chat'", "not 'kled'", "use the module")
+    # the headline, the first 3 refused changes, what to do
+    refused(done, "this data belongs to module 'chat'", "not 'kled'", "use the module", lines=5)
     assert not out.exists()
     # serving the wrong module over a stopped server's data: the same words
     running.stop()
     done = syncd("serve", KLED, "--port", "0", "--data", str(running.data_dir))
-    refused(done, "this data belongs to module 'chat'")
+    refused(done, "this data belongs to module 'chat'", lines=5)
 
 
 def test_module_missing_or_failing_to_import(tmp_path: Path) -> None:
