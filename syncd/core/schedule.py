@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from croniter import croniter  # type: ignore[import-untyped]
+from croniter import CroniterBadDateError, croniter  # type: ignore[import-untyped]
 
+from syncd.core.values import I64_MAX
 from syncd.errors import ConstraintError
 
 if TYPE_CHECKING:
@@ -144,10 +145,24 @@ def check_reducers(
             )
 
 
-def _cron_next(expr: str, after_us: int) -> int:
-    """The first time of `expr` strictly after `after_us` (µs)."""
+#: The range of times a cron expression is looked up in (µs): datetime can't hold times
+#: outside years 1..9999, and a row's `next_at` is any i64. Before the epoch, the search
+#: starts at the epoch (every time it finds is still past, as the real one would be).
+_CRON_FLOOR_US = 0
+_CRON_CEILING_US = 253_402_300_799 * 1_000_000  # 9999-12-31T23:59:59Z
+
+
+def _cron_next(expr: str, after_us: int) -> int | None:
+    """The first time of `expr` strictly after `after_us` (µs); None: none in range (an
+    expression that never matches, such as `0 0 30 2 *`, or past year 9999)."""
+    after_us = max(after_us, _CRON_FLOOR_US)
+    if after_us >= _CRON_CEILING_US:
+        return None
     base = datetime.fromtimestamp(after_us // 1_000_000, tz=UTC)
-    nxt = croniter(expr, base).get_next(float)
+    try:
+        nxt = croniter(expr, base).get_next(float)
+    except (CroniterBadDateError, ValueError, OverflowError):
+        return None
     return int(nxt) * 1_000_000
 
 
@@ -176,6 +191,15 @@ def check_row(tdef: TableDef, row: tuple[Any, ...]) -> None:
                 f"{tdef.name}.cron: {cron!r} is not a cron expression (5 fields, "
                 "'min hour day month weekday', or 6 with seconds last)"
             )
+        if _cron_next(cron, row[sched.next_at]) is None:
+            raise ConstraintError(
+                f"{tdef.name}.cron: {cron!r} matches no time after next_at (a day that "
+                "does not exist, such as February 30, or past year 9999)"
+            )
+    if every and row[sched.next_at] + every > I64_MAX:
+        raise ConstraintError(
+            f"{tdef.name}: next_at + every_us is past the 64-bit range (no second due time)"
+        )
 
 
 def is_repeating(sched: ScheduleDef, row: tuple[Any, ...]) -> bool:
@@ -184,21 +208,24 @@ def is_repeating(sched: ScheduleDef, row: tuple[Any, ...]) -> bool:
     )
 
 
-def following(sched: ScheduleDef, row: tuple[Any, ...], due: int) -> int:
-    """The due time after `due` of a repeating row."""
+def following(sched: ScheduleDef, row: tuple[Any, ...], due: int) -> int | None:
+    """The due time after `due` of a repeating row (None: none in range)."""
     if sched.every_us is not None and row[sched.every_us]:
         return due + int(row[sched.every_us])
     assert sched.cron is not None
     return _cron_next(str(row[sched.cron]), due)
 
 
-def first_after(sched: ScheduleDef, row: tuple[Any, ...], due: int, now_us: int) -> int:
-    """The first due time of a repeating row after `now_us` (aligned on `due`)."""
+def first_after(sched: ScheduleDef, row: tuple[Any, ...], due: int, now_us: int) -> int | None:
+    """The first due time of a repeating row after `now_us` (aligned on `due`); None: none
+    in range (past the 64-bit range of `next_at`, or a cron expression that matches no more
+    times)."""
     if sched.every_us is not None and row[sched.every_us]:
         every = int(row[sched.every_us])
         if due > now_us:
             return due
-        return due + ((now_us - due) // every + 1) * every
+        nxt = due + ((now_us - due) // every + 1) * every
+        return nxt if nxt <= I64_MAX else None
     assert sched.cron is not None
     return _cron_next(str(row[sched.cron]), max(due, now_us))
 
@@ -210,12 +237,16 @@ def plan(sched: ScheduleDef, row: tuple[Any, ...], now_us: int) -> tuple[bool, i
     A one-shot always runs (once), however late: skipping it would lose it. A repeating row
     runs and continues from the first due time after `now_us`; except that with
     `catch_up="skip"`, when it missed more than its own due time (the following one is past
-    too), it does not run and continues from there.
+    too), it does not run and continues from there. A repeating row with no next due time
+    in range (the sum overflows 64 bits; a cron expression that matches no more times) runs
+    and is deleted, as a one-shot.
     """
     due = int(row[sched.next_at])
     if not is_repeating(sched, row):
         return True, None
     nxt = first_after(sched, row, due, now_us)
-    if sched.catch_up == "skip" and following(sched, row, due) <= now_us:
-        return False, nxt
+    if sched.catch_up == "skip" and nxt is not None:
+        after = following(sched, row, due)
+        if after is not None and after <= now_us:
+            return False, nxt
     return True, nxt

@@ -13,6 +13,7 @@ from syncd.config import Config
 from syncd.core.ids import Identity
 from syncd.core.reducers import AuthInfo
 from syncd.core.schedule import MIN_EVERY_US
+from syncd.core.values import I64_MAX, I64_MIN
 from syncd.errors import ConstraintError, NoSuchReducer
 from syncd.persist.memory import MemoryJournal, MemoryLog
 from syncd.server.app import SERVER_IDENTITY, Server
@@ -141,12 +142,37 @@ async def test_refused_rows_write_nothing(server: Server) -> None:
         (("cron", 0, 0, "61 * * * *"), "not a cron expression"),
         (("cron", 0, 0, "every day"), "not a cron expression"),
         (("both", 0, SECOND, "* * * * *"), "not both"),
+        # Valid syntax, but no such day: the run could never compute its next time.
+        (("never", 0, 0, "0 0 30 2 *"), "matches no time"),
+        (("never", 0, 0, "0 0 31 4 *"), "matches no time"),
+        # The second due time would be past the 64-bit range of next_at.
+        (("huge", 0, I64_MAX), "64-bit range"),
     ):
         outcome = await call(server, "schedule", *args)
         assert not outcome.ok and isinstance(outcome.error, ConstraintError), args
         assert needle in str(outcome.error), (args, outcome.error)
     assert rows(server, "tick_schedule") == []
     assert server.replica.offset == 0
+
+
+async def test_a_repeating_row_whose_next_time_overflows_runs_once_and_ends(
+    server: Server,
+) -> None:
+    """A row accepted at insert (next_at + every_us fits) whose next due time after now would
+    not fit in 64 bits runs, then is deleted as a one-shot: its next_at is never written past
+    the i64 range (a value neither subprotocol nor the column type allows). A cron row due
+    before the epoch (datetime can't hold it) runs and continues from the expression."""
+    clock: Clock = server.test_clock  # type: ignore[attr-defined]
+    assert (await call(server, "schedule", "wrap", -I64_MAX, I64_MAX)).ok
+    assert (await call(server, "schedule", "old", I64_MIN, 0, "*/5 * * * *")).ok
+    await advance(server, clock, T0 + SECOND)
+    await eventually(lambda: log_of(server, "wrap") and log_of(server, "old"))
+    await eventually(lambda: len(rows(server, "tick_schedule")) == 1)
+    (left,) = rows(server, "tick_schedule")
+    assert left[4] == "old" and T0 < left[1] <= T0 + 300 * SECOND
+    assert scheduler(server).failures == 0
+    for row in rows(server, "tick_schedule") + rows(server, "tick_log"):
+        assert all(not isinstance(v, int) or I64_MIN <= v <= I64_MAX for v in row)
 
 
 async def test_clients_cannot_call_a_scheduled_reducer(server: Server) -> None:
