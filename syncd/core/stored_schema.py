@@ -728,14 +728,7 @@ def _stored_changes(old: StoredTable, new: StoredTable) -> list[Change]:
                     True,
                 )
             )
-        if (before.has_default, before.default, before.factory) != (
-            col.has_default,
-            col.default,
-            col.factory,
-        ):
-            out.append(Change(f"{where}: column {col.name} default changed", True))
-        if before.merge != col.merge:
-            out.append(Change(f"{where}: column {col.name} merge rule changed", True))
+        out.extend(_option_changes(where, before, col))
     old_ids = {c.id for c in old.columns}
     new_ids = {c.id for c in new.columns}
     if [c.id for c in old.columns if c.id in new_ids] != [
@@ -823,6 +816,20 @@ def _ever_had(past: Sequence[StoredSchema], table_id: int, column: str) -> bool:
 
 
 _ADD_HELP = "declare a @syncd.migration for the table to write it"
+
+
+def _option_changes(where: str, before: StoredColumn, after: StoredColumn) -> list[Change]:
+    """A column's default and merge rule changes (both automatic: new rows and merges only)."""
+    out: list[Change] = []
+    if (before.has_default, before.default, before.factory) != (
+        after.has_default,
+        after.default,
+        after.factory,
+    ):
+        out.append(Change(f"{where}: column {after.name} default changed", True))
+    if before.merge != after.merge:
+        out.append(Change(f"{where}: column {after.name} merge rule changed", True))
+    return out
 
 
 def _table_changes(
@@ -964,14 +971,7 @@ def _table_changes(
             continue
         before = old.column_by_id(scol.id)
         assert before is not None
-        if (before.has_default, before.default, before.factory) != (
-            scol.has_default,
-            scol.default,
-            scol.factory,
-        ):
-            out.append(Change(f"{where}: column {scol.name} default changed", True))
-        if before.merge != scol.merge:
-            out.append(Change(f"{where}: column {scol.name} merge rule changed", True))
+        out.extend(_option_changes(where, before, scol))
     old_order = [c.id for c in old.columns if c.id in new_ids]
     new_order = [c.id for c in new.columns if c.id in old_ids]
     if old_order != new_order:

@@ -133,14 +133,18 @@ async def recover_checked(
         SchemaMismatch: the change is refused, or the stored data does not read under it.
     """
     check = await check_schema(schema, journal, adopt=adopt)
+    return check, await recover_readable(check.schema, journal)
+
+
+async def recover_readable(schema: Schema, journal: Journal) -> Store:
+    """`recover_store`, a row that does not read under `schema` as `SchemaMismatch`."""
     try:
-        store = await recover_store(check.schema, journal)
+        return await recover_store(schema, journal)
     except ValueError as exc:
         raise SchemaMismatch(
             f"the stored data does not read under module {schema.module_name!r} "
             f"(nothing was written): {exc}"
         ) from None
-    return check, store
 
 
 async def recover_store(schema: Schema, journal: Journal) -> Store:
@@ -372,13 +376,7 @@ class Server:
             if gate.state == "stopped":
                 store = Store(self.schema)  # reads nothing: newer entries do not read here
             else:
-                try:
-                    store = await recover_store(self.schema, journal)
-                except ValueError as exc:
-                    raise SchemaMismatch(
-                        f"the stored data does not read under module "
-                        f"{self.schema.module_name!r} (nothing was written): {exc}"
-                    ) from None
+                store = await recover_readable(self.schema, journal)
         except BaseException:
             await journal.aclose()
             raise
