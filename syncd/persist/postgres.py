@@ -301,6 +301,19 @@ async def live_meta(
 # PostgresJournal
 
 
+async def _write_meta(conn: Any, key: str, value: bytes | None) -> None:
+    """Set (or, with None, delete) one row of syncd_meta."""
+    if value is None:
+        await conn.execute("DELETE FROM syncd_meta WHERE key = $1", key)
+    else:
+        await conn.execute(
+            "INSERT INTO syncd_meta (key, value) VALUES ($1, $2) "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            key,
+            value,
+        )
+
+
 class PostgresJournal(GroupCommitJournal):
     """A `ports.Journal` in Postgres tables (see the module docstring for its guarantees).
 
@@ -586,15 +599,7 @@ class PostgresJournal(GroupCommitJournal):
 
     async def _storage_set_meta(self, key: str, value: bytes | None) -> None:
         async def write(conn: Any) -> None:
-            if value is None:
-                await conn.execute("DELETE FROM syncd_meta WHERE key = $1", key)
-            else:
-                await conn.execute(
-                    "INSERT INTO syncd_meta (key, value) VALUES ($1, $2) "
-                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                    key,
-                    value,
-                )
+            await _write_meta(conn, key, value)
 
         # Metadata is not per epoch: a journal one epoch behind may still set it.
         await self._write(f"setting meta {key!r}", write, check_epoch=False)
@@ -919,15 +924,7 @@ class PostgresLease:
         for what the leader decides."""
 
         async def write(conn: Any) -> None:
-            if value is None:
-                await conn.execute("DELETE FROM syncd_meta WHERE key = $1", key)
-            else:
-                await conn.execute(
-                    "INSERT INTO syncd_meta (key, value) VALUES ($1, $2) "
-                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                    key,
-                    value,
-                )
+            await _write_meta(conn, key, value)
 
         await self._query(f"setting meta {key!r}", write)
 
