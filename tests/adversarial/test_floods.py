@@ -140,7 +140,7 @@ async def test_anonymous_connections_of_one_address_share_one_query_budget(
     """Six anonymous identities of one address pipeline one-off queries and subscribes (each
     unseen query costs a compile): together they get the address's burst plus its refill, the
     rest RATE_LIMITED; the same budget binds anonymous HTTP queries (429), not an API key's."""
-    _, secret = ApiKeys(curious.data_dir).create("service", "service")
+    _, secret = ApiKeys(curious.data_dir).create(f"service-{fmt}", "service")
     async with await WireClient.open(curious, hello=Hello(token=secret)) as service:
         clients = [await WireClient.open(curious, fmt=fmt) for _ in range(CONNECTIONS)]
         started = time.monotonic()
