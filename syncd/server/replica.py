@@ -663,16 +663,7 @@ class Replica:
         """
         tdef = self.schema.tables[query.table]
         if tdef.events:
-            # Never stored, so nothing is current: each event row the query selects is sent as
-            # an insert, in transaction order (visibility as it is now).
-            view = StoreView(self.store)
-            inserts = [
-                tdef.visible_row(new)
-                for tx in txs
-                for _old, new in tx.changes.tables.get(query.table, {}).values()
-                if new is not None and query.contains(new, view)
-            ]
-            return QueryUpdate(query.table, inserts=inserts)
+            return QueryUpdate(query.table, inserts=self._resume_events(query, txs))
         state = self.store.tables[query.table]
         join = query.join
         # table -> pk -> (row at the cursor, row now), for the tables the query reads
@@ -713,6 +704,43 @@ class Replica:
             elif was is not None and query.contains(was, then):
                 deletes.append(pk)
         return QueryUpdate(query.table, updates=updates, deletes=deletes)
+
+    def _resume_events(self, query: BoundQuery, txs: list[Tx]) -> list[Any]:
+        """The event rows of `txs` that `query` selected when they were sent, as live delivery
+        saw them: each is evaluated on the state just after its own transaction (the store now,
+        patched back with the later transactions' changes), so a viewer who only became
+        allowed to see them later (joined the room after the event) is not sent old events.
+
+        Walks `txs` backwards, merging each transaction's changes (first old row, last new row)
+        once its own events are judged; the state is rebuilt only when a later transaction
+        changed a stored table the query reads."""
+        tdef = self.schema.tables[query.table]
+        stored = [t for t in query.tables if not self.schema.tables[t].events]
+        merged: dict[str, dict[Any, Change]] = {}
+        then: StoreView | StateBefore = StoreView(self.store)
+        stale = False
+        picked: list[list[Any]] = []
+        for tx in reversed(txs):
+            rows = [
+                new
+                for _old, new in tx.changes.tables.get(query.table, {}).values()
+                if new is not None
+            ]
+            if rows:
+                if stale:
+                    then = StateBefore(self.store, ChangeSet(merged))
+                    stale = False
+                picked.append([tdef.visible_row(r) for r in rows if query.contains(r, then)])
+            for table in stored:
+                changed = tx.changes.tables.get(table)
+                if not changed:
+                    continue
+                into = merged.setdefault(table, {})
+                for pk, (old, new) in changed.items():
+                    later = into.get(pk)
+                    into[pk] = (old, new if later is None else later[1])
+                stale = True
+        return [row for rows in reversed(picked) for row in rows]
 
     # -- coalescing --------------------------------------------------------------------------
 

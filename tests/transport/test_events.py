@@ -171,6 +171,37 @@ async def test_a_resume_inside_the_window_delivers_a_missed_event(server: Server
             assert full.queries[0].inserts == []
 
 
+async def test_a_resume_skips_an_event_sent_before_the_viewer_could_see_it(
+    server: ServerProcess,
+) -> None:
+    """Live delivery judges an event by the state just after its transaction; so does a
+    resume: joining the room after an event does not make the missed event visible."""
+    async with await WireClient.open(server) as sender:
+        await ok(sender, "join", "late-room")
+        dropper = await WireClient.open(server)
+        applied = await dropper.subscribe(QUERIES, query_set_id=1)
+        assert isinstance(applied, SubscribeApplied)
+        cursor = Cursor(epoch=dropper.epoch, offset=applied.offset)
+        await dropper.aborted()
+        await ok(sender, "typing", "late-room")  # the dropper is no member yet: never sent
+        async with await WireClient.open(server, hello=Hello(token=dropper.token)) as again:
+            await ok(again, "join", "late-room")
+        seen = await ok(sender, "typing", "late-room")  # a member now: sent
+        resumed = await WireClient.open(
+            server,
+            hello=Hello(
+                token=dropper.token,
+                cursor=cursor,
+                query_sets=[QuerySet(query_set_id=1, queries=QUERIES)],
+            ),
+            cache=copy.deepcopy(dropper.cache),
+        )
+        async with resumed:
+            got = await resumed.wait_for(lambda m: isinstance(m, SubscribeApplied))
+            assert isinstance(got, SubscribeApplied) and got.resumed
+            assert [r[0] for r in got.queries[0].inserts] == [seen.value]
+
+
 async def test_a_restart_keeps_no_event_rows_and_ids_stay_unique(tmp_path: Path) -> None:
     server = run_server(tmp_path, MODULE)
     try:
