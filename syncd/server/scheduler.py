@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING, Any
@@ -37,8 +38,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("syncd.scheduler")
 
-#: Runs per wakeup at most; then the loop yields, so calls interleave with a backlog.
+#: A batch of runs ends after this many, or after BATCH_SECONDS of work, whichever is first;
+#: then the loop waits until the batch is durable before the next one, so a backlog of due
+#: rows never queues more than one batch of transactions ahead of callers.
 MAX_RUNS_PER_WAKE = 64
+BATCH_SECONDS = 0.005
 #: Heap entries beyond the live rows (stale: cancelled or moved) tolerated before a rebuild.
 STALE_SLACK = 4096
 
@@ -145,7 +149,14 @@ class Scheduler:
                     pass
                 continue
             ran = 0
-            while self.heap and self.heap[0][0] <= now and ran < MAX_RUNS_PER_WAKE:
+            started = time.perf_counter()
+            last: asyncio.Future[Any] | None = None
+            while (
+                self.heap
+                and self.heap[0][0] <= now
+                and ran < MAX_RUNS_PER_WAKE
+                and (ran == 0 or time.perf_counter() - started < BATCH_SECONDS)
+            ):
                 if self.leader.failed is not None:
                     return
                 when, _, name, pk = heappop(self.heap)
@@ -156,16 +167,21 @@ class Scheduler:
                     continue  # cancelled or moved since: a stale entry
                 ran += 1
                 try:
-                    self.run(tdef, row, now)
+                    last = self.run(tdef, row, now)
                 except Exception:
                     # A bug (not the reducer's: that is a failed run). The entry is gone: the
                     # row runs again only under the next leader, not in a loop here.
                     self.failures += 1
                     logger.exception("scheduled run of %s %r failed", name, pk)
-            # Bounded work per wakeup: let calls in between.
-            await asyncio.sleep(0)
+            # Bounded work per batch, and the next batch only once this one is durable (its
+            # last transaction published: the journal is in order), so calls go in between
+            # and a backlog is not all queued at once.
+            if last is not None:
+                await last
+            else:
+                await asyncio.sleep(0)
 
-    def run(self, tdef: TableDef, row: Row, now_us: int) -> None:
+    def run(self, tdef: TableDef, row: Row, now_us: int) -> asyncio.Future[Any]:
         """Run one due row (if its catch-up policy says so) and advance it, committed as
         one transaction (the advance alone when the reducer fails or the run is skipped)."""
         sched = tdef.schedule
@@ -226,5 +242,6 @@ class Scheduler:
         else:
             self.skipped += 1
             changes = run_system(store, stamp, advance)
-        # Not awaited: scheduled runs group-commit with calls; nobody waits for the answer.
-        leader.commit(changes, timestamp, reducer, self.sender)
+        # Not awaited here: a batch's runs group-commit together (and with calls); the loop
+        # waits for the batch's last one.
+        return leader.commit(changes, timestamp, reducer, self.sender)

@@ -4,6 +4,7 @@ restart, refused rows, and many pending rows."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from syncd.persist.memory import MemoryJournal, MemoryLog
 from syncd.server.app import SERVER_IDENTITY, Server
 from syncd.server.leader import CallOutcome
 from syncd.server.loader import load_module_schema
-from syncd.server.scheduler import Scheduler
+from syncd.server.scheduler import MAX_RUNS_PER_WAKE, Scheduler
 from tests.transport.wire import eventually
 from tests.utils import ROOT
 
@@ -237,6 +238,61 @@ async def test_many_pending_rows_are_held_in_the_heap_and_run_in_order(
     dues = [r[2] for r in rows(server, "tick_log")]
     assert dues == sorted(dues) and len(set(dues)) == count
     assert rows(server, "tick_schedule") == []
+
+
+class GatedJournal(MemoryJournal):
+    """A MemoryJournal whose commits wait for `gate` (an fsync the test lets finish)."""
+
+    def __init__(self, log: MemoryLog) -> None:
+        super().__init__(log)
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def _commit_batch(self, batch: list[Any]) -> None:
+        await self.gate.wait()
+        await super()._commit_batch(batch)
+
+
+async def test_a_backlog_runs_in_durable_batches_and_a_call_goes_in_between() -> None:
+    """With many rows due, the scheduler queues one bounded batch, waits until it is durable,
+    then the next: a client call made meanwhile is journaled right after the first batch and
+    answered while most runs are still to come."""
+    clock = Clock()
+    journal = GatedJournal(MemoryLog())
+    server = Server(Config(module=TICKER), schema=SCHEMA, journal=journal, clock=clock)
+    await server.start()
+    try:
+        count = 2000
+        many = await call(server, "schedule_many", count, SECOND)
+        assert many.ok and many.offset is not None
+        journal.gate.clear()  # nothing more becomes durable for now
+        await advance(server, clock, T0 + 2 * SECOND)
+        await eventually(lambda: scheduler(server).runs > 0)
+        # Other tasks had turns meanwhile; the scheduler still holds at one batch.
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert 0 < scheduler(server).runs <= MAX_RUNS_PER_WAKE
+        assert server.leader is not None
+        pending = await server.leader.call(
+            "schedule",
+            ["caller", 100 * SECOND],
+            sender=ANN,
+            connection_id=None,
+            auth=AuthInfo(role="anonymous"),
+        )
+        runs_then: list[int] = []
+        pending.add_done_callback(lambda _: runs_then.append(scheduler(server).runs))
+        journal.gate.set()
+        outcome = await pending
+        assert outcome.ok and outcome.offset is not None
+        # Journaled after at most one batch of scheduled runs, answered long before the last.
+        assert outcome.offset <= many.offset + MAX_RUNS_PER_WAKE + 1
+        assert runs_then and runs_then[0] < count
+        await eventually(lambda: scheduler(server).runs == count, timeout=60)
+        assert len(log_of(server, "caller")) == 0
+    finally:
+        journal.gate.set()  # a failed assertion must not leave the journal stuck
+        await server.stop()
 
 
 def test_schedule_tables_are_checked(tmp_path: Path) -> None:
