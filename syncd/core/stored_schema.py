@@ -147,6 +147,10 @@ class StoredTable(msgspec.Struct, frozen=True, kw_only=True):
     id: int = 0
     #: An event table (`table(events=True)`): it stores no rows.
     events: bool = False
+    #: A schedule table (`table(scheduled=...)`): the reducer its rows run (None: not one),
+    #: and its catch-up policy ("once" or "skip"). Older histories decode as not scheduled.
+    scheduled: str | None = None
+    catch_up: str | None = None
 
     def column(self, name: str) -> StoredColumn | None:
         for c in self.columns:
@@ -404,6 +408,8 @@ def _table(
         next_column_id=next_id,
         id=table_id,
         events=tdef.events,
+        scheduled=None if tdef.schedule is None else tdef.schedule.reducer,
+        catch_up=None if tdef.schedule is None else tdef.schedule.catch_up,
     )
 
 
@@ -753,11 +759,35 @@ def _stored_changes(old: StoredTable, new: StoredTable) -> list[Change]:
         out.append(Change(f"{where}: visibility rule changed", True))
     if old.events != new.events:
         out.append(Change(f"{where}: {_events_text(new.events)}", True))
+    out.extend(_schedule_changes(where, old, new.scheduled, new.catch_up))
     return out
 
 
 def _events_text(events: bool) -> str:
     return "made an event table" if events else "made a stored table (it had no rows)"
+
+
+def _schedule_changes(
+    where: str, old: StoredTable, scheduled: str | None, catch_up: str | None
+) -> list[Change]:
+    """A schedule added, removed or changed on a table (all automatic: no row changes)."""
+    if old.scheduled == scheduled and old.catch_up == catch_up:
+        return []
+    if old.scheduled is None:
+        what = (
+            f"schedule added (its rows run {scheduled}, catch_up={catch_up!r}; rows already "
+            "in it whose next_at has passed run when the leader starts)"
+        )
+    elif scheduled is None:
+        what = f"schedule removed (its rows no longer run {old.scheduled}; they are kept)"
+    elif old.scheduled != scheduled:
+        what = f"schedule changed: its rows run {scheduled} (was {old.scheduled})"
+    else:
+        what = f"schedule changed: catch_up={catch_up!r} (was {old.catch_up!r})"
+    if old.scheduled is not None and scheduled is not None and old.scheduled != scheduled:
+        if old.catch_up != catch_up:
+            what += f", catch_up={catch_up!r} (was {old.catch_up!r})"
+    return [Change(f"{where}: {what}", True)]
 
 
 def _type_text(t: dict[str, Any]) -> str:
@@ -1022,6 +1052,15 @@ def _table_changes(
         )
     elif old.events != tdef.events:
         out.append(Change(f"{where}: {_events_text(False)}", True))
+    sched = tdef.schedule
+    out.extend(
+        _schedule_changes(
+            where,
+            old,
+            None if sched is None else sched.reducer,
+            None if sched is None else sched.catch_up,
+        )
+    )
     return out, checks, layout
 
 

@@ -177,6 +177,93 @@ def test_automatic_changes(what: str, edit: tuple[str, str], expected: str) -> N
     assert expected in diff
 
 
+JOBS = (
+    BASE
+    + """
+@syncd.table(public=True)
+class Job:
+    id: int = syncd.primary_key(auto_inc=True)
+    next_at: int
+
+@syncd.reducer
+def run_job(ctx: ReducerContext) -> None:
+    pass
+
+@syncd.reducer
+def other_job(ctx: ReducerContext) -> None:
+    pass
+"""
+)
+PLAIN_JOB = "@syncd.table(public=True)\nclass Job:"
+
+
+def jobs(decorator: str) -> str:
+    return JOBS.replace(PLAIN_JOB, f"{decorator}\nclass Job:")
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        (
+            PLAIN_JOB.split("\n")[0],
+            "@syncd.table(public=True, scheduled='run_job')",
+            "table job: schedule added (its rows run run_job, catch_up='once'",
+        ),
+        (
+            "@syncd.table(public=True, scheduled='run_job')",
+            PLAIN_JOB.split("\n")[0],
+            "table job: schedule removed (its rows no longer run run_job; they are kept)",
+        ),
+        (
+            "@syncd.table(public=True, scheduled='run_job')",
+            "@syncd.table(public=True, scheduled='run_job', catch_up='skip')",
+            "table job: schedule changed: catch_up='skip' (was 'once')",
+        ),
+        (
+            "@syncd.table(public=True, scheduled='run_job')",
+            "@syncd.table(public=True, scheduled='other_job', catch_up='skip')",
+            "table job: schedule changed: its rows run other_job (was run_job), "
+            "catch_up='skip' (was 'once')",
+        ),
+    ],
+    ids=["added", "removed", "catch_up", "reducer"],
+)
+def test_a_schedule_is_recorded_and_its_changes_are_automatic(
+    before: str, after: str, expected: str
+) -> None:
+    """The stored table records `scheduled=` and `catch_up`; adding, removing or changing a
+    schedule is an automatic change the diff names (in `plan` and between stored versions)."""
+    old, new = module(jobs(before)), module(jobs(after))
+    v1 = StoredSchema.from_schema(old)
+    result = plan(v1, new)
+    assert result.kind == "automatic", result.diff()
+    assert expected in result.diff()
+    assert result.target is not None
+    job = next(t for t in result.target.tables if t.name == "job")
+    sched = new.tables["job"].schedule
+    assert job.scheduled == (None if sched is None else sched.reducer)
+    assert job.catch_up == (None if sched is None else sched.catch_up)
+    assert decode_history(encode_history([v1, result.target])) == [v1, result.target]
+    # The same module again plans nothing.
+    assert plan(result.target, new).kind == "identical"
+
+
+def test_a_history_without_schedule_fields_decodes_as_not_scheduled() -> None:
+    """Versions written before schedules were recorded decode with scheduled=None."""
+    import msgspec
+
+    v1 = StoredSchema.from_schema(module(jobs("@syncd.table(public=True, scheduled='run_job')")))
+    raw = msgspec.msgpack.decode(encode_history([v1]))
+    for table in raw[0]["tables"]:
+        assert table.pop("scheduled") in (None, "run_job")
+        table.pop("catch_up")
+    (back,) = decode_history(msgspec.msgpack.encode(raw))
+    assert all(t.scheduled is None and t.catch_up is None for t in back.tables)
+    # Against a module that declares the schedule: the diff adds it.
+    result = plan(back, module(jobs("@syncd.table(public=True, scheduled='run_job')")))
+    assert result.kind == "automatic" and "table job: schedule added" in result.diff()
+
+
 def test_enum_member_added_is_automatic_and_removed_checked_against_the_data() -> None:
     """A new enum member widens the type; removing one is automatic only if no stored value
     is the removed member (a data check the server runs at start)."""
