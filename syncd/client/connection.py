@@ -510,8 +510,11 @@ class Connection:
         """Set an `LWW[T]` cell to `value`, stamped with this device's clock and writer id.
 
         The highest ``(ms, counter, writer)`` stamp wins, so a device whose clock runs behind
-        loses to one ahead. The cache changes when the server's update arrives (as in the
-        TypeScript client, nothing is applied before), which is before this returns.
+        loses to one ahead. Stamps are taken one millisecond ahead of this device's clock, so
+        a write wins over any write stamped on the same clock before it was asked for (a
+        reducer that just created the row, on the same machine). The cache changes when the
+        server's update arrives (as in the TypeScript client, nothing is applied before), which
+        is before this returns.
 
         Returns:
             The transaction's offset, or None when the merge changed nothing.

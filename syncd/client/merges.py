@@ -100,7 +100,13 @@ class MergeState:
         self.writer_id = check_writer_id(writer_id)
         self._db = db
         self._lock = threading.Lock()
-        self._clock = clock or (lambda: time.time_ns() // 1_000_000)
+        # One millisecond ahead of the wall clock: clients do not see the stamps of the cells
+        # they hold, so a write made in the same millisecond as one the server stamped (a
+        # reducer that created the row, answered just before) would tie on `ms` and could
+        # lose on the counter or the writer id: the write the app made last silently lost.
+        # 1 ms is far inside the server's drift bound (60 s), and ahead of any stamp made on
+        # this clock before the write was asked for.
+        self._clock = clock or (lambda: time.time_ns() // 1_000_000 + 1)
         self._ms = 0
         self._counter = 0
         self._totals: dict[str, tuple[int, int]] = {}

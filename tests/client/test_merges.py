@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,14 @@ def test_undo_goes_back_only_when_no_later_increment_moved_on() -> None:
 def test_cells_of_different_keys_do_not_collide() -> None:
     keys = {cell_key("t", pk, "c") for pk in (1, "1", b"1", True, "n1")}
     assert len(keys) == 5
+
+
+def test_a_stamp_is_ahead_of_every_stamp_made_on_this_clock_before_it() -> None:
+    """The default clock reads one millisecond ahead, so an LWW write beats one the server
+    stamped on the same clock before the write was asked for (a same-millisecond tie could
+    otherwise go to the server's writer id: a set_lww right after the row was created lost,
+    once, in test_crdt_helpers)."""
+    state = MergeState.memory()
+    before = time.time_ns() // 1_000_000
+    _value, ms, _counter, _writer = state.lww_op("x")
+    assert ms > before
