@@ -389,9 +389,12 @@ export class SyncdClient {
   /**
    * Set an `LWW[T]` cell, stamped with this client's hybrid logical clock and writer id. The
    * highest `(ms, counter, writer)` wins, so a device whose clock runs behind loses to one ahead.
+   * Stamps are taken one millisecond ahead of the wall clock: clients do not see the stamps of
+   * the cells they hold, so a write in the same millisecond as one the server stamped just
+   * before (a reducer that created the row) would tie on `ms` and could lose on the writer id.
    */
   setLww(table: string, pk: unknown, column: string, value: unknown): Promise<CallResult> {
-    const now = Date.now();
+    const now = Date.now() + 1;
     this.hlc = now > this.hlc.ms ? { ms: now, counter: 0 } : { ms: this.hlc.ms, counter: this.hlc.counter + 1 };
     return this.merge(table, pk, column, [value, this.hlc.ms, this.hlc.counter, this.writerId]);
   }
