@@ -237,6 +237,18 @@ async def _check_unversioned(schema: Schema, journal: Journal) -> None:
         )
 
 
+async def _payload_at(journal: Journal, offset: int) -> bytes | None:
+    """The payload of the transaction at `offset` (>= 1), from that one journal entry; None
+    when the journal does not hold it (pruned, or a new epoch starting there)."""
+    try:
+        entries = await journal.read(Offset(offset - 1), 1)
+    except LookupError:
+        return None
+    if entries and entries[0][0] == offset:
+        return entries[0][1]
+    return None
+
+
 async def cursor_version(journal: Journal, offset: int, head: int) -> int | None:
     """The stored schema version of the transaction at a client's cursor `offset`, from that one
     journal entry; None when it is not a transaction of this journal up to `head` (offset 0,
@@ -247,14 +259,11 @@ async def cursor_version(journal: Journal, offset: int, head: int) -> int | None
     """
     if not 1 <= offset <= head:
         return None
-    try:
-        entries = await journal.read(Offset(offset - 1), 1)
-    except LookupError:  # pruned
-        return None
-    if not entries or entries[0][0] != offset:
+    payload = await _payload_at(journal, offset)
+    if payload is None:
         return None
     try:
-        return payload_version(entries[0][1])
+        return payload_version(payload)
     except ValueError:
         return None
 
@@ -264,12 +273,9 @@ async def written_version(journal: Journal, offset: Offset) -> int | None:
     None when nothing was ever written."""
     if offset == 0:
         return None
-    try:
-        entries = await journal.read(Offset(offset - 1), 1)
-    except LookupError:  # pruned (or a new epoch starting there): the snapshot at it says
-        entries = []
-    if entries and entries[0][0] == offset:
-        return payload_version(entries[0][1])
+    payload = await _payload_at(journal, offset)
+    if payload is not None:
+        return payload_version(payload)
     latest = await journal.latest_snapshot()
     if latest is not None and latest[0] == offset:
         return snapshot.schema_version_of(latest[1])
