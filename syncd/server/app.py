@@ -559,6 +559,9 @@ class Server:
             await self.cluster.stop()
         elif self.started and self.leader is not None:
             await self.leader.aclose()
+        if self._broker_closing is not None:  # a replica that stopped serving began it
+            with contextlib.suppress(Exception):
+                await self._broker_closing
         await self.broker.aclose()
         if self.jwt is not None:
             await self.jwt.aclose()
@@ -581,15 +584,17 @@ class Server:
             return self.cluster.writer_journal
         return self.journal
 
-    def _snapshot_soon(self, why: str) -> None:
+    def _snapshot_soon(self, why: str | None = None) -> None:
         """Write a snapshot in the background now (through the usual path), unless snapshots
-        are off (`snapshot_every` 0), one is being written, or this process writes none."""
+        are off (`snapshot_every` 0), one is being written, or this process writes none.
+        `why`, if given, is logged (a snapshot out of the usual count)."""
         if (
             self.config.snapshot_every
             and self._snapshot_task is None
             and self._snapshot_journal() is not None
         ):
-            logger.warning("writing a snapshot %s", why)  # beside the migration's lines
+            if why is not None:
+                logger.warning("writing a snapshot %s", why)  # beside the migration's lines
             self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_quietly())
 
     def _after_migration(self, tx: Tx) -> None:
@@ -604,13 +609,8 @@ class Server:
 
     def _after_tx(self, tx: Tx) -> None:
         every = self.config.snapshot_every
-        if (
-            every
-            and tx.offset - self._last_snapshot >= every
-            and self._snapshot_task is None
-            and self._snapshot_journal() is not None
-        ):
-            self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_quietly())
+        if every and tx.offset - self._last_snapshot >= every:
+            self._snapshot_soon()
 
     async def _snapshot_quietly(self) -> None:
         try:
