@@ -4,6 +4,7 @@
     syncd generate typescript --from-url http://127.0.0.1:3000 --out src/generated
     syncd generate typescript schema/chat.py --out DIR --check   # exit 1 if DIR is stale
     syncd generate typescript --from-url http://HOST:PORT --out DIR --check  # against a server
+    syncd generate python schema/chat.py --out myapp/chat_bindings [--check]
 
 `--check` writes nothing. When the files differ it says which, and then, one line each, what
 in the committed bindings' `schema` const no longer matches the fresh schema in a way that
@@ -22,6 +23,7 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ _MAX_SCHEMA_BYTES = 16 << 20
 
 
 def add_generate_parser(subparsers: Any) -> None:
-    """Add `generate` (with its `typescript` target) to the `syncd` command's subparsers.
+    """Add `generate` (targets `typescript` and `python`) to the `syncd` subparsers.
 
     Args:
         subparsers: what `argparse.ArgumentParser.add_subparsers` returned.
@@ -82,6 +84,31 @@ def add_generate_parser(subparsers: Any) -> None:
         "(from the module or --from-url), listing what no longer matches, one line each",
     )
     ts.set_defaults(func=_typescript)
+    py = targets.add_parser(
+        "python",
+        help="Python bindings for syncd.client",
+        description="Write a typed Python package for syncd.client into --out (__init__.py, "
+        "py.typed): row TypedDicts, typed table handles with find_by_/filter_by_ lookups, "
+        "typed async and blocking reducer calls, and the SCHEMA literal. From a module file "
+        "the reducers' docstrings are kept; a server does not serve them.",
+    )
+    py_source = py.add_mutually_exclusive_group(required=True)
+    py_source.add_argument(
+        "module", nargs="?", help="path of the module, e.g. schema/chat.py", default=None
+    )
+    py_source.add_argument(
+        "--from-url",
+        metavar="URL",
+        help="a running server (http://HOST:PORT or ws://HOST:PORT/v1/ws): read GET /v1/schema",
+    )
+    py.add_argument("--out", required=True, metavar="DIR", help="package directory to write")
+    py.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if the files in --out differ from a fresh generation, "
+        "listing what no longer matches, one line each",
+    )
+    py.set_defaults(func=_python)
 
 
 def _typescript(args: argparse.Namespace) -> int:
@@ -91,15 +118,37 @@ def _typescript(args: argparse.Namespace) -> int:
         from syncd.server.loader import load_module_schema
 
         files = generate_from_schema(load_module_schema(args.module), runtime=args.runtime)
-    out = Path(args.out)
-    if args.check:
+    return _write_or_check(files, Path(args.out), args.check, "index.ts", bindings_schema)
+
+
+def _python(args: argparse.Namespace) -> int:
+    from syncd.codegen import python
+
+    if args.from_url:
+        files = python.generate(fetch_schema(args.from_url))
+    else:
+        from syncd.server.loader import load_module_schema
+
+        files = python.generate_from_schema(load_module_schema(args.module))
+    return _write_or_check(files, Path(args.out), args.check, "__init__.py", python.bindings_schema)
+
+
+def _write_or_check(
+    files: list[OutputFile],
+    out: Path,
+    check: bool,
+    main: str,
+    read_schema: Callable[[str], dict[str, Any] | None],
+) -> int:
+    if check:
         stale = stale_files(files, out)
         for name in stale:
             print(f"syncd generate: {out / name} is out of date", file=sys.stderr)
         if stale:
             fresh = {f.path: f.content for f in files}
-            for line in binding_differences(out / "index.ts", fresh.get("index.ts", "")):
-                print(f"syncd generate: {out / 'index.ts'}: {line}", file=sys.stderr)
+            lines = binding_differences(out / main, fresh.get(main, ""), read_schema)
+            for line in lines:
+                print(f"syncd generate: {out / main}: {line}", file=sys.stderr)
         return 1 if stale else 0
     for path in write_files(files, out):
         print(path)
@@ -168,17 +217,22 @@ def bindings_schema(text: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def binding_differences(committed: Path, fresh: str) -> list[str]:
+def binding_differences(
+    committed: Path,
+    fresh: str,
+    read_schema: Callable[[str], dict[str, Any] | None] | None = None,
+) -> list[str]:
     """Why the committed bindings at `committed` are stale against freshly generated `fresh`:
     the differences that break code using them, one line each; else one line saying the
     difference is only additions (or formatting), or that the file holds no bindings."""
     from syncd.client.schema import stale_differences
 
+    read = read_schema or bindings_schema
     try:
-        old = bindings_schema(committed.read_text(encoding="utf-8"))
+        old = read(committed.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError):
         return ["missing or unreadable: generate it"]
-    new = bindings_schema(fresh)
+    new = read(fresh)
     if old is None or new is None:
         return ["holds no generated schema const: generate it"]
     found = stale_differences(old, new)
