@@ -61,27 +61,12 @@ def add_generate_parser(subparsers: Any) -> None:
         "interfaces, typed table handles, typed reducer calls and the schema const. From a "
         "module file the reducers' docstrings become TSDoc comments; a server does not serve them.",
     )
-    source = ts.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "module", nargs="?", help="path of the module, e.g. schema/chat.py", default=None
-    )
-    source.add_argument(
-        "--from-url",
-        metavar="URL",
-        help="a running server (http://HOST:PORT or ws://HOST:PORT/v1/ws): read GET /v1/schema",
-    )
-    ts.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
+    _source_and_output(ts, "directory to write into")
     ts.add_argument(
         "--runtime",
         default=RUNTIME_PACKAGE,
         metavar="SPECIFIER",
         help=f"module the bindings import the runtime from (default {RUNTIME_PACKAGE})",
-    )
-    ts.add_argument(
-        "--check",
-        action="store_true",
-        help="write nothing; exit 1 if the files in --out differ from a fresh generation "
-        "(from the module or --from-url), listing what no longer matches, one line each",
     )
     ts.set_defaults(func=_typescript)
     py = targets.add_parser(
@@ -92,23 +77,28 @@ def add_generate_parser(subparsers: Any) -> None:
         "typed async and blocking reducer calls, and the SCHEMA literal. From a module file "
         "the reducers' docstrings are kept; a server does not serve them.",
     )
-    py_source = py.add_mutually_exclusive_group(required=True)
-    py_source.add_argument(
+    _source_and_output(py, "package directory to write")
+    py.set_defaults(func=_python)
+
+
+def _source_and_output(target: argparse.ArgumentParser, out_help: str) -> None:
+    """The arguments every target takes: MODULE or --from-url, --out, --check."""
+    source = target.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "module", nargs="?", help="path of the module, e.g. schema/chat.py", default=None
     )
-    py_source.add_argument(
+    source.add_argument(
         "--from-url",
         metavar="URL",
         help="a running server (http://HOST:PORT or ws://HOST:PORT/v1/ws): read GET /v1/schema",
     )
-    py.add_argument("--out", required=True, metavar="DIR", help="package directory to write")
-    py.add_argument(
+    target.add_argument("--out", required=True, metavar="DIR", help=out_help)
+    target.add_argument(
         "--check",
         action="store_true",
-        help="write nothing; exit 1 if the files in --out differ from a fresh generation, "
-        "listing what no longer matches, one line each",
+        help="write nothing; exit 1 if the files in --out differ from a fresh generation "
+        "(from the module or --from-url), listing what no longer matches, one line each",
     )
-    py.set_defaults(func=_python)
 
 
 def _typescript(args: argparse.Namespace) -> int:

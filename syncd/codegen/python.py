@@ -35,11 +35,13 @@ from typing import Any
 from syncd.codegen.typescript import (
     OutputFile,
     _Module,
+    _Names,
     _parse,
     _Reducer,
     _Table,
     _Type,
     describe_public,
+    enum_types,
     reducer_docs,
 )
 from syncd.core.schema import Schema
@@ -135,22 +137,9 @@ def snake_case(name: str) -> str:
     return "r_" + ident if ident.startswith("_") else ident
 
 
-class _Names:
-    """Hands out unique names in one scope, first come first served."""
-
-    def __init__(self, taken: Iterable[str] = ()) -> None:
-        self.taken: set[str] = set(taken) | _TAKEN_EVERYWHERE
-
-    def claim(self, preferred: str, suffix: str = "") -> str:
-        name = preferred
-        if name in self.taken and suffix:
-            preferred = name = preferred + suffix
-        n = 1
-        while name in self.taken:
-            n += 1
-            name = f"{preferred}{n}"
-        self.taken.add(name)
-        return name
+def _names(taken: Iterable[str] = ()) -> _Names:
+    """A name scope in which keywords are never handed out."""
+    return _Names([*taken, *_TAKEN_EVERYWHERE])
 
 
 def _docstring(text: str, indent: str) -> list[str]:
@@ -212,10 +201,10 @@ class _Emitter:
     def __init__(self, module: _Module, docs: Mapping[str, str]) -> None:
         self.module = module
         self.docs = docs
-        self.names = _Names([*_FIXED, *dir(builtins)])
+        self.names = _names([*_FIXED, *dir(builtins)])
         # Claimed in a fixed order (enums, rows, handles), so names depend only on the schema.
         self.enum_names: dict[tuple[str, tuple[str, ...]], str] = {}
-        for t in self._enum_types():
+        for t in enum_types(self.module):
             key = (t.enum_name, t.enum_values)
             if key not in self.enum_names:
                 self.enum_names[key] = self.names.claim(pascal_case(t.enum_name), "Enum")
@@ -229,29 +218,10 @@ class _Emitter:
             t.name: self.names.claim("Sync" + pascal_case(t.name) + "Table", "Handle")
             for t in module.tables
         }
-        attrs = _Names(["connection"])
+        attrs = _names(["connection"])
         self.db_attrs = {t.name: attrs.claim(snake_case(t.name)) for t in module.tables}
-        methods = _Names(["connection"])
+        methods = _names(["connection"])
         self.reducer_methods = {r.name: methods.claim(snake_case(r.name)) for r in module.reducers}
-
-    def _enum_types(self) -> list[_Type]:
-        found: list[_Type] = []
-
-        def visit(t: _Type) -> None:
-            if t.kind == "enum":
-                found.append(t)
-            elif t.inner is not None:
-                visit(t.inner)
-
-        for table in self.module.tables:
-            for c in table.columns:
-                visit(c.type)
-        for r in self.module.reducers:
-            for p in r.params:
-                visit(p.type)
-            if r.returns is not None:
-                visit(r.returns)
-        return found
 
     def py_type(self, t: _Type) -> str:
         """The Python type of a value as the client delivers it (and takes it in a call)."""
@@ -343,7 +313,7 @@ class _Emitter:
         unique = [table.primary_key]
         unique += [i.columns[0] for i in table.indexes if len(i.columns) == 1 and i.unique]
         indexed = [i.columns[0] for i in table.indexes if i.columns]
-        methods = _Names("cache connection name rows on_insert on_update on_delete".split())
+        methods = _names("cache connection name rows on_insert on_update on_delete".split())
         found: list[tuple[str, str, str, bool]] = []
         seen: set[str] = set()
         for column, is_unique in [*((c, True) for c in unique), *((c, False) for c in indexed)]:
@@ -410,7 +380,7 @@ class _Emitter:
         return "\n".join(lines) + "\n"
 
     def reducer_method(self, r: _Reducer, *, sync: bool) -> list[str]:
-        params = _Names(["self", "idempotency_key", "timeout"])
+        params = _names(["self", "idempotency_key", "timeout"])
         args: list[str] = []
         names: list[str] = []
         for p in r.params:

@@ -360,6 +360,27 @@ def _property(name: str) -> str:
     return name if _IDENTIFIER.match(name) else json.dumps(name)
 
 
+def enum_types(module: _Module) -> list[_Type]:
+    """Every enum type the module's public tables and reducers use, in order of first use."""
+    found: list[_Type] = []
+
+    def visit(t: _Type) -> None:
+        if t.kind == "enum":
+            found.append(t)
+        elif t.inner is not None:
+            visit(t.inner)
+
+    for table in module.tables:
+        for c in table.columns:
+            visit(c.type)
+    for r in module.reducers:
+        for p in r.params:
+            visit(p.type)
+        if r.returns is not None:
+            visit(r.returns)
+    return found
+
+
 class _Names:
     """Hands out unique names in one scope, first come first served."""
 
@@ -447,24 +468,7 @@ class _Emitter:
                 self.enum_names[key] = self.names.claim(pascal_case(ctype.enum_name), "Enum")
 
     def _types(self) -> list[_Type]:
-        """Every enum type used, in order of first appearance."""
-        found: list[_Type] = []
-
-        def visit(t: _Type) -> None:
-            if t.kind == "enum":
-                found.append(t)
-            elif t.inner is not None:
-                visit(t.inner)
-
-        for table in self.module.tables:
-            for c in table.columns:
-                visit(c.type)
-        for r in self.module.reducers:
-            for p in r.params:
-                visit(p.type)
-            if r.returns is not None:
-                visit(r.returns)
-        return found
+        return enum_types(self.module)
 
     def ts_type(self, t: _Type) -> str:
         """The TypeScript type of a column's or argument's value, as the runtime delivers it."""
