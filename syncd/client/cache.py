@@ -399,6 +399,13 @@ class RowCache:
         self._on_commit.append(callback)
         return CallbackHandle(self._on_commit, callback)
 
+    def holder_rows(self) -> list[tuple[HolderKey, str, list[Row]]]:
+        """Every query's (holder, table, rows), for saving the cache."""
+        return [
+            (key, h.table.name, [h.table._rows[pk] for pk in h.keys])
+            for key, h in self._holders.items()
+        ]
+
     def holders(self) -> list[HolderKey]:
         """Every query holding rows (or registered with none)."""
         return list(self._holders)

@@ -77,6 +77,7 @@ from syncd.client.schema import (
     type_text,
     value_fits,
 )
+from syncd.client.store import FLUSH_EVERY, ClientStore, SavedState
 from syncd.core.ids import ConnectionId, Epoch, Identity, Offset, QuerySetId, RequestId
 from syncd.core.protocol.codec import Codec, Format
 from syncd.core.protocol.messages import (
@@ -254,6 +255,8 @@ class Connection:
         expect_schema: Mapping[str, Any] | None = None,
         merge_state: MergeState | None = None,
         owns_merge_state: bool = False,
+        store: ClientStore | None = None,
+        owns_store: bool = False,
     ) -> None:
         #: Where the server is (the one of `endpoints` in use).
         self.endpoint = endpoint
@@ -344,6 +347,16 @@ class Connection:
         # Closed with the connection when `connect` opened it (from a path).
         self._owns_merge_state = owns_merge_state
         self._warned_memory_counter = False
+        #: The file the cache, cursor and unsent writes are kept in (`connect(store=...)`).
+        self.store = store
+        self._owns_store = owns_store
+        # A write of the cache to the store is due (a task waiting FLUSH_EVERY), or None.
+        self._save_task: asyncio.Task[None] | None = None
+        #: Calls and merges made before the app last stopped and not answered then, sent
+        #: again with their idempotency keys (from `store`); each resolves as its call would.
+        self.restored: list[asyncio.Task[Any]] = []
+        if store is not None:
+            self._cache.on_commit(self._save_soon)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open" if self._connected else "reconnecting"
@@ -463,9 +476,14 @@ class Connection:
         wire_args = list(args)
         for position, arg in enumerate(wire_args):
             _check_plain(arg, f"argument {position} of {reducer!r}")
-        answer: ReducerResult = await self._request(
-            "call",
-            lambda rid: CallReducer(rid, reducer, wire_args, idempotency_key=key),
+        self._check_open()
+        seq = self._save_write("call", [reducer, wire_args, key])
+        answer: ReducerResult = await self._kept_until_answered(
+            seq,
+            self._request(
+                "call",
+                lambda rid: CallReducer(rid, reducer, wire_args, idempotency_key=key),
+            ),
         )
         value = answer.value
         if self.fmt == "json" and isinstance(value, str):
@@ -496,10 +514,118 @@ class Connection:
         """
         _check_plain(pk, "the primary key")
         _check_plain(op, "the operation")
-        answer: ReducerResult = await self._request(
-            "merge", lambda rid: MergeCrdt(rid, table, pk, column, op)
+        self._check_open()
+        seq = self._save_write("merge", [table, pk, column, op])
+        answer: ReducerResult = await self._kept_until_answered(
+            seq, self._request("merge", lambda rid: MergeCrdt(rid, table, pk, column, op))
         )
         return answer.offset
+
+    # -- the store -----------------------------------------------------------------------------
+
+    def _save_write(self, kind: Literal["call", "merge"], body: list[Any]) -> int | None:
+        """Save an unsent write before it is sent (None: no store)."""
+        if self.store is None:
+            return None
+        try:
+            return self.store.add_write(kind, body)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"the {kind} cannot be saved in the client store: {exc}") from None
+
+    async def _kept_until_answered(self, seq: int | None, request: Awaitable[Any]) -> Any:
+        """Await `request`; forget its saved write once the server answered (ok or refused),
+        keep it when the connection ended first (it is sent again at the next start)."""
+        answered = False
+        try:
+            result = await request
+            answered = True
+            return result
+        except (ConnectionClosed, asyncio.CancelledError):
+            raise
+        except BaseException:
+            answered = True  # the server refused it (or it could not be encoded): final
+            raise
+        finally:
+            if answered and seq is not None and self.store is not None:
+                self.store.remove_write(seq)
+
+    def _restore(self, saved: SavedState, *, rows: bool) -> None:
+        """Take up a store's state: query sets, rows and cursor (when `rows`: the server's
+        schema is the one they were saved under), token and unsent writes."""
+        if self.token is None and saved.token is not None:
+            self.token = saved.token
+        if saved.identity:
+            self.identity = Identity(saved.identity)
+        for qs_id, queries in sorted(saved.query_sets.items()):
+            sub = Subscription(self, QuerySetId(qs_id), queries)
+            sub.state = "live"
+            self._query_sets[sub.query_set_id] = sub
+            self._next_query_set = max(self._next_query_set, qs_id)
+        if rows:
+            with self._cache.transaction():
+                for holder, (table, table_rows) in saved.holders.items():
+                    if holder[0] in saved.query_sets and table in self.schema.tables:
+                        self._cache.upsert(holder, table, table_rows)
+            self._cursor = saved.cursor
+        loop = asyncio.get_running_loop()
+        for write in saved.writes:
+            if write.kind == "call":
+                reducer, args, key = write.body
+                self.restored.append(
+                    loop.create_task(self._resend_call(write.seq, reducer, args, key))
+                )
+            else:
+                table, pk, column, op = write.body
+                self.restored.append(
+                    loop.create_task(self._resend_merge(write.seq, table, pk, column, op))
+                )
+
+    async def _resend_call(self, seq: int, reducer: str, args: list[Any], key: str) -> Any:
+        try:
+            return await self._kept_until_answered(
+                seq,
+                self._request(
+                    "call", lambda rid: CallReducer(rid, reducer, args, idempotency_key=key)
+                ),
+            )
+        except ConnectionClosed:
+            raise
+        except Exception as exc:
+            logger.warning("a call to %s saved before a restart failed: %s", reducer, exc)
+            raise
+
+    async def _resend_merge(self, seq: int, table: str, pk: Any, column: str, op: Any) -> Any:
+        return await self._kept_until_answered(
+            seq, self._request("merge", lambda rid: MergeCrdt(rid, table, pk, column, op))
+        )
+
+    def _save_soon(self) -> None:
+        if self.store is None or self._save_task is not None or self._closing:
+            return
+        self._save_task = asyncio.get_running_loop().create_task(self._save_later())
+
+    async def _save_later(self) -> None:
+        try:
+            await asyncio.sleep(FLUSH_EVERY)
+        finally:
+            self._save_task = None
+        # Mid-handshake this saves nothing (rows ahead of the cursor); the handshake's end
+        # asks for another save.
+        self._save_now()
+
+    def _save_now(self) -> None:
+        """Write the cache, the live query sets and the cursor, if they are consistent."""
+        store = self.store
+        if store is None or (self._ws is not None and not self._connected):
+            return
+        live = {int(i): list(s.queries) for i, s in self._query_sets.items() if s.state == "live"}
+        holders = [
+            (key, table, rows) for key, table, rows in self._cache.holder_rows() if key[0] in live
+        ]
+        try:
+            store.save_cache(self._cursor, live, holders)
+        except Exception:
+            logger.exception("could not save the client cache to %s", store.path)
 
     @property
     def writer_id(self) -> str:
@@ -687,7 +813,19 @@ class Connection:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        save = self._save_task
+        if save is not None:
+            save.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await save
+        # Before `_finish` ends the query sets: their rows are what the next start serves.
+        self._save_now()
         self._finish(CloseCode.NORMAL, "closed by the client")
+        for restored in self.restored:
+            with contextlib.suppress(BaseException):
+                await restored
+        if self.store is not None and self._owns_store:
+            self.store.close()
         if self._owns_merge_state:
             self.merge_state.close()
 
@@ -747,6 +885,16 @@ class Connection:
             self._end_query_set(sub, "ended")
 
     # -- connecting --------------------------------------------------------------------------
+
+    def _start_offline(self) -> None:
+        """Serve from the restored cache and connect when the server can be reached."""
+
+        async def run() -> None:
+            await self._run(await self._reconnect_loop())
+
+        self._task = asyncio.get_running_loop().create_task(
+            run(), name=f"syncd-client {self.endpoint.ws_url} (offline)"
+        )
 
     async def _start(self) -> None:
         """Open the first connection; raise on failure (no automatic retry here)."""
@@ -843,6 +991,11 @@ class Connection:
             self._cursor = (self._epoch, self._welcome_offset)
         await self._flush_pending()
         self._up_since = asyncio.get_running_loop().time()
+        if self.store is not None:
+            described = self.schema.described
+            if described is not None:
+                self.store.save_identity(dict(described), self.token, self.identity)
+            self._save_soon()
 
     async def _flush_pending(self) -> None:
         """Send every request not sent on this socket yet, oldest first, then go live."""
@@ -1236,6 +1389,7 @@ class Connection:
     def _end_query_set(self, sub: Subscription, state: SubscriptionState) -> None:
         if self._query_sets.pop(sub.query_set_id, None) is not None:
             self._cache.release(sub.query_set_id)
+            self._save_soon()
         if sub.state in ("pending", "live"):
             sub.state = state
         # A subscribe() still waiting (unsubscribed before it was applied) returns the set.
@@ -1344,6 +1498,7 @@ def connect(
     expect_schema: Mapping[str, Any] | None = None,
     merge_state: MergeState | str | os.PathLike[str] | None = None,
     writer_id: str | None = None,
+    store: str | os.PathLike[str] | None = None,
 ) -> _Connect:
     """Connect to a syncd server: ``conn = await connect(url)`` or ``async with connect(url)``.
 
@@ -1379,6 +1534,13 @@ def connect(
             its reconnects). See `syncd.client.merges`.
         writer_id: the writer id to use (say, a device id the app keeps), when the file is
             created or for the memory state; a random one when None.
+        store: a SQLite file (created on first use) that keeps the row cache, the query sets,
+            the cursor, the token and every call and merge not answered yet (see
+            `syncd.client.store`). With it, `connect` while the server is unreachable returns a
+            connection that serves the saved rows, queues writes, and connects (resuming)
+            when it can; writes left unanswered when the app stopped are sent again at the
+            next start with their idempotency keys (`Connection.restored`). Without
+            `merge_state`, the merge state lives in the same file.
 
     Returns:
         An awaitable that is also an async context manager (closing the connection on exit).
@@ -1402,14 +1564,25 @@ def connect(
         raise InvalidURL("expected a URL like ws://127.0.0.1:3000, got an empty list")
     endpoints = [Endpoint.parse(u) for u in urls]
 
-    async def attempt(endpoint: Endpoint, first: str | None) -> Connection:
+    async def fetch(endpoint: Endpoint, first: str | None) -> ClientSchema:
         try:
             async with asyncio.timeout(open_timeout):
-                schema = await endpoint.fetch_schema(token=first, http_timeout=open_timeout)
+                return await endpoint.fetch_schema(token=first, http_timeout=open_timeout)
         except TimeoutError:
             raise ConnectFailed(
                 endpoint.ws_url, f"no answer from {endpoint.schema_url} within {open_timeout:g}s"
             ) from None
+
+    async def attempt(
+        endpoint: Endpoint,
+        first: str | None,
+        schema: ClientSchema | None = None,
+        saved: SavedState | None = None,
+        client_store: ClientStore | None = None,
+    ) -> Connection:
+        offline = schema is not None
+        if schema is None:
+            schema = await fetch(endpoint, first)
         stale = _stale(expect_schema, schema)
         if stale is not None:
             raise stale
@@ -1418,6 +1591,8 @@ def connect(
             conn = Connection(
                 endpoint,
                 schema,
+                store=client_store,
+                owns_store=client_store is not None,
                 token=first,
                 get_token=get_token,
                 reconnect=reconnect,
@@ -1430,7 +1605,13 @@ def connect(
                 merge_state=state,
                 owns_merge_state=owned,
             )
-            await conn._start()
+            if saved is not None:
+                same = saved.schema is not None and saved.schema == dict(schema.described or {})
+                conn._restore(saved, rows=same)
+            if offline:
+                conn._start_offline()
+            else:
+                await conn._start()
         except BaseException:
             if owned:
                 state.close()
@@ -1445,6 +1626,8 @@ def connect(
                     f"{merge_state.writer_id!r}"
                 )
             return merge_state, False
+        if merge_state is None and store is not None:
+            return MergeState.open(store, writer_id=writer_id), True
         if merge_state is None:
             return MergeState.memory(writer_id), False
         return MergeState.open(merge_state, writer_id=writer_id), True
@@ -1453,11 +1636,33 @@ def connect(
         first = token
         if first is None and get_token is not None:
             first = await _call_token_source(get_token)
-        for endpoint in endpoints[:-1]:
-            try:
-                return await attempt(endpoint, first)
-            except ConnectFailed as exc:
-                logger.info("%s; trying the next replica", exc)
-        return await attempt(endpoints[-1], first)
+        if store is None:
+            for endpoint in endpoints[:-1]:
+                try:
+                    return await attempt(endpoint, first)
+                except ConnectFailed as exc:
+                    logger.info("%s; trying the next replica", exc)
+            return await attempt(endpoints[-1], first)
+        client_store = await asyncio.to_thread(ClientStore, store)
+        try:
+            saved = client_store.load()
+            if first is None and saved.token is not None:
+                first = saved.token
+            failure: ConnectFailed | None = None
+            for endpoint in endpoints:
+                try:
+                    return await attempt(endpoint, first, None, saved, client_store)
+                except ConnectFailed as exc:
+                    logger.info("%s", exc)
+                    failure = exc
+            assert failure is not None
+            if saved.schema is None:
+                raise failure  # never connected: nothing to serve offline
+            logger.info("serving %s offline until the server is reachable", store)
+            schema = ClientSchema.from_json(saved.schema)
+            return await attempt(endpoints[0], first, schema, saved, client_store)
+        except BaseException:
+            client_store.close()
+            raise
 
     return _Connect(make)
