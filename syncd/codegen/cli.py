@@ -182,6 +182,8 @@ def fetch_schema(url: str, *, timeout: float = 10.0) -> dict[str, Any]:
         described = json.loads(body)
     except ValueError as exc:
         raise ConfigError(f"GET {endpoint.schema_url} did not return JSON ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"GET {endpoint.schema_url} returned JSON nested too deep") from None
     if not isinstance(described, dict):
         raise ConfigError(f"GET {endpoint.schema_url} did not return a JSON object")
     # Not recorded in the bindings: the stored schema version describes a server's data, not

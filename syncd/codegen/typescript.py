@@ -185,6 +185,11 @@ class _Module:
     public: dict[str, Any]
 
 
+#: Deepest nesting of option/lww types accepted in a schema (a hostile one could recurse until
+#: the generator's stack overflows).
+_MAX_TYPE_DEPTH = 8
+
+
 class _Reader:
     """Reads the untrusted JSON, collecting every problem instead of stopping at the first."""
 
@@ -215,11 +220,16 @@ class _Reader:
         self.problems.append(f"{where}: expected true or false, got {_kind_of(value)}")
         return False
 
-    def type(self, value: object, where: str) -> _Type:
+    def type(self, value: object, where: str, depth: int = 0) -> _Type:
         described = self.obj(value, where)
         kind = self.text(described.get("kind"), f"{where}.kind")
         if kind in ("option", "lww"):
-            return _Type(kind, inner=self.type(described.get("inner"), f"{where}.inner"))
+            if depth >= _MAX_TYPE_DEPTH:
+                # syncd types nest two deep at most (`LWW[T | None]`); a deeper one is not ours.
+                self.problems.append(f"{where}: types nested more than {_MAX_TYPE_DEPTH} deep")
+                return _Type("json")
+            inner = self.type(described.get("inner"), f"{where}.inner", depth + 1)
+            return _Type(kind, inner=inner)
         if kind == "enum":
             name = self.text(described.get("name"), f"{where}.name")
             values = tuple(

@@ -266,6 +266,13 @@ def test_generation_is_deterministic_and_from_json_equals_from_module() -> None:
 def test_malformed_schema_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="not a syncd schema"):
         generate({"module": 3, "tables": "x"})
+    # Nested past any syncd type: a message, not a RecursionError.
+    deep: dict[str, Any] = {"kind": "i64"}
+    for _ in range(5000):
+        deep = {"kind": "option", "inner": deep}
+    table = {"name": "t", "primary_key": "a", "columns": [{"name": "a", "type": deep}]}
+    with pytest.raises(ConfigError, match="nested more than 8 deep"):
+        generate({"module": "m", "tables": [table], "reducers": []})
 
 
 def test_schema_literal_is_read_never_executed(tmp_path: Path) -> None:
