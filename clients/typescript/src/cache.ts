@@ -129,6 +129,11 @@ export class TableState<R extends object = Row> implements TableCache<R> {
     return [...this.byKey.values()];
   }
 
+  /** @internal The row stored under a canonical key (for saving the cache). */
+  rowByKey(key: string): R | undefined {
+    return this.byKey.get(key);
+  }
+
   /** The server's schema changed: take the new `info`, rebuilding the indexes it asks for. */
   setInfo(info: TableInfo): void {
     this.info = info;
@@ -418,6 +423,36 @@ export class ClientCache {
   /** The rows of an event table's update: each fires `onInsert`, none is kept (no key set). */
   private deliver(table: TableState, update: QueryUpdate, base64Bytes: boolean): void {
     for (const wire of [...update.inserts, ...update.updates]) table.event(table.info.row(wire, base64Bytes));
+  }
+
+  /** Every query's rows, for saving the cache (`connect({ store })`). */
+  dump(): Array<{ querySetId: number; queryIndex: number; table: string; rows: Row[] }> {
+    const out: Array<{ querySetId: number; queryIndex: number; table: string; rows: Row[] }> = [];
+    for (const [id, ks] of this.keySets) {
+      const [querySetId, queryIndex] = id.split(":").map(Number) as [number, number];
+      const rows: Row[] = [];
+      for (const key of ks.keys) {
+        const row = ks.table.rowByKey(key);
+        if (row !== undefined) rows.push(row);
+      }
+      out.push({ querySetId, queryIndex, table: ks.table.info.name, rows });
+    }
+    return out;
+  }
+
+  /** Put saved rows back under `(s, i)` (a start from a store). Inside a batch. */
+  restore(querySetId: number, queryIndex: number, tableName: string, rows: Row[]): void {
+    const table = this.table(tableName);
+    if (table.info.events) return;
+    const ks = this.keySet(querySetId, queryIndex, table);
+    for (const row of rows) {
+      const key = keyOf(row[table.info.primaryKey]);
+      table.store(key, row);
+      if (!ks.keys.has(key)) {
+        ks.keys.add(key);
+        table.addRef(key);
+      }
+    }
   }
 
   /** Drop query indexes at or past `queryCount` of a set (a snapshot with fewer queries). */

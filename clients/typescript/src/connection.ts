@@ -24,6 +24,7 @@ import {
 import { jwtExpiryMs, refreshDelayMs } from "./jwt.js";
 import { makeCodec, type ClientMessage, type Codec, type Cursor, type ServerMessage } from "./protocol.js";
 import { ClientSchema, schemaUrl, staleDifferences, wsUrl, type SchemaJson } from "./schema.js";
+import type { ClientStore, SavedState, SavedWrite } from "./store.js";
 import type {
   CallOptions,
   CallResult,
@@ -206,8 +207,20 @@ export class SyncdClient {
   private readonly connectListeners = new Set<(info: ConnectInfo) => void>();
   private readonly disconnectListeners = new Set<(info: DisconnectInfo) => void>();
 
+  // `connect({ store })`: where the cache and unsent writes are kept, and the pending save.
+  private readonly store: ClientStore | null;
+  private saveTimer: Timer | null = null;
+  // Saves of writes, in order: a write is sent only once it is saved.
+  private storeChain: Promise<void> = Promise.resolve();
+  private writeSeq = Date.now() * 1000;
+  /**
+   * Calls and merges saved before the app last stopped and not answered then, sent again (with
+   * their idempotency keys) by this client; each settles as its call would have.
+   */
+  readonly restored: Array<Promise<CallResult>> = [];
+
   // Merge helpers: this client's writer id, HLC state and counter totals.
-  private readonly writerId = randomId();
+  private writerId = randomId();
   private hlc = { ms: 0, counter: 0 };
   private readonly counterTotals = new Map<string, { p: number; n: number }>();
 
@@ -232,6 +245,7 @@ export class SyncdClient {
     this.backoff = new Backoff(policy);
     this.stableMs = policy.stableMs ?? 5_000;
     this.tokenValue = options.token ?? null;
+    this.store = options.store ?? null;
     if (options.onConnect) this.connectListeners.add(options.onConnect);
     if (options.onDisconnect) this.disconnectListeners.add(options.onDisconnect);
   }
@@ -367,13 +381,17 @@ export class SyncdClient {
     if (typeof reducer !== "string" || reducer === "") throw new TypeError("call: reducer must be a non-empty string");
     if (!Array.isArray(args)) throw new TypeError("call: args must be an array");
     const key = options.idempotencyKey ?? `${this.writerId}-${randomId()}`;
-    return this.resultRequest<T>(reducer, key, (request_id) => ({
-      type: "call",
-      request_id,
-      reducer,
-      args,
-      idempotency_key: key,
-    }));
+    const saved: SavedWrite | null =
+      this.store === null ? null : { id: key, seq: this.writeSeq++, kind: "call", reducer, args, idempotencyKey: key };
+    return this.savedRequest<T>(saved, () =>
+      this.resultRequest<T>(reducer, key, (request_id) => ({
+        type: "call",
+        request_id,
+        reducer,
+        args,
+        idempotency_key: key,
+      })),
+    );
   }
 
   /**
@@ -383,7 +401,148 @@ export class SyncdClient {
    * merge in flight during a drop is simply sent again.
    */
   merge(table: string, pk: unknown, column: string, op: unknown): Promise<CallResult> {
-    return this.resultRequest("merge", null, (request_id) => ({ type: "merge", request_id, table, pk, column, op }));
+    const saved: SavedWrite | null =
+      this.store === null ? null : { id: `m-${randomId()}`, seq: this.writeSeq++, kind: "merge", table, pk, column, op };
+    return this.savedRequest(saved, () =>
+      this.resultRequest("merge", null, (request_id) => ({ type: "merge", request_id, table, pk, column, op })),
+    );
+  }
+
+  /**
+   * With a store: save `saved` first (in order with other writes), then make the request; forget
+   * the write once the server answered it (done or refused), keep it when the client stopped
+   * before an answer (it is sent again at the next start).
+   */
+  private savedRequest<T>(saved: SavedWrite | null, make: () => Promise<CallResult<T>>, alreadySaved = false): Promise<CallResult<T>> {
+    const store = this.store;
+    if (store === null || saved === null) return make();
+    const before = alreadySaved ? this.storeChain : this.storeChain.then(() => store.addWrite(saved));
+    this.storeChain = before.catch(() => {});
+    const forget = () => {
+      store.removeWrite(saved.id).catch((error: unknown) => this.reportError(error));
+    };
+    return before.then(make).then(
+      (result) => {
+        forget();
+        return result;
+      },
+      (error: unknown) => {
+        if (!(error instanceof ConnectionError)) forget();
+        throw error;
+      },
+    );
+  }
+
+  /** @internal Take up a store's state (`rows`: the server's schema is the one they were saved under). */
+  restoreFrom(state: SavedState | null, writes: SavedWrite[], rows: boolean): void {
+    if (state !== null) {
+      if (this.tokenValue === null && state.token !== null) this.tokenValue = state.token;
+      if (state.identity !== null) this.identityValue = state.identity;
+      if (state.merges !== undefined) {
+        // The same writer id and totals: increments made before the restart are not lost.
+        this.writerId = state.merges.writerId;
+        this.hlc = { ms: state.merges.ms, counter: state.merges.counter };
+        for (const [id, p, n] of state.merges.totals) this.counterTotals.set(id, { p, n });
+      }
+      for (const saved of state.querySets) {
+        const set = new QuerySetState(this, saved.querySetId, [...saved.queries]);
+        set.status = "live";
+        set.markApplied();
+        this.querySets.set(set.querySetId, set);
+        this.nextQuerySetId = Math.max(this.nextQuerySetId, saved.querySetId + 1);
+      }
+      if (rows) {
+        this.cache.batch(() => {
+          for (const saved of state.querySets) {
+            for (const h of saved.holders) {
+              if (this.schema.tables.has(h.table)) this.cache.restore(saved.querySetId, h.queryIndex, h.table, h.rows);
+            }
+          }
+        });
+        this.cursorValue = state.cursor;
+      }
+    }
+    for (const w of writes) {
+      this.writeSeq = Math.max(this.writeSeq, w.seq + 1);
+      this.adoptTotals(w);
+      const make =
+        w.kind === "call"
+          ? () =>
+              this.resultRequest(w.reducer, w.idempotencyKey, (request_id) => ({
+                type: "call",
+                request_id,
+                reducer: w.reducer,
+                args: w.args,
+                idempotency_key: w.idempotencyKey,
+              }))
+          : () =>
+              this.resultRequest("merge", null, (request_id) => ({
+                type: "merge",
+                request_id,
+                table: w.table,
+                pk: w.pk,
+                column: w.column,
+                op: w.op,
+              }));
+      const p = this.savedRequest(w, make, true);
+      p.catch(() => {}); // settled through `restored`; not an unhandled rejection
+      this.restored.push(p);
+    }
+  }
+
+  /** An unsent increment holds newer totals than the last saved state: continue from them. */
+  private adoptTotals(w: SavedWrite): void {
+    if (w.kind !== "merge" || !Array.isArray(w.op)) return;
+    for (const entry of w.op as unknown[]) {
+      if (!Array.isArray(entry) || entry.length !== 3 || entry[0] !== this.writerId) continue;
+      const [, p, n] = entry as [string, unknown, unknown];
+      if (typeof p !== "number" || typeof n !== "number") continue;
+      const id = `${w.table}\u0000${w.column}\u0000${keyOf(w.pk)}`;
+      const known = this.counterTotals.get(id) ?? { p: 0, n: 0 };
+      this.counterTotals.set(id, { p: Math.max(known.p, p), n: Math.max(known.n, n) });
+    }
+  }
+
+  /** The live query sets (also those restored from a store). */
+  get subscriptions(): SubscriptionHandle[] {
+    return [...this.querySets.values()].filter((s) => s.status === "live" || s.status === "pending");
+  }
+
+  private saveSoon(): void {
+    if (this.store === null || this.saveTimer !== null || this.closed) return;
+    this.saveTimer = setTimeout(() => {
+      this.saveTimer = null;
+      this.saveNow();
+    }, 200);
+  }
+
+  /** Save rows, live sets and cursor, unless a resume is half done (rows ahead of the cursor). */
+  private saveNow(): void {
+    const store = this.store;
+    if (store === null || this.helloPending.size > 0) return;
+    const live = [...this.querySets.values()].filter((s) => s.status === "live");
+    const liveIds = new Set(live.map((s) => s.querySetId));
+    const holders = new Map<number, SavedState["querySets"][number]["holders"]>();
+    for (const d of this.cache.dump()) {
+      if (!liveIds.has(d.querySetId)) continue;
+      const list = holders.get(d.querySetId) ?? [];
+      list.push({ queryIndex: d.queryIndex, table: d.table, rows: d.rows });
+      holders.set(d.querySetId, list);
+    }
+    const state: SavedState = {
+      schema: this.schema.json,
+      token: this.tokenValue,
+      identity: this.identityValue,
+      cursor: this.cursorValue,
+      querySets: live.map((s) => ({ querySetId: s.querySetId, queries: [...s.queries], holders: holders.get(s.querySetId) ?? [] })),
+      merges: {
+        writerId: this.writerId,
+        ms: this.hlc.ms,
+        counter: this.hlc.counter,
+        totals: [...this.counterTotals].map(([id, t]) => [id, t.p, t.n] as [string, number, number]),
+      },
+    };
+    store.saveState(state).catch((error: unknown) => this.reportError(error));
   }
 
   /**
@@ -481,6 +640,9 @@ export class SyncdClient {
    * `ConnectionError`. The cache keeps its rows. Idempotent.
    */
   close(): Promise<void> {
+    if (this.saveTimer !== null) clearTimeout(this.saveTimer);
+    this.saveTimer = null;
+    if (!this.closedByUser && this.terminal === null) this.saveNow();
     if (this.closedByUser || this.terminal !== null) {
       this.closedByUser = true;
       this.clearTimers();
@@ -608,6 +770,11 @@ export class SyncdClient {
     return this.urls[this.urlIndex] ?? this.urls[0] ?? "";
   }
 
+  /** @internal Work from the restored cache; connect (and resume) when the server answers. */
+  startOffline(): void {
+    void this.openSocket();
+  }
+
   start(): Promise<void> {
     return new Promise<void>((resolve, reject) => {
       this.firstWelcome = { resolve, reject };
@@ -704,6 +871,7 @@ export class SyncdClient {
   }
 
   private handleAll(messages: ServerMessage[]): void {
+    this.saveSoon();
     this.cache.batch(() => {
       for (const msg of messages) {
         if (this.held !== null) {
@@ -1114,8 +1282,10 @@ function randomId(): string {
  * reconnects by itself (unless `reconnect: false`).
  */
 export async function connect(options: ConnectOptions): Promise<SyncdClient> {
+  const saved = options.store !== undefined ? await options.store.load() : null;
   let schema = options.schema;
   let fetched = false;
+  let offline = false;
   const fetchImpl = options.fetch ?? (globalThis as { fetch?: ConnectOptions["fetch"] }).fetch;
   if (schema === undefined && options.bindings !== undefined && fetchImpl === undefined) schema = options.bindings;
   if (schema === undefined) {
@@ -1140,6 +1310,11 @@ export async function connect(options: ConnectOptions): Promise<SyncdClient> {
     }
     // Unreadable (a page on another origin, without CORS): the bindings are the schema, unchecked,
     // and a server that is down fails the WebSocket attempt below just the same.
+    if (schema === undefined && saved?.state) {
+      // The server is unreachable, but this store holds a schema: work from the saved cache.
+      schema = saved.state.schema;
+      offline = true;
+    }
     if (schema === undefined && options.bindings !== undefined) schema = options.bindings;
     if (schema === undefined) throw failure ?? new ConnectionError("no URL to read the schema from");
   }
@@ -1150,7 +1325,12 @@ export async function connect(options: ConnectOptions): Promise<SyncdClient> {
     }
   }
   const client = new SyncdClient(options, schema, fetched);
-  await client.start();
+  if (saved !== null) {
+    const same = saved.state !== null && JSON.stringify(saved.state.schema) === JSON.stringify(schema);
+    client.restoreFrom(saved.state, saved.writes, same);
+  }
+  if (offline) client.startOffline();
+  else await client.start();
   return client;
 }
 

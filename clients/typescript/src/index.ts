@@ -48,4 +48,6 @@ export type {
 } from "./types.js";
 export type { Cursor } from "./protocol.js";
 export { Backoff } from "./backoff.js";
+export { indexedDbStore, memoryStore } from "./store.js";
+export type { ClientStore, SavedQuerySet, SavedState, SavedWrite } from "./store.js";
 export type { BackoffOptions } from "./backoff.js";

@@ -1,4 +1,5 @@
 /** The public shapes of the client API. */
+import type { ClientStore } from "./store.js";
 import type { SchemaJson } from "./schema.js";
 import type { SyncdError } from "./errors.js";
 
@@ -98,6 +99,13 @@ export interface ConnectOptions {
    * when the previous one got no answer; 0 turns it off. Default 30,000.
    */
   pingIntervalMs?: number;
+  /**
+   * Keep the row cache, query sets, cursor, token and unanswered calls and merges here
+   * (`indexedDbStore()` in browsers, `memoryStore()` or your own in Node). With it, `connect`
+   * while the server is unreachable resolves with a client that works from the saved cache and
+   * connects when it can, and writes left unanswered are sent again (`client.restored`).
+   */
+  store?: ClientStore;
 }
 
 export interface TableCache<Row> {
