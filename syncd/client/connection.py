@@ -77,7 +77,7 @@ from syncd.client.schema import (
     type_text,
     value_fits,
 )
-from syncd.client.store import FLUSH_EVERY, ClientStore, SavedState
+from syncd.client.store import FLUSH_EVERY, ClientStore, SavedState, SavedWrite
 from syncd.core.ids import ConnectionId, Epoch, Identity, Offset, QuerySetId, RequestId
 from syncd.core.protocol.codec import Codec, Format
 from syncd.core.protocol.messages import (
@@ -478,13 +478,7 @@ class Connection:
             _check_plain(arg, f"argument {position} of {reducer!r}")
         self._check_open()
         seq = self._save_write("call", [reducer, wire_args, key])
-        answer: ReducerResult = await self._kept_until_answered(
-            seq,
-            self._request(
-                "call",
-                lambda rid: CallReducer(rid, reducer, wire_args, idempotency_key=key),
-            ),
-        )
+        answer = await self._call_request(seq, reducer, wire_args, key)
         value = answer.value
         if self.fmt == "json" and isinstance(value, str):
             info = self.schema.reducers.get(reducer)
@@ -516,10 +510,25 @@ class Connection:
         _check_plain(op, "the operation")
         self._check_open()
         seq = self._save_write("merge", [table, pk, column, op])
-        answer: ReducerResult = await self._kept_until_answered(
+        answer = await self._merge_request(seq, table, pk, column, op)
+        return answer.offset
+
+    async def _call_request(
+        self, seq: int | None, reducer: str, args: list[Any], key: str
+    ) -> ReducerResult:
+        """Send a call (saved as `seq` when there is a store) and await its answer."""
+        return await self._kept_until_answered(  # type: ignore[no-any-return]
+            seq,
+            self._request("call", lambda rid: CallReducer(rid, reducer, args, idempotency_key=key)),
+        )
+
+    async def _merge_request(
+        self, seq: int | None, table: str, pk: Any, column: str, op: Any
+    ) -> ReducerResult:
+        """Send a merge (saved as `seq` when there is a store) and await its answer."""
+        return await self._kept_until_answered(  # type: ignore[no-any-return]
             seq, self._request("merge", lambda rid: MergeCrdt(rid, table, pk, column, op))
         )
-        return answer.offset
 
     # -- the store -----------------------------------------------------------------------------
 
@@ -546,8 +555,21 @@ class Connection:
             answered = True  # the server refused it (or it could not be encoded): final
             raise
         finally:
-            if answered and seq is not None and self.store is not None:
-                self.store.remove_write(seq)
+            if answered and seq is not None:
+                # The answer stands whatever the file says: a write left in it is only sent
+                # again with its key at the next start (run at most once by the server).
+                self._store_quietly("forget an answered write", "remove_write", seq)
+
+    def _store_quietly(self, what: str, method: str, *args: Any) -> None:
+        """Call `self.store.<method>(*args)`, logging a failure (a full disk, a locked or
+        damaged file) instead of failing the connection or the request that asked for it."""
+        store = self.store
+        if store is None:
+            return
+        try:
+            getattr(store, method)(*args)
+        except Exception:
+            logger.exception("could not %s in the client store %s", what, store.path)
 
     def _restore(self, saved: SavedState, *, rows: bool) -> None:
         """Take up a store's state: query sets, rows and cursor (when `rows`: the server's
@@ -569,35 +591,31 @@ class Connection:
             self._cursor = saved.cursor
         loop = asyncio.get_running_loop()
         for write in saved.writes:
+            self.restored.append(loop.create_task(self._resend(write)))
+
+    async def _resend(self, write: SavedWrite) -> ReducerResult:
+        """Send a write saved before a restart again (a call keeps its idempotency key)."""
+        try:
             if write.kind == "call":
                 reducer, args, key = write.body
-                self.restored.append(
-                    loop.create_task(self._resend_call(write.seq, reducer, args, key))
-                )
-            else:
-                table, pk, column, op = write.body
-                self.restored.append(
-                    loop.create_task(self._resend_merge(write.seq, table, pk, column, op))
-                )
-
-    async def _resend_call(self, seq: int, reducer: str, args: list[Any], key: str) -> Any:
-        try:
-            return await self._kept_until_answered(
-                seq,
-                self._request(
-                    "call", lambda rid: CallReducer(rid, reducer, args, idempotency_key=key)
-                ),
-            )
+                return await self._call_request(write.seq, reducer, args, key)
+            table, pk, column, op = write.body
+            return await self._merge_request(write.seq, table, pk, column, op)
         except ConnectionClosed:
             raise
         except Exception as exc:
-            logger.warning("a call to %s saved before a restart failed: %s", reducer, exc)
+            logger.warning("a %s saved before a restart failed: %s", write.kind, exc)
             raise
 
-    async def _resend_merge(self, seq: int, table: str, pk: Any, column: str, op: Any) -> Any:
-        return await self._kept_until_answered(
-            seq, self._request("merge", lambda rid: MergeCrdt(rid, table, pk, column, op))
-        )
+    async def _discard(self) -> None:
+        """Undo `_restore` on a connection `connect` gives up on: its resends and its pending
+        save stop (the writes stay in the store for the connection that succeeds)."""
+        tasks = [*self.restored, *([self._save_task] if self._save_task is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.restored.clear()
+        self._save_task = None
 
     def _save_soon(self) -> None:
         if self.store is None or self._save_task is not None or self._closing:
@@ -622,10 +640,7 @@ class Connection:
         holders = [
             (key, table, rows) for key, table, rows in self._cache.holder_rows() if key[0] in live
         ]
-        try:
-            store.save_cache(self._cursor, live, holders)
-        except Exception:
-            logger.exception("could not save the client cache to %s", store.path)
+        self._store_quietly("save the cache", "save_cache", self._cursor, live, holders)
 
     @property
     def writer_id(self) -> str:
@@ -994,7 +1009,9 @@ class Connection:
         if self.store is not None:
             described = self.schema.described
             if described is not None:
-                self.store.save_identity(dict(described), self.token, self.identity)
+                self._store_quietly(
+                    "save the identity", "save_identity", dict(described), self.token, self.identity
+                )
             self._save_soon()
 
     async def _flush_pending(self) -> None:
@@ -1587,6 +1604,7 @@ def connect(
         if stale is not None:
             raise stale
         state, owned = open_state()
+        conn: Connection | None = None
         try:
             conn = Connection(
                 endpoint,
@@ -1613,6 +1631,8 @@ def connect(
             else:
                 await conn._start()
         except BaseException:
+            if conn is not None:
+                await conn._discard()
             if owned:
                 state.close()
             raise

@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,21 +19,11 @@ from syncd.client import ConnectFailed, connect
 from syncd.client.errors import CallInterrupted
 from syncd.client.store import FORMAT, ClientStore
 from syncd.errors import ConnectionClosed
-from tests.client.helpers import RECONNECT_TIMEOUT, close_pipe, eventually, quick_backoff
+from tests.client.helpers import RECONNECT_TIMEOUT, eventually, quick_backoff
 from tests.server_proc import ServerProcess
 from tests.utils import ROOT
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def board(tmp_path: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess("tests/client/modules/board.py", tmp_path / "board").start()
-    try:
-        yield server
-    finally:
-        server.kill()
-        close_pipe(server)
 
 
 def saved_writes(path: Path) -> list[str]:
@@ -62,22 +51,22 @@ asyncio.run(main())
 
 
 async def test_writes_made_offline_survive_a_kill_and_run_exactly_once(
-    board: ServerProcess, tmp_path: Path
+    board_server: ServerProcess, tmp_path: Path
 ) -> None:
     store = tmp_path / "app.sqlite3"
-    async with connect(board.ws_url, store=store, backoff=quick_backoff()) as first:
+    async with connect(board_server.ws_url, store=store, backoff=quick_backoff()) as first:
         await first.subscribe("SELECT * FROM card")
         await first.call("add", 1, "a", "todo", 1)
         await first.increment("card", 1, "votes")
         await eventually(lambda: (first.db["card"].find(1) or {}).get("votes") == 1)
         identity = first.identity
-    board.kill()
+    board_server.kill()
 
     # The app starts while the server is down, writes, and is killed -9.
     script = tmp_path / "offline_app.py"
     script.write_text(textwrap.dedent(KILLED_OFFLINE))
     app = subprocess.Popen(  # noqa: ASYNC220 (killed -9 below: a process handle is needed)
-        [sys.executable, str(script), board.ws_url, str(store)],
+        [sys.executable, str(script), board_server.ws_url, str(store)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -97,8 +86,8 @@ async def test_writes_made_offline_survive_a_kill_and_run_exactly_once(
     assert saved_writes(store) == ["call", "merge"]
 
     # The server is back; the next start sends both writes again, once.
-    board.start()
-    async with connect(board.ws_url, store=store, backoff=quick_backoff()) as again:
+    board_server.start()
+    async with connect(board_server.ws_url, store=store, backoff=quick_backoff()) as again:
         assert again.identity == identity  # the saved anonymous token kept the identity
         assert len(again.restored) == 2
         await asyncio.wait_for(asyncio.gather(*again.restored), RECONNECT_TIMEOUT)
@@ -106,22 +95,22 @@ async def test_writes_made_offline_survive_a_kill_and_run_exactly_once(
         await eventually(lambda: len(again.db["card"]) == 2)
         assert again.db["card"].find(1)["votes"] == 2  # type: ignore[index]
     assert saved_writes(store) == []
-    async with connect(board.ws_url, store=store) as last:
+    async with connect(board_server.ws_url, store=store) as last:
         assert last.restored == []
         rows = await last.sql("SELECT * FROM card")
         assert sorted((r["id"], r["votes"]) for r in rows) == [(1, 2), (2, 0)]
 
 
 async def test_offline_connect_serves_the_cache_then_resumes_by_itself(
-    board: ServerProcess, tmp_path: Path
+    board_server: ServerProcess, tmp_path: Path
 ) -> None:
     store = tmp_path / "app.sqlite3"
-    async with connect(board.ws_url, store=store) as first:
+    async with connect(board_server.ws_url, store=store) as first:
         await first.subscribe("SELECT * FROM card WHERE lane = 'todo'")
         await first.call("add", 1, "a", "todo", 1)
         await eventually(lambda: first.db["card"].find(1) is not None)
-    board.kill()
-    conn = await connect(board.ws_url, store=store, backoff=quick_backoff())
+    board_server.kill()
+    conn = await connect(board_server.ws_url, store=store, backoff=quick_backoff())
     try:
         assert not conn.is_connected and conn.db["card"].find(1) is not None
         seen: list[int] = []
@@ -129,24 +118,26 @@ async def test_offline_connect_serves_the_cache_then_resumes_by_itself(
         queued = asyncio.ensure_future(conn.call("add", 3, "c", "todo", 3))
         await asyncio.sleep(0.1)
         assert not queued.done()
-        board.start()
+        board_server.start()
         await asyncio.wait_for(queued, RECONNECT_TIMEOUT)
         await eventually(lambda: conn.is_connected and 3 in seen, RECONNECT_TIMEOUT)
         # Someone else's write reaches the resumed subscription.
-        async with connect(board.ws_url) as other:
+        async with connect(board_server.ws_url) as other:
             await other.call("add", 4, "d", "todo", 4)
         await eventually(lambda: conn.db["card"].find(4) is not None)
     finally:
         await conn.close()
 
 
-async def test_quitting_offline_keeps_the_writes(board: ServerProcess, tmp_path: Path) -> None:
+async def test_quitting_offline_keeps_the_writes(
+    board_server: ServerProcess, tmp_path: Path
+) -> None:
     """close() while offline fails the waiting calls (CallInterrupted) but keeps them saved."""
     store = tmp_path / "app.sqlite3"
-    async with connect(board.ws_url, store=store):
+    async with connect(board_server.ws_url, store=store):
         pass
-    board.kill()
-    conn = await connect(board.ws_url, store=store, backoff=quick_backoff())
+    board_server.kill()
+    conn = await connect(board_server.ws_url, store=store, backoff=quick_backoff())
     call = asyncio.ensure_future(conn.call("add", 9, "z", "todo", 9))
     await asyncio.sleep(0.05)
     await conn.close()
@@ -155,9 +146,9 @@ async def test_quitting_offline_keeps_the_writes(board: ServerProcess, tmp_path:
     assert saved_writes(store) == ["call"]
 
 
-async def test_refused_writes_are_not_kept(board: ServerProcess, tmp_path: Path) -> None:
+async def test_refused_writes_are_not_kept(board_server: ServerProcess, tmp_path: Path) -> None:
     store = tmp_path / "app.sqlite3"
-    async with connect(board.ws_url, store=store) as conn:
+    async with connect(board_server.ws_url, store=store) as conn:
         await conn.call("add", 1, "a", "todo", 1)
         with pytest.raises(Exception, match="unique|exists|duplicate|primary"):
             await conn.call("add", 1, "a", "todo", 1)
@@ -192,11 +183,11 @@ def test_a_store_of_another_format_or_not_a_store_is_refused(tmp_path: Path) -> 
 
 
 async def test_a_changed_server_schema_drops_the_saved_rows(
-    board: ServerProcess, tmp_path: Path
+    board_server: ServerProcess, tmp_path: Path
 ) -> None:
     """Rows saved under another schema are not resumed (the server sends full results)."""
     store = tmp_path / "app.sqlite3"
-    async with connect(board.ws_url, store=store) as conn:
+    async with connect(board_server.ws_url, store=store) as conn:
         await conn.subscribe("SELECT * FROM card")
         await conn.call("add", 1, "a", "todo", 1)
         await eventually(lambda: conn.db["card"].find(1) is not None)
@@ -210,10 +201,60 @@ async def test_a_changed_server_schema_drops_the_saved_rows(
         saved.save_identity(changed, state.token, state.identity or "")
     finally:
         saved.close()
-    async with connect(board.ws_url, store=store) as conn:
+    async with connect(board_server.ws_url, store=store) as conn:
         assert conn.db["card"].find(1) is not None  # from the full result, not the file
         assert conn.subscriptions[0].last_resumed is False
 
 
 def test_connection_closed_is_what_interrupted_calls_are() -> None:
     assert issubclass(CallInterrupted, ConnectionClosed)
+
+
+async def test_a_store_that_fails_to_forget_does_not_fail_the_call(
+    board_server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call ran: a full disk when its saved copy is removed is logged, not raised (the copy
+    is sent again at the next start with the same key, which the server runs at most once)."""
+    store = tmp_path / "app.sqlite3"
+
+    def full(self: ClientStore, seq: int) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    async with connect(board_server.ws_url, store=store) as conn:
+        monkeypatch.setattr(ClientStore, "remove_write", full)
+        result = await conn.call("add", 1, "a", "todo", 1)
+        assert result.offset is not None
+        monkeypatch.undo()
+    assert saved_writes(store) == ["call"]
+    async with connect(board_server.ws_url, store=store) as again:
+        await asyncio.gather(*again.restored)  # the same key: not run a second time
+        rows = await again.sql("SELECT * FROM card")
+        assert [r["id"] for r in rows] == [1]
+    assert saved_writes(store) == []
+
+
+async def test_a_refused_connect_leaves_no_resends_running(
+    board_server: ServerProcess, tmp_path: Path
+) -> None:
+    """A connect that fails after restoring (a token the server refuses) cancels the writes it
+    restored and its save, and leaves them saved for the next connect."""
+    store = tmp_path / "app.sqlite3"
+    async with connect(board_server.ws_url, store=store):
+        pass
+    board_server.kill()
+    offline = await connect(board_server.ws_url, store=store, backoff=quick_backoff())
+    queued = asyncio.ensure_future(offline.call("add", 5, "e", "todo", 5))
+    await asyncio.sleep(0.05)
+    await offline.close()
+    with pytest.raises(CallInterrupted):
+        await queued
+    board_server.start()
+    with pytest.raises(ConnectionClosed):
+        await connect(board_server.ws_url, store=store, token="not-a-token")
+    left = [
+        t
+        for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", "")
+        in ("Connection._resend", "Connection._save_later")
+    ]
+    assert left == [] and saved_writes(store) == ["call"]
