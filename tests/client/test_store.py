@@ -134,16 +134,22 @@ async def test_quitting_offline_keeps_the_writes(
 ) -> None:
     """close() while offline fails the waiting calls (CallInterrupted) but keeps them saved."""
     store = tmp_path / "app.sqlite3"
-    async with connect(board_server.ws_url, store=store):
+    await quit_offline_with_a_call(board_server, store)
+    assert saved_writes(store) == ["call"]
+
+
+async def quit_offline_with_a_call(server: ServerProcess, store: Path) -> None:
+    """Connect once (saving the schema), stop the server, start offline, make a call, and
+    close before it can be sent: the call fails with CallInterrupted and stays saved."""
+    async with connect(server.ws_url, store=store):
         pass
-    board_server.kill()
-    conn = await connect(board_server.ws_url, store=store, backoff=quick_backoff())
+    server.kill()
+    conn = await connect(server.ws_url, store=store, backoff=quick_backoff())
     call = asyncio.ensure_future(conn.call("add", 9, "z", "todo", 9))
     await asyncio.sleep(0.05)
     await conn.close()
     with pytest.raises(CallInterrupted):
         await call
-    assert saved_writes(store) == ["call"]
 
 
 async def test_refused_writes_are_not_kept(board_server: ServerProcess, tmp_path: Path) -> None:
@@ -239,15 +245,7 @@ async def test_a_refused_connect_leaves_no_resends_running(
     """A connect that fails after restoring (a token the server refuses) cancels the writes it
     restored and its save, and leaves them saved for the next connect."""
     store = tmp_path / "app.sqlite3"
-    async with connect(board_server.ws_url, store=store):
-        pass
-    board_server.kill()
-    offline = await connect(board_server.ws_url, store=store, backoff=quick_backoff())
-    queued = asyncio.ensure_future(offline.call("add", 5, "e", "todo", 5))
-    await asyncio.sleep(0.05)
-    await offline.close()
-    with pytest.raises(CallInterrupted):
-        await queued
+    await quit_offline_with_a_call(board_server, store)
     board_server.start()
     with pytest.raises(ConnectionClosed):
         await connect(board_server.ws_url, store=store, token="not-a-token")
