@@ -383,15 +383,15 @@ export class SyncdClient {
     const key = options.idempotencyKey ?? `${this.writerId}-${randomId()}`;
     const saved: SavedWrite | null =
       this.store === null ? null : { id: key, seq: this.writeSeq++, kind: "call", reducer, args, idempotencyKey: key };
-    return this.savedRequest<T>(saved, () =>
-      this.resultRequest<T>(reducer, key, (request_id) => ({
-        type: "call",
-        request_id,
-        reducer,
-        args,
-        idempotency_key: key,
-      })),
-    );
+    return this.savedRequest<T>(saved, () => this.callRequest<T>(reducer, args, key));
+  }
+
+  private callRequest<T = unknown>(reducer: string, args: unknown[], key: string): Promise<CallResult<T>> {
+    return this.resultRequest<T>(reducer, key, (request_id) => ({ type: "call", request_id, reducer, args, idempotency_key: key }));
+  }
+
+  private mergeRequest(table: string, pk: unknown, column: string, op: unknown): Promise<CallResult> {
+    return this.resultRequest("merge", null, (request_id) => ({ type: "merge", request_id, table, pk, column, op }));
   }
 
   /**
@@ -403,9 +403,7 @@ export class SyncdClient {
   merge(table: string, pk: unknown, column: string, op: unknown): Promise<CallResult> {
     const saved: SavedWrite | null =
       this.store === null ? null : { id: `m-${randomId()}`, seq: this.writeSeq++, kind: "merge", table, pk, column, op };
-    return this.savedRequest(saved, () =>
-      this.resultRequest("merge", null, (request_id) => ({ type: "merge", request_id, table, pk, column, op })),
-    );
+    return this.savedRequest(saved, () => this.mergeRequest(table, pk, column, op));
   }
 
   /**
@@ -467,23 +465,8 @@ export class SyncdClient {
       this.adoptTotals(w);
       const make =
         w.kind === "call"
-          ? () =>
-              this.resultRequest(w.reducer, w.idempotencyKey, (request_id) => ({
-                type: "call",
-                request_id,
-                reducer: w.reducer,
-                args: w.args,
-                idempotency_key: w.idempotencyKey,
-              }))
-          : () =>
-              this.resultRequest("merge", null, (request_id) => ({
-                type: "merge",
-                request_id,
-                table: w.table,
-                pk: w.pk,
-                column: w.column,
-                op: w.op,
-              }));
+          ? () => this.callRequest(w.reducer, w.args, w.idempotencyKey)
+          : () => this.mergeRequest(w.table, w.pk, w.column, w.op);
       const p = this.savedRequest(w, make, true);
       p.catch(() => {}); // settled through `restored`; not an unhandled rejection
       this.restored.push(p);
